@@ -1,0 +1,429 @@
+//! The nonstop config file: TOML walked against one key schema ([`schema::SCHEMA`]) into a typed, validated
+//! [`Config`]. Every error is collected, with its line, before anything is returned.
+
+pub mod schema;
+mod walk;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use walk::{ConfigError, ConfigErrors};
+use walk::{Cx, Table};
+
+/// The whole validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub listeners: Vec<Listener>,
+    pub routes: Vec<Route>,
+    pub services: BTreeMap<String, Service>,
+    pub admin: Option<Admin>,
+    pub access_log: AccessLog,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listener {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub tls: Option<Tls>,
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub header_bytes_max: usize,
+    pub header_count_max: usize,
+    pub idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub service: String,
+    /// Lower-case, without port.
+    pub host: Option<String>,
+    pub path_prefix: String,
+    /// Upper-case method names; `None` matches any method.
+    pub methods: Option<BTreeSet<String>>,
+    pub body_bytes_max: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    pub name: String,
+    pub servers: Vec<ServerSpec>,
+    pub balance: Balance,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub pool_idle_max: usize,
+    pub protocol: Protocol,
+    pub hide_identity: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerSpec {
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    Weighted,
+    LeastInflight,
+    PeakEwma,
+    Hash(HashOn),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashOn {
+    /// Lower-case header name.
+    Header(String),
+    Cookie(String),
+    ClientIp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    H2,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin {
+    pub listen: SocketAddr,
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLog {
+    pub enabled: bool,
+    /// `None` is standard output.
+    pub path: Option<PathBuf>,
+}
+
+/// Largest accepted server weight.
+pub const WEIGHT_MAX: u32 = 10_000;
+
+const BALANCES: &str = "round_robin, weighted, least_inflight, peak_ewma or hash";
+
+impl Balance {
+    pub fn parse(raw: &str, hash_on: Option<HashOn>) -> Result<Balance, String> {
+        Ok(match raw {
+            "round_robin" => Balance::RoundRobin,
+            "weighted" => Balance::Weighted,
+            "least_inflight" => Balance::LeastInflight,
+            "peak_ewma" => Balance::PeakEwma,
+            "hash" => Balance::Hash(hash_on.ok_or("balance = \"hash\" needs hash_on")?),
+            other => return Err(format!("unknown balance {other:?}: expected {BALANCES}")),
+        })
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round_robin",
+            Balance::Weighted => "weighted",
+            Balance::LeastInflight => "least_inflight",
+            Balance::PeakEwma => "peak_ewma",
+            Balance::Hash(_) => "hash",
+        }
+    }
+}
+
+impl HashOn {
+    pub fn parse(raw: &str) -> Result<HashOn, String> {
+        if raw == "client_ip" {
+            return Ok(HashOn::ClientIp);
+        }
+        match raw.split_once(':') {
+            Some(("header", name)) if !name.is_empty() => Ok(HashOn::Header(name.to_ascii_lowercase())),
+            Some(("cookie", name)) if !name.is_empty() => Ok(HashOn::Cookie(name.to_string())),
+            _ => Err(format!("hash_on {raw:?}: expected \"header:NAME\", \"cookie:NAME\" or \"client_ip\"")),
+        }
+    }
+}
+
+impl Config {
+    /// Parses and validates a config file's text, reporting every error with its line.
+    pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        let root = match toml::de::DeTable::parse(text) {
+            Ok(root) => root,
+            Err(e) => {
+                let cx = Cx::new(text);
+                let line = e.span().map_or(1, |s| cx.line_of(s.start));
+                return Err(ConfigErrors(vec![ConfigError {
+                    line,
+                    path: String::new(),
+                    message: format!("invalid TOML: {}", e.message()),
+                }]));
+            }
+        };
+        let cx = Cx::new(text);
+        let config = parse_root(&cx, Table::new(&cx, "", String::new(), root.get_ref(), 1));
+        cx.finish(config)
+    }
+
+    /// The config that quick mode (`nonstop serve --listen ... --to ...`) runs: built as TOML text and parsed
+    /// like a file, so that both have the same defaults and checks.
+    pub fn quick(listen: &str, to: &[String], balance: &str, admin: Option<&str>) -> Result<Config, ConfigErrors> {
+        Config::parse(&quick_toml(listen, to, balance, admin))
+    }
+}
+
+/// The TOML text of a quick-mode config.
+pub fn quick_toml(listen: &str, to: &[String], balance: &str, admin: Option<&str>) -> String {
+    let q = |s: &str| toml_quote(s);
+    let mut text = format!("[[listeners]]\nlisten = {}\n\n[[routes]]\nservice = \"default\"\n\n", q(listen));
+    let (balance, hash_on) = match balance.split_once('=') {
+        Some(("hash", on)) => ("hash", Some(on)),
+        _ => (balance, None),
+    };
+    text.push_str(&format!("[services.default]\nbalance = {}\n", q(balance)));
+    if let Some(on) = hash_on {
+        text.push_str(&format!("hash_on = {}\n", q(on)));
+    }
+    let servers: Vec<String> = to.iter().map(|a| format!("{{ addr = {} }}", q(a))).collect();
+    text.push_str(&format!("servers = [{}]\n", servers.join(", ")));
+    if let Some(admin) = admin {
+        text.push_str(&format!("\n[admin]\nlisten = {}\n", q(admin)));
+    }
+    text
+}
+
+fn toml_quote(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn parse_root(cx: &Cx, t: Table<'_, '_>) -> Option<Config> {
+    let listeners: Vec<Listener> =
+        t.array_of_tables("listeners", "listeners[]").into_iter().filter_map(parse_listener).collect();
+    let mut services = BTreeMap::new();
+    let mut service_names = BTreeSet::new();
+    let services_line = t.line_of_key("services");
+    for (name, table) in t.table_of_tables("services", "services.NAME") {
+        service_names.insert(name.clone());
+        if let Some(s) = parse_service(cx, name.clone(), table) {
+            services.insert(name, s);
+        }
+    }
+    let routes: Vec<Route> = t
+        .array_of_tables("routes", "routes[]")
+        .into_iter()
+        .filter_map(|r| parse_route(r, t.has("services").then_some(&service_names)))
+        .collect();
+    let admin = t.table("admin", "admin").map(parse_admin);
+    let access_log = parse_access_log(t.table("access_log", "access_log"));
+    let root_line = t.line();
+    t.finish();
+
+    if !t.has("listeners") {
+        cx.error(root_line, "", "no [[listeners]]: at least one listener is required");
+    }
+    if !t.has("routes") {
+        cx.error(root_line, "", "no [[routes]]: at least one route is required");
+    }
+    if !t.has("services") {
+        cx.error(root_line, "", "no [services.NAME]: at least one service is required");
+    } else if services.is_empty() && cx.ok() {
+        cx.error(services_line, "services", "no service defined");
+    }
+    let mut seen = BTreeMap::new();
+    for l in &listeners {
+        if let Some(prev) = seen.insert(l.listen, &l.name) {
+            cx.error(root_line, "listeners", format!("listeners {prev:?} and {:?} both listen on {}", l.name, l.listen));
+        }
+    }
+    let admin = admin.flatten();
+    if let Some(a) = &admin {
+        if seen.contains_key(&a.listen) {
+            cx.error(root_line, "admin.listen", format!("{} is also a client listener", a.listen));
+        }
+    }
+    Some(Config { listeners, routes, services, admin, access_log: access_log? })
+}
+
+fn parse_listener(t: Table<'_, '_>) -> Option<Listener> {
+    let listen = t.addr("listen");
+    if listen.is_none() && !t.has("listen") {
+        t.required("listen");
+    }
+    let tls = t.table("tls", "listeners[].tls").map(|tls| {
+        let cert = tls.string("cert").map(PathBuf::from);
+        let key = tls.string("key").map(PathBuf::from);
+        for (name, v) in [("cert", &cert), ("key", &key)] {
+            if v.is_none() && !tls.has(name) {
+                tls.required(name);
+            }
+        }
+        tls.finish();
+        Some(Tls { cert: cert?, key: key? })
+    });
+    let name = t.string("name");
+    let max_connections = t.int_in("max_connections", 1, 1_000_000);
+    let header_read_timeout = t.ms_in("header_read_timeout_ms", 1, 3_600_000);
+    let header_bytes_max = t.int_in("header_bytes_max", 1024, 16 * 1024 * 1024);
+    let header_count_max = t.int_in("header_count_max", 1, 10_000);
+    let idle_timeout = t.ms_in("idle_timeout_ms", 1, 86_400_000);
+    t.finish();
+    let listen = listen?;
+    Some(Listener {
+        name: name.unwrap_or_else(|| listen.to_string()),
+        listen,
+        tls: match tls {
+            None => None,
+            Some(tls) => Some(tls?),
+        },
+        max_connections: max_connections? as usize,
+        header_read_timeout: header_read_timeout?,
+        header_bytes_max: header_bytes_max? as usize,
+        header_count_max: header_count_max? as usize,
+        idle_timeout: idle_timeout?,
+    })
+}
+
+/// `services` are the names of the defined services, `None` when there is no services section at all.
+fn parse_route(t: Table<'_, '_>, services: Option<&BTreeSet<String>>) -> Option<Route> {
+    let service = t.string("service");
+    if service.is_none() && !t.has("service") {
+        t.required("service");
+    }
+    if let (Some(name), Some(known)) = (&service, services) {
+        if !known.contains(name) {
+            let defined: Vec<&str> = known.iter().map(String::as_str).collect();
+            t.invalid("service", format!("no service named {name:?} (defined: {})", defined.join(", ")));
+        }
+    }
+    let host = t.string("host").map(|h| h.to_ascii_lowercase());
+    let path_prefix = t.string("path_prefix").and_then(|p| {
+        if p.starts_with('/') {
+            Some(p)
+        } else {
+            t.invalid("path_prefix", format!("{p:?} must start with /"));
+            None
+        }
+    });
+    let methods = t.strings("methods").and_then(|ms| {
+        let mut out = BTreeSet::new();
+        for m in ms {
+            if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
+                t.invalid("methods", format!("{m:?} is not an HTTP method"));
+                return None;
+            }
+            out.insert(m.to_ascii_uppercase());
+        }
+        Some(out)
+    });
+    let body_bytes_max = t.int_in("body_bytes_max", 0, u64::MAX / 2);
+    t.finish();
+    Some(Route { service: service?, host, path_prefix: path_prefix?, methods, body_bytes_max: body_bytes_max? })
+}
+
+fn parse_service(cx: &Cx, name: String, t: Table<'_, '_>) -> Option<Service> {
+    let mut servers = Vec::new();
+    let mut addrs = BTreeSet::new();
+    let tables = t.array_of_tables("servers", "services.NAME.servers[]");
+    if tables.is_empty() && !t.has("servers") {
+        t.required("servers");
+    }
+    for s in tables {
+        let addr = s.addr("addr");
+        if addr.is_none() && !s.has("addr") {
+            s.required("addr");
+        }
+        let weight = s.int_in("weight", 0, u64::from(WEIGHT_MAX));
+        let line = s.line();
+        s.finish();
+        if let (Some(addr), Some(weight)) = (addr, weight) {
+            if !addrs.insert(addr) {
+                cx.error(line, &format!("services.{name}.servers"), format!("server {addr} is listed twice"));
+            }
+            servers.push(ServerSpec { addr, weight: weight as u32 });
+        }
+    }
+    if t.has("servers") && servers.is_empty() && cx.ok() {
+        t.invalid("servers", "at least one server is required".to_string());
+    }
+    let hash_on = t.string("hash_on").and_then(|raw| HashOn::parse(&raw).map_err(|e| t.invalid("hash_on", e)).ok());
+    let balance_raw = t.string("balance");
+    let balance = balance_raw.and_then(|raw| {
+        let had_hash_on = t.has("hash_on");
+        match Balance::parse(&raw, hash_on.clone()) {
+            Ok(b) => Some(b),
+            Err(_) if raw == "hash" && had_hash_on => None, // hash_on itself was reported
+            Err(e) => {
+                t.invalid("balance", e);
+                None
+            }
+        }
+    });
+    if t.has("hash_on") && !matches!(balance, Some(Balance::Hash(_)) | None) {
+        t.invalid("hash_on", "only applies with balance = \"hash\"".to_string());
+    }
+    let connect_timeout = t.ms_in("connect_timeout_ms", 1, 600_000);
+    let response_timeout = t.ms_in("response_timeout_ms", 1, 86_400_000);
+    let pool_idle_timeout = t.ms_in("pool_idle_timeout_ms", 1, 86_400_000);
+    let pool_idle_max = t.int_in("pool_idle_max", 0, 100_000);
+    let protocol = t.string("protocol").and_then(|p| match p.as_str() {
+        "http1" => Some(Protocol::Http1),
+        "h2" => Some(Protocol::H2),
+        other => {
+            t.invalid("protocol", format!("{other:?}: expected \"http1\" or \"h2\""));
+            None
+        }
+    });
+    let hide_identity = t.bool("hide_identity");
+    t.finish();
+    Some(Service {
+        name,
+        servers,
+        balance: balance?,
+        connect_timeout: connect_timeout?,
+        response_timeout: response_timeout?,
+        pool_idle_timeout: pool_idle_timeout?,
+        pool_idle_max: pool_idle_max? as usize,
+        protocol: protocol?,
+        hide_identity: hide_identity?,
+    })
+}
+
+fn parse_admin(t: Table<'_, '_>) -> Option<Admin> {
+    let listen = t.addr("listen");
+    let token = t.string("token");
+    if let (Some(addr), None) = (listen, &token) {
+        if !addr.ip().is_loopback() {
+            t.invalid("listen", format!("{addr} is not a loopback address, so admin.token is required"));
+        }
+    }
+    if token.as_deref() == Some("") {
+        t.invalid("token", "must not be empty".to_string());
+    }
+    t.finish();
+    Some(Admin { listen: listen?, token })
+}
+
+fn parse_access_log(t: Option<Table<'_, '_>>) -> Option<AccessLog> {
+    let Some(t) = t else {
+        return Some(AccessLog { enabled: true, path: None });
+    };
+    let enabled = t.bool("enabled");
+    let path = t.string("path");
+    t.finish();
+    Some(AccessLog { enabled: enabled?, path: path.filter(|p| p != "-").map(PathBuf::from) })
+}
+
+#[cfg(test)]
+mod tests;

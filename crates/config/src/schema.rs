@@ -1,0 +1,100 @@
+//! The one definition of every config key: its section, type, default and meaning. The parser reads defaults from
+//! here, rejects keys not listed here, and docs/config.md is generated from here.
+
+/// One key of the config file.
+#[derive(Debug, Clone, Copy)]
+pub struct Key {
+    /// Where the key lives, as written in docs: `listeners[]`, `services.NAME`, ...
+    pub section: &'static str,
+    pub name: &'static str,
+    pub ty: &'static str,
+    /// The default as TOML text; empty for a key that is required or has no default.
+    pub default: &'static str,
+    pub doc: &'static str,
+}
+
+macro_rules! keys {
+    ($( $section:literal $name:literal : $ty:literal = $default:literal, $doc:literal; )*) => {
+        /// Every key, in documentation order.
+        pub const SCHEMA: &[Key] = &[ $( Key { section: $section, name: $name, ty: $ty, default: $default, doc: $doc }, )* ];
+    };
+}
+
+keys! {
+    "" "listeners": "array of tables" = "", "Client-facing listeners. At least one.";
+    "" "routes": "array of tables" = "", "Routes from requests to services, matched by host, then longest path prefix, then order. At least one.";
+    "" "services": "table of tables" = "", "Services by name: a pool of servers and how to reach them.";
+    "" "admin": "table" = "", "The admin API. Absent: no admin API.";
+    "" "access_log": "table" = "", "The JSON-lines access log.";
+
+    "listeners[]" "name" : "string" = "", "A name for logs and metrics [default: the address].";
+    "listeners[]" "listen": "address" = "", "Address to accept clients on, such as \"127.0.0.1:8080\". Required.";
+    "listeners[]" "tls": "table" = "", "Serve TLS (HTTP/1.1 and HTTP/2 by ALPN). Absent: plain HTTP/1.1 and h2c with prior knowledge.";
+    "listeners[]" "max_connections": "integer" = "10000", "Open client connections at most; past it, new connections wait in the kernel's backlog.";
+    "listeners[]" "header_read_timeout_ms": "integer" = "10000", "A client must send its whole request head within this time, or get 408 (slowloris).";
+    "listeners[]" "header_bytes_max": "integer" = "65536", "Largest request head in bytes; larger gets 431.";
+    "listeners[]" "header_count_max": "integer" = "100", "Most request headers; more gets 431.";
+    "listeners[]" "idle_timeout_ms": "integer" = "60000", "A keep-alive client connection idle this long is closed.";
+
+    "listeners[].tls" "cert": "path" = "", "PEM certificate chain. Required.";
+    "listeners[].tls" "key": "path" = "", "PEM private key. Required.";
+
+    "routes[]" "service": "string" = "", "The service that serves matching requests. Required.";
+    "routes[]" "host": "string" = "", "Match only this Host (without port, case-insensitive). Absent: any host.";
+    "routes[]" "path_prefix": "string" = "\"/\"", "Match paths that start with this prefix.";
+    "routes[]" "methods": "array of strings" = "", "Match only these methods. Absent: any method.";
+    "routes[]" "body_bytes_max": "integer" = "10485760", "Largest request body in bytes; larger gets 413.";
+
+    "services.NAME" "servers": "array of tables" = "", "The servers of the pool. At least one.";
+    "services.NAME" "balance": "string" = "\"round_robin\"", "round_robin, weighted (smooth weighted round robin), least_inflight, peak_ewma (power of two choices on peak-EWMA latency) or hash.";
+    "services.NAME" "hash_on": "string" = "", "With balance = \"hash\": \"header:NAME\", \"cookie:NAME\" or \"client_ip\". Requests with the same value stick to one server.";
+    "services.NAME" "connect_timeout_ms": "integer" = "1000", "Connecting to a server takes at most this long (then 504, body says \"connect timeout\").";
+    "services.NAME" "response_timeout_ms": "integer" = "30000", "A server must send its response head within this long of the request (then 504, body says \"response timeout\").";
+    "services.NAME" "pool_idle_timeout_ms": "integer" = "60000", "An idle pooled server connection is closed after this long.";
+    "services.NAME" "pool_idle_max": "integer" = "128", "Idle pooled connections kept per server and worker thread.";
+    "services.NAME" "protocol": "string" = "\"http1\"", "How to talk to servers: \"http1\" (keep-alive pool) or \"h2\" (HTTP/2 with prior knowledge, multiplexed).";
+    "services.NAME" "hide_identity": "boolean" = "false", "Remove Server, X-Powered-By and X-Nonstop-Instance from responses, hiding which server answered.";
+
+    "services.NAME.servers[]" "addr": "address" = "", "The server's address, such as \"127.0.0.1:9101\". Required.";
+    "services.NAME.servers[]" "weight": "integer" = "1", "Relative share of requests (0 to 10000) for weighted balancing; 0 takes no new requests.";
+
+    "admin" "listen": "address" = "\"127.0.0.1:9900\"", "Address of the admin API.";
+    "admin" "token": "string" = "", "Bearer token the admin API requires. Required when listen is not a loopback address.";
+
+    "access_log" "enabled": "boolean" = "true", "Write one JSON line per request.";
+    "access_log" "path": "string" = "\"-\"", "File to append to; \"-\" is standard output.";
+}
+
+/// Looks a key up.
+pub fn key(section: &str, name: &str) -> Option<&'static Key> {
+    SCHEMA.iter().find(|k| k.section == section && k.name == name)
+}
+
+/// The keys of one section, for "expected one of" messages.
+pub fn names(section: &str) -> Vec<&'static str> {
+    SCHEMA.iter().filter(|k| k.section == section).map(|k| k.name).collect()
+}
+
+/// docs/config.md, generated from [`SCHEMA`].
+pub fn reference_markdown() -> String {
+    let mut out = String::from(
+        "# Configuration reference\n\n\
+         <!-- Generated from crates/config/src/schema.rs by `nonstop config-reference`; do not edit by hand. -->\n\n\
+         `nonstop serve --config FILE` reads one TOML file; `nonstop check --config FILE` validates it and prints \
+         every error with its line. Unknown keys are errors. Durations are integers in milliseconds (`_ms`), sizes \
+         in bytes (`_bytes`).\n\n\
+         Quick mode (`nonstop serve --listen ADDR --to ADDR ... [--balance ALG] [--admin ADDR]`) builds the same \
+         config with one listener, one route `/` and one service `default`, so it has the same defaults.\n",
+    );
+    let mut section = None;
+    for k in SCHEMA {
+        if section != Some(k.section) {
+            section = Some(k.section);
+            let title = if k.section.is_empty() { "Top level".to_string() } else { format!("`[{}]`", k.section) };
+            out.push_str(&format!("\n## {title}\n\n| key | type | default | meaning |\n|---|---|---|---|\n"));
+        }
+        let default = if k.default.is_empty() { "-".to_string() } else { format!("`{}`", k.default) };
+        out.push_str(&format!("| `{}` | {} | {} | {} |\n", k.name, k.ty, default, k.doc));
+    }
+    out
+}

@@ -1,0 +1,132 @@
+//! Tests of parsing, defaults, error collection and the generated reference.
+
+use super::*;
+
+const EXAMPLE: &str = include_str!("../../../examples/static.toml");
+
+#[test]
+fn example_static_parses_with_defaults() {
+    let c = Config::parse(EXAMPLE).unwrap();
+    assert_eq!(c.listeners.len(), 1);
+    assert_eq!(c.listeners[0].listen, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(c.listeners[0].name, "public");
+    assert_eq!(c.listeners[0].header_read_timeout, Duration::from_secs(10));
+    let app = &c.services["app"];
+    assert_eq!(app.servers.len(), 3);
+    assert!(app.servers.iter().all(|s| s.weight == 1));
+    assert_eq!(app.balance, Balance::RoundRobin);
+    assert_eq!(app.connect_timeout, Duration::from_millis(1000));
+    assert_eq!(app.protocol, Protocol::Http1);
+    assert_eq!(c.routes[0].path_prefix, "/");
+    assert_eq!(c.routes[0].body_bytes_max, 10 * 1024 * 1024);
+    assert_eq!(c.admin.unwrap().listen, "127.0.0.1:9900".parse().unwrap());
+    assert!(c.access_log.enabled);
+}
+
+#[test]
+fn every_error_is_reported_at_once_with_its_line() {
+    let text = r#"
+[[listeners]]
+listen = "127.0.0.1:8080"
+colour = "blue"
+
+[[routes]]
+service = "missing"
+path_prefix = "nope"
+
+[services.app]
+balance = "fastest"
+connect_timeout_ms = "soon"
+servers = [{ addr = "localhost" }, { addr = "127.0.0.1:1", weight = 99999 }]
+
+[admin]
+listen = "0.0.0.0:9900"
+"#;
+    let errs = Config::parse(text).unwrap_err().0;
+    let got: Vec<(usize, &str)> = errs.iter().map(|e| (e.line, e.path.as_str())).collect();
+    assert_eq!(
+        got,
+        [
+            (4, "listeners[0].colour"),
+            (7, "routes[0].service"),
+            (8, "routes[0].path_prefix"),
+            (11, "services.app.balance"),
+            (12, "services.app.connect_timeout_ms"),
+            (13, "services.app.servers[0].addr"),
+            (13, "services.app.servers[1].weight"),
+            (16, "admin.listen"),
+        ],
+        "{errs:#?}"
+    );
+    let text = ConfigErrors(errs).to_string();
+    assert!(text.starts_with("8 errors in the config:"), "{text}");
+    assert!(text.contains("line 4: listeners[0].colour: unknown key (expected one of: name, listen,"), "{text}");
+    assert!(text.contains("no service named \"missing\" (defined: app)"), "{text}");
+    assert!(text.contains("admin.token is required"), "{text}");
+}
+
+#[test]
+fn missing_sections_and_required_keys() {
+    let errs = Config::parse("").unwrap_err().to_string();
+    assert!(errs.contains("at least one listener"), "{errs}");
+    assert!(errs.contains("at least one route"), "{errs}");
+    assert!(errs.contains("at least one service"), "{errs}");
+    let errs = Config::parse("[[listeners]]\n[[routes]]\n[services.a]\n").unwrap_err().to_string();
+    assert!(errs.contains("listeners[0].listen: is required"), "{errs}");
+    assert!(errs.contains("routes[0].service: is required"), "{errs}");
+    assert!(errs.contains("services.a.servers: is required"), "{errs}");
+}
+
+#[test]
+fn invalid_toml_reports_its_line() {
+    let errs = Config::parse("[[listeners]]\nlisten = \n").unwrap_err().0;
+    assert_eq!(errs.len(), 1);
+    assert_eq!(errs[0].line, 2);
+    assert!(errs[0].message.starts_with("invalid TOML"));
+}
+
+#[test]
+fn hash_balancing_and_duplicates() {
+    let base = "[[listeners]]\nlisten = \"127.0.0.1:1\"\n[[routes]]\nservice = \"a\"\n[services.a]\n";
+    let ok = format!("{base}balance = \"hash\"\nhash_on = \"cookie:sid\"\nservers = [{{ addr = \"127.0.0.1:2\" }}]\n");
+    assert_eq!(Config::parse(&ok).unwrap().services["a"].balance, Balance::Hash(HashOn::Cookie("sid".into())));
+    let no_on = format!("{base}balance = \"hash\"\nservers = [{{ addr = \"127.0.0.1:2\" }}]\n");
+    assert!(Config::parse(&no_on).unwrap_err().to_string().contains("needs hash_on"));
+    let dup = format!("{base}servers = [{{ addr = \"127.0.0.1:2\" }}, {{ addr = \"127.0.0.1:2\" }}]\n");
+    assert!(Config::parse(&dup).unwrap_err().to_string().contains("listed twice"));
+}
+
+#[test]
+fn quick_mode_has_the_same_defaults_as_a_file() {
+    let to = vec!["127.0.0.1:9101".to_string(), "127.0.0.1:9102".to_string()];
+    let c = Config::quick("127.0.0.1:8080", &to, "least_inflight", Some("127.0.0.1:9900")).unwrap();
+    let file = Config::parse(EXAMPLE).unwrap();
+    let (q, f) = (&c.services["default"], &file.services["app"]);
+    assert_eq!(q.balance, Balance::LeastInflight);
+    assert_eq!((q.connect_timeout, q.response_timeout, q.pool_idle_max), (f.connect_timeout, f.response_timeout, f.pool_idle_max));
+    assert_eq!(c.listeners[0].max_connections, file.listeners[0].max_connections);
+    let hashed = Config::quick("127.0.0.1:8080", &to, "hash=header:x-user", None).unwrap();
+    assert_eq!(hashed.services["default"].balance, Balance::Hash(HashOn::Header("x-user".into())));
+    let bad = Config::quick("nowhere", &to, "best", None).unwrap_err().to_string();
+    assert!(bad.contains("listeners[0].listen") && bad.contains("unknown balance"), "{bad}");
+}
+
+#[test]
+fn every_schema_default_is_valid_toml() {
+    for k in schema::SCHEMA {
+        if !k.default.is_empty() {
+            assert!(toml::de::DeValue::parse(k.default).is_ok(), "{}.{}", k.section, k.name);
+        }
+    }
+}
+
+#[test]
+fn docs_config_md_is_generated_from_the_schema() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/config.md");
+    let want = schema::reference_markdown();
+    if std::env::var_os("NONSTOP_BLESS").is_some() {
+        std::fs::write(path, &want).unwrap();
+    }
+    let have = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(have == want, "docs/config.md is stale: run NONSTOP_BLESS=1 cargo test -p nonstop-config");
+}
