@@ -31,7 +31,6 @@ pub struct Listener {
     pub header_read_timeout: Duration,
     pub header_bytes_max: usize,
     pub header_count_max: usize,
-    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -242,9 +241,14 @@ fn parse_root(cx: &Cx, t: Table<'_, '_>) -> Option<Config> {
         cx.error(services_line, "services", "no service defined");
     }
     let mut seen = BTreeMap::new();
-    for l in &listeners {
+    // Port 0 asks the OS for a free port, so it never collides.
+    for l in listeners.iter().filter(|l| l.listen.port() != 0) {
         if let Some(prev) = seen.insert(l.listen, &l.name) {
-            cx.error(root_line, "listeners", format!("listeners {prev:?} and {:?} both listen on {}", l.name, l.listen));
+            cx.error(
+                root_line,
+                "listeners",
+                format!("listeners {prev:?} and {:?} both listen on {}", l.name, l.listen),
+            );
         }
     }
     let admin = admin.flatten();
@@ -277,7 +281,6 @@ fn parse_listener(t: Table<'_, '_>) -> Option<Listener> {
     let header_read_timeout = t.ms_in("header_read_timeout_ms", 1, 3_600_000);
     let header_bytes_max = t.int_in("header_bytes_max", 1024, 16 * 1024 * 1024);
     let header_count_max = t.int_in("header_count_max", 1, 10_000);
-    let idle_timeout = t.ms_in("idle_timeout_ms", 1, 86_400_000);
     t.finish();
     let listen = listen?;
     Some(Listener {
@@ -291,7 +294,6 @@ fn parse_listener(t: Table<'_, '_>) -> Option<Listener> {
         header_read_timeout: header_read_timeout?,
         header_bytes_max: header_bytes_max? as usize,
         header_count_max: header_count_max? as usize,
-        idle_timeout: idle_timeout?,
     })
 }
 

@@ -30,11 +30,10 @@ keys! {
     "listeners[]" "name" : "string" = "", "A name for logs and metrics [default: the address].";
     "listeners[]" "listen": "address" = "", "Address to accept clients on, such as \"127.0.0.1:8080\". Required.";
     "listeners[]" "tls": "table" = "", "Serve TLS (HTTP/1.1 and HTTP/2 by ALPN). Absent: plain HTTP/1.1 and h2c with prior knowledge.";
-    "listeners[]" "max_connections": "integer" = "10000", "Open client connections at most; past it, new connections wait in the kernel's backlog.";
-    "listeners[]" "header_read_timeout_ms": "integer" = "10000", "A client must send its whole request head within this time, or get 408 (slowloris).";
+    "listeners[]" "max_connections": "integer" = "10000", "Open client connections at most, split evenly among worker threads (each serves at most max_connections / threads, rounded up); past it, new connections wait in the kernel's backlog.";
+    "listeners[]" "header_read_timeout_ms": "integer" = "10000", "A client must send its whole request head within this time, or get 408 (slowloris). Also how long an HTTP/1.1 keep-alive connection may sit idle between requests.";
     "listeners[]" "header_bytes_max": "integer" = "65536", "Largest request head in bytes; larger gets 431.";
     "listeners[]" "header_count_max": "integer" = "100", "Most request headers; more gets 431.";
-    "listeners[]" "idle_timeout_ms": "integer" = "60000", "A keep-alive client connection idle this long is closed.";
 
     "listeners[].tls" "cert": "path" = "", "PEM certificate chain. Required.";
     "listeners[].tls" "key": "path" = "", "PEM private key. Required.";

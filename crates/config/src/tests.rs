@@ -103,7 +103,10 @@ fn quick_mode_has_the_same_defaults_as_a_file() {
     let file = Config::parse(EXAMPLE).unwrap();
     let (q, f) = (&c.services["default"], &file.services["app"]);
     assert_eq!(q.balance, Balance::LeastInflight);
-    assert_eq!((q.connect_timeout, q.response_timeout, q.pool_idle_max), (f.connect_timeout, f.response_timeout, f.pool_idle_max));
+    assert_eq!(
+        (q.connect_timeout, q.response_timeout, q.pool_idle_max),
+        (f.connect_timeout, f.response_timeout, f.pool_idle_max)
+    );
     assert_eq!(c.listeners[0].max_connections, file.listeners[0].max_connections);
     let hashed = Config::quick("127.0.0.1:8080", &to, "hash=header:x-user", None).unwrap();
     assert_eq!(hashed.services["default"].balance, Balance::Hash(HashOn::Header("x-user".into())));

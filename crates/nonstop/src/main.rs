@@ -1,6 +1,7 @@
 //! The `nonstop` binary: parses the command line and hands each subcommand to the crate that owns it.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -21,6 +22,43 @@ enum Command {
     /// Run the sample worker service: a bounded worker pool and accept queue that overloads the way Tomcat does,
     /// storing orders in SQLite or PostgreSQL.
     App(AppArgs),
+    /// Run the reverse proxy and load balancer, from a config file or in quick mode (--listen ... --to ...).
+    /// SIGHUP reloads the config; SIGTERM drains and exits.
+    Serve(ServeArgs),
+    /// Validate a config file and print every error with its line.
+    Check {
+        /// The TOML config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Print the config reference (docs/config.md) generated from the key schema.
+    #[command(hide = true)]
+    ConfigReference,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// The TOML config file (see docs/config.md).
+    #[arg(long, conflicts_with_all = ["listen", "to", "balance", "admin"])]
+    config: Option<PathBuf>,
+    /// Quick mode: the address to accept clients on.
+    #[arg(long, requires = "to")]
+    listen: Option<String>,
+    /// Quick mode: a server to forward to (repeat for more).
+    #[arg(long, requires = "listen")]
+    to: Vec<String>,
+    /// Quick mode: round_robin, weighted, least_inflight, peak_ewma, or hash=header:NAME|cookie:NAME|client_ip.
+    #[arg(long, default_value = "round_robin")]
+    balance: String,
+    /// Quick mode: the admin API address.
+    #[arg(long)]
+    admin: Option<String>,
+    /// Worker threads [default: the number of cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// On SIGTERM, how long in-flight requests may take to finish.
+    #[arg(long, default_value_t = 30_000)]
+    drain_timeout_ms: u64,
 }
 
 #[derive(Args)]
@@ -96,6 +134,12 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::App(args) => run_app(args),
+        Command::Serve(args) => run_serve(args),
+        Command::Check { config } => return check(&config),
+        Command::ConfigReference => {
+            print!("{}", nonstop_config::schema::reference_markdown());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -129,6 +173,57 @@ fn run_app(args: AppArgs) -> anyhow::Result<()> {
         app.serve(terminate()).await;
         Ok(())
     })
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match nonstop_proxy::ConfigSource::File(path.to_path_buf()).load() {
+        Ok(_) => {
+            println!("{}: ok", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprint!("{}: {e}", path.display());
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    let source = match (&args.config, &args.listen) {
+        (Some(path), _) => nonstop_proxy::ConfigSource::File(path.clone()),
+        (None, Some(listen)) => nonstop_proxy::ConfigSource::Fixed(
+            nonstop_config::Config::quick(listen, &args.to, &args.balance, args.admin.as_deref())
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        ),
+        (None, None) => anyhow::bail!("give --config FILE, or quick mode: --listen ADDR --to ADDR [--to ADDR ...]"),
+    };
+    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let opts = nonstop_proxy::Options { threads, drain_timeout: Duration::from_millis(args.drain_timeout_ms) };
+    let proxy = nonstop_proxy::Proxy::start(source, opts).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let listen: Vec<String> = proxy.listen_addrs().iter().map(|a| format!("http://{a}")).collect();
+    let admin = proxy.admin_addr().map_or(String::from("none"), |a| format!("http://{a}"));
+    // The one line on stdout: tools and tests read the addresses from it.
+    println!(
+        "nonstop serve listening on {} (admin {admin}, threads {threads}, pid {})",
+        listen.join(" "),
+        std::process::id()
+    );
+    runtime(Some(1))?.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = hup.recv() => match proxy.reload() {
+                    Ok(()) => tracing::info!("SIGHUP: config reloaded"),
+                    Err(e) => tracing::error!("SIGHUP: reload rejected, the running config stays: {e}"),
+                },
+                () = terminate() => break,
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    proxy.shutdown();
+    Ok(())
 }
 
 /// Resolves on the first SIGTERM or SIGINT.

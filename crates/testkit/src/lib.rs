@@ -1,6 +1,8 @@
 //! Test support shared by the integration tests: start the real `nonstop` binary on loopback with an OS-assigned
 //! port, send signals to it, and talk HTTP/1.1 to it over real sockets.
 
+pub mod echo;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -20,6 +22,8 @@ use tokio::net::TcpStream;
 pub struct Proc {
     child: Child,
     pub addr: SocketAddr,
+    /// The line that announced the address, for other addresses it names (such as the admin API's).
+    pub banner: String,
 }
 
 impl Proc {
@@ -42,21 +46,34 @@ impl Proc {
                 if !sent {
                     if let Some(rest) = line.split("listening on http://").nth(1) {
                         let addr = rest.split_whitespace().next().unwrap_or_default().to_string();
-                        let _ = tx.send(addr);
+                        let _ = tx.send((addr, line.clone()));
                         sent = true;
                     }
                 }
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(addr) => addr.parse().unwrap_or_else(|e| panic!("bad address {addr:?} from {args:?}: {e}")),
+        let (addr, banner) = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok((addr, banner)) => {
+                (addr.parse().unwrap_or_else(|e| panic!("bad address {addr:?} from {args:?}: {e}")), banner)
+            }
             Err(_) => {
                 let _ = child.kill();
                 let status = child.wait().ok();
                 panic!("{} {args:?} did not report a listening address (exit: {status:?})", bin.display());
             }
         };
-        Proc { child, addr }
+        Proc { child, addr, banner }
+    }
+
+    /// The address printed after `label http://` in the banner, such as the admin API's.
+    pub fn addr_after(&self, label: &str) -> Option<SocketAddr> {
+        self.banner
+            .split(&format!("{label} http://"))
+            .nth(1)?
+            .split(|c: char| c == ',' || c == ')' || c == ' ')
+            .next()?
+            .parse()
+            .ok()
     }
 
     pub fn pid(&self) -> i32 {
@@ -164,7 +181,10 @@ impl Conn {
         headers: &[(&str, &str)],
         body: impl Into<Bytes>,
     ) -> Result<Resp, BoxError> {
-        let mut req = Request::builder().method(method).uri(path).header("host", self.addr.to_string());
+        let mut req = Request::builder().method(method).uri(path);
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+            req = req.header("host", self.addr.to_string());
+        }
         for (k, v) in headers {
             req = req.header(*k, *v);
         }

@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# Throughput of nonstop's proxy beside nginx and HAProxy, on this machine, in one run.
+#
+# A static nginx backend (worker_processes 1, two server blocks answering `return 200`) sits behind each proxy:
+#   nonstop serve --threads T, nginx (worker_processes T, upstream keepalive 64), HAProxy (nbthread T,
+#   http-reuse always), and the backend hit directly. Over ROUNDS rounds, alternating the targets, each gets
+#   `wrk -tT -c64 -dDURATION`. Prints requests/s and p99 per run, and the median ratios nonstop/nginx and
+#   nonstop/HAProxy, for T=1 and T=2. The machine is shared and noisy: read the ratios, not the absolutes.
+#
+# Usage: bench/proxy.sh [ROUNDS=3] [DURATION=10s]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${1:-3}
+DURATION=${2:-10s}
+WORK=$(mktemp -d /tmp/nonstop-bench-proxy.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+need=()
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+command -v wrk >/dev/null || need+=(wrk)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing ${need[*]} from Debian's packages"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+
+[ -x target/release/nonstop ] || cargo build --release -q
+NONSTOP=target/release/nonstop
+
+B1=18101; B2=18102; P_NGINX=18201; P_HAPROXY=18202; P_NONSTOP=18203
+
+# The backend: static nginx, one worker, two server blocks.
+mkdir -p "$WORK/backend"
+cat > "$WORK/backend/nginx.conf" <<CONF
+worker_processes 1;
+pid $WORK/backend/nginx.pid;
+error_log $WORK/backend/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server { listen 127.0.0.1:$B1 reuseport; location / { return 200 "ok\n"; } }
+  server { listen 127.0.0.1:$B2 reuseport; location / { return 200 "ok\n"; } }
+}
+CONF
+"$NGINX" -c "$WORK/backend/nginx.conf" -g 'daemon off;' & PIDS+=($!)
+
+start_proxies() { # threads
+  local t=$1
+  mkdir -p "$WORK/nginx$t"
+  cat > "$WORK/nginx$t/nginx.conf" <<CONF
+worker_processes $t;
+pid $WORK/nginx$t/nginx.pid;
+error_log $WORK/nginx$t/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream app { server 127.0.0.1:$B1; server 127.0.0.1:$B2; keepalive 64; }
+  server {
+    listen 127.0.0.1:$P_NGINX reuseport;
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+CONF
+  "$NGINX" -c "$WORK/nginx$t/nginx.conf" -g 'daemon off;' & NGINX_PID=$!; PIDS+=($NGINX_PID)
+  cat > "$WORK/haproxy$t.cfg" <<CONF
+global
+  nbthread $t
+  maxconn 10000
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend f
+  bind 127.0.0.1:$P_HAPROXY
+  default_backend b
+backend b
+  balance roundrobin
+  server s1 127.0.0.1:$B1
+  server s2 127.0.0.1:$B2
+CONF
+  "$HAPROXY" -f "$WORK/haproxy$t.cfg" -db & HAPROXY_PID=$!; PIDS+=($HAPROXY_PID)
+  cat > "$WORK/nonstop$t.toml" <<CONF
+[[listeners]]
+listen = "127.0.0.1:$P_NONSTOP"
+[[routes]]
+service = "app"
+[services.app]
+servers = [{ addr = "127.0.0.1:$B1" }, { addr = "127.0.0.1:$B2" }]
+[access_log]
+enabled = false
+CONF
+  RUST_LOG=warn "$NONSTOP" serve --config "$WORK/nonstop$t.toml" --threads "$t" > /dev/null & NONSTOP_PID=$!; PIDS+=($NONSTOP_PID)
+  sleep 1
+}
+
+stop_proxies() {
+  kill "$NGINX_PID" "$HAPROXY_PID" "$NONSTOP_PID" 2>/dev/null || true
+  wait "$NGINX_PID" "$HAPROXY_PID" "$NONSTOP_PID" 2>/dev/null || true
+}
+
+# Prints "RPS P99_MS" for one wrk run.
+measure() { # threads port
+  local out; out=$(wrk -t"$1" -c64 -d"$DURATION" --latency "http://127.0.0.1:$2/" 2>&1)
+  local rps p99
+  rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
+  p99=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}' <<<"$out")
+  local errs; errs=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
+  echo "${rps:-0} ${p99:-0} ${errs}"
+}
+
+median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
+
+echo "bench/proxy.sh: $ROUNDS rounds of wrk -c64 -d$DURATION per target, targets alternated within each round"
+for t in 1 2; do
+  start_proxies "$t"
+  declare -A RPS=() ratio_row_rps=()
+  RATIO_NGINX=""; RATIO_HAPROXY=""
+  echo
+  echo "== $t thread(s)/worker(s) each; wrk -t$t"
+  printf '%-6s %-9s %12s %10s  %s\n' round target 'requests/s' 'p99 ms' notes
+  for r in $(seq 1 "$ROUNDS"); do
+    # Rotate the order every round so that no target always runs first or last.
+    targets=(nonstop nginx haproxy direct)
+    shift_by=$(( (r - 1) % 4 ))
+    order=("${targets[@]:$shift_by}" "${targets[@]:0:$shift_by}")
+    for target in "${order[@]}"; do
+      case $target in
+        nonstop) port=$P_NONSTOP ;; nginx) port=$P_NGINX ;; haproxy) port=$P_HAPROXY ;; direct) port=$B1 ;;
+      esac
+      read -r rps p99 notes <<<"$(measure "$t" "$port")"
+      RPS[$target]+="$rps "
+      ratio_row_rps["$target,$r"]=$rps
+      printf '%-6s %-9s %12s %10s  %s\n' "$r" "$target" "$rps" "$p99" "$notes"
+    done
+    n=${ratio_row_rps["nonstop,$r"]}
+    RATIO_NGINX+="$(awk -v a="$n" -v b="${ratio_row_rps["nginx,$r"]}" 'BEGIN {printf "%.3f", a/b}') "
+    RATIO_HAPROXY+="$(awk -v a="$n" -v b="${ratio_row_rps["haproxy,$r"]}" 'BEGIN {printf "%.3f", a/b}') "
+  done
+  for target in nonstop nginx haproxy direct; do
+    printf 'median %-9s %12s requests/s\n' "$target" "$(tr ' ' '\n' <<<"${RPS[$target]}" | grep . | median)"
+  done
+  printf 'RATIO threads=%s nonstop/nginx   median %s  (per round: %s)\n' "$t" "$(tr ' ' '\n' <<<"$RATIO_NGINX" | grep . | median)" "$RATIO_NGINX"
+  printf 'RATIO threads=%s nonstop/haproxy median %s  (per round: %s)\n' "$t" "$(tr ' ' '\n' <<<"$RATIO_HAPROXY" | grep . | median)" "$RATIO_HAPROXY"
+  RATIO_NGINX=""; RATIO_HAPROXY=""
+  stop_proxies
+done

@@ -1,0 +1,70 @@
+//! Proxy errors, classified where they happen: which side failed, whether a retry on another server is safe, and
+//! the status and message the client gets.
+
+use http::StatusCode;
+
+/// Which side of the proxy a failure belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client sent something we refuse.
+    Downstream,
+    /// A server failed or could not be reached.
+    Upstream,
+    /// Nothing could be tried (no route, no server).
+    Internal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route for {method} {host}{path}")]
+    NoRoute { method: String, host: String, path: String },
+    #[error("method {0} is not allowed on this route")]
+    MethodNotAllowed(String),
+    #[error("request body is larger than the route's body_bytes_max of {0} bytes")]
+    BodyTooLarge(u64),
+    #[error("no server of service {0:?} is available")]
+    NoServer(String),
+    #[error("connect to {addr} failed: {source}")]
+    Connect { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("connect timeout: {addr} did not accept a connection within {ms} ms")]
+    ConnectTimeout { addr: std::net::SocketAddr, ms: u128 },
+    #[error("response timeout: {addr} sent no response head within {ms} ms")]
+    ResponseTimeout { addr: std::net::SocketAddr, ms: u128 },
+    /// The server failed the exchange. `sent` is false when hyper hands the request back unsent.
+    #[error("server {addr} failed: {source}")]
+    Upstream { addr: std::net::SocketAddr, sent: bool, source: hyper::Error },
+    #[error("HTTP handshake with {addr} failed: {source}")]
+    Handshake { addr: std::net::SocketAddr, source: hyper::Error },
+}
+
+impl ProxyError {
+    pub fn side(&self) -> Side {
+        match self {
+            ProxyError::MethodNotAllowed(_) | ProxyError::BodyTooLarge(_) => Side::Downstream,
+            ProxyError::NoRoute { .. } | ProxyError::NoServer(_) => Side::Internal,
+            _ => Side::Upstream,
+        }
+    }
+
+    /// True when the request provably never reached a server, so any method may be sent to another one.
+    pub fn never_reached_server(&self) -> bool {
+        match self {
+            ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. } | ProxyError::Handshake { .. } => true,
+            ProxyError::Upstream { sent, .. } => !sent,
+            _ => false,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::NoServer(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::ConnectTimeout { .. } | ProxyError::ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Connect { .. } | ProxyError::Upstream { .. } | ProxyError::Handshake { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! Peak-EWMA latency: jumps up to a slow sample at once, decays toward fast samples over time (`now` passed in).
+
+use std::time::{Duration, Instant};
+
+/// How quickly old latency is forgotten.
+pub const DECAY: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy)]
+pub struct PeakEwma {
+    /// Current estimate in nanoseconds.
+    estimate_ns: f64,
+    updated: Instant,
+}
+
+impl PeakEwma {
+    /// A new estimate, starting at `initial` so that untried servers are neither favoured nor avoided.
+    pub fn new(now: Instant, initial: Duration) -> PeakEwma {
+        PeakEwma { estimate_ns: initial.as_nanos() as f64, updated: now }
+    }
+
+    /// Records one observed latency.
+    pub fn observe(&mut self, now: Instant, rtt: Duration) {
+        let rtt = rtt.as_nanos() as f64;
+        if rtt > self.estimate_ns {
+            self.estimate_ns = rtt;
+        } else {
+            let elapsed = now.saturating_duration_since(self.updated).as_nanos() as f64;
+            let w = (-elapsed / DECAY.as_nanos() as f64).exp();
+            self.estimate_ns = self.estimate_ns * w + rtt * (1.0 - w);
+        }
+        self.updated = now;
+    }
+
+    /// The estimate in nanoseconds.
+    pub fn estimate_ns(&self) -> f64 {
+        self.estimate_ns
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peaks_at_once_and_decays_over_time() {
+        let t0 = Instant::now();
+        let mut e = PeakEwma::new(t0, Duration::from_millis(1));
+        e.observe(t0, Duration::from_millis(100));
+        assert_eq!(e.estimate_ns(), 100e6, "a slow sample is taken at once");
+        e.observe(t0 + Duration::from_millis(1), Duration::from_millis(1));
+        assert!(e.estimate_ns() > 99e6, "one fast sample right after barely moves it");
+        e.observe(t0 + Duration::from_secs(60), Duration::from_millis(1));
+        assert!(e.estimate_ns() < 2e6, "after a long quiet time fast samples dominate: {}", e.estimate_ns());
+    }
+}

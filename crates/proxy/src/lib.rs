@@ -1,0 +1,198 @@
+//! `nonstop serve`: the reverse proxy and load balancer. Worker threads accept clients and forward their requests
+//! to services' servers over the proxy's own connection pools; a separate thread serves the admin API.
+
+mod access_log;
+mod admin;
+pub mod balance;
+pub mod error;
+pub mod ewma;
+mod forward;
+mod io;
+mod listener;
+pub mod metrics;
+pub mod state;
+mod upstream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use nonstop_config::{Config, ConfigErrors};
+use tokio::sync::{watch, Semaphore};
+
+use crate::access_log::AccessLog;
+use crate::metrics::Stats;
+use crate::state::Snapshot;
+
+/// Where the config comes from, and comes again from on reload.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    File(PathBuf),
+    /// Quick mode: a config built from flags; a reload re-applies it.
+    Fixed(Config),
+}
+
+impl ConfigSource {
+    pub fn load(&self) -> Result<Config, StartError> {
+        match self {
+            ConfigSource::Fixed(c) => Ok(c.clone()),
+            ConfigSource::File(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| StartError::Read(path.clone(), e))?;
+                Config::parse(&text).map_err(StartError::Config)
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot read {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("{0}")]
+    Config(ConfigErrors),
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    #[error("cannot start: {0}")]
+    Io(std::io::Error),
+    #[error("reload cannot change listeners or the admin address (restart instead): {0}")]
+    ListenersChanged(String),
+}
+
+/// State shared by every thread.
+pub struct Shared {
+    pub snapshot: ArcSwap<Snapshot>,
+    access_log: Option<AccessLog>,
+    /// Requests that matched no route.
+    unrouted: Stats,
+    source: ConfigSource,
+    reload_lock: Mutex<()>,
+}
+
+impl Shared {
+    /// Re-reads the config and swaps it in atomically; on any error the running config stays.
+    pub fn reload(&self) -> Result<(), StartError> {
+        let _one_at_a_time = self.reload_lock.lock().expect("reload lock");
+        let config = self.source.load()?;
+        let old = self.snapshot.load_full();
+        let addrs =
+            |c: &Config| (c.listeners.iter().map(|l| l.listen).collect::<Vec<_>>(), c.admin.as_ref().map(|a| a.listen));
+        if addrs(&config) != addrs(&old.config) {
+            return Err(StartError::ListenersChanged(format!("{:?} -> {:?}", addrs(&old.config), addrs(&config))));
+        }
+        self.snapshot.store(Arc::new(Snapshot::build(config, Some(&old))));
+        tracing::info!("config reloaded");
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Worker threads; each accepts and serves its own connections.
+    pub threads: usize,
+    /// On shutdown, how long in-flight requests may take.
+    pub drain_timeout: Duration,
+}
+
+/// A running proxy.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    threads: Vec<JoinHandle<()>>,
+    listen_addrs: Vec<SocketAddr>,
+    admin_addr: Option<SocketAddr>,
+}
+
+impl Proxy {
+    /// Loads the config, binds every listener and starts the threads.
+    pub fn start(source: ConfigSource, opts: Options) -> Result<Proxy, StartError> {
+        let config = source.load()?;
+        let access_log = if config.access_log.enabled {
+            Some(AccessLog::open(config.access_log.path.as_deref()).map_err(StartError::Io)?)
+        } else {
+            None
+        };
+        let threads = opts.threads.max(1);
+        // One SO_REUSEPORT socket per listener and thread; the first fixes the port when port 0 was asked for.
+        let mut per_thread: Vec<Vec<listener::Bound>> = (0..threads).map(|_| Vec::new()).collect();
+        let mut listen_addrs = Vec::new();
+        for (index, l) in config.listeners.iter().enumerate() {
+            let first = listener::bind(l.listen).map_err(|e| StartError::Bind(l.listen, e))?;
+            let addr = first.local_addr().map_err(StartError::Io)?;
+            listen_addrs.push(addr);
+            // Each thread accepts only from its own socket, so each gets its own share of the connection limit
+            // (a shared one could hand a freed slot to a thread with nothing queued while another starves).
+            let share = l.max_connections.div_ceil(threads);
+            let mut socket = Some(first);
+            for bound in per_thread.iter_mut() {
+                let connections = Arc::new(Semaphore::new(share));
+                let s = match socket.take() {
+                    Some(s) => s,
+                    None => listener::bind(addr).map_err(|e| StartError::Bind(addr, e))?,
+                };
+                bound.push(listener::Bound { index, socket: s, connections });
+            }
+        }
+        let admin_socket = match &config.admin {
+            Some(a) => Some(listener::bind(a.listen).map_err(|e| StartError::Bind(a.listen, e))?),
+            None => None,
+        };
+        let admin_addr = admin_socket.as_ref().map(|s| s.local_addr()).transpose().map_err(StartError::Io)?;
+
+        let shared = Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(Snapshot::build(config, None)),
+            access_log,
+            unrouted: Stats::default(),
+            source,
+            reload_lock: Mutex::new(()),
+        });
+        let (shutdown, rx) = watch::channel(false);
+        let mut handles = Vec::new();
+        for (i, bound) in per_thread.into_iter().enumerate() {
+            let (shared, rx) = (shared.clone(), rx.clone());
+            let drain = opts.drain_timeout;
+            let h = std::thread::Builder::new()
+                .name(format!("worker-{i}"))
+                .spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                    rt.block_on(listener::run_worker(shared, bound, rx, drain));
+                })
+                .map_err(StartError::Io)?;
+            handles.push(h);
+        }
+        if let Some(socket) = admin_socket {
+            let (shared, rx) = (shared.clone(), rx.clone());
+            let h = std::thread::Builder::new()
+                .name("admin".into())
+                .spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                    rt.block_on(admin::serve(shared, socket, rx));
+                })
+                .map_err(StartError::Io)?;
+            handles.push(h);
+        }
+        Ok(Proxy { shared, shutdown, threads: handles, listen_addrs, admin_addr })
+    }
+
+    pub fn listen_addrs(&self) -> &[SocketAddr] {
+        &self.listen_addrs
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    pub fn reload(&self) -> Result<(), StartError> {
+        self.shared.reload()
+    }
+
+    /// Stops accepting, lets in-flight requests finish (bounded by the drain timeout), and returns.
+    pub fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! Client listeners: one OS thread per worker, each with its own single-threaded runtime and its own
+//! `SO_REUSEPORT` socket per listener, so the kernel spreads connections and threads share nothing on the accept
+//! path (nginx's worker model).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::{watch, Semaphore};
+
+use crate::forward::{handle, ConnCtx};
+use crate::io::{SharedIo, REQUEST_TIMEOUT_RESPONSE};
+use crate::Shared;
+
+/// Kernel accept backlog of each listening socket.
+pub const BACKLOG: i32 = 4096;
+
+/// Binds one listening socket with `SO_REUSEPORT`, so several may share the address.
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// One listener's sockets for one worker thread, and what it shares with the other threads.
+pub struct Bound {
+    pub index: usize,
+    pub socket: std::net::TcpListener,
+    pub connections: Arc<Semaphore>,
+}
+
+/// Runs the accept loops of one worker thread until `shutdown` turns true, then drains its connections.
+pub async fn run_worker(shared: Arc<Shared>, bound: Vec<Bound>, mut shutdown: watch::Receiver<bool>, drain: Duration) {
+    let mut tasks = Vec::new();
+    for b in bound {
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        tasks.push(tokio::spawn(accept_loop(shared, b, shutdown, drain)));
+    }
+    let _ = shutdown.wait_for(|&s| s).await;
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, b: Bound, mut shutdown: watch::Receiver<bool>, drain: Duration) {
+    let listener = match tokio::net::TcpListener::from_std(b.socket) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot register listener");
+            return;
+        }
+    };
+    let graceful = GracefulShutdown::new();
+    loop {
+        let permit = tokio::select! {
+            p = b.connections.clone().acquire_owned() => p.expect("connection semaphore is never closed"),
+            _ = shutdown.wait_for(|&s| s) => break,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.wait_for(|&s| s) => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let snap = shared.snapshot.load();
+        let Some(cfg) = snap.config.listeners.get(b.index) else { continue };
+        let stream = Arc::new(stream);
+        let head_pending = Arc::new(AtomicBool::new(false));
+        let io = SharedIo { stream: stream.clone(), head_pending: head_pending.clone() };
+        let ctx = Arc::new(ConnCtx {
+            shared: shared.clone(),
+            listener: cfg.name.clone(),
+            peer,
+            tls: false,
+            head_pending: head_pending.clone(),
+        });
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(cfg.header_read_timeout)
+            .max_buf_size(cfg.header_bytes_max.max(8192))
+            .max_headers(cfg.header_count_max);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(cfg.header_bytes_max.min(u32::MAX as usize) as u32)
+            .keep_alive_interval(None);
+        drop(snap);
+        let service = service_fn(move |req| handle(ctx.clone(), req));
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = conn.await {
+                // hyper closes a connection whose head did not arrive in time without a word; say why.
+                let timed_out = e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout);
+                if timed_out && head_pending.load(Ordering::Relaxed) {
+                    let _ = stream.try_write(REQUEST_TIMEOUT_RESPONSE);
+                }
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+        tracing::warn!("drain timeout: closing the remaining client connections");
+    }
+}

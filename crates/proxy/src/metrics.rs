@@ -1,0 +1,102 @@
+//! Counters and latency histograms kept per server (lock-free atomics on the hot path), rendered as Prometheus
+//! text by the admin API.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Upper bounds of the latency histogram buckets, seconds.
+pub const BUCKETS_S: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+const STATUS_MIN: usize = 100;
+const STATUS_SLOTS: usize = 500;
+
+/// Requests by status, and a latency histogram.
+pub struct Stats {
+    by_status: Box<[AtomicU64]>,
+    buckets: [AtomicU64; BUCKETS_S.len() + 1],
+    latency_sum_ns: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Default for Stats {
+    fn default() -> Stats {
+        Stats {
+            by_status: (0..STATUS_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            buckets: Default::default(),
+            latency_sum_ns: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Stats {
+    pub fn record(&self, status: u16, latency: Duration) {
+        if let Some(slot) = (status as usize).checked_sub(STATUS_MIN).and_then(|i| self.by_status.get(i)) {
+            slot.fetch_add(1, Relaxed);
+        }
+        let s = latency.as_secs_f64();
+        let bucket = BUCKETS_S.iter().position(|&b| s <= b).unwrap_or(BUCKETS_S.len());
+        self.buckets[bucket].fetch_add(1, Relaxed);
+        self.latency_sum_ns.fetch_add(latency.as_nanos() as u64, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    pub fn total(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    /// (status, count) for every status seen.
+    pub fn statuses(&self) -> Vec<(u16, u64)> {
+        self.by_status
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| {
+                let n = n.load(Relaxed);
+                (n > 0).then_some(((i + STATUS_MIN) as u16, n))
+            })
+            .collect()
+    }
+
+    /// Appends `nonstop_requests_total` samples.
+    pub fn render_requests(&self, out: &mut String, labels: &str) {
+        for (status, n) in self.statuses() {
+            let _ = writeln!(out, "nonstop_requests_total{{{labels},status=\"{status}\"}} {n}");
+        }
+    }
+
+    /// Appends `nonstop_request_duration_seconds` histogram samples.
+    pub fn render_latency(&self, out: &mut String, labels: &str) {
+        let mut cumulative = 0;
+        for (i, bound) in BUCKETS_S.iter().enumerate() {
+            cumulative += self.buckets[i].load(Relaxed);
+            let _ = writeln!(out, "nonstop_request_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+        }
+        cumulative += self.buckets[BUCKETS_S.len()].load(Relaxed);
+        let _ = writeln!(out, "nonstop_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {cumulative}");
+        let sum = self.latency_sum_ns.load(Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "nonstop_request_duration_seconds_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "nonstop_request_duration_seconds_count{{{labels}}} {}", self.count.load(Relaxed));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_status_and_cumulative_buckets() {
+        let s = Stats::default();
+        s.record(200, Duration::from_micros(300));
+        s.record(200, Duration::from_millis(20));
+        s.record(503, Duration::from_secs(30));
+        assert_eq!(s.statuses(), [(200, 2), (503, 1)]);
+        let mut out = String::new();
+        s.render_requests(&mut out, "service=\"a\"");
+        s.render_latency(&mut out, "service=\"a\"");
+        assert!(out.contains("nonstop_requests_total{service=\"a\",status=\"200\"} 2"), "{out}");
+        assert!(out.contains("bucket{service=\"a\",le=\"0.0005\"} 1"), "{out}");
+        assert!(out.contains("bucket{service=\"a\",le=\"0.025\"} 2"), "{out}");
+        assert!(out.contains("bucket{service=\"a\",le=\"+Inf\"} 3"), "{out}");
+    }
+}

@@ -1,0 +1,290 @@
+//! One upstream server: its live counters, its latency estimate, and its own pool of connections built on
+//! `hyper::client::conn`, so the proxy always knows whether a request was written.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use http_body_util::Limited;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+use crate::error::ProxyError;
+use crate::ewma::PeakEwma;
+use crate::metrics::Stats;
+
+/// The body the proxy sends upstream: the client's body, streamed, with the route's size limit.
+pub type ReqBody = Limited<Incoming>;
+
+/// How to talk to one server.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnSettings {
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub idle_max: usize,
+    pub h2: bool,
+}
+
+/// A sender on one connection.
+enum Sender {
+    H1(http1::SendRequest<ReqBody>),
+    H2(http2::SendRequest<ReqBody>),
+}
+
+struct Idle {
+    sender: http1::SendRequest<ReqBody>,
+    since: Instant,
+}
+
+/// A server of a service, shared by every worker thread and kept across reloads while its address stays.
+pub struct Server {
+    pub addr: SocketAddr,
+    weight: AtomicU32,
+    in_flight: AtomicU32,
+    draining: AtomicBool,
+    ewma: Mutex<PeakEwma>,
+    pool: Mutex<Vec<Idle>>,
+    h2: Mutex<Option<http2::SendRequest<ReqBody>>>,
+    pub connects: AtomicU64,
+    pub stats: Stats,
+}
+
+/// Initial latency estimate for a server with no samples yet.
+const INITIAL_LATENCY: Duration = Duration::from_millis(1);
+
+impl Server {
+    pub fn new(addr: SocketAddr, weight: u32) -> Arc<Server> {
+        Arc::new(Server {
+            addr,
+            weight: AtomicU32::new(weight),
+            in_flight: AtomicU32::new(0),
+            draining: AtomicBool::new(false),
+            ewma: Mutex::new(PeakEwma::new(Instant::now(), INITIAL_LATENCY)),
+            pool: Mutex::new(Vec::new()),
+            h2: Mutex::new(None),
+            connects: AtomicU64::new(0),
+            stats: Stats::default(),
+        })
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Relaxed)
+    }
+
+    pub fn set_weight(&self, w: u32) {
+        self.weight.store(w, Relaxed);
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Relaxed)
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Relaxed)
+    }
+
+    pub fn set_draining(&self, on: bool) {
+        self.draining.store(on, Relaxed);
+    }
+
+    pub fn latency_ns(&self) -> f64 {
+        self.ewma.lock().expect("ewma lock").estimate_ns()
+    }
+
+    pub fn observe_latency(&self, now: Instant, rtt: Duration) {
+        self.ewma.lock().expect("ewma lock").observe(now, rtt);
+    }
+
+    pub fn pool_idle(&self) -> usize {
+        self.pool.lock().expect("pool lock").len()
+    }
+
+    /// Counts a request as in flight on this server until the guard drops.
+    pub fn begin(self: &Arc<Server>) -> InFlight {
+        self.in_flight.fetch_add(1, Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// Sends one request: over a pooled or new connection. The response body hands the connection back to the
+    /// pool when it has been read to the end.
+    pub async fn send(
+        self: &Arc<Server>,
+        req: Request<ReqBody>,
+        settings: &ConnSettings,
+        response_timeout: Duration,
+    ) -> Result<(Response<Incoming>, Option<Checkin>), ProxyError> {
+        let (sender, reused) = self.checkout(settings).await?;
+        let addr = self.addr;
+        match sender {
+            Sender::H1(mut s) => {
+                let result = timed(addr, response_timeout, async {
+                    s.try_send_request(req).await.map_err(|mut e| {
+                        let sent = e.take_message().is_none();
+                        Ok::<_, ProxyError>((sent, e.into_error()))
+                    })
+                })
+                .await;
+                match result {
+                    Ok(resp) => Ok((resp, Some(Checkin { server: self.clone(), sender: s }))),
+                    Err(Ok((sent, source))) => {
+                        if reused && !sent {
+                            tracing::debug!(%addr, "pooled connection closed before the request was written");
+                        }
+                        Err(ProxyError::Upstream { addr, sent, source })
+                    }
+                    Err(Err(e)) => Err(e),
+                }
+            }
+            Sender::H2(mut s) => {
+                let result = timed(addr, response_timeout, async {
+                    s.try_send_request(req).await.map_err(|mut e| {
+                        let sent = e.take_message().is_none();
+                        Ok::<_, ProxyError>((sent, e.into_error()))
+                    })
+                })
+                .await;
+                match result {
+                    Ok(resp) => Ok((resp, None)),
+                    Err(Ok((sent, source))) => {
+                        // REFUSED_STREAM (and GOAWAY past this stream) mean the server did not process it.
+                        let refused = !sent || h2_refused(&source);
+                        if source.is_closed() || refused {
+                            *self.h2.lock().expect("h2 lock") = None;
+                        }
+                        Err(ProxyError::Upstream { addr, sent: !refused, source })
+                    }
+                    Err(Err(e)) => Err(e),
+                }
+            }
+        }
+    }
+
+    async fn checkout(&self, settings: &ConnSettings) -> Result<(Sender, bool), ProxyError> {
+        if settings.h2 {
+            let existing = self.h2.lock().expect("h2 lock").clone();
+            if let Some(mut s) = existing {
+                if s.ready().await.is_ok() {
+                    return Ok((Sender::H2(s), true));
+                }
+            }
+            let s = self.connect_h2(settings).await?;
+            *self.h2.lock().expect("h2 lock") = Some(s.clone());
+            return Ok((Sender::H2(s), false));
+        }
+        loop {
+            let idle = self.pool.lock().expect("pool lock").pop();
+            let Some(mut idle) = idle else { break };
+            if idle.since.elapsed() >= settings.idle_timeout || idle.sender.is_closed() {
+                continue;
+            }
+            // A connection just checked in may need its connection task to run once before it takes a request.
+            match tokio::time::timeout(settings.connect_timeout, idle.sender.ready()).await {
+                Ok(Ok(())) => return Ok((Sender::H1(idle.sender), true)),
+                _ => continue,
+            }
+        }
+        Ok((Sender::H1(self.connect_h1(settings).await?), false))
+    }
+
+    async fn tcp(&self, settings: &ConnSettings) -> Result<TcpStream, ProxyError> {
+        let addr = self.addr;
+        let stream = match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => return Err(ProxyError::Connect { addr, source }),
+            Err(_) => return Err(ProxyError::ConnectTimeout { addr, ms: settings.connect_timeout.as_millis() }),
+        };
+        let _ = stream.set_nodelay(true);
+        self.connects.fetch_add(1, Relaxed);
+        Ok(stream)
+    }
+
+    async fn connect_h1(&self, settings: &ConnSettings) -> Result<http1::SendRequest<ReqBody>, ProxyError> {
+        let stream = self.tcp(settings).await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| ProxyError::Handshake { addr: self.addr, source })?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        Ok(sender)
+    }
+
+    async fn connect_h2(&self, settings: &ConnSettings) -> Result<http2::SendRequest<ReqBody>, ProxyError> {
+        let stream = self.tcp(settings).await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| ProxyError::Handshake { addr: self.addr, source })?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+
+    fn checkin(&self, sender: http1::SendRequest<ReqBody>, idle_max: usize) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut pool = self.pool.lock().expect("pool lock");
+        if pool.len() < idle_max {
+            pool.push(Idle { sender, since: Instant::now() });
+        }
+    }
+
+    /// Closes every idle connection (on removal from the pool, or on shutdown).
+    pub fn close_idle(&self) {
+        self.pool.lock().expect("pool lock").clear();
+        *self.h2.lock().expect("h2 lock") = None;
+    }
+}
+
+/// A send failure: `Ok((sent, error))` from hyper, or `Err` for the proxy's own timeout.
+type SendFailure = Result<(bool, hyper::Error), ProxyError>;
+
+async fn timed<T>(
+    addr: SocketAddr,
+    limit: Duration,
+    fut: impl std::future::Future<Output = Result<T, SendFailure>>,
+) -> Result<T, SendFailure> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(Err(ProxyError::ResponseTimeout { addr, ms: limit.as_millis() })),
+    }
+}
+
+fn h2_refused(e: &hyper::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(h2e) = c.downcast_ref::<h2::Error>() {
+            return h2e.reason() == Some(h2::Reason::REFUSED_STREAM) || (h2e.is_go_away() && h2e.is_remote());
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// Decrements the server's in-flight count on drop.
+pub struct InFlight(Arc<Server>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+/// An HTTP/1.1 connection to give back to its server's pool once its response body is read to the end.
+pub struct Checkin {
+    server: Arc<Server>,
+    sender: http1::SendRequest<ReqBody>,
+}
+
+impl Checkin {
+    pub fn give_back(self, idle_max: usize) {
+        self.server.checkin(self.sender, idle_max);
+    }
+}
