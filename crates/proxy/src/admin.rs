@@ -37,6 +37,13 @@ fn fail(status: StatusCode, message: impl Into<String>) -> Resp {
     reply(status, json!({ "error": message.into() }))
 }
 
+/// A refused admin call: the status and the message naming the problem.
+struct AdminError(StatusCode, String);
+
+fn err(status: StatusCode, message: impl Into<String>) -> AdminError {
+    AdminError(status, message.into())
+}
+
 pub async fn serve(shared: Arc<Shared>, socket: std::net::TcpListener, mut shutdown: watch::Receiver<bool>) {
     let listener = match tokio::net::TcpListener::from_std(socket) {
         Ok(l) => l,
@@ -88,7 +95,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Resp, Inf
         }
         (m, ["services", name, rest @ ..]) => match snap.services.get(*name) {
             None => fail(StatusCode::NOT_FOUND, format!("no service {name:?}")),
-            Some(svc) => service_call(svc, m, rest, &body, &query).await,
+            Some(svc) => service_call(svc, m, rest, &body, &query).await.unwrap_or_else(|AdminError(s, m)| fail(s, m)),
         },
         _ => fail(StatusCode::NOT_FOUND, format!("no admin endpoint {path}; see docs/admin.md")),
     };
@@ -120,20 +127,24 @@ fn service_json(svc: &ServiceState) -> Value {
     })
 }
 
-fn parse_body(body: &Bytes) -> Result<Value, Resp> {
+fn parse_body(body: &Bytes) -> Result<Value, AdminError> {
     if body.is_empty() {
         return Ok(json!({}));
     }
-    serde_json::from_slice(body).map_err(|e| fail(StatusCode::BAD_REQUEST, format!("body is not JSON: {e}")))
+    serde_json::from_slice(body).map_err(|e| err(StatusCode::BAD_REQUEST, format!("body is not JSON: {e}")))
 }
 
-fn weight_of(v: &Value, default: u32) -> Result<u32, Resp> {
+fn addr_of(raw: &str) -> Result<SocketAddr, AdminError> {
+    raw.parse().map_err(|_| err(StatusCode::BAD_REQUEST, format!("{raw:?} is not an address like 127.0.0.1:9101")))
+}
+
+fn weight_of(v: &Value, default: u32) -> Result<u32, AdminError> {
     match v.get("weight") {
         None => Ok(default),
         Some(w) => w
             .as_u64()
             .and_then(|w| u32::try_from(w).ok())
-            .ok_or_else(|| fail(StatusCode::BAD_REQUEST, "weight: must be a non-negative integer")),
+            .ok_or_else(|| err(StatusCode::BAD_REQUEST, "weight: must be a non-negative integer")),
     }
 }
 
@@ -146,59 +157,61 @@ fn wait_ms(query: &str) -> u64 {
         .min(DRAIN_WAIT_MS_MAX)
 }
 
-async fn service_call(svc: &ServiceState, m: Method, rest: &[&str], body: &Bytes, query: &str) -> Resp {
-    let addr_of = |raw: &str| -> Result<SocketAddr, Resp> {
-        raw.parse().map_err(|_| fail(StatusCode::BAD_REQUEST, format!("{raw:?} is not an address like 127.0.0.1:9101")))
-    };
-    let result: Result<Resp, Resp> = (|| async {
-        Ok(match (m, rest) {
-            (Method::GET, []) => reply(StatusCode::OK, service_json(svc)),
-            (Method::POST, ["servers"]) => {
-                let v = parse_body(body)?;
-                let raw = v
-                    .get("addr")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| fail(StatusCode::BAD_REQUEST, "addr: required"))?;
-                let addr = addr_of(raw)?;
-                let s =
-                    svc.add_server(addr, weight_of(&v, 1)?).map_err(|e| fail(StatusCode::CONFLICT, e.to_string()))?;
-                reply(StatusCode::CREATED, server_json(&s))
+async fn service_call(
+    svc: &ServiceState,
+    m: Method,
+    rest: &[&str],
+    body: &Bytes,
+    query: &str,
+) -> Result<Resp, AdminError> {
+    Ok(match (m, rest) {
+        (Method::GET, []) => reply(StatusCode::OK, service_json(svc)),
+        (Method::POST, ["servers"]) => {
+            let v = parse_body(body)?;
+            let raw =
+                v.get("addr").and_then(Value::as_str).ok_or_else(|| err(StatusCode::BAD_REQUEST, "addr: required"))?;
+            let addr = addr_of(raw)?;
+            let s = svc.add_server(addr, weight_of(&v, 1)?).map_err(|e| err(StatusCode::CONFLICT, e.to_string()))?;
+            reply(StatusCode::CREATED, server_json(&s))
+        }
+        (Method::GET, ["servers", a]) => {
+            let s = svc.find(addr_of(a)?).ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no server {a}")))?;
+            reply(StatusCode::OK, server_json(&s))
+        }
+        (Method::PUT, ["servers", a]) => {
+            let addr = addr_of(a)?;
+            let v = parse_body(body)?;
+            let current = svc.find(addr).ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no server {a}")))?;
+            svc.set_weight(addr, weight_of(&v, current.weight())?)
+                .map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
+            reply(StatusCode::OK, server_json(&current))
+        }
+        (Method::DELETE, ["servers", a]) => {
+            let s = svc.remove_server(addr_of(a)?).map_err(|e| err(StatusCode::NOT_FOUND, e.to_string()))?;
+            reply(StatusCode::OK, server_json(&s))
+        }
+        (Method::POST, ["servers", a, action @ ("drain" | "undrain")]) => {
+            let s = svc.find(addr_of(a)?).ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no server {a}")))?;
+            s.set_draining(*action == "drain");
+            let deadline = Instant::now() + Duration::from_millis(wait_ms(query));
+            while *action == "drain" && s.in_flight() > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            (Method::GET, ["servers", a]) => {
-                let s = svc.find(addr_of(a)?).ok_or_else(|| fail(StatusCode::NOT_FOUND, format!("no server {a}")))?;
-                reply(StatusCode::OK, server_json(&s))
-            }
-            (Method::PUT, ["servers", a]) => {
-                let addr = addr_of(a)?;
-                let v = parse_body(body)?;
-                let current = svc.find(addr).ok_or_else(|| fail(StatusCode::NOT_FOUND, format!("no server {a}")))?;
-                svc.set_weight(addr, weight_of(&v, current.weight())?)
-                    .map_err(|e| fail(StatusCode::BAD_REQUEST, e.to_string()))?;
-                reply(StatusCode::OK, server_json(&current))
-            }
-            (Method::DELETE, ["servers", a]) => {
-                let s = svc.remove_server(addr_of(a)?).map_err(|e| fail(StatusCode::NOT_FOUND, e.to_string()))?;
-                reply(StatusCode::OK, server_json(&s))
-            }
-            (Method::POST, ["servers", a, action @ ("drain" | "undrain")]) => {
-                let s = svc.find(addr_of(a)?).ok_or_else(|| fail(StatusCode::NOT_FOUND, format!("no server {a}")))?;
-                s.set_draining(*action == "drain");
-                let deadline = Instant::now() + Duration::from_millis(wait_ms(query));
-                while *action == "drain" && s.in_flight() > 0 && Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                let mut v = server_json(&s);
-                v["drained"] = (s.draining() && s.in_flight() == 0).into();
-                reply(StatusCode::OK, v)
-            }
-            (_, rest) => {
-                fail(StatusCode::NOT_FOUND, format!("no admin endpoint /services/{}/{}", svc.name, rest.join("/")))
-            }
-        })
-    })()
-    .await;
-    result.unwrap_or_else(|e| e)
+            let mut v = server_json(&s);
+            v["drained"] = (s.draining() && s.in_flight() == 0).into();
+            reply(StatusCode::OK, v)
+        }
+        (_, rest) => {
+            return Err(err(
+                StatusCode::NOT_FOUND,
+                format!("no admin endpoint /services/{}/{}", svc.name, rest.join("/")),
+            ))
+        }
+    })
 }
+
+/// A per-server series: name, Prometheus type, help text, and how to read it.
+type Gauge = (&'static str, &'static str, &'static str, fn(&Server) -> f64);
 
 fn metrics(shared: &Shared) -> Resp {
     let snap = shared.snapshot.load_full();
@@ -234,7 +247,7 @@ fn metrics(shared: &Shared) -> Resp {
             None => svc.unserved.render_latency(&mut out, labels),
         }
     }
-    let gauges: [(&str, &str, &str, fn(&Server) -> f64); 4] = [
+    let gauges: [Gauge; 4] = [
         ("nonstop_in_flight_requests", "gauge", "Requests in flight on a server.", |s| f64::from(s.in_flight())),
         ("nonstop_pool_idle_connections", "gauge", "Idle pooled connections to a server.", |s| s.pool_idle() as f64),
         ("nonstop_server_weight", "gauge", "A server's weight.", |s| f64::from(s.weight())),

@@ -67,13 +67,7 @@ impl Proc {
 
     /// The address printed after `label http://` in the banner, such as the admin API's.
     pub fn addr_after(&self, label: &str) -> Option<SocketAddr> {
-        self.banner
-            .split(&format!("{label} http://"))
-            .nth(1)?
-            .split(|c: char| c == ',' || c == ')' || c == ' ')
-            .next()?
-            .parse()
-            .ok()
+        self.banner.split(&format!("{label} http://")).nth(1)?.split([',', ')', ' ']).next()?.parse().ok()
     }
 
     pub fn pid(&self) -> i32 {
