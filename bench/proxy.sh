@@ -71,7 +71,7 @@ CONF
   cat > "$WORK/haproxy$t.cfg" <<CONF
 global
   nbthread $t
-  maxconn 10000
+  maxconn 4096
 defaults
   mode http
   timeout connect 1s

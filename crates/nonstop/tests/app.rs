@@ -3,7 +3,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nonstop_testkit::{get, post_json, send, wait_for_status, Conn, Method, Proc, Resp, TempDir};
+use nonstop_testkit::{
+    concurrent_keyed_posts, get, post_json, send, wait_for_status, Conn, Method, Proc, Resp, TempDir,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -197,23 +199,10 @@ async fn idempotency_key_holds_across_two_instances_sharing_one_database() {
     let a = app(&db, &["--instance", "a"]);
     let b = app(&db, &["--instance", "b"]);
     let body = r#"{"item":"lamp","qty":2}"#;
-    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(20));
-    let tasks: Vec<_> = (0..20)
-        .map(|i| {
-            let addr = if i % 2 == 0 { a.addr } else { b.addr };
-            let barrier = barrier.clone();
-            tokio::spawn(async move {
-                let mut conn = Conn::open(addr).await.expect("connect");
-                barrier.wait().await;
-                let headers = [("content-type", "application/json"), ("idempotency-key", "order-42")];
-                conn.send(Method::POST, "/orders", &headers, body).await.expect("answer")
-            })
-        })
-        .collect();
+    let answers = concurrent_keyed_posts(&[a.addr, b.addr], "/orders", "order-42", body, 20).await;
     let mut ids = std::collections::BTreeSet::new();
     let mut replayed = 0;
-    for t in tasks {
-        let r = t.await.unwrap();
+    for r in answers {
         assert_eq!(r.status, 201, "{:?}", r.body);
         ids.insert(r.json()["id"].as_i64().unwrap());
         replayed += usize::from(r.header("idempotent-replayed") == Some("true"));

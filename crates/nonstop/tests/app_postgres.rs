@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use nonstop_testkit::{get, post_json, Conn, Method, Proc};
+use nonstop_testkit::{concurrent_keyed_posts, get, post_json, Conn, Method, Proc};
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_nonstop"))
@@ -73,22 +73,9 @@ async fn idempotency_key_holds_across_two_instances_on_postgres() {
     let schema = Schema::new("idem").await;
     let (a, b) = (app(&schema.url(), "a"), app(&schema.url(), "b"));
     let body = r#"{"item":"lamp","qty":2}"#;
-    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(20));
-    let tasks: Vec<_> = (0..20)
-        .map(|i| {
-            let addr = if i % 2 == 0 { a.addr } else { b.addr };
-            let barrier = barrier.clone();
-            tokio::spawn(async move {
-                let mut conn = Conn::open(addr).await.expect("connect");
-                barrier.wait().await;
-                let headers = [("content-type", "application/json"), ("idempotency-key", "pg-order-1")];
-                conn.send(Method::POST, "/orders", &headers, body).await.expect("answer")
-            })
-        })
-        .collect();
+    let answers = concurrent_keyed_posts(&[a.addr, b.addr], "/orders", "pg-order-1", body, 20).await;
     let mut ids = std::collections::BTreeSet::new();
-    for t in tasks {
-        let r = t.await.unwrap();
+    for r in answers {
         assert_eq!(r.status, 201, "{:?}", r.body);
         ids.insert(r.json()["id"].as_i64().unwrap());
     }

@@ -32,7 +32,7 @@ pub struct ConnCtx {
     pub listener: String,
     pub peer: SocketAddr,
     pub tls: bool,
-    /// Cleared when a request head is complete (see [`crate::io::SharedIo`]).
+    /// Cleared when a request head is complete (see [`crate::io::TrackedIo`]).
     pub head_pending: Arc<AtomicBool>,
 }
 

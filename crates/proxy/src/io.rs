@@ -1,81 +1,72 @@
-//! The client connection's socket, shared: hyper drives it through [`SharedIo`], and the listener keeps a handle so
-//! that it can still answer 408 after hyper gives up on a slow request head.
+//! The client connection's socket as hyper sees it: reads are delegated to the `TcpStream` (keeping tokio's
+//! readiness optimisations) while noting whether a request head is partly read, and a duplicate of the descriptor
+//! lets the listener still answer 408 after hyper gives up on a slow request head.
 
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-pub struct SharedIo {
-    pub stream: Arc<TcpStream>,
+pub struct TrackedIo {
+    pub stream: TcpStream,
     /// Set when bytes arrive, cleared when a request head is complete: true means a head is partly read.
     pub head_pending: Arc<AtomicBool>,
 }
 
-impl AsyncRead for SharedIo {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        loop {
-            ready!(self.stream.poll_read_ready(cx))?;
-            let unfilled = buf.initialize_unfilled();
-            match self.stream.try_read(unfilled) {
-                Ok(n) => {
-                    buf.advance(n);
-                    if n > 0 {
-                        self.head_pending.store(true, Ordering::Relaxed);
-                    }
-                    return Poll::Ready(Ok(()));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
+impl AsyncRead for TrackedIo {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.head_pending.store(true, Ordering::Relaxed);
         }
+        polled
     }
 }
 
-impl AsyncWrite for SharedIo {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        loop {
-            ready!(self.stream.poll_write_ready(cx))?;
-            match self.stream.try_write(data) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                other => return Poll::Ready(other),
-            }
-        }
+impl AsyncWrite for TrackedIo {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, data)
     }
 
     fn poll_write_vectored(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        loop {
-            ready!(self.stream.poll_write_ready(cx))?;
-            match self.stream.try_write_vectored(bufs) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                other => return Poll::Ready(other),
-            }
-        }
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        true
+        self.stream.is_write_vectored()
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let fd = std::os::fd::AsRawFd::as_raw_fd(self.stream.as_ref());
-        // SAFETY: shutdown(2) on a socket this process owns; it only changes the socket's state.
-        unsafe {
-            libc::shutdown(fd, libc::SHUT_WR);
-        }
-        Poll::Ready(Ok(()))
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// A second descriptor for the same socket, to write a last answer after hyper has dropped the stream.
+pub fn duplicate(stream: &TcpStream) -> Option<OwnedFd> {
+    // SAFETY: dup(2) of a descriptor we own; on success the new descriptor is ours alone to close.
+    let fd = unsafe { libc::dup(stream.as_raw_fd()) };
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Writes `bytes` on a blocking-free best-effort basis (the socket is non-blocking; a short write is accepted).
+pub fn write_last(fd: &OwnedFd, bytes: &[u8]) {
+    // SAFETY: write(2) from a valid buffer to a descriptor we own.
+    unsafe {
+        libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len());
     }
 }
 

@@ -15,8 +15,11 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::{watch, Semaphore};
 
 use crate::forward::{handle, ConnCtx};
-use crate::io::{SharedIo, REQUEST_TIMEOUT_RESPONSE};
+use crate::io::{duplicate, write_last, TrackedIo, REQUEST_TIMEOUT_RESPONSE};
 use crate::Shared;
+
+/// hyper's own limit on request headers, which it parses without allocating.
+const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
 
 /// Kernel accept backlog of each listening socket.
 pub const BACKLOG: i32 = 4096;
@@ -82,9 +85,9 @@ async fn accept_loop(shared: Arc<Shared>, b: Bound, mut shutdown: watch::Receive
         let _ = stream.set_nodelay(true);
         let snap = shared.snapshot.load();
         let Some(cfg) = snap.config.listeners.get(b.index) else { continue };
-        let stream = Arc::new(stream);
+        let last_word = duplicate(&stream);
         let head_pending = Arc::new(AtomicBool::new(false));
-        let io = SharedIo { stream: stream.clone(), head_pending: head_pending.clone() };
+        let io = TrackedIo { stream, head_pending: head_pending.clone() };
         let ctx = Arc::new(ConnCtx {
             shared: shared.clone(),
             listener: cfg.name.clone(),
@@ -93,12 +96,14 @@ async fn accept_loop(shared: Arc<Shared>, b: Bound, mut shutdown: watch::Receive
             head_pending: head_pending.clone(),
         });
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
+        let mut h1 = builder.http1();
+        h1.timer(TokioTimer::new())
             .header_read_timeout(cfg.header_read_timeout)
-            .max_buf_size(cfg.header_bytes_max.max(8192))
-            .max_headers(cfg.header_count_max);
+            .max_buf_size(cfg.header_bytes_max.max(8192));
+        // hyper parses into a stack array of its default size; any other limit costs a heap array per request.
+        if cfg.header_count_max != HYPER_DEFAULT_MAX_HEADERS {
+            h1.max_headers(cfg.header_count_max);
+        }
         builder
             .http2()
             .timer(TokioTimer::new())
@@ -113,8 +118,8 @@ async fn accept_loop(shared: Arc<Shared>, b: Bound, mut shutdown: watch::Receive
             if let Err(e) = conn.await {
                 // hyper closes a connection whose head did not arrive in time without a word; say why.
                 let timed_out = e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout);
-                if timed_out && head_pending.load(Ordering::Relaxed) {
-                    let _ = stream.try_write(REQUEST_TIMEOUT_RESPONSE);
+                if let (true, true, Some(fd)) = (timed_out, head_pending.load(Ordering::Relaxed), &last_word) {
+                    write_last(fd, REQUEST_TIMEOUT_RESPONSE);
                 }
             }
         });

@@ -121,13 +121,8 @@ impl Server {
         let addr = self.addr;
         match sender {
             Sender::H1(mut s) => {
-                let result = timed(addr, response_timeout, async {
-                    s.try_send_request(req).await.map_err(|mut e| {
-                        let sent = e.take_message().is_none();
-                        Ok::<_, ProxyError>((sent, e.into_error()))
-                    })
-                })
-                .await;
+                let result =
+                    timed(addr, response_timeout, async { s.try_send_request(req).await.map_err(unsent) }).await;
                 match result {
                     Ok(resp) => Ok((resp, Some(Checkin { server: self.clone(), sender: s }))),
                     Err(Ok((sent, source))) => {
@@ -140,13 +135,8 @@ impl Server {
                 }
             }
             Sender::H2(mut s) => {
-                let result = timed(addr, response_timeout, async {
-                    s.try_send_request(req).await.map_err(|mut e| {
-                        let sent = e.take_message().is_none();
-                        Ok::<_, ProxyError>((sent, e.into_error()))
-                    })
-                })
-                .await;
+                let result =
+                    timed(addr, response_timeout, async { s.try_send_request(req).await.map_err(unsent) }).await;
                 match result {
                     Ok(resp) => Ok((resp, None)),
                     Err(Ok((sent, source))) => {
@@ -180,6 +170,9 @@ impl Server {
             let Some(mut idle) = idle else { break };
             if idle.since.elapsed() >= settings.idle_timeout || idle.sender.is_closed() {
                 continue;
+            }
+            if idle.sender.is_ready() {
+                return Ok((Sender::H1(idle.sender), true));
             }
             // A connection just checked in may need its connection task to run once before it takes a request.
             match tokio::time::timeout(settings.connect_timeout, idle.sender.ready()).await {
@@ -241,6 +234,12 @@ impl Server {
         self.pool.lock().expect("pool lock").clear();
         *self.h2.lock().expect("h2 lock") = None;
     }
+}
+
+/// Whether hyper handed the request back unwritten, with its error.
+fn unsent(mut e: hyper::client::conn::TrySendError<Request<ReqBody>>) -> SendFailure {
+    let sent = e.take_message().is_none();
+    Ok((sent, e.into_error()))
 }
 
 /// A send failure: `Ok((sent, error))` from hyper, or `Err` for the proxy's own timeout.

@@ -225,3 +225,26 @@ pub async fn wait_for_status(addr: SocketAddr, path: &str, status: u16, limit: D
     }
     false
 }
+
+/// Sends the same keyed POST `n` times at once, spread round robin over `addrs`, each on its own connection,
+/// released together by a barrier; returns every response.
+pub async fn concurrent_keyed_posts(addrs: &[SocketAddr], path: &str, key: &str, body: &str, n: usize) -> Vec<Resp> {
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(n));
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let (addr, barrier) = (addrs[i % addrs.len()], barrier.clone());
+            let (path, key, body) = (path.to_string(), key.to_string(), body.to_string());
+            tokio::spawn(async move {
+                let mut conn = Conn::open(addr).await.expect("connect");
+                barrier.wait().await;
+                let headers = [("content-type", "application/json"), ("idempotency-key", key.as_str())];
+                conn.send(Method::POST, &path, &headers, body).await.expect("answer")
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        out.push(t.await.expect("task"));
+    }
+    out
+}
