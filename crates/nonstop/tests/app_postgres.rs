@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use nonstop_testkit::{concurrent_keyed_posts, get, post_json, Conn, Method, Proc};
+use nonstop_testkit::{concurrent_keyed_posts, get, post_json, Proc};
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_nonstop"))

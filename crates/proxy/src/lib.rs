@@ -11,6 +11,7 @@ mod io;
 mod listener;
 pub mod metrics;
 pub mod state;
+mod tls;
 mod upstream;
 
 use std::net::SocketAddr;
@@ -57,6 +58,8 @@ pub enum StartError {
     Bind(SocketAddr, std::io::Error),
     #[error("cannot start: {0}")]
     Io(std::io::Error),
+    #[error("{0}")]
+    Tls(#[from] tls::TlsError),
     #[error("reload cannot change listeners or the admin address (restart instead): {0}")]
     ListenersChanged(String),
 }
@@ -82,7 +85,7 @@ impl Shared {
         if addrs(&config) != addrs(&old.config) {
             return Err(StartError::ListenersChanged(format!("{:?} -> {:?}", addrs(&old.config), addrs(&config))));
         }
-        self.snapshot.store(Arc::new(Snapshot::build(config, Some(&old))));
+        self.snapshot.store(Arc::new(Snapshot::build(config, Some(&old))?));
         tracing::info!("config reloaded");
         Ok(())
     }
@@ -109,6 +112,7 @@ impl Proxy {
     /// Loads the config, binds every listener and starts the threads.
     pub fn start(source: ConfigSource, opts: Options) -> Result<Proxy, StartError> {
         let config = source.load()?;
+        let snapshot = Snapshot::build(config.clone(), None)?;
         let access_log = if config.access_log.enabled {
             Some(AccessLog::open(config.access_log.path.as_deref()).map_err(StartError::Io)?)
         } else {
@@ -142,7 +146,7 @@ impl Proxy {
         let admin_addr = admin_socket.as_ref().map(|s| s.local_addr()).transpose().map_err(StartError::Io)?;
 
         let shared = Arc::new(Shared {
-            snapshot: ArcSwap::from_pointee(Snapshot::build(config, None)),
+            snapshot: ArcSwap::from_pointee(snapshot),
             access_log,
             unrouted: Stats::default(),
             source,

@@ -56,6 +56,25 @@ pub async fn run_worker(shared: Arc<Shared>, bound: Vec<Bound>, mut shutdown: wa
     }
 }
 
+/// hyper's server settings for one client connection, from the listener's config.
+fn client_builder(cfg: &nonstop_config::Listener) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut h1 = builder.http1();
+    h1.timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_read_timeout)
+        .max_buf_size(cfg.header_bytes_max.max(8192));
+    // hyper parses into a stack array of its default size; any other limit costs a heap array per request.
+    if cfg.header_count_max != HYPER_DEFAULT_MAX_HEADERS {
+        h1.max_headers(cfg.header_count_max);
+    }
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(cfg.header_bytes_max.min(u32::MAX as usize) as u32)
+        .keep_alive_interval(None);
+    builder
+}
+
 async fn accept_loop(shared: Arc<Shared>, b: Bound, mut shutdown: watch::Receiver<bool>, drain: Duration) {
     let listener = match tokio::net::TcpListener::from_std(b.socket) {
         Ok(l) => l,
@@ -85,41 +104,45 @@ async fn accept_loop(shared: Arc<Shared>, b: Bound, mut shutdown: watch::Receive
         let _ = stream.set_nodelay(true);
         let snap = shared.snapshot.load();
         let Some(cfg) = snap.config.listeners.get(b.index) else { continue };
-        let last_word = duplicate(&stream);
-        let head_pending = Arc::new(AtomicBool::new(false));
-        let io = TrackedIo { stream, head_pending: head_pending.clone() };
-        let ctx = Arc::new(ConnCtx {
-            shared: shared.clone(),
-            listener: cfg.name.clone(),
-            peer,
-            tls: false,
-            head_pending: head_pending.clone(),
-        });
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        let mut h1 = builder.http1();
-        h1.timer(TokioTimer::new())
-            .header_read_timeout(cfg.header_read_timeout)
-            .max_buf_size(cfg.header_bytes_max.max(8192));
-        // hyper parses into a stack array of its default size; any other limit costs a heap array per request.
-        if cfg.header_count_max != HYPER_DEFAULT_MAX_HEADERS {
-            h1.max_headers(cfg.header_count_max);
-        }
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .max_header_list_size(cfg.header_bytes_max.min(u32::MAX as usize) as u32)
-            .keep_alive_interval(None);
+        let builder = client_builder(cfg);
+        let head_timeout = cfg.header_read_timeout;
+        let listener_name = cfg.name.clone();
+        let tls = snap.tls.get(b.index).cloned().flatten();
         drop(snap);
-        let service = service_fn(move |req| handle(ctx.clone(), req));
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
-        let conn = graceful.watch(conn);
+        let shared = shared.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) = conn.await {
-                // hyper closes a connection whose head did not arrive in time without a word; say why.
-                let timed_out = e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout);
-                if let (true, true, Some(fd)) = (timed_out, head_pending.load(Ordering::Relaxed), &last_word) {
-                    write_last(fd, REQUEST_TIMEOUT_RESPONSE);
+            let head_pending = Arc::new(AtomicBool::new(false));
+            let ctx = Arc::new(ConnCtx {
+                shared,
+                listener: listener_name,
+                peer,
+                tls: tls.is_some(),
+                head_pending: head_pending.clone(),
+            });
+            let service = service_fn(move |req| handle(ctx.clone(), req));
+            match tls {
+                None => {
+                    let last_word = duplicate(&stream);
+                    let io = TrackedIo { stream, head_pending: head_pending.clone() };
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+                    if let Err(e) = watcher.watch(conn.into_owned()).await {
+                        // hyper closes a connection whose head did not arrive in time without a word; say why.
+                        let timed_out = e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout);
+                        if let (true, true, Some(fd)) = (timed_out, head_pending.load(Ordering::Relaxed), &last_word) {
+                            write_last(fd, REQUEST_TIMEOUT_RESPONSE);
+                        }
+                    }
+                }
+                Some(acceptor) => {
+                    // The handshake counts against the head timeout; a TLS client that stalls is simply closed.
+                    let Ok(Ok(stream)) = tokio::time::timeout(head_timeout, acceptor.accept(stream)).await else {
+                        return;
+                    };
+                    let io = TrackedIo { stream, head_pending };
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+                    let _ = watcher.watch(conn.into_owned()).await;
                 }
             }
         });

@@ -17,6 +17,8 @@ pub struct Snapshot {
     pub config: Config,
     routes: Vec<RouteEntry>,
     pub services: HashMap<String, Arc<ServiceState>>,
+    /// The TLS acceptor of each listener (by index), if it serves TLS.
+    pub tls: Vec<Option<tokio_rustls::TlsAcceptor>>,
 }
 
 pub struct RouteEntry {
@@ -163,8 +165,14 @@ impl ServiceState {
 }
 
 impl Snapshot {
-    /// Builds the snapshot for `config`, keeping the live servers of `old` where addresses stay.
-    pub fn build(config: Config, old: Option<&Snapshot>) -> Snapshot {
+    /// Builds the snapshot for `config`, keeping the live servers of `old` where addresses stay. Fails only when a
+    /// listener's certificate or key cannot be loaded.
+    pub fn build(config: Config, old: Option<&Snapshot>) -> Result<Snapshot, crate::tls::TlsError> {
+        let tls = config
+            .listeners
+            .iter()
+            .map(|l| l.tls.as_ref().map(crate::tls::acceptor).transpose())
+            .collect::<Result<Vec<_>, _>>()?;
         let services: HashMap<String, Arc<ServiceState>> = config
             .services
             .values()
@@ -192,7 +200,7 @@ impl Snapshot {
                 svc.servers().iter().filter(|s| gone(s.addr)).for_each(|s| s.close_idle());
             }
         }
-        Snapshot { config, routes, services }
+        Ok(Snapshot { config, routes, services, tls })
     }
 
     /// Finds the route for a request. `host` is lower-case and without port.
@@ -225,7 +233,7 @@ mod tests {
              [services.a]\nservers = [{{ addr = \"127.0.0.1:2\" }}]\n\
              [services.b]\nservers = [{{ addr = \"127.0.0.1:3\" }}]\n"
         );
-        Snapshot::build(Config::parse(&text).unwrap(), None)
+        Snapshot::build(Config::parse(&text).unwrap(), None).unwrap()
     }
 
     fn service_of(s: &Snapshot, host: Option<&str>, path: &str, m: Method) -> Option<String> {
@@ -255,7 +263,7 @@ mod tests {
         let old = snapshot("");
         let a = old.services["a"].servers()[0].clone();
         a.set_draining(true);
-        let new = Snapshot::build(old.config.clone(), Some(&old));
+        let new = Snapshot::build(old.config.clone(), Some(&old)).unwrap();
         assert!(Arc::ptr_eq(&a, &new.services["a"].servers()[0]));
         assert!(new.services["a"].servers()[0].draining());
     }

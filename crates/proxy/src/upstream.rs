@@ -48,7 +48,8 @@ pub struct Server {
     draining: AtomicBool,
     ewma: Mutex<PeakEwma>,
     pool: Mutex<Vec<Idle>>,
-    h2: Mutex<Option<http2::SendRequest<ReqBody>>>,
+    /// The shared HTTP/2 connection; the async lock makes concurrent first requests wait for one connect.
+    h2: tokio::sync::Mutex<Option<http2::SendRequest<ReqBody>>>,
     pub connects: AtomicU64,
     pub stats: Stats,
 }
@@ -65,7 +66,7 @@ impl Server {
             draining: AtomicBool::new(false),
             ewma: Mutex::new(PeakEwma::new(Instant::now(), INITIAL_LATENCY)),
             pool: Mutex::new(Vec::new()),
-            h2: Mutex::new(None),
+            h2: tokio::sync::Mutex::new(None),
             connects: AtomicU64::new(0),
             stats: Stats::default(),
         })
@@ -143,7 +144,7 @@ impl Server {
                         // REFUSED_STREAM (and GOAWAY past this stream) mean the server did not process it.
                         let refused = !sent || h2_refused(&source);
                         if source.is_closed() || refused {
-                            *self.h2.lock().expect("h2 lock") = None;
+                            *self.h2.lock().await = None;
                         }
                         Err(ProxyError::Upstream { addr, sent: !refused, source })
                     }
@@ -155,14 +156,17 @@ impl Server {
 
     async fn checkout(&self, settings: &ConnSettings) -> Result<(Sender, bool), ProxyError> {
         if settings.h2 {
-            let existing = self.h2.lock().expect("h2 lock").clone();
-            if let Some(mut s) = existing {
-                if s.ready().await.is_ok() {
+            let mut shared = self.h2.lock().await;
+            if let Some(s) = shared.as_ref() {
+                if !s.is_closed() {
+                    let mut s = s.clone();
+                    drop(shared);
+                    s.ready().await.map_err(|source| ProxyError::Handshake { addr: self.addr, source })?;
                     return Ok((Sender::H2(s), true));
                 }
             }
             let s = self.connect_h2(settings).await?;
-            *self.h2.lock().expect("h2 lock") = Some(s.clone());
+            *shared = Some(s.clone());
             return Ok((Sender::H2(s), false));
         }
         loop {
@@ -232,7 +236,9 @@ impl Server {
     /// Closes every idle connection (on removal from the pool, or on shutdown).
     pub fn close_idle(&self) {
         self.pool.lock().expect("pool lock").clear();
-        *self.h2.lock().expect("h2 lock") = None;
+        if let Ok(mut h2) = self.h2.try_lock() {
+            *h2 = None;
+        }
     }
 }
 
