@@ -25,6 +25,10 @@ enum Command {
     /// Run the reverse proxy and load balancer, from a config file or in quick mode (--listen ... --to ...).
     /// SIGHUP reloads the config; SIGTERM drains and exits.
     Serve(ServeArgs),
+    /// Generate HTTP load and account for every request: closed model (--connections, as fast as possible) or
+    /// open model (--rate or --stages, latency measured from the scheduled time). Exit status: 0 when every
+    /// --threshold holds, 1 when one fails, 2 for bad arguments.
+    Load(LoadArgs),
     /// Validate a config file and print every error with its line.
     Check {
         /// The TOML config file.
@@ -59,6 +63,52 @@ struct ServeArgs {
     /// On SIGTERM, how long in-flight requests may take to finish.
     #[arg(long, default_value_t = 30_000)]
     drain_timeout_ms: u64,
+}
+
+#[derive(Args)]
+struct LoadArgs {
+    /// The URL to load, such as http://127.0.0.1:8080/ (plain HTTP).
+    url: String,
+    /// Closed model: this many connections, each sending back to back. In the open model: the most connections
+    /// open at once [default: 64 closed, 512 open].
+    #[arg(long, short = 'c')]
+    connections: Option<usize>,
+    /// Open model: a constant arrival rate, requests per second.
+    #[arg(long, conflicts_with = "stages")]
+    rate: Option<f64>,
+    /// Open model: stages such as "10s:100,30s:1000,10s:0" (the rate ramps linearly to each stage's value).
+    #[arg(long)]
+    stages: Option<String>,
+    /// How long to run (closed model, or with --rate).
+    #[arg(long, short = 'd', default_value = "10s")]
+    duration: String,
+    /// Worker threads [default: the number of cores].
+    #[arg(long, short = 't')]
+    threads: Option<usize>,
+    /// A request with no complete response within this time counts as a timeout.
+    #[arg(long, default_value = "10s")]
+    timeout: String,
+    /// HTTP method.
+    #[arg(long, short = 'X', default_value = "GET")]
+    method: String,
+    /// A request header, "Name: value" (repeatable). Values may use {{seq}}, {{uuid}}, {{random_int}}.
+    #[arg(long, short = 'H')]
+    header: Vec<String>,
+    /// The request body; may use {{seq}}, {{uuid}}, {{random_int}}.
+    #[arg(long)]
+    body: Option<String>,
+    /// Open a new connection for every request instead of keeping connections alive.
+    #[arg(long)]
+    no_keepalive: bool,
+    /// Count the values of this response header, overall and per second (e.g. X-Nonstop-Version).
+    #[arg(long)]
+    track_header: Option<String>,
+    /// A pass/fail condition such as "p99<50ms", "failed==0", "rate>=990" (repeatable).
+    #[arg(long)]
+    threshold: Vec<String>,
+    /// Write the full result, with the per-second timeline, as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -135,6 +185,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::App(args) => run_app(args),
         Command::Serve(args) => run_serve(args),
+        Command::Load(args) => return run_load(args),
         Command::Check { config } => return check(&config),
         Command::ConfigReference => {
             print!("{}", nonstop_config::schema::reference_markdown());
@@ -173,6 +224,136 @@ fn run_app(args: AppArgs) -> anyhow::Result<()> {
         app.serve(terminate()).await;
         Ok(())
     })
+}
+
+/// Builds the run from the flags; every problem is reported, and means exit status 2.
+fn load_config(
+    a: &LoadArgs,
+) -> Result<(nonstop_load::RunConfig, Vec<nonstop_load::Threshold>, nonstop_load::report::RunInfo), Vec<String>> {
+    let mut errors = Vec::new();
+    let dur = |flag: &str, raw: &str, errors: &mut Vec<String>| {
+        nonstop_load::parse_duration(raw).or_else(|| {
+            errors.push(format!("--{flag} {raw:?}: expected a duration such as 500ms, 10s or 2m"));
+            None
+        })
+    };
+    let duration = dur("duration", &a.duration, &mut errors);
+    let timeout = dur("timeout", &a.timeout, &mut errors);
+    let uri: Option<http::Uri> = a.url.parse().map_err(|e| errors.push(format!("URL {:?}: {e}", a.url))).ok();
+    let target = uri.as_ref().and_then(|u| {
+        if u.scheme_str() != Some("http") {
+            errors.push(format!("URL {:?}: only http:// targets are supported", a.url));
+            return None;
+        }
+        let authority = u.authority()?.to_string();
+        let port = u.port_u16().unwrap_or(80);
+        let host = u.host()?.trim_start_matches('[').trim_end_matches(']');
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host, port)).ok().and_then(|mut it| it.next());
+        if addr.is_none() {
+            errors.push(format!("URL {:?}: cannot resolve {host}", a.url));
+        }
+        Some((addr?, authority, u.path_and_query().map_or("/".to_string(), |p| p.to_string())))
+    });
+    let method: Option<http::Method> =
+        a.method.parse().map_err(|_| errors.push(format!("--method {:?} is not an HTTP method", a.method))).ok();
+    let mut headers = Vec::new();
+    for h in &a.header {
+        match h.split_once(':').map(|(k, v)| (http::HeaderName::from_bytes(k.trim().as_bytes()), v.trim())) {
+            Some((Ok(name), value)) => headers.push((name, value.to_string())),
+            _ => errors.push(format!("--header {h:?}: expected \"Name: value\"")),
+        }
+    }
+    let track_header = a.track_header.as_ref().and_then(|h| {
+        http::HeaderName::from_bytes(h.as_bytes())
+            .map_err(|_| errors.push(format!("--track-header {h:?} is not a header name")))
+            .ok()
+    });
+    let thresholds: Vec<_> = a
+        .threshold
+        .iter()
+        .filter_map(|t| nonstop_load::Threshold::parse(t).map_err(|e| errors.push(e.to_string())).ok())
+        .collect();
+    let stages = a
+        .stages
+        .as_ref()
+        .and_then(|s| nonstop_load::parse_stages(s).map_err(|e| errors.push(format!("--stages: {e}"))).ok());
+    if a.connections == Some(0) {
+        errors.push("--connections must be at least 1".into());
+    }
+    if a.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        errors.push("--rate must be a positive number of requests per second".into());
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let (duration, timeout, (addr, authority, path)) =
+        (duration.expect("checked"), timeout.expect("checked"), target.expect("checked"));
+    let (model, info) = match (a.rate, stages) {
+        (Some(rate), _) => (
+            nonstop_load::Model::Open {
+                schedule: nonstop_load::Schedule::constant(rate, duration),
+                connections: a.connections.unwrap_or(512),
+            },
+            nonstop_load::report::RunInfo {
+                model: "open",
+                target_rate: Some(rate),
+                duration_s: duration.as_secs_f64(),
+            },
+        ),
+        (None, Some(stages)) => {
+            let schedule = nonstop_load::Schedule::stages(&stages);
+            let secs = schedule.duration().as_secs_f64();
+            let mean = schedule.total() as f64 / secs.max(1e-9);
+            (
+                nonstop_load::Model::Open { schedule, connections: a.connections.unwrap_or(512) },
+                nonstop_load::report::RunInfo { model: "open", target_rate: Some(mean), duration_s: secs },
+            )
+        }
+        (None, None) => (
+            nonstop_load::Model::Closed { connections: a.connections.unwrap_or(64), duration },
+            nonstop_load::report::RunInfo { model: "closed", target_rate: None, duration_s: duration.as_secs_f64() },
+        ),
+    };
+    let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let target =
+        nonstop_load::Target { addr, authority, path, method: method.expect("checked"), headers, body: a.body.clone() };
+    Ok((
+        nonstop_load::RunConfig { target, model, threads, timeout, keep_alive: !a.no_keepalive, track_header },
+        thresholds,
+        info,
+    ))
+}
+
+fn run_load(args: LoadArgs) -> ExitCode {
+    let (cfg, thresholds, info) = match load_config(&args) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("nonstop load: invalid arguments:\n  {}", errors.join("\n  "));
+            return ExitCode::from(2);
+        }
+    };
+    let summary = nonstop_load::run(cfg);
+    print!("{}", nonstop_load::report::text(&summary, &info));
+    let rate = nonstop_load::report::achieved_rate(&summary, &info);
+    let mut failed = false;
+    for t in &thresholds {
+        let measured = t.measure(&summary, rate);
+        let holds = t.holds(measured);
+        failed |= !holds;
+        println!("threshold {}: {} (measured {measured:.2})", t.text(), if holds { "ok" } else { "FAILED" });
+    }
+    if let Some(path) = &args.json {
+        let doc = nonstop_load::report::json(&summary, &info);
+        if let Err(e) = std::fs::write(path, serde_json::to_string_pretty(&doc).expect("JSON")) {
+            eprintln!("nonstop load: cannot write {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    }
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn check(path: &std::path::Path) -> ExitCode {

@@ -1,0 +1,116 @@
+//! Pass/fail thresholds on a run's summary, such as `p99<50ms`, `failed==0` or `rate>=990`.
+
+use crate::ledger::Summary;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Eq,
+}
+
+/// One parsed threshold.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Threshold {
+    raw: String,
+    metric: String,
+    op: Op,
+    value: f64,
+}
+
+const METRICS: &str = "p50, p90, p99, p999, max (ms), failed, ok, not_sent, errors (connect+reset+timeout), \
+                       error_rate (% failed), rate (achieved requests/s), max_success_gap (ms)";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("threshold {0:?}: {1}")]
+pub struct ThresholdError(String, String);
+
+impl Threshold {
+    pub fn parse(raw: &str) -> Result<Threshold, ThresholdError> {
+        let bad = |why: &str| ThresholdError(raw.to_string(), why.to_string());
+        let ops = [("<=", Op::Le), (">=", Op::Ge), ("==", Op::Eq), ("<", Op::Lt), (">", Op::Gt)];
+        let (at, sym, op) = ops
+            .iter()
+            .filter_map(|(sym, op)| raw.find(sym).map(|at| (at, *sym, *op)))
+            .min_by_key(|(at, sym, _)| (*at, std::cmp::Reverse(sym.len())))
+            .ok_or_else(|| bad("expected METRIC<VALUE (or <=, >, >=, ==)"))?;
+        let metric = raw[..at].trim().to_ascii_lowercase();
+        let value_raw = raw[at + sym.len()..].trim();
+        let number = value_raw.trim_end_matches("ms").trim_end_matches('%').trim();
+        let value: f64 = number.parse().map_err(|_| bad("the value is not a number"))?;
+        let known = [
+            "p50",
+            "p90",
+            "p99",
+            "p999",
+            "max",
+            "failed",
+            "ok",
+            "not_sent",
+            "errors",
+            "error_rate",
+            "rate",
+            "max_success_gap",
+        ];
+        if !known.contains(&metric.as_str()) {
+            return Err(bad(&format!("unknown metric {metric:?}; known: {METRICS}")));
+        }
+        Ok(Threshold { raw: raw.to_string(), metric, op, value })
+    }
+
+    /// The measured value of this threshold's metric.
+    pub fn measure(&self, s: &Summary, achieved_rate: f64) -> f64 {
+        let c = &s.counts;
+        match self.metric.as_str() {
+            "p50" => s.corrected_ms[0],
+            "p90" => s.corrected_ms[1],
+            "p99" => s.corrected_ms[2],
+            "p999" => s.corrected_ms[3],
+            "max" => s.corrected_max_ms,
+            "failed" => c.failed() as f64,
+            "ok" => c.ok as f64,
+            "not_sent" => c.not_sent as f64,
+            "errors" => (c.connect + c.reset + c.timeout) as f64,
+            "error_rate" => 100.0 * c.failed() as f64 / (c.total().max(1)) as f64,
+            "rate" => achieved_rate,
+            "max_success_gap" => s.max_success_gap_ms as f64,
+            _ => f64::NAN,
+        }
+    }
+
+    pub fn holds(&self, measured: f64) -> bool {
+        match self.op {
+            Op::Lt => measured < self.value,
+            Op::Le => measured <= self.value,
+            Op::Gt => measured > self.value,
+            Op::Ge => measured >= self.value,
+            Op::Eq => (measured - self.value).abs() < 1e-9,
+        }
+    }
+
+    pub fn text(&self) -> &str {
+        &self.raw
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_judges() {
+        let t = Threshold::parse("p99<50ms").unwrap();
+        assert!(t.holds(49.9) && !t.holds(50.0));
+        let t = Threshold::parse("failed==0").unwrap();
+        assert!(t.holds(0.0) && !t.holds(1.0));
+        let t = Threshold::parse("rate >= 990").unwrap();
+        assert!(t.holds(990.0) && !t.holds(989.0));
+        let t = Threshold::parse("error_rate<=1%").unwrap();
+        assert!(t.holds(1.0));
+        assert!(Threshold::parse("p98<1").is_err());
+        assert!(Threshold::parse("p99 50").is_err());
+        assert!(Threshold::parse("p99<fast").is_err());
+    }
+}

@@ -1,0 +1,147 @@
+//! Integration tests of `nonstop load` against real `nonstop app` processes on loopback.
+
+use std::path::Path;
+use std::process::Command;
+
+use nonstop_testkit::{Proc, TempDir};
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_nonstop"))
+}
+
+fn app(dir: &TempDir, extra: &[&str]) -> Proc {
+    let db = format!("sqlite://{}", dir.path().join("a.db").display());
+    let mut args = vec!["app", "--listen", "127.0.0.1:0", "--db", &db];
+    args.extend_from_slice(extra);
+    Proc::start(bin(), &args)
+}
+
+/// Runs `nonstop load` with `args` plus `--json`, returning the exit code, stdout and the JSON document.
+fn load(dir: &TempDir, args: &[&str]) -> (i32, String, serde_json::Value) {
+    let json = dir.path().join(format!("run-{}.json", args.len()));
+    let out = Command::new(bin())
+        .arg("load")
+        .args(args)
+        .arg("--json")
+        .arg(&json)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run nonstop load");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let doc = std::fs::read_to_string(&json).map(|t| serde_json::from_str(&t).expect("valid JSON")).unwrap_or_default();
+    (out.status.code().unwrap_or(-1), stdout, doc)
+}
+
+fn n(v: &serde_json::Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
+}
+
+/// Every scheduled request is in exactly one bucket, overall and in the timeline.
+fn assert_exact_accounting(doc: &serde_json::Value) {
+    let r = &doc["requests"];
+    let statuses: u64 = doc["status"].as_object().unwrap().values().map(n).sum();
+    let errors = n(&doc["errors"]["connect"]) + n(&doc["errors"]["reset"]) + n(&doc["errors"]["timeout"]);
+    assert_eq!(statuses + errors + n(&r["not_sent"]), n(&r["scheduled"]), "{doc}");
+    assert_eq!(n(&r["ok"]) + n(&r["failed"]), n(&r["scheduled"]), "{doc}");
+    let timeline: u64 = doc["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            ["ok", "http_4xx", "http_5xx", "connect", "reset", "timeout", "not_sent"]
+                .iter()
+                .map(|k| n(&t[*k]))
+                .sum::<u64>()
+        })
+        .sum();
+    assert_eq!(timeline, n(&r["scheduled"]), "the per-second timeline must account for every request");
+}
+
+#[test]
+fn open_model_schedules_exactly_and_tracks_a_header() {
+    let dir = TempDir::new("load-open");
+    let a = app(&dir, &["--version", "v7"]);
+    let url = a.url("/");
+    let (code, stdout, doc) = load(
+        &dir,
+        &[&url, "--rate", "200", "--duration", "3s", "--track-header", "X-Nonstop-Version", "--threads", "2"],
+    );
+    assert_eq!(code, 0, "{stdout}");
+    assert_eq!(n(&doc["requests"]["scheduled"]), 600, "3 s at 200/s is exactly 600 requests");
+    assert_eq!(n(&doc["requests"]["ok"]), 600, "{stdout}");
+    assert_exact_accounting(&doc);
+    assert_eq!(n(&doc["headers"]["v7"]), 600);
+    assert_eq!(doc["valid"], true);
+    let achieved = doc["rate"]["achieved"].as_f64().unwrap();
+    assert!((achieved - 200.0).abs() < 2.0, "achieved {achieved}");
+    assert!(doc["timeline"].as_array().unwrap().len() >= 3);
+}
+
+#[test]
+fn corrected_p99_shows_a_stall_that_the_uncorrected_one_hides() {
+    let dir = TempDir::new("load-co");
+    // All workers stall for 1 s every 5 s (at 5 s and 10 s after start).
+    let a = app(&dir, &["--stall-every-ms", "5000", "--stall-ms", "1000"]);
+    let url = a.url("/");
+    // One connection: while it waits out a stall, the requests due meanwhile queue behind it, as in wrk. Measured
+    // from their send, they look fast; measured from their schedule, they waited for the stall.
+    let (code, stdout, doc) =
+        load(&dir, &[&url, "--rate", "100", "--duration", "12s", "--connections", "1", "--threads", "1"]);
+    assert_eq!(code, 0, "{stdout}");
+    assert_exact_accounting(&doc);
+    assert_eq!(n(&doc["requests"]["scheduled"]), 1200);
+    let corrected = doc["latency_ms"]["p99"].as_f64().unwrap();
+    let uncorrected = doc["latency_uncorrected_ms"]["p99"].as_f64().unwrap();
+    assert!(corrected > 500.0, "corrected p99 {corrected} ms must show the 1 s stalls; {stdout}");
+    assert!(uncorrected < 100.0, "uncorrected p99 {uncorrected} ms should hide them; {stdout}");
+    assert!(n(&doc["max_success_gap_ms"]) >= 500, "{stdout}");
+}
+
+#[test]
+fn closed_model_accounts_for_every_request() {
+    let dir = TempDir::new("load-closed");
+    let a = app(&dir, &[]);
+    let url = a.url("/");
+    let (code, stdout, doc) = load(&dir, &[&url, "--connections", "4", "--duration", "2s", "--threads", "2"]);
+    assert_eq!(code, 0, "{stdout}");
+    assert_exact_accounting(&doc);
+    assert!(n(&doc["requests"]["ok"]) > 100, "{stdout}");
+    assert_eq!(n(&doc["requests"]["not_sent"]), 0);
+    assert_eq!(doc["model"], "closed");
+}
+
+#[test]
+fn thresholds_set_the_exit_status() {
+    let dir = TempDir::new("load-thresholds");
+    let a = app(&dir, &["--fail-rate", "0.5"]);
+    let url = a.url("/orders/count");
+    let (code, stdout, doc) = load(&dir, &[&url, "--rate", "100", "--duration", "1s", "--threshold", "ok>=1"]);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.contains("threshold ok>=1: ok"), "{stdout}");
+    assert_exact_accounting(&doc);
+    let (code, stdout, _) = load(&dir, &[&url, "--rate", "100", "--duration", "1s", "--threshold", "failed==0"]);
+    assert_eq!(code, 1, "half the requests fail, so failed==0 must fail: {stdout}");
+    assert!(stdout.contains("threshold failed==0: FAILED"), "{stdout}");
+
+    // Nothing listens: every request is a connect error, and they are all counted.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let (code, _, doc) =
+        load(&dir, &[&format!("http://{dead}/"), "--rate", "50", "--duration", "1s", "--threshold", "errors==0"]);
+    assert_eq!(code, 1);
+    assert_eq!(n(&doc["errors"]["connect"]), 50);
+    assert_exact_accounting(&doc);
+
+    // Bad arguments: exit 2, every problem named at once.
+    let out = Command::new(bin())
+        .args(["load", "ftp://x/", "--rate=-1", "--duration", "soon", "--threshold", "p98<1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in ["--duration \"soon\"", "only http://", "unknown metric \"p98\"", "--rate must be"] {
+        assert!(err.contains(needle), "missing {needle:?} in {err}");
+    }
+}
