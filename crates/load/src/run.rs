@@ -4,16 +4,14 @@
 //! Closed model: each connection sends its next request as soon as the previous one ends, like wrk.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Method, Request};
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use http::{HeaderName, Method};
 use tokio::sync::Semaphore;
+
+use crate::h1::{request_bytes, H1Conn};
 
 use crate::ledger::{Ledger, Outcome, Summary};
 use crate::schedule::Schedule;
@@ -72,12 +70,30 @@ pub fn render(template: &str, seq: u64, rng: &mut fastrand::Rng) -> String {
     out
 }
 
+/// Watchdog resolution: a request past its timeout ends at most this much later.
+pub const TIMEOUT_TICK: Duration = Duration::from_millis(20);
+
+/// What the timeout watchdog knows of one connection: when its current request started (0: none in flight, else
+/// nanoseconds since the run's start + 1), its socket, and whether the watchdog cut it.
+#[derive(Default)]
+struct Watch {
+    started_ns: AtomicU64,
+    fd: AtomicI32,
+    fired: AtomicBool,
+}
+
 struct Worker {
     index: usize,
     cfg: Arc<RunConfig>,
     start: Instant,
     ledger: Arc<Mutex<Ledger>>,
-    idle: Mutex<Vec<http1::SendRequest<Full<Bytes>>>>,
+    /// Idle connections of the open model.
+    idle: Mutex<Vec<H1Conn>>,
+    /// The request's bytes when no header or body template varies them.
+    fixed: Option<Vec<u8>>,
+    /// One entry per request in flight or connection loop; the watchdog cuts requests past the timeout, so that
+    /// no timer is armed per request.
+    watches: Mutex<Vec<Arc<Watch>>>,
 }
 
 /// Runs the load and returns the merged summary.
@@ -96,8 +112,19 @@ pub fn run(cfg: RunConfig) -> Summary {
                 .name(format!("load-{index}"))
                 .spawn(move || {
                     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                    let t = &cfg.target;
+                    let templated = t.headers.iter().any(|(_, v)| v.contains("{{"))
+                        || t.body.as_deref().is_some_and(|b| b.contains("{{"));
+                    let fixed = (!templated).then(|| {
+                        let headers: Vec<(String, String)> =
+                            t.headers.iter().map(|(k, v)| (k.as_str().to_string(), v.clone())).collect();
+                        let body = t.body.as_deref().unwrap_or_default().as_bytes();
+                        request_bytes(t.method.as_str(), &t.path, &t.authority, &headers, body, !cfg.keep_alive)
+                    });
                     let worker = Arc::new(Worker {
                         index,
+                        fixed,
+                        watches: Mutex::new(Vec::new()),
                         ledger: Arc::new(Mutex::new(Ledger::new(span + cfg.timeout * 2 + Duration::from_secs(2)))),
                         cfg,
                         start,
@@ -130,6 +157,27 @@ async fn drive(w: Arc<Worker>, threads: usize) {
             }
         })
     };
+    let watchdog = {
+        let w = w.clone();
+        tokio::spawn(async move {
+            let limit = w.cfg.timeout.as_nanos() as u64;
+            loop {
+                tokio::time::sleep(TIMEOUT_TICK).await;
+                let now = w.start.elapsed().as_nanos() as u64 + 1;
+                let mut watches = w.watches.lock().expect("watches lock");
+                watches.retain(|watch| Arc::strong_count(watch) > 1);
+                for watch in watches.iter() {
+                    let started = watch.started_ns.load(Relaxed);
+                    if started != 0 && now.saturating_sub(started) > limit && !watch.fired.swap(true, Relaxed) {
+                        // SAFETY: shutdown(2) on the connection's socket; at worst the descriptor was just closed.
+                        unsafe {
+                            libc::shutdown(watch.fd.load(Relaxed), libc::SHUT_RDWR);
+                        }
+                    }
+                }
+            }
+        })
+    };
     match w.cfg.model.clone() {
         Model::Closed { connections, duration } => {
             let mine = connections / threads + usize::from(w.index < connections % threads);
@@ -140,9 +188,11 @@ async fn drive(w: Arc<Worker>, threads: usize) {
                     tokio::spawn(async move {
                         let mut rng = fastrand::Rng::with_seed((w.index as u64) << 32 | c as u64);
                         let mut seq = (w.index as u64) << 40 | (c as u64) << 32;
+                        let mut conn = None;
+                        let watch = w.watch();
                         while Instant::now() < end {
                             let due = w.start.elapsed();
-                            w.request(due, seq, &mut rng).await;
+                            w.request(due, seq, &mut rng, &mut conn, &watch).await;
                             seq += 1;
                         }
                     })
@@ -175,7 +225,12 @@ async fn drive(w: Arc<Worker>, threads: usize) {
                 let mut task_rng = fastrand::Rng::with_seed(rng.u64(..));
                 tokio::spawn(async move {
                     let _permit = permit;
-                    w2.request(due, n, &mut task_rng).await;
+                    let mut conn = w2.idle.lock().expect("idle lock").pop();
+                    let watch = w2.watch();
+                    w2.request(due, n, &mut task_rng, &mut conn, &watch).await;
+                    if let Some(c) = conn {
+                        w2.idle.lock().expect("idle lock").push(c);
+                    }
                 });
                 n += threads as u64;
             }
@@ -184,6 +239,15 @@ async fn drive(w: Arc<Worker>, threads: usize) {
         }
     }
     closer.abort();
+    watchdog.abort();
+}
+
+impl Worker {
+    fn watch(&self) -> Arc<Watch> {
+        let watch = Arc::new(Watch::default());
+        self.watches.lock().expect("watches lock").push(watch.clone());
+        watch
+    }
 }
 
 impl Worker {
@@ -191,62 +255,67 @@ impl Worker {
         self.ledger.lock().expect("ledger lock").record(outcome, due, done, service, header);
     }
 
-    async fn request(&self, due: Duration, seq: u64, rng: &mut fastrand::Rng) {
+    /// The bytes of request `seq`: prepared once when nothing in it varies.
+    fn bytes(&self, seq: u64, rng: &mut fastrand::Rng) -> std::borrow::Cow<'_, [u8]> {
+        if let Some(fixed) = &self.fixed {
+            return std::borrow::Cow::Borrowed(fixed);
+        }
         let t = &self.cfg.target;
-        let mut req = Request::builder().method(t.method.clone()).uri(&t.path).header(http::header::HOST, &t.authority);
-        for (name, value) in &t.headers {
-            if let Ok(v) = HeaderValue::from_str(&render(value, seq, rng)) {
-                req = req.header(name, v);
-            }
-        }
-        if !self.cfg.keep_alive {
-            req = req.header(http::header::CONNECTION, "close");
-        }
+        let headers: Vec<(String, String)> =
+            t.headers.iter().map(|(k, v)| (k.as_str().to_string(), render(v, seq, rng))).collect();
         let body = t.body.as_deref().map(|b| render(b, seq, rng)).unwrap_or_default();
-        let req = req.body(Full::new(Bytes::from(body))).expect("valid request");
-        let sent = Instant::now();
-        let result = tokio::time::timeout(self.cfg.timeout, self.exchange(req)).await;
-        let done = self.start.elapsed();
-        let service = Some(sent.elapsed());
-        match result {
-            Err(_) => self.record(Outcome::Timeout, due, done, service, None),
-            Ok(Err(outcome)) => {
-                self.record(outcome, due, done, if outcome == Outcome::Connect { None } else { service }, None)
-            }
-            Ok(Ok((status, header))) => {
-                self.record(Outcome::from_status(status), due, done, service, header.as_deref())
-            }
-        }
+        std::borrow::Cow::Owned(request_bytes(
+            t.method.as_str(),
+            &t.path,
+            &t.authority,
+            &headers,
+            body.as_bytes(),
+            !self.cfg.keep_alive,
+        ))
     }
 
-    /// One request and its whole response, over a pooled connection or a new one.
-    async fn exchange(&self, req: Request<Full<Bytes>>) -> Result<(u16, Option<String>), Outcome> {
-        let pooled = self.idle.lock().expect("idle lock").pop();
-        let mut sender = match pooled {
-            Some(s) if !s.is_closed() => s,
-            _ => {
-                let stream = TcpStream::connect(self.cfg.target.addr).await.map_err(|_| Outcome::Connect)?;
-                let _ = stream.set_nodelay(true);
-                let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(|_| Outcome::Connect)?;
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                sender
+    /// Sends request `seq` (due at `due`) over `slot`'s connection, connecting first if it has none, and records
+    /// how it ended. A connection that cannot be reused is dropped from the slot. `watch` lets the watchdog cut the
+    /// exchange at the timeout; connecting has a timer of its own.
+    async fn request(
+        &self,
+        due: Duration,
+        seq: u64,
+        rng: &mut fastrand::Rng,
+        slot: &mut Option<H1Conn>,
+        watch: &Watch,
+    ) {
+        let bytes = self.bytes(seq, rng);
+        let head_only = self.cfg.target.method == Method::HEAD;
+        let track = self.cfg.track_header.as_ref().map(|h| h.as_str());
+        let sent = Instant::now();
+        if slot.is_none() {
+            match tokio::time::timeout(self.cfg.timeout, H1Conn::connect(self.cfg.target.addr)).await {
+                Ok(Ok(c)) => *slot = Some(c),
+                Ok(Err(_)) => return self.record(Outcome::Connect, due, self.start.elapsed(), None, None),
+                Err(_) => return self.record(Outcome::Timeout, due, self.start.elapsed(), None, None),
             }
-        };
-        sender.ready().await.map_err(|_| Outcome::Reset)?;
-        let resp = sender.send_request(req).await.map_err(|_| Outcome::Reset)?;
-        let status = resp.status().as_u16();
-        let header = self
-            .cfg
-            .track_header
-            .as_ref()
-            .and_then(|h| resp.headers().get(h))
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-        resp.into_body().collect().await.map_err(|_| Outcome::Reset)?;
-        if self.cfg.keep_alive {
-            self.idle.lock().expect("idle lock").push(sender);
         }
-        Ok((status, header))
+        let conn = slot.as_mut().expect("connected above");
+        watch.fd.store(conn.raw_fd(), Relaxed);
+        watch.fired.store(false, Relaxed);
+        watch.started_ns.store(sent.duration_since(self.start).as_nanos() as u64 + 1, Relaxed);
+        let result = conn.exchange(&bytes, head_only, track).await;
+        watch.started_ns.store(0, Relaxed);
+        let now = Instant::now();
+        let (done, service) = (now.duration_since(self.start), Some(now.duration_since(sent)));
+        match result {
+            Err(_) => {
+                *slot = None;
+                let outcome = if watch.fired.load(Relaxed) { Outcome::Timeout } else { Outcome::Reset };
+                self.record(outcome, due, done, service, None);
+            }
+            Ok(answer) => {
+                if !answer.reusable || !self.cfg.keep_alive {
+                    *slot = None;
+                }
+                self.record(Outcome::from_status(answer.status), due, done, service, answer.tracked.as_deref());
+            }
+        }
     }
 }

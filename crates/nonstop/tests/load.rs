@@ -145,3 +145,21 @@ fn thresholds_set_the_exit_status() {
         assert!(err.contains(needle), "missing {needle:?} in {err}");
     }
 }
+
+#[test]
+fn a_slow_server_gives_timeouts_in_both_models() {
+    let dir = TempDir::new("load-timeout");
+    let a = app(&dir, &["--work-ms", "1500", "--workers", "64"]);
+    let url = a.url("/");
+    let (code, stdout, doc) =
+        load(&dir, &[&url, "--rate", "20", "--duration", "1s", "--timeout", "300ms", "--threshold", "errors==0"]);
+    assert_eq!(code, 1, "{stdout}");
+    assert_eq!(n(&doc["errors"]["timeout"]), 20, "{stdout}");
+    assert_exact_accounting(&doc);
+    let p99 = doc["latency_ms"]["p99"].as_f64().unwrap();
+    assert_eq!(p99, 0.0, "timeouts carry no response latency");
+    let (_, stdout, doc) = load(&dir, &[&url, "--connections", "2", "--duration", "1s", "--timeout", "300ms"]);
+    assert!(n(&doc["errors"]["timeout"]) >= 2, "{stdout}");
+    assert_eq!(n(&doc["requests"]["ok"]), 0, "{stdout}");
+    assert_exact_accounting(&doc);
+}

@@ -1,0 +1,305 @@
+//! A minimal HTTP/1.1 client connection for load generation: writes prepared request bytes, parses the response
+//! head in place with httparse, and skips the body by Content-Length, chunked framing, or connection close. One
+//! task per connection and no allocation per response beyond the tracked header's value.
+
+use std::io;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Largest response head accepted.
+pub const HEAD_BYTES_MAX: usize = 64 * 1024;
+/// Most response headers parsed.
+const HEADERS_MAX: usize = 64;
+
+/// How an exchange failed after the connection was up.
+#[derive(Debug)]
+pub enum ExchangeError {
+    /// The connection broke (reset, closed early, or a malformed response).
+    Broken(io::Error),
+}
+
+impl From<io::Error> for ExchangeError {
+    fn from(e: io::Error) -> ExchangeError {
+        ExchangeError::Broken(e)
+    }
+}
+
+fn malformed(what: &str) -> ExchangeError {
+    ExchangeError::Broken(io::Error::new(io::ErrorKind::InvalidData, what.to_string()))
+}
+
+/// The parts of a response the generator records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub status: u16,
+    pub tracked: Option<String>,
+    /// False when the server asked to close the connection (or the body ran to the close).
+    pub reusable: bool,
+}
+
+pub struct H1Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    /// Bytes of `buf` already consumed.
+    pos: usize,
+}
+
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+impl H1Conn {
+    pub async fn connect(addr: std::net::SocketAddr) -> io::Result<H1Conn> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(H1Conn { stream, buf: Vec::with_capacity(16 * 1024), pos: 0 })
+    }
+
+    /// The socket's descriptor, for the timeout watchdog.
+    pub fn raw_fd(&self) -> i32 {
+        std::os::fd::AsRawFd::as_raw_fd(&self.stream)
+    }
+
+    /// Reads more bytes into the buffer; an early EOF is an error.
+    async fn fill(&mut self) -> Result<(), ExchangeError> {
+        if self.pos > 0 && self.pos == self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+        }
+        if self.buf.capacity() - self.buf.len() < 4096 {
+            self.buf.reserve(16 * 1024);
+        }
+        let n = self.stream.read_buf(&mut self.buf).await?;
+        if n == 0 {
+            return Err(ExchangeError::Broken(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed mid-response",
+            )));
+        }
+        Ok(())
+    }
+
+    /// Sends one request (complete bytes) and reads the whole response. `head_only` is for HEAD requests.
+    pub async fn exchange(
+        &mut self,
+        request: &[u8],
+        head_only: bool,
+        track: Option<&str>,
+    ) -> Result<Answer, ExchangeError> {
+        self.stream.write_all(request).await?;
+        // Parse the head.
+        let (status, framing, tracked, mut reusable, head_len) = loop {
+            let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+            let mut resp = httparse::Response::new(&mut headers);
+            match resp.parse(&self.buf[self.pos..]) {
+                Ok(httparse::Status::Complete(len)) => {
+                    let status = resp.code.unwrap_or(0);
+                    let (mut length, mut chunked, mut close) = (None, false, resp.version == Some(0));
+                    let mut tracked = None;
+                    for h in resp.headers.iter() {
+                        if h.name.eq_ignore_ascii_case("content-length") {
+                            length = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<u64>().ok());
+                        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                            chunked = h.value.windows(7).any(|w| w.eq_ignore_ascii_case(b"chunked"));
+                        } else if h.name.eq_ignore_ascii_case("connection") {
+                            close = h.value.windows(5).any(|w| w.eq_ignore_ascii_case(b"close"));
+                        }
+                        if track.is_some_and(|t| h.name.eq_ignore_ascii_case(t)) {
+                            tracked = Some(String::from_utf8_lossy(h.value).into_owned());
+                        }
+                    }
+                    let framing = if head_only || status == 204 || status == 304 || (100..200).contains(&status) {
+                        Framing::None
+                    } else if chunked {
+                        Framing::Chunked
+                    } else if let Some(n) = length {
+                        Framing::Length(n)
+                    } else {
+                        Framing::UntilClose
+                    };
+                    break (status, framing, tracked, !close, len);
+                }
+                Ok(httparse::Status::Partial) => {
+                    if self.buf.len() - self.pos > HEAD_BYTES_MAX {
+                        return Err(malformed("response head too large"));
+                    }
+                    self.fill().await?;
+                }
+                Err(e) => return Err(malformed(&format!("bad response head: {e}"))),
+            }
+        };
+        self.pos += head_len;
+        match framing {
+            Framing::None => {}
+            Framing::Length(mut left) => loop {
+                let have = (self.buf.len() - self.pos) as u64;
+                let take = have.min(left);
+                self.pos += take as usize;
+                left -= take;
+                if left == 0 {
+                    break;
+                }
+                self.fill().await?;
+            },
+            Framing::Chunked => self.skip_chunked().await?,
+            Framing::UntilClose => {
+                reusable = false;
+                loop {
+                    self.pos = self.buf.len();
+                    match self.fill().await {
+                        Ok(()) => {}
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
+        if self.pos == self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+        }
+        Ok(Answer { status, tracked, reusable })
+    }
+
+    /// Skips a chunked body, trailers included.
+    async fn skip_chunked(&mut self) -> Result<(), ExchangeError> {
+        loop {
+            // A size line.
+            let line_end = loop {
+                if let Some(i) = self.buf[self.pos..].windows(2).position(|w| w == b"\r\n") {
+                    break self.pos + i;
+                }
+                if self.buf.len() - self.pos > 1024 {
+                    return Err(malformed("chunk size line too long"));
+                }
+                self.fill().await?;
+            };
+            let line = std::str::from_utf8(&self.buf[self.pos..line_end]).map_err(|_| malformed("bad chunk size"))?;
+            let size = u64::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
+                .map_err(|_| malformed("bad chunk size"))?;
+            self.pos = line_end + 2;
+            if size == 0 {
+                // Trailers, up to an empty line.
+                loop {
+                    let end = loop {
+                        if let Some(i) = self.buf[self.pos..].windows(2).position(|w| w == b"\r\n") {
+                            break self.pos + i;
+                        }
+                        if self.buf.len() - self.pos > HEAD_BYTES_MAX {
+                            return Err(malformed("trailers too large"));
+                        }
+                        self.fill().await?;
+                    };
+                    let empty = end == self.pos;
+                    self.pos = end + 2;
+                    if empty {
+                        return Ok(());
+                    }
+                }
+            }
+            let mut left = size + 2; // the data and its CRLF
+            loop {
+                let have = (self.buf.len() - self.pos) as u64;
+                let take = have.min(left);
+                self.pos += take as usize;
+                left -= take;
+                if left == 0 {
+                    break;
+                }
+                self.fill().await?;
+            }
+        }
+    }
+}
+
+/// Builds the bytes of one request.
+pub fn request_bytes(
+    method: &str,
+    path: &str,
+    authority: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+    close: bool,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128 + body.len());
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(authority.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (k, v) in headers {
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !body.is_empty() || !matches!(method, "GET" | "HEAD" | "DELETE" | "OPTIONS") {
+        out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    /// A one-connection server that answers each request with the next canned response.
+    async fn canned(responses: Vec<&'static [u8]>) -> std::net::SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            for r in responses {
+                let _ = s.read(&mut buf).await;
+                // Dribble the response in small pieces to exercise partial parsing.
+                for piece in r.chunks(7) {
+                    s.write_all(piece).await.unwrap();
+                    s.flush().await.unwrap();
+                }
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn parses_length_chunked_and_close_framing() {
+        let addr = canned(vec![
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-V: v2\r\n\r\nhello",
+            b"HTTP/1.1 503 Busy\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n10;x=y\r\n0123456789abcdef\r\n0\r\nT: 1\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+            b"HTTP/1.1 201 Created\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+        ])
+        .await;
+        let mut c = H1Conn::connect(addr).await.unwrap();
+        let req = request_bytes("GET", "/", "x", &[], b"", false);
+        let a = c.exchange(&req, false, Some("x-v")).await.unwrap();
+        assert_eq!(a, Answer { status: 200, tracked: Some("v2".into()), reusable: true });
+        let a = c.exchange(&req, false, None).await.unwrap();
+        assert_eq!((a.status, a.reusable), (503, true));
+        assert_eq!(c.exchange(&req, false, None).await.unwrap().status, 204);
+        let a = c.exchange(&req, false, None).await.unwrap();
+        assert_eq!((a.status, a.reusable), (201, false));
+        assert!(c.exchange(&req, false, None).await.is_err(), "the server has closed");
+    }
+
+    #[test]
+    fn builds_requests() {
+        let r = request_bytes("POST", "/orders", "h:1", &[("idempotency-key".into(), "k".into())], b"{}", true);
+        assert_eq!(
+            String::from_utf8(r).unwrap(),
+            "POST /orders HTTP/1.1\r\nhost: h:1\r\nidempotency-key: k\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}"
+        );
+    }
+}
