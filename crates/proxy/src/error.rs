@@ -33,6 +33,10 @@ pub enum ProxyError {
     /// The server failed the exchange. `sent` is false when hyper hands the request back unsent.
     #[error("server {addr} failed: {source}")]
     Upstream { addr: std::net::SocketAddr, sent: bool, source: hyper::Error },
+    /// The server failed the exchange on the proxy's own HTTP/1.1 client. `sent` is false when nothing of the
+    /// request was written.
+    #[error("server {addr} failed: {source}")]
+    UpstreamIo { addr: std::net::SocketAddr, sent: bool, source: std::io::Error },
     #[error("HTTP handshake with {addr} failed: {source}")]
     Handshake { addr: std::net::SocketAddr, source: hyper::Error },
 }
@@ -50,7 +54,7 @@ impl ProxyError {
     pub fn never_reached_server(&self) -> bool {
         match self {
             ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. } | ProxyError::Handshake { .. } => true,
-            ProxyError::Upstream { sent, .. } => !sent,
+            ProxyError::Upstream { sent, .. } | ProxyError::UpstreamIo { sent, .. } => !sent,
             _ => false,
         }
     }
@@ -62,9 +66,10 @@ impl ProxyError {
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::NoServer(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ConnectTimeout { .. } | ProxyError::ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::Connect { .. } | ProxyError::Upstream { .. } | ProxyError::Handshake { .. } => {
-                StatusCode::BAD_GATEWAY
-            }
+            ProxyError::Connect { .. }
+            | ProxyError::Upstream { .. }
+            | ProxyError::UpstreamIo { .. }
+            | ProxyError::Handshake { .. } => StatusCode::BAD_GATEWAY,
         }
     }
 }

@@ -21,7 +21,7 @@ use serde_json::json;
 use crate::balance::hash_key;
 use crate::error::ProxyError;
 use crate::state::{RouteMatch, ServiceState, Snapshot};
-use crate::upstream::{Checkin, InFlight, Server};
+use crate::upstream::{InFlight, Server, UpBody};
 use crate::Shared;
 
 pub type RespBody = Either<UpstreamBody, Full<Bytes>>;
@@ -194,14 +194,15 @@ async fn forward(
     let client_version = req.version();
     let upstream_req = rewrite_request(req, ctx, upgrade, route.body_bytes_max, host);
     let in_flight = server.begin();
-    let sent = server.send(upstream_req, &service.settings, service.config.response_timeout).await;
-    let (mut resp, checkin) = match sent {
+    let sent = server.send(upstream_req, &service.settings, service.config.response_timeout, upgrade).await;
+    let mut resp = match sent {
         Ok(ok) => ok,
         Err(e) => {
             let e = match e {
                 ProxyError::Upstream { ref source, .. } if is_length_limit(source) => {
                     ProxyError::BodyTooLarge(route.body_bytes_max)
                 }
+                ProxyError::BodyTooLarge(_) => ProxyError::BodyTooLarge(route.body_bytes_max),
                 e => e,
             };
             return Err((e, Some(service), Some(server)));
@@ -236,10 +237,7 @@ async fn forward(
     }
     parts.headers.append(header::VIA, via(parts.version));
     parts.version = client_version;
-    let body = UpstreamBody {
-        inner: body,
-        finish: Some(Finish { _in_flight: in_flight, checkin, idle_max: service.settings.idle_max }),
-    };
+    let body = UpstreamBody { inner: body, _in_flight: in_flight };
     Ok((Response::from_parts(parts, Either::Left(body)), service, server))
 }
 
@@ -318,42 +316,18 @@ fn rewrite_request(
     Request::from_parts(parts, Limited::new(body, body_bytes_max.min(usize::MAX as u64) as usize))
 }
 
-struct Finish {
-    _in_flight: InFlight,
-    checkin: Option<Checkin>,
-    idle_max: usize,
-}
-
-/// A server's response body on its way to the client. When it has been read to the end, the connection goes back
-/// to the server's pool; if the client goes away first, the connection is closed instead.
+/// A server's response body on its way to the client; the server's in-flight count lasts as long as it does.
 pub struct UpstreamBody {
-    inner: Incoming,
-    finish: Option<Finish>,
-}
-
-impl UpstreamBody {
-    fn complete(&mut self) {
-        if let Some(f) = self.finish.take() {
-            if let Some(c) = f.checkin {
-                c.give_back(f.idle_max);
-            }
-        }
-    }
+    inner: UpBody,
+    _in_flight: InFlight,
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => self.complete(),
-            Poll::Ready(Some(Err(_))) => self.finish = None,
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.complete(),
-            _ => {}
-        }
-        polled
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -362,14 +336,5 @@ impl Body for UpstreamBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-impl Drop for UpstreamBody {
-    fn drop(&mut self) {
-        // An empty body may never be polled: it was still read to the end.
-        if self.inner.is_end_stream() {
-            self.complete();
-        }
     }
 }

@@ -7,6 +7,7 @@ pub mod balance;
 pub mod error;
 pub mod ewma;
 mod forward;
+mod h1up;
 mod io;
 mod listener;
 pub mod metrics;
@@ -160,6 +161,7 @@ impl Proxy {
             let h = std::thread::Builder::new()
                 .name(format!("worker-{i}"))
                 .spawn(move || {
+                    upstream::set_worker(i);
                     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
                     rt.block_on(listener::run_worker(shared, bound, rx, drain));
                 })

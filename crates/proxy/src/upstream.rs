@@ -1,10 +1,16 @@
 //! One upstream server: its live counters, its latency estimate, and its own pool of connections built on
 //! `hyper::client::conn`, so the proxy always knows whether a request was written.
 
+use std::cell::Cell;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
 
 use http::{Request, Response};
 use http_body_util::Limited;
@@ -15,6 +21,7 @@ use tokio::net::TcpStream;
 
 use crate::error::ProxyError;
 use crate::ewma::PeakEwma;
+use crate::h1up::{self, ExchangeError, RawBody, RawConn};
 use crate::metrics::Stats;
 
 /// The body the proxy sends upstream: the client's body, streamed, with the route's size limit.
@@ -29,15 +36,70 @@ pub struct ConnSettings {
     pub h2: bool,
 }
 
-/// A sender on one connection.
+thread_local! {
+    /// The worker thread this code runs on: pooled connections are reused only on the thread whose runtime
+    /// registered their socket.
+    static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Marks the current thread as worker `index` (called once per worker thread).
+pub fn set_worker(index: usize) {
+    WORKER.with(|w| w.set(index));
+}
+
+fn worker() -> usize {
+    WORKER.with(Cell::get)
+}
+
+/// A connection to send on.
 enum Sender {
-    H1(http1::SendRequest<ReqBody>),
+    /// The proxy's own HTTP/1.1 client.
+    Raw(RawConn),
+    /// hyper's HTTP/1.1 client with a connection task, for exchanges that may be upgraded.
+    Upgradable(http1::SendRequest<ReqBody>),
     H2(http2::SendRequest<ReqBody>),
 }
 
 struct Idle {
-    sender: http1::SendRequest<ReqBody>,
+    conn: RawConn,
     since: Instant,
+    worker: usize,
+}
+
+/// A pooled connection idle longer than this is probed (one non-blocking read) before reuse, in case the server
+/// closed it meanwhile.
+const PROBE_AFTER_IDLE: Duration = Duration::from_secs(2);
+
+/// A server's response body: from the proxy's own client, or from hyper's.
+pub enum UpBody {
+    Raw(RawBody),
+    Hyper(Incoming),
+}
+
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            UpBody::Raw(b) => Pin::new(b).poll_frame(cx).map(|o| o.map(|r| r.map_err(Into::into))),
+            UpBody::Hyper(b) => Pin::new(b).poll_frame(cx).map(|o| o.map(|r| r.map_err(Into::into))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpBody::Raw(b) => b.is_end_stream(),
+            UpBody::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpBody::Raw(b) => b.size_hint(),
+            UpBody::Hyper(b) => b.size_hint(),
+        }
+    }
 }
 
 /// A server of a service, shared by every worker thread and kept across reloads while its address stays.
@@ -110,28 +172,39 @@ impl Server {
         InFlight(self.clone())
     }
 
-    /// Sends one request: over a pooled or new connection. The response body hands the connection back to the
-    /// pool when it has been read to the end.
+    /// Sends one request and waits for the response head. On the proxy's own client the response body gives the
+    /// connection back to the pool when read to the end. `upgrade` asks for a connection that can be taken over
+    /// after a 101.
     pub async fn send(
         self: &Arc<Server>,
         req: Request<ReqBody>,
         settings: &ConnSettings,
         response_timeout: Duration,
-    ) -> Result<(Response<Incoming>, Option<Checkin>), ProxyError> {
-        let (sender, reused) = self.checkout(settings).await?;
+        upgrade: bool,
+    ) -> Result<Response<UpBody>, ProxyError> {
         let addr = self.addr;
-        match sender {
-            Sender::H1(mut s) => {
+        match self.checkout(settings, upgrade).await? {
+            Sender::Raw(conn) => {
+                let (parts, body) = req.into_parts();
+                let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                let server = self.clone();
+                let idle_max = settings.idle_max;
+                let give_back = Box::new(move |conn: RawConn| server.checkin(conn, idle_max));
+                let exchange = h1up::exchange(conn, &parts.method, path, &parts.headers, body, give_back);
+                match tokio::time::timeout(response_timeout, exchange).await {
+                    Ok(Ok(resp)) => Ok(resp.map(UpBody::Raw)),
+                    Ok(Err(ExchangeError::Unsent(source))) => Err(ProxyError::UpstreamIo { addr, sent: false, source }),
+                    Ok(Err(ExchangeError::Failed(source))) => Err(ProxyError::UpstreamIo { addr, sent: true, source }),
+                    Ok(Err(ExchangeError::BodyTooLarge)) => Err(ProxyError::BodyTooLarge(0)),
+                    Err(_) => Err(ProxyError::ResponseTimeout { addr, ms: response_timeout.as_millis() }),
+                }
+            }
+            Sender::Upgradable(mut s) => {
                 let result =
                     timed(addr, response_timeout, async { s.try_send_request(req).await.map_err(unsent) }).await;
                 match result {
-                    Ok(resp) => Ok((resp, Some(Checkin { server: self.clone(), sender: s }))),
-                    Err(Ok((sent, source))) => {
-                        if reused && !sent {
-                            tracing::debug!(%addr, "pooled connection closed before the request was written");
-                        }
-                        Err(ProxyError::Upstream { addr, sent, source })
-                    }
+                    Ok(resp) => Ok(resp.map(UpBody::Hyper)),
+                    Err(Ok((sent, source))) => Err(ProxyError::Upstream { addr, sent, source }),
                     Err(Err(e)) => Err(e),
                 }
             }
@@ -139,7 +212,7 @@ impl Server {
                 let result =
                     timed(addr, response_timeout, async { s.try_send_request(req).await.map_err(unsent) }).await;
                 match result {
-                    Ok(resp) => Ok((resp, None)),
+                    Ok(resp) => Ok(resp.map(UpBody::Hyper)),
                     Err(Ok((sent, source))) => {
                         // REFUSED_STREAM (and GOAWAY past this stream) mean the server did not process it.
                         let refused = !sent || h2_refused(&source);
@@ -154,37 +227,46 @@ impl Server {
         }
     }
 
-    async fn checkout(&self, settings: &ConnSettings) -> Result<(Sender, bool), ProxyError> {
-        if settings.h2 {
+    async fn checkout(&self, settings: &ConnSettings, upgrade: bool) -> Result<Sender, ProxyError> {
+        if settings.h2 && !upgrade {
             let mut shared = self.h2.lock().await;
             if let Some(s) = shared.as_ref() {
                 if !s.is_closed() {
                     let mut s = s.clone();
                     drop(shared);
                     s.ready().await.map_err(|source| ProxyError::Handshake { addr: self.addr, source })?;
-                    return Ok((Sender::H2(s), true));
+                    return Ok(Sender::H2(s));
                 }
             }
             let s = self.connect_h2(settings).await?;
             *shared = Some(s.clone());
-            return Ok((Sender::H2(s), false));
+            return Ok(Sender::H2(s));
         }
+        if upgrade {
+            return Ok(Sender::Upgradable(self.connect_upgradable(settings).await?));
+        }
+        let me = worker();
         loop {
-            let idle = self.pool.lock().expect("pool lock").pop();
-            let Some(mut idle) = idle else { break };
-            if idle.since.elapsed() >= settings.idle_timeout || idle.sender.is_closed() {
+            let idle = {
+                let mut pool = self.pool.lock().expect("pool lock");
+                pool.iter().rposition(|i| i.worker == me).map(|at| pool.swap_remove(at))
+            };
+            let Some(idle) = idle else { break };
+            let idle_for = idle.since.elapsed();
+            if idle_for >= settings.idle_timeout {
                 continue;
             }
-            if idle.sender.is_ready() {
-                return Ok((Sender::H1(idle.sender), true));
+            if idle_for >= PROBE_AFTER_IDLE {
+                // Readable while idle means the server closed it (or sent something unasked): not reusable.
+                let mut probe = [0u8; 1];
+                match idle.conn.stream.try_read(&mut probe) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    _ => continue,
+                }
             }
-            // A connection just checked in may need its connection task to run once before it takes a request.
-            match tokio::time::timeout(settings.connect_timeout, idle.sender.ready()).await {
-                Ok(Ok(())) => return Ok((Sender::H1(idle.sender), true)),
-                _ => continue,
-            }
+            return Ok(Sender::Raw(idle.conn));
         }
-        Ok((Sender::H1(self.connect_h1(settings).await?), false))
+        Ok(Sender::Raw(RawConn::new(self.tcp(settings).await?)))
     }
 
     async fn tcp(&self, settings: &ConnSettings) -> Result<TcpStream, ProxyError> {
@@ -199,7 +281,7 @@ impl Server {
         Ok(stream)
     }
 
-    async fn connect_h1(&self, settings: &ConnSettings) -> Result<http1::SendRequest<ReqBody>, ProxyError> {
+    async fn connect_upgradable(&self, settings: &ConnSettings) -> Result<http1::SendRequest<ReqBody>, ProxyError> {
         let stream = self.tcp(settings).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
@@ -223,13 +305,10 @@ impl Server {
         Ok(sender)
     }
 
-    fn checkin(&self, sender: http1::SendRequest<ReqBody>, idle_max: usize) {
-        if sender.is_closed() {
-            return;
-        }
+    fn checkin(&self, conn: RawConn, idle_max: usize) {
         let mut pool = self.pool.lock().expect("pool lock");
         if pool.len() < idle_max {
-            pool.push(Idle { sender, since: Instant::now() });
+            pool.push(Idle { conn, since: Instant::now(), worker: worker() });
         }
     }
 
@@ -279,17 +358,5 @@ pub struct InFlight(Arc<Server>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Relaxed);
-    }
-}
-
-/// An HTTP/1.1 connection to give back to its server's pool once its response body is read to the end.
-pub struct Checkin {
-    server: Arc<Server>,
-    sender: http1::SendRequest<ReqBody>,
-}
-
-impl Checkin {
-    pub fn give_back(self, idle_max: usize) {
-        self.server.checkin(self.sender, idle_max);
     }
 }

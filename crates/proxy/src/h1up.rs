@@ -1,0 +1,371 @@
+//! The proxy's own HTTP/1.1 client for servers: the request head is written straight from the rewritten
+//! `http` parts, the client's body is pumped with its framing, the response head is parsed in place with
+//! httparse, and the response body is read off the socket by the client connection's own task. No connection
+//! task, no channel between tasks, no per-request timer beyond the response timeout.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::upstream::ReqBody;
+
+/// Largest response head accepted from a server.
+pub const HEAD_BYTES_MAX: usize = 64 * 1024;
+/// Most response headers accepted from a server.
+const HEADERS_MAX: usize = 128;
+/// Read buffer growth step.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// A connection to a server, with what was read but not yet consumed.
+pub struct RawConn {
+    pub stream: TcpStream,
+    buf: BytesMut,
+}
+
+/// How the exchange failed, and whether the server can have seen the request.
+#[derive(Debug)]
+pub enum ExchangeError {
+    /// Writing the request failed before any byte of it was accepted by the socket.
+    Unsent(io::Error),
+    /// The request was (at least partly) sent, then the connection failed or the response was malformed.
+    Failed(io::Error),
+    /// The client's body exceeded the route's limit.
+    BodyTooLarge,
+}
+
+fn bad(what: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.into())
+}
+
+impl RawConn {
+    pub fn new(stream: TcpStream) -> RawConn {
+        RawConn { stream, buf: BytesMut::with_capacity(READ_CHUNK) }
+    }
+
+    async fn fill(&mut self) -> io::Result<()> {
+        if self.buf.capacity() - self.buf.len() < 4096 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        let n = tokio::io::AsyncReadExt::read_buf(&mut self.stream, &mut self.buf).await?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "server closed the connection before answering"));
+        }
+        Ok(())
+    }
+}
+
+/// Serialises a request head.
+fn head_bytes(method: &Method, path: &str, headers: &HeaderMap, framing: &RequestFraming) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + headers.len() * 32);
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        if name == http::header::CONTENT_LENGTH && !matches!(framing, RequestFraming::Length) {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        RequestFraming::Empty if matches!(*method, Method::POST | Method::PUT | Method::PATCH) => {
+            out.extend_from_slice(b"content-length: 0\r\n")
+        }
+        _ => {}
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+enum RequestFraming {
+    Empty,
+    /// The client gave a Content-Length, forwarded as is.
+    Length,
+    Chunked,
+}
+
+/// What the response body is framed by.
+#[derive(Debug, Clone, Copy)]
+enum Framing {
+    None,
+    Length(u64),
+    /// Chunked: bytes left in the current chunk (0 = a size line is next), and whether the last chunk was seen.
+    Chunked {
+        left: u64,
+        last: bool,
+    },
+    UntilClose,
+}
+
+/// Sends one request over `conn` and reads the response head. The response body keeps the connection; it is
+/// handed to `done` when the body ends cleanly with the connection reusable.
+pub async fn exchange(
+    mut conn: RawConn,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    mut body: ReqBody,
+    done: Box<dyn FnOnce(RawConn) + Send>,
+) -> Result<Response<RawBody>, ExchangeError> {
+    let framing = if body.is_end_stream() {
+        RequestFraming::Empty
+    } else if headers.contains_key(http::header::CONTENT_LENGTH) {
+        RequestFraming::Length
+    } else {
+        RequestFraming::Chunked
+    };
+    let chunked = matches!(framing, RequestFraming::Chunked);
+    let head = head_bytes(method, path, headers, &framing);
+    // The first write tells whether the server can have seen anything: a failure here sent nothing.
+    conn.stream.write_all(&head).await.map_err(ExchangeError::Unsent)?;
+    if !matches!(framing, RequestFraming::Empty) {
+        while let Some(frame) = body.frame().await {
+            let frame = match frame {
+                Ok(f) => f,
+                Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+                    return Err(ExchangeError::BodyTooLarge)
+                }
+                Err(e) => return Err(ExchangeError::Failed(io::Error::other(format!("client body: {e}")))),
+            };
+            if let Ok(data) = frame.into_data() {
+                if data.is_empty() {
+                    continue;
+                }
+                if chunked {
+                    let size = format!("{:x}\r\n", data.len());
+                    conn.stream.write_all(size.as_bytes()).await.map_err(ExchangeError::Failed)?;
+                    conn.stream.write_all(&data).await.map_err(ExchangeError::Failed)?;
+                    conn.stream.write_all(b"\r\n").await.map_err(ExchangeError::Failed)?;
+                } else {
+                    conn.stream.write_all(&data).await.map_err(ExchangeError::Failed)?;
+                }
+            }
+        }
+        if chunked {
+            conn.stream.write_all(b"0\r\n\r\n").await.map_err(ExchangeError::Failed)?;
+        }
+    }
+
+    loop {
+        let mut parsed = [httparse::EMPTY_HEADER; HEADERS_MAX];
+        let mut resp = httparse::Response::new(&mut parsed);
+        match resp.parse(&conn.buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let code = resp.code.unwrap_or(0);
+                let status =
+                    StatusCode::from_u16(code).map_err(|_| ExchangeError::Failed(bad(format!("bad status {code}"))))?;
+                if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+                    // 100 Continue and friends: the final response follows.
+                    conn.buf.advance(len);
+                    continue;
+                }
+                let mut map = HeaderMap::with_capacity(resp.headers.len());
+                let (mut length, mut chunked_resp, mut close) = (None, false, resp.version == Some(0));
+                for h in resp.headers.iter() {
+                    let name = HeaderName::from_bytes(h.name.as_bytes())
+                        .map_err(|_| ExchangeError::Failed(bad("bad header name")))?;
+                    let value =
+                        HeaderValue::from_bytes(h.value).map_err(|_| ExchangeError::Failed(bad("bad header value")))?;
+                    if name == http::header::CONTENT_LENGTH {
+                        length = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<u64>().ok());
+                    } else if name == http::header::TRANSFER_ENCODING {
+                        chunked_resp = h.value.windows(7).any(|w| w.eq_ignore_ascii_case(b"chunked"));
+                    } else if name == http::header::CONNECTION {
+                        close |= h.value.windows(5).any(|w| w.eq_ignore_ascii_case(b"close"));
+                    }
+                    map.append(name, value);
+                }
+                conn.buf.advance(len);
+                let no_body =
+                    *method == Method::HEAD || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+                let framing = if no_body {
+                    Framing::None
+                } else if chunked_resp {
+                    Framing::Chunked { left: 0, last: false }
+                } else if let Some(n) = length {
+                    Framing::Length(n)
+                } else {
+                    close = true;
+                    Framing::UntilClose
+                };
+                let mut out = Response::new(RawBody { conn: Some(conn), framing, reusable: !close, done: Some(done) });
+                *out.status_mut() = status;
+                *out.version_mut() = Version::HTTP_11;
+                *out.headers_mut() = map;
+                return Ok(out);
+            }
+            Ok(httparse::Status::Partial) => {
+                if conn.buf.len() > HEAD_BYTES_MAX {
+                    return Err(ExchangeError::Failed(bad("response head too large")));
+                }
+                conn.fill().await.map_err(ExchangeError::Failed)?;
+            }
+            Err(e) => return Err(ExchangeError::Failed(bad(format!("bad response head: {e}")))),
+        }
+    }
+}
+
+/// A server's response body read straight off its socket.
+pub struct RawBody {
+    conn: Option<RawConn>,
+    framing: Framing,
+    reusable: bool,
+    done: Option<Box<dyn FnOnce(RawConn) + Send>>,
+}
+
+impl RawBody {
+    fn finish(&mut self) {
+        self.framing = Framing::None;
+        if let (Some(conn), Some(done)) = (self.conn.take(), self.done.take()) {
+            if self.reusable && conn.buf.is_empty() {
+                done(conn);
+            }
+        }
+    }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let conn = self.conn.as_mut().expect("reading a finished body");
+        if conn.buf.capacity() - conn.buf.len() < 4096 {
+            conn.buf.reserve(READ_CHUNK);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut conn.stream), cx, &mut conn.buf)
+    }
+}
+
+impl Body for RawBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = &mut *self;
+        loop {
+            match this.framing {
+                Framing::None => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Framing::Length(0) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Framing::Length(left) => {
+                    let conn = this.conn.as_mut().expect("body has its connection");
+                    if !conn.buf.is_empty() {
+                        let n = (conn.buf.len() as u64).min(left) as usize;
+                        let data = conn.buf.split_to(n).freeze();
+                        this.framing = Framing::Length(left - n as u64);
+                        if left == n as u64 {
+                            this.finish();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    match std::task::ready!(this.poll_fill(cx)) {
+                        Ok(0) => {
+                            return Poll::Ready(Some(Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "server closed mid-body",
+                            ))))
+                        }
+                        Ok(_) => continue,
+                        Err(e) => return Poll::Ready(Some(Err(e))),
+                    }
+                }
+                Framing::UntilClose => {
+                    let conn = this.conn.as_mut().expect("body has its connection");
+                    if !conn.buf.is_empty() {
+                        let data = conn.buf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    match std::task::ready!(this.poll_fill(cx)) {
+                        Ok(0) => {
+                            this.finish();
+                            return Poll::Ready(None);
+                        }
+                        Ok(_) => continue,
+                        Err(e) => return Poll::Ready(Some(Err(e))),
+                    }
+                }
+                Framing::Chunked { left, last } => {
+                    let conn = this.conn.as_mut().expect("body has its connection");
+                    if left > 0 {
+                        if !conn.buf.is_empty() {
+                            let n = (conn.buf.len() as u64).min(left) as usize;
+                            let data = conn.buf.split_to(n).freeze();
+                            this.framing = Framing::Chunked { left: left - n as u64, last };
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                    } else if let Some(i) = conn.buf.windows(2).position(|w| w == b"\r\n") {
+                        // A line: either the CRLF ending a chunk, a size line, or (after the last chunk) trailers.
+                        let line = conn.buf.split_to(i + 2);
+                        let text = &line[..i];
+                        if last {
+                            if text.is_empty() {
+                                this.finish();
+                                return Poll::Ready(None);
+                            }
+                            continue; // a trailer line: dropped
+                        }
+                        if text.is_empty() {
+                            continue; // the CRLF after a chunk's data
+                        }
+                        let size = std::str::from_utf8(text)
+                            .ok()
+                            .and_then(|t| u64::from_str_radix(t.split(';').next().unwrap_or("").trim(), 16).ok())
+                            .ok_or_else(|| bad("bad chunk size"));
+                        match size {
+                            Ok(0) => this.framing = Framing::Chunked { left: 0, last: true },
+                            Ok(n) => this.framing = Framing::Chunked { left: n, last: false },
+                            Err(e) => return Poll::Ready(Some(Err(e))),
+                        }
+                        continue;
+                    } else if conn.buf.len() > HEAD_BYTES_MAX {
+                        return Poll::Ready(Some(Err(bad("chunk line too long"))));
+                    }
+                    match std::task::ready!(this.poll_fill(cx)) {
+                        Ok(0) => {
+                            return Poll::Ready(Some(Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "server closed mid-body",
+                            ))))
+                        }
+                        Ok(_) => continue,
+                        Err(e) => return Poll::Ready(Some(Err(e))),
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.framing, Framing::None | Framing::Length(0))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::None => SizeHint::with_exact(0),
+            Framing::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for RawBody {
+    fn drop(&mut self) {
+        // A body with nothing left to read may never be polled: it still ended cleanly.
+        if matches!(self.framing, Framing::None | Framing::Length(0)) {
+            self.finish();
+        }
+    }
+}
