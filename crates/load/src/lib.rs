@@ -2,6 +2,7 @@
 //! from the scheduled time (no coordinated omission), with per-second timelines and pass/fail thresholds.
 
 pub mod h1;
+pub mod html;
 pub mod ledger;
 pub mod report;
 pub mod run;

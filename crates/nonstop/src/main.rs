@@ -109,6 +109,9 @@ struct LoadArgs {
     /// Write the full result, with the per-second timeline, as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Write a self-contained HTML report with charts (no network needed to view it).
+    #[arg(long)]
+    html: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -345,6 +348,13 @@ fn run_load(args: LoadArgs) -> ExitCode {
     if let Some(path) = &args.json {
         let doc = nonstop_load::report::json(&summary, &info);
         if let Err(e) = std::fs::write(path, serde_json::to_string_pretty(&doc).expect("JSON")) {
+            eprintln!("nonstop load: cannot write {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    }
+    if let Some(path) = &args.html {
+        let title = format!("nonstop load {}", args.url);
+        if let Err(e) = std::fs::write(path, nonstop_load::html::page(&summary, &info, &title)) {
             eprintln!("nonstop load: cannot write {}: {e}", path.display());
             return ExitCode::from(2);
         }

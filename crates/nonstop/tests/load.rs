@@ -163,3 +163,62 @@ fn a_slow_server_gives_timeouts_in_both_models() {
     assert_eq!(n(&doc["requests"]["ok"]), 0, "{stdout}");
     assert_exact_accounting(&doc);
 }
+
+/// The headless browser the HTML report is checked in; `.ci/run` installs Debian's chromium.
+fn chromium() -> &'static str {
+    for c in ["/usr/bin/chromium", "/usr/bin/chromium-browser"] {
+        if Path::new(c).exists() {
+            return c;
+        }
+    }
+    panic!("chromium is required for the HTML report test: run .ci/run, or apt-get install chromium");
+}
+
+fn headless(dir: &TempDir, extra: &[&str], page: &Path) -> std::process::Output {
+    let profile = dir.path().join("chromium-profile");
+    Command::new(chromium())
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"])
+        .args(["--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(extra)
+        .arg(format!("file://{}", page.display()))
+        .output()
+        .expect("run chromium")
+}
+
+#[test]
+fn html_report_renders_its_charts_in_headless_chromium() {
+    let dir = TempDir::new("load-html");
+    let a = app(&dir, &["--version", "v3", "--fail-rate", "0.2"]);
+    let url = a.url("/");
+    let page = dir.path().join("report.html");
+    let out = Command::new(bin())
+        .args(["load", &url, "--rate", "100", "--duration", "3s", "--track-header", "X-Nonstop-Version", "--html"])
+        .arg(&page)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let html = std::fs::read_to_string(&page).unwrap();
+    for external in ["<script", "<link", "src=", "href=", "@import", "url("] {
+        assert!(!html.contains(external), "the page must need no network or script: found {external:?}");
+    }
+
+    // The DOM as Chromium parsed it: three charts, with bars for outcomes and header values, and four lines.
+    let dom = headless(&dir, &["--dump-dom"], &page);
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    for id in ["throughput", "latency", "headers"] {
+        assert!(dom.contains(&format!("id=\"{id}\"")), "chart {id} missing from the rendered DOM");
+    }
+    let chart =
+        |id: &str| dom.split(&format!("id=\"{id}\"")).nth(1).unwrap().split("</svg>").next().unwrap().to_string();
+    assert!(chart("throughput").matches("class=\"bar\"").count() >= 3, "throughput bars");
+    assert!(chart("throughput").contains("5xx"), "the injected failures appear in the throughput chart");
+    assert_eq!(chart("latency").matches("<polyline").count(), 4, "p50, p90, p99 and max lines");
+    assert!(chart("headers").contains("v3"), "the tracked header's value is charted");
+
+    // And it paints: a screenshot of the page is produced.
+    let shot = dir.path().join("report.png");
+    let out = headless(&dir, &["--window-size=1000,1200", &format!("--screenshot={}", shot.display())], &page);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(std::fs::metadata(&shot).unwrap().len() > 10_000, "the screenshot is (nearly) empty");
+}

@@ -1,0 +1,220 @@
+//! The HTML report: one self-contained page (inline SVG, no scripts, no network) with the run's summary and three
+//! charts over time: throughput by outcome, latency percentiles, and the tracked header's mix.
+
+use std::fmt::Write;
+
+use crate::ledger::Summary;
+use crate::report::{achieved_rate, valid, RunInfo};
+
+const W: f64 = 900.0;
+const H: f64 = 260.0;
+const PAD_L: f64 = 60.0;
+const PAD_B: f64 = 30.0;
+const PAD_T: f64 = 10.0;
+const PALETTE: [&str; 8] = ["#2b8cbe", "#e6550d", "#31a354", "#756bb1", "#d6616b", "#8c6d31", "#636363", "#17becf"];
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// Axes and labels; returns the plot's x for second `t` and y for value `v`.
+struct Frame {
+    seconds: usize,
+    max: f64,
+}
+
+impl Frame {
+    fn x(&self, t: f64) -> f64 {
+        PAD_L + (W - PAD_L - 10.0) * t / self.seconds.max(1) as f64
+    }
+
+    fn y(&self, v: f64) -> f64 {
+        H - PAD_B - (H - PAD_B - PAD_T) * (v / self.max.max(1e-9)).min(1.0)
+    }
+
+    fn bar_w(&self) -> f64 {
+        ((W - PAD_L - 10.0) / self.seconds.max(1) as f64 - 1.0).max(1.0)
+    }
+
+    fn axes(&self, out: &mut String, unit: &str) {
+        let _ = write!(
+            out,
+            r##"<line class="axis" x1="{PAD_L}" y1="{}" x2="{}" y2="{}" stroke="#999"/>"##,
+            H - PAD_B,
+            W - 10.0,
+            H - PAD_B
+        );
+        let _ = write!(
+            out,
+            r##"<line class="axis" x1="{PAD_L}" y1="{PAD_T}" x2="{PAD_L}" y2="{}" stroke="#999"/>"##,
+            H - PAD_B
+        );
+        for i in 0..=4 {
+            let v = self.max * i as f64 / 4.0;
+            let _ = write!(
+                out,
+                r##"<text x="{}" y="{}" font-size="11" text-anchor="end">{v:.0}</text>"##,
+                PAD_L - 5.0,
+                self.y(v) + 4.0
+            );
+        }
+        let _ = write!(
+            out,
+            r##"<text x="12" y="{}" font-size="11" transform="rotate(-90 12 {})">{unit}</text>"##,
+            H / 2.0,
+            H / 2.0
+        );
+        let step = (self.seconds / 10).max(1);
+        for t in (0..=self.seconds).step_by(step) {
+            let _ = write!(
+                out,
+                r##"<text x="{}" y="{}" font-size="11" text-anchor="middle">{t}s</text>"##,
+                self.x(t as f64),
+                H - 10.0
+            );
+        }
+    }
+}
+
+fn legend(out: &mut String, items: &[(&str, &str)]) {
+    out.push_str(r#"<div class="legend">"#);
+    for (name, color) in items {
+        let _ = write!(out, r#"<span><i style="background:{color}"></i>{}</span>"#, esc(name));
+    }
+    out.push_str("</div>");
+}
+
+/// Stacked bars per second: `series` are (name, color, value at second i).
+fn stacked(id: &str, title: &str, unit: &str, seconds: usize, series: &[(String, &str, Vec<f64>)]) -> String {
+    let max = (0..seconds).map(|i| series.iter().map(|s| s.2[i]).sum::<f64>()).fold(0.0, f64::max);
+    let f = Frame { seconds, max: if max > 0.0 { max * 1.05 } else { 1.0 } };
+    let mut out = format!(r#"<h2>{}</h2>"#, esc(title));
+    legend(&mut out, &series.iter().map(|s| (s.0.as_str(), s.1)).collect::<Vec<_>>());
+    let _ = write!(out, r#"<svg class="chart" id="{id}" viewBox="0 0 {W} {H}" width="{W}" height="{H}">"#);
+    f.axes(&mut out, unit);
+    for i in 0..seconds {
+        let mut base = 0.0;
+        for (name, color, values) in series {
+            let v = values[i];
+            if v <= 0.0 {
+                continue;
+            }
+            let (top, bottom) = (f.y(base + v), f.y(base));
+            let _ = write!(
+                out,
+                r#"<rect class="bar" x="{:.1}" y="{top:.1}" width="{:.1}" height="{:.1}" fill="{color}"><title>{}s {}: {v}</title></rect>"#,
+                f.x(i as f64),
+                f.bar_w(),
+                (bottom - top).max(0.5),
+                i,
+                esc(name)
+            );
+            base += v;
+        }
+    }
+    out.push_str("</svg>");
+    out
+}
+
+fn lines(id: &str, title: &str, unit: &str, seconds: usize, series: &[(String, &str, Vec<f64>)]) -> String {
+    let max = series.iter().flat_map(|s| s.2.iter().copied()).fold(0.0, f64::max);
+    let f = Frame { seconds, max: if max > 0.0 { max * 1.05 } else { 1.0 } };
+    let mut out = format!(r#"<h2>{}</h2>"#, esc(title));
+    legend(&mut out, &series.iter().map(|s| (s.0.as_str(), s.1)).collect::<Vec<_>>());
+    let _ = write!(out, r#"<svg class="chart" id="{id}" viewBox="0 0 {W} {H}" width="{W}" height="{H}">"#);
+    f.axes(&mut out, unit);
+    for (name, color, values) in series {
+        let points: Vec<String> =
+            values.iter().enumerate().map(|(i, v)| format!("{:.1},{:.1}", f.x(i as f64 + 0.5), f.y(*v))).collect();
+        let _ = write!(
+            out,
+            r#"<polyline class="line" fill="none" stroke="{color}" stroke-width="2" points="{}"><title>{}</title></polyline>"#,
+            points.join(" "),
+            esc(name)
+        );
+    }
+    out.push_str("</svg>");
+    out
+}
+
+/// The whole page.
+pub fn page(s: &Summary, info: &RunInfo, title: &str) -> String {
+    let seconds = s.timeline.iter().map(|t| t.t as usize + 1).max().unwrap_or(0);
+    let at = |f: &dyn Fn(&crate::ledger::Second) -> f64| -> Vec<f64> {
+        let mut v = vec![0.0; seconds];
+        for t in &s.timeline {
+            v[t.t as usize] = f(t);
+        }
+        v
+    };
+    let throughput = vec![
+        ("ok".to_string(), "#31a354", at(&|t| t.counts.ok as f64)),
+        ("4xx".to_string(), "#fdae6b", at(&|t| t.counts.http_4xx as f64)),
+        ("5xx".to_string(), "#de2d26", at(&|t| t.counts.http_5xx as f64)),
+        (
+            "connect/reset/timeout".to_string(),
+            "#756bb1",
+            at(&|t| (t.counts.connect + t.counts.reset + t.counts.timeout) as f64),
+        ),
+        ("not sent".to_string(), "#969696", at(&|t| t.counts.not_sent as f64)),
+    ];
+    let latency = vec![
+        ("p50".to_string(), "#2b8cbe", at(&|t| t.p50_ms)),
+        ("p90".to_string(), "#31a354", at(&|t| t.p90_ms)),
+        ("p99".to_string(), "#e6550d", at(&|t| t.p99_ms)),
+        ("max".to_string(), "#756bb1", at(&|t| t.max_ms)),
+    ];
+    let values: Vec<&String> = s.headers.keys().collect();
+    let mix: Vec<(String, &str, Vec<f64>)> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| ((*v).clone(), PALETTE[i % PALETTE.len()], at(&|t| *t.headers.get(*v).unwrap_or(&0) as f64)))
+        .collect();
+    let c = &s.counts;
+    let [p50, p90, p99, p999] = s.corrected_ms;
+    let mut out = String::from("<!doctype html><html><head><meta charset=\"utf-8\">");
+    let _ = write!(out, "<title>{}</title>", esc(title));
+    out.push_str(
+        "<style>body{font:14px system-ui,sans-serif;margin:24px;color:#222}table{border-collapse:collapse}\
+         td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}th{text-align:left}\
+         .legend span{margin-right:14px}.legend i{display:inline-block;width:10px;height:10px;margin-right:4px}\
+         .invalid{color:#b00;font-weight:bold}</style></head><body>",
+    );
+    let _ = write!(out, "<h1>{}</h1>", esc(title));
+    if !valid(s) {
+        out.push_str("<p class=\"invalid\">Invalid run: over 1% of requests could not be sent on time.</p>");
+    }
+    let _ = write!(
+        out,
+        "<table id=\"summary\"><tr><th>model</th><td>{}</td></tr><tr><th>duration</th><td>{:.1} s</td></tr>\
+         <tr><th>scheduled</th><td>{}</td></tr><tr><th>ok</th><td>{}</td></tr><tr><th>failed</th><td>{}</td></tr>\
+         <tr><th>4xx / 5xx</th><td>{} / {}</td></tr><tr><th>connect / reset / timeout</th><td>{} / {} / {}</td></tr>\
+         <tr><th>not sent</th><td>{}</td></tr><tr><th>rate achieved</th><td>{:.1}/s{}</td></tr>\
+         <tr><th>latency p50 / p90 / p99 / p99.9 / max</th><td>{p50:.2} / {p90:.2} / {p99:.2} / {p999:.2} / {:.2} ms</td></tr>\
+         <tr><th>longest stretch without a success</th><td>{} ms</td></tr></table>",
+        info.model,
+        info.duration_s,
+        c.total(),
+        c.ok,
+        c.failed(),
+        c.http_4xx,
+        c.http_5xx,
+        c.connect,
+        c.reset,
+        c.timeout,
+        c.not_sent,
+        achieved_rate(s, info),
+        info.target_rate.map_or(String::new(), |r| format!(" (target {r:.0})")),
+        s.corrected_max_ms,
+        s.max_success_gap_ms,
+    );
+    out.push_str(&stacked("throughput", "Throughput by outcome", "requests/s", seconds, &throughput));
+    out.push_str(&lines("latency", "Latency from the scheduled time", "ms", seconds, &latency));
+    if mix.is_empty() {
+        out.push_str("<h2>Tracked header</h2><svg class=\"chart\" id=\"headers\" width=\"900\" height=\"40\"><text x=\"10\" y=\"25\">no header tracked (use --track-header)</text></svg>");
+    } else {
+        out.push_str(&stacked("headers", "Tracked header's values", "responses/s", seconds, &mix));
+    }
+    out.push_str("</body></html>\n");
+    out
+}
