@@ -1,6 +1,7 @@
 //! `nonstop load`: an HTTP load generator that accounts for every scheduled request exactly and measures latency
 //! from the scheduled time (no coordinated omission), with per-second timelines and pass/fail thresholds.
 
+pub mod find_max;
 pub mod h1;
 pub mod html;
 pub mod ledger;

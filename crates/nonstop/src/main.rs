@@ -28,7 +28,7 @@ enum Command {
     /// Generate HTTP load and account for every request: closed model (--connections, as fast as possible) or
     /// open model (--rate or --stages, latency measured from the scheduled time). Exit status: 0 when every
     /// --threshold holds, 1 when one fails, 2 for bad arguments.
-    Load(LoadArgs),
+    Load(Box<LoadArgs>),
     /// Validate a config file and print every error with its line.
     Check {
         /// The TOML config file.
@@ -65,7 +65,7 @@ struct ServeArgs {
     drain_timeout_ms: u64,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct LoadArgs {
     /// The URL to load, such as http://127.0.0.1:8080/ (plain HTTP).
     url: String,
@@ -112,6 +112,25 @@ struct LoadArgs {
     /// Write a self-contained HTML report with charts (no network needed to view it).
     #[arg(long)]
     html: Option<PathBuf>,
+    /// Search for the highest rate at which p99 and the error rate stay within --max-p99 and --max-error-rate:
+    /// open-model steps of --step each, doubling from --start-rate, then bisecting.
+    #[arg(long, conflicts_with_all = ["rate", "stages"])]
+    find_max: bool,
+    /// With --find-max: the p99 bound.
+    #[arg(long, default_value = "100ms")]
+    max_p99: String,
+    /// With --find-max: the error-rate bound, in percent of requests.
+    #[arg(long, default_value_t = 1.0)]
+    max_error_rate: f64,
+    /// With --find-max: how long each step runs.
+    #[arg(long, default_value = "5s")]
+    step: String,
+    /// With --find-max: the first rate tried.
+    #[arg(long, default_value_t = 100.0)]
+    start_rate: f64,
+    /// With --find-max: never try more than this rate.
+    #[arg(long, default_value_t = 1_000_000.0)]
+    rate_limit: f64,
 }
 
 #[derive(Args)]
@@ -188,7 +207,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::App(args) => run_app(args),
         Command::Serve(args) => run_serve(args),
-        Command::Load(args) => return run_load(args),
+        Command::Load(args) => return run_load(*args),
         Command::Check { config } => return check(&config),
         Command::ConfigReference => {
             print!("{}", nonstop_config::schema::reference_markdown());
@@ -328,6 +347,9 @@ fn load_config(
 }
 
 fn run_load(args: LoadArgs) -> ExitCode {
+    if args.find_max {
+        return find_max(args);
+    }
     let (cfg, thresholds, info) = match load_config(&args) {
         Ok(c) => c,
         Err(errors) => {
@@ -363,6 +385,73 @@ fn run_load(args: LoadArgs) -> ExitCode {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+fn find_max(args: LoadArgs) -> ExitCode {
+    let bad = |e: String| {
+        eprintln!("nonstop load: invalid arguments:\n  {e}");
+        ExitCode::from(2)
+    };
+    let Some(max_p99) = nonstop_load::parse_duration(&args.max_p99) else {
+        return bad(format!("--max-p99 {:?}: expected a duration such as 100ms", args.max_p99));
+    };
+    let Some(step) = nonstop_load::parse_duration(&args.step).filter(|d| !d.is_zero()) else {
+        return bad(format!("--step {:?}: expected a duration such as 5s", args.step));
+    };
+    if !(args.start_rate >= 1.0 && args.rate_limit >= args.start_rate) {
+        return bad("--start-rate must be at least 1 and at most --rate-limit".into());
+    }
+    let (base, _, _) =
+        match load_config(&LoadArgs { rate: Some(args.start_rate), duration: args.step.clone(), ..args.clone() }) {
+            Ok(c) => c,
+            Err(errors) => return bad(errors.join("\n  ")),
+        };
+    let mut search = nonstop_load::find_max::Search::new(args.start_rate, args.rate_limit);
+    let mut steps = Vec::new();
+    println!(
+        "find-max: p99 <= {} ms and errors <= {}%, {} s per step",
+        max_p99.as_millis(),
+        args.max_error_rate,
+        step.as_secs_f64()
+    );
+    while let Some(rate) = search.rate() {
+        let mut cfg = base.clone();
+        cfg.model = nonstop_load::Model::Open {
+            schedule: nonstop_load::Schedule::constant(rate, step),
+            connections: args.connections.unwrap_or(512),
+        };
+        let s = nonstop_load::run(cfg);
+        let c = &s.counts;
+        let error_rate = 100.0 * c.failed() as f64 / c.total().max(1) as f64;
+        let p99 = s.corrected_ms[2];
+        let passed = nonstop_load::report::valid(&s)
+            && p99 <= max_p99.as_secs_f64() * 1000.0
+            && error_rate <= args.max_error_rate;
+        println!(
+            "  {rate:>9.0}/s: p99 {p99:>9.2} ms, errors {error_rate:>6.2}%, not sent {:>6} -> {}",
+            c.not_sent,
+            if passed { "pass" } else { "fail" }
+        );
+        steps.push(serde_json::json!({ "rate": rate, "p99_ms": p99, "error_rate": error_rate, "not_sent": c.not_sent, "passed": passed }));
+        search.record(passed);
+    }
+    let best = search.best();
+    match best {
+        Some(r) => println!("max rate: {r:.0} requests/s"),
+        None => println!("max rate: none (even the lowest rate tried failed its bounds)"),
+    }
+    if let Some(path) = &args.json {
+        let doc = serde_json::json!({ "find_max": { "rate": best, "max_p99_ms": max_p99.as_secs_f64() * 1000.0, "max_error_rate": args.max_error_rate, "steps": steps } });
+        if let Err(e) = std::fs::write(path, serde_json::to_string_pretty(&doc).expect("JSON")) {
+            eprintln!("nonstop load: cannot write {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    }
+    if best.is_some() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 

@@ -222,3 +222,38 @@ fn html_report_renders_its_charts_in_headless_chromium() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(std::fs::metadata(&shot).unwrap().len() > 10_000, "the screenshot is (nearly) empty");
 }
+
+#[test]
+fn find_max_reports_the_capacity_of_a_bounded_server() {
+    let dir = TempDir::new("load-find-max");
+    // 4 workers holding each request 10 ms, no accept queue: about 400 requests/s, then immediate 503s.
+    let a = app(&dir, &["--workers", "4", "--accept-queue", "0", "--work-ms", "10"]);
+    let url = a.url("/");
+    let json = dir.path().join("find.json");
+    let out = Command::new(bin())
+        .args([
+            "load",
+            &url,
+            "--find-max",
+            "--step",
+            "1s",
+            "--start-rate",
+            "50",
+            "--max-error-rate",
+            "1",
+            "--max-p99",
+            "200ms",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rate = doc["find_max"]["rate"].as_f64().unwrap();
+    assert!((150.0..=450.0).contains(&rate), "found {rate}/s for a ~400/s server: {stdout}");
+    let steps = doc["find_max"]["steps"].as_array().unwrap();
+    assert!(steps.iter().any(|s| s["passed"] == false), "the search must have crossed the capacity: {stdout}");
+    assert!(steps.len() <= 12);
+}
