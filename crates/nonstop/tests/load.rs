@@ -257,3 +257,43 @@ fn find_max_reports_the_capacity_of_a_bounded_server() {
     assert!(steps.iter().any(|s| s["passed"] == false), "the search must have crossed the capacity: {stdout}");
     assert!(steps.len() <= 12);
 }
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches(" kB").parse().ok()
+}
+
+#[test]
+fn memory_stays_flat_over_a_two_minute_run_at_5000_per_second() {
+    let dir = TempDir::new("load-memory");
+    let a = app(&dir, &[]);
+    let url = a.url("/health");
+    let json = dir.path().join("memory.json");
+    let mut child = Command::new(bin())
+        .args(["load", &url, "--rate", "5000", "--duration", "120s", "--threads", "2", "--json"])
+        .arg(&json)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let started = std::time::Instant::now();
+    let mut samples = Vec::new(); // (seconds into the run, RSS KiB)
+    while child.try_wait().unwrap().is_none() {
+        std::thread::sleep(std::time::Duration::from_secs(5));
+        if let Some(kib) = rss_kib(pid) {
+            samples.push((started.elapsed().as_secs(), kib));
+        }
+        assert!(started.elapsed().as_secs() < 200, "the run did not end");
+    }
+    assert!(child.wait().unwrap().success());
+    // After warm-up (the first 20 s), memory may not keep growing: the last sample is within 8 MiB of the
+    // first one after warm-up, across the 100 s that follow.
+    let after_warmup: Vec<u64> = samples.iter().filter(|(t, _)| *t >= 20).map(|(_, k)| *k).collect();
+    assert!(after_warmup.len() >= 15, "too few samples: {samples:?}");
+    let (first, last) = (after_warmup[0], *after_warmup.last().unwrap());
+    assert!(last < first + 8 * 1024, "RSS grew from {first} KiB to {last} KiB over the run: {samples:?}");
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(n(&doc["requests"]["scheduled"]), 600_000);
+    assert_exact_accounting(&doc);
+    eprintln!("memory samples (s, KiB): {samples:?}; ok {}", doc["requests"]["ok"]);
+}
