@@ -77,7 +77,7 @@ impl Counts {
         }
     }
 
-    fn merge(&mut self, o: &Counts) {
+    pub fn merge(&mut self, o: &Counts) {
         self.ok += o.ok;
         self.http_4xx += o.http_4xx;
         self.http_5xx += o.http_5xx;
@@ -200,6 +200,20 @@ impl Ledger {
             if let Some(word) = self.success_ms.get_mut(ms / 64) {
                 *word |= 1 << (ms % 64);
             }
+        }
+    }
+
+    /// The counts so far.
+    pub fn counts(&self) -> Counts {
+        self.counts
+    }
+
+    /// p99 from the scheduled time so far (of this worker), ms.
+    pub fn p99_so_far_ms(&self) -> f64 {
+        if self.corrected.is_empty() {
+            0.0
+        } else {
+            self.corrected.value_at_quantile(0.99) as f64 / 1000.0
         }
     }
 

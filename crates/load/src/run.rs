@@ -44,6 +44,8 @@ pub struct RunConfig {
     pub timeout: Duration,
     pub keep_alive: bool,
     pub track_header: Option<HeaderName>,
+    /// Show a live one-line progress display on standard error.
+    pub progress: bool,
 }
 
 /// Fills `{{seq}}`, `{{uuid}}` and `{{random_int}}`.
@@ -105,9 +107,18 @@ pub fn run(cfg: RunConfig) -> Summary {
         Model::Open { schedule, .. } => schedule.duration(),
     };
     let start = Instant::now();
+    let ledgers: Vec<Arc<Mutex<Ledger>>> = (0..threads)
+        .map(|_| Arc::new(Mutex::new(Ledger::new(span + cfg.timeout * 2 + Duration::from_secs(2)))))
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = cfg.progress.then(|| {
+        let (ledgers, stop) = (ledgers.clone(), stop.clone());
+        std::thread::spawn(move || progress_line(&ledgers, &stop, start))
+    });
     let handles: Vec<_> = (0..threads)
         .map(|index| {
             let cfg = cfg.clone();
+            let ledger = ledgers[index].clone();
             std::thread::Builder::new()
                 .name(format!("load-{index}"))
                 .spawn(move || {
@@ -125,25 +136,60 @@ pub fn run(cfg: RunConfig) -> Summary {
                         index,
                         fixed,
                         watches: Mutex::new(Vec::new()),
-                        ledger: Arc::new(Mutex::new(Ledger::new(span + cfg.timeout * 2 + Duration::from_secs(2)))),
+                        ledger,
                         cfg,
                         start,
                         idle: Mutex::new(Vec::new()),
                     });
                     rt.block_on(drive(worker.clone(), threads));
-                    drop(rt);
-                    let mut ledger = worker.ledger.lock().expect("ledger lock");
-                    std::mem::replace(&mut *ledger, Ledger::new(Duration::ZERO))
                 })
                 .expect("spawn load worker")
         })
         .collect();
-    let mut ledgers = handles.into_iter().map(|h| h.join().expect("load worker panicked"));
-    let mut merged = ledgers.next().expect("at least one worker");
-    for l in ledgers {
+    for h in handles {
+        h.join().expect("load worker panicked");
+    }
+    stop.store(true, Relaxed);
+    if let Some(p) = progress {
+        let _ = p.join();
+    }
+    // Every task that recorded into a ledger ended with its worker's runtime: take the ledgers as they are.
+    let mut finished =
+        ledgers.iter().map(|l| std::mem::replace(&mut *l.lock().expect("ledger lock"), Ledger::new(Duration::ZERO)));
+    let mut merged = finished.next().expect("at least one worker");
+    for l in finished {
         merged.merge(l);
     }
     merged.finish(span)
+}
+
+/// Rewrites one line on standard error every second: elapsed time, the last second's rate, ok, failed, p99 so far.
+fn progress_line(ledgers: &[Arc<Mutex<Ledger>>], stop: &AtomicBool, start: Instant) {
+    use std::io::Write;
+    let mut last_total = 0;
+    while !stop.load(Relaxed) {
+        std::thread::sleep(Duration::from_millis(1000));
+        let (mut counts, mut p99) = (crate::ledger::Counts::default(), 0.0f64);
+        for l in ledgers {
+            let l = l.lock().expect("ledger lock");
+            counts.merge(&l.counts());
+            p99 = p99.max(l.p99_so_far_ms());
+        }
+        let total = counts.total();
+        let line = format!(
+            "\r\x1b[K{:>5.0}s  rate {:>9.1}/s  ok {:>10}  failed {:>8}  p99 {:>9.2} ms",
+            start.elapsed().as_secs_f64(),
+            total.saturating_sub(last_total) as f64,
+            counts.ok,
+            counts.failed(),
+            p99
+        );
+        last_total = total;
+        let mut err = std::io::stderr().lock();
+        let _ = err.write_all(line.as_bytes());
+        let _ = err.flush();
+    }
+    let _ = std::io::stderr().write_all(b"\r\x1b[K");
 }
 
 async fn drive(w: Arc<Worker>, threads: usize) {

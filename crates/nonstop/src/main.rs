@@ -339,8 +339,17 @@ fn load_config(
     let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let target =
         nonstop_load::Target { addr, authority, path, method: method.expect("checked"), headers, body: a.body.clone() };
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     Ok((
-        nonstop_load::RunConfig { target, model, threads, timeout, keep_alive: !a.no_keepalive, track_header },
+        nonstop_load::RunConfig {
+            target,
+            model,
+            threads,
+            timeout,
+            keep_alive: !a.no_keepalive,
+            track_header,
+            progress,
+        },
         thresholds,
         info,
     ))
@@ -417,6 +426,7 @@ fn find_max(args: LoadArgs) -> ExitCode {
     );
     while let Some(rate) = search.rate() {
         let mut cfg = base.clone();
+        cfg.progress = false;
         cfg.model = nonstop_load::Model::Open {
             schedule: nonstop_load::Schedule::constant(rate, step),
             connections: args.connections.unwrap_or(512),

@@ -297,3 +297,17 @@ fn memory_stays_flat_over_a_two_minute_run_at_5000_per_second() {
     assert_exact_accounting(&doc);
     eprintln!("memory samples (s, KiB): {samples:?}; ok {}", doc["requests"]["ok"]);
 }
+
+#[test]
+fn a_terminal_gets_a_live_progress_line_and_a_pipe_does_not() {
+    let dir = TempDir::new("load-progress");
+    let a = app(&dir, &[]);
+    let cmd = format!("{} load {} --rate 100 --duration 3s", bin().display(), a.url("/"));
+    // `script` runs the command on a pseudo-terminal, as a person at a shell would.
+    let tty = Command::new("script").args(["-qfec", &cmd, "/dev/null"]).output().expect("script(1) from util-linux");
+    let shown = String::from_utf8_lossy(&tty.stdout);
+    assert!(shown.matches("\r\x1b[K").count() >= 3, "no live line: {shown:?}");
+    assert!(shown.contains("rate") && shown.contains("p99") && shown.contains("ok"), "{shown:?}");
+    let piped = Command::new(bin()).args(["load", &a.url("/"), "--rate", "100", "--duration", "2s"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&piped.stderr).contains("\x1b[K"), "progress drawn into a pipe");
+}
