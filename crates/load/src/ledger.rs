@@ -225,7 +225,30 @@ impl Ledger {
                 break;
             }
             let o = self.open.remove(&t).expect("present");
-            self.closed.insert(t, summarise(t, o));
+            self.add_closed(summarise(t, o));
+        }
+    }
+
+    /// Adds a summarised second, merging it into one already closed for the same second (another worker's).
+    fn add_closed(&mut self, s: Second) {
+        match self.closed.get_mut(&s.t) {
+            None => {
+                self.closed.insert(s.t, s);
+            }
+            Some(mine) => {
+                // Percentiles of two summaries cannot be merged exactly; keep the busier side's (this only affects
+                // the per-second view, the run's percentiles come from the merged histograms).
+                if s.counts.total() > mine.counts.total() {
+                    mine.p50_ms = s.p50_ms;
+                    mine.p90_ms = s.p90_ms;
+                    mine.p99_ms = s.p99_ms;
+                }
+                mine.max_ms = mine.max_ms.max(s.max_ms);
+                mine.counts.merge(&s.counts);
+                for (k, v) in s.headers {
+                    *mine.headers.entry(k).or_default() += v;
+                }
+            }
         }
     }
 
@@ -254,26 +277,8 @@ impl Ledger {
                 }
             }
         }
-        for (t, s) in other.closed {
-            // Seconds are closed at the same pace on every worker; a second closed on both is merged by counts
-            // (its percentiles are kept from the busier worker, an approximation only for the per-second view).
-            match self.closed.get_mut(&t) {
-                Some(mine) => {
-                    if s.counts.total() > mine.counts.total() {
-                        mine.p50_ms = s.p50_ms;
-                        mine.p90_ms = s.p90_ms;
-                        mine.p99_ms = s.p99_ms;
-                    }
-                    mine.max_ms = mine.max_ms.max(s.max_ms);
-                    mine.counts.merge(&s.counts);
-                    for (k, v) in s.headers {
-                        *mine.headers.entry(k).or_default() += v;
-                    }
-                }
-                None => {
-                    self.closed.insert(t, s);
-                }
-            }
+        for (_, s) in other.closed {
+            self.add_closed(s);
         }
         for (mine, theirs) in self.success_ms.iter_mut().zip(other.success_ms) {
             *mine |= theirs;
@@ -378,6 +383,20 @@ mod tests {
         let mut l = Ledger::new(ms(10_000));
         l.record(Outcome::Ok(200), ms(100), ms(100), Some(ms(1)), None);
         assert_eq!(l.finish(ms(5000)).max_success_gap_ms, 4900, "the quiet end of a run counts");
+    }
+
+    #[test]
+    fn a_second_closed_on_one_worker_and_open_on_another_keeps_every_request() {
+        let mut a = Ledger::new(ms(10_000));
+        let mut b = Ledger::new(ms(10_000));
+        a.record(Outcome::Ok(200), ms(100), ms(200), Some(ms(100)), None);
+        a.close_before(ms(3000)); // a has closed second 0
+        b.record(Outcome::Ok(200), ms(300), ms(400), Some(ms(100)), None);
+        b.record(Outcome::Ok(200), ms(350), ms(450), Some(ms(100)), None); // b still has it open
+        a.merge(b);
+        let s = a.finish(ms(1000));
+        assert_eq!(s.timeline.len(), 1);
+        assert_eq!(s.timeline[0].counts.total(), 3);
     }
 
     #[test]

@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http::{HeaderName, Method};
+use bytes::Bytes;
+use http::{HeaderName, Method, Request};
+use http_body_util::{BodyExt, Full};
 use tokio::sync::Semaphore;
 
 use crate::h1::{request_bytes, H1Conn};
@@ -46,6 +48,8 @@ pub struct RunConfig {
     pub track_header: Option<HeaderName>,
     /// Show a live one-line progress display on standard error.
     pub progress: bool,
+    /// HTTP/2 with prior knowledge (h2c): one multiplexed connection per worker thread.
+    pub http2: bool,
 }
 
 /// Fills `{{seq}}`, `{{uuid}}` and `{{random_int}}`.
@@ -91,6 +95,8 @@ struct Worker {
     ledger: Arc<Mutex<Ledger>>,
     /// Idle connections of the open model.
     idle: Mutex<Vec<H1Conn>>,
+    /// The worker's HTTP/2 connection, when --http2; the async lock makes concurrent first requests share one connect.
+    h2: tokio::sync::Mutex<Option<hyper::client::conn::http2::SendRequest<Full<Bytes>>>>,
     /// The request's bytes when no header or body template varies them.
     fixed: Option<Vec<u8>>,
     /// One entry per request in flight or connection loop; the watchdog cuts requests past the timeout, so that
@@ -140,6 +146,7 @@ pub fn run(cfg: RunConfig) -> Summary {
                         cfg,
                         start,
                         idle: Mutex::new(Vec::new()),
+                        h2: tokio::sync::Mutex::new(None),
                     });
                     rt.block_on(drive(worker.clone(), threads));
                 })
@@ -331,6 +338,9 @@ impl Worker {
         slot: &mut Option<H1Conn>,
         watch: &Watch,
     ) {
+        if self.cfg.http2 {
+            return self.request_h2(due, seq, rng).await;
+        }
         let bytes = self.bytes(seq, rng);
         let head_only = self.cfg.target.method == Method::HEAD;
         let track = self.cfg.track_header.as_ref().map(|h| h.as_str());
@@ -361,6 +371,60 @@ impl Worker {
                     *slot = None;
                 }
                 self.record(Outcome::from_status(answer.status), due, done, service, answer.tracked.as_deref());
+            }
+        }
+    }
+
+    /// One request over the worker's HTTP/2 connection (made on first use, and again after it fails).
+    async fn request_h2(&self, due: Duration, seq: u64, rng: &mut fastrand::Rng) {
+        let t = &self.cfg.target;
+        let mut req = Request::builder().method(t.method.clone()).uri(format!("http://{}{}", t.authority, t.path));
+        for (name, value) in &t.headers {
+            if let Ok(v) = http::HeaderValue::from_str(&render(value, seq, rng)) {
+                req = req.header(name, v);
+            }
+        }
+        let body = t.body.as_deref().map(|b| render(b, seq, rng)).unwrap_or_default();
+        let req = req.body(Full::new(Bytes::from(body))).expect("valid request");
+        let sent = Instant::now();
+        let track = self.cfg.track_header.clone();
+        let exchange = async {
+            let mut sender = {
+                let mut shared = self.h2.lock().await;
+                match shared.as_ref() {
+                    Some(s) if !s.is_closed() => s.clone(),
+                    _ => {
+                        let stream = tokio::net::TcpStream::connect(t.addr).await.map_err(|_| Outcome::Connect)?;
+                        let _ = stream.set_nodelay(true);
+                        let (s, conn) = hyper::client::conn::http2::handshake(
+                            hyper_util::rt::TokioExecutor::new(),
+                            hyper_util::rt::TokioIo::new(stream),
+                        )
+                        .await
+                        .map_err(|_| Outcome::Connect)?;
+                        tokio::spawn(conn);
+                        *shared = Some(s.clone());
+                        s
+                    }
+                }
+            };
+            let resp = sender.send_request(req).await.map_err(|_| Outcome::Reset)?;
+            let status = resp.status().as_u16();
+            let tracked = track
+                .as_ref()
+                .and_then(|h| resp.headers().get(h))
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            resp.into_body().collect().await.map_err(|_| Outcome::Reset)?;
+            Ok::<_, Outcome>((status, tracked))
+        };
+        let result = tokio::time::timeout(self.cfg.timeout, exchange).await;
+        let now = Instant::now();
+        let (done, service) = (now.duration_since(self.start), Some(now.duration_since(sent)));
+        match result {
+            Err(_) => self.record(Outcome::Timeout, due, done, service, None),
+            Ok(Err(o)) => self.record(o, due, done, if o == Outcome::Connect { None } else { service }, None),
+            Ok(Ok((status, tracked))) => {
+                self.record(Outcome::from_status(status), due, done, service, tracked.as_deref())
             }
         }
     }

@@ -98,8 +98,11 @@ struct LoadArgs {
     #[arg(long)]
     body: Option<String>,
     /// Open a new connection for every request instead of keeping connections alive.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "http2")]
     no_keepalive: bool,
+    /// Speak HTTP/2 with prior knowledge (h2c): one multiplexed connection per worker thread.
+    #[arg(long)]
+    http2: bool,
     /// Count the values of this response header, overall and per second (e.g. X-Nonstop-Version).
     #[arg(long)]
     track_header: Option<String>,
@@ -349,6 +352,7 @@ fn load_config(
             keep_alive: !a.no_keepalive,
             track_header,
             progress,
+            http2: a.http2,
         },
         thresholds,
         info,

@@ -311,3 +311,23 @@ fn a_terminal_gets_a_live_progress_line_and_a_pipe_does_not() {
     let piped = Command::new(bin()).args(["load", &a.url("/"), "--rate", "100", "--duration", "2s"]).output().unwrap();
     assert!(!String::from_utf8_lossy(&piped.stderr).contains("\x1b[K"), "progress drawn into a pipe");
 }
+
+#[test]
+fn http2_with_prior_knowledge() {
+    let dir = TempDir::new("load-h2");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let echo = rt.block_on(nonstop_testkit::echo::start("e"));
+    let url = format!("http://{echo}/");
+    let (code, stdout, doc) =
+        load(&dir, &[&url, "--http2", "--rate", "200", "--duration", "2s", "--track-header", "x-echo-version"]);
+    assert_eq!(code, 0, "{stdout}");
+    assert_eq!(n(&doc["requests"]["ok"]), 400, "{stdout}");
+    assert_eq!(n(&doc["headers"]["HTTP/2.0"]), 400, "every request went over HTTP/2: {}", doc["headers"]);
+    assert_exact_accounting(&doc);
+    let (code, stdout, doc) =
+        load(&dir, &[&url, "--http2", "--connections", "8", "--duration", "1s", "--track-header", "x-echo-version"]);
+    assert_eq!(code, 0, "{stdout}");
+    assert_eq!(n(&doc["headers"]["HTTP/2.0"]), n(&doc["requests"]["ok"]));
+    assert!(n(&doc["requests"]["ok"]) > 100, "{stdout}");
+    assert_exact_accounting(&doc);
+}

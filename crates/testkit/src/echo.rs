@@ -7,6 +7,8 @@
 //! - `GET /slow?ms=N`: answers after N ms.
 //! - any request with `Upgrade`: 101, then echoes bytes back.
 //! - anything else: 200 `{"server": NAME}`.
+//!
+//! Every response names the request's HTTP version in `x-echo-version`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -52,6 +54,7 @@ async fn handle(name: String, mut req: Request<Incoming>) -> Result<Response<Bod
         return Ok(resp);
     }
     let path = req.uri().path().to_string();
+    let version = req.version();
     let resp = match path.as_str() {
         "/headers" => {
             let mut map = serde_json::Map::new();
@@ -93,6 +96,7 @@ async fn handle(name: String, mut req: Request<Incoming>) -> Result<Response<Bod
         _ => Response::new(full(format!("{{\"server\":\"{name}\"}}"))),
     };
     let mut resp = resp;
+    resp.headers_mut().insert("x-echo-version", format!("{version:?}").parse().unwrap());
     resp.headers_mut().insert("server", "echo/1".parse().unwrap());
     resp.headers_mut().insert("x-nonstop-instance", name.parse().unwrap());
     Ok(resp)
