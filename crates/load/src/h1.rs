@@ -9,6 +9,8 @@ use tokio::net::TcpStream;
 
 /// Largest response head accepted.
 pub const HEAD_BYTES_MAX: usize = 64 * 1024;
+/// Most body bytes kept when a caller asks for the body (checks and captures).
+pub const BODY_KEPT_MAX: usize = 1024 * 1024;
 /// Most response headers parsed.
 const HEADERS_MAX: usize = 64;
 
@@ -34,6 +36,8 @@ fn malformed(what: &str) -> ExchangeError {
 pub struct Answer {
     pub status: u16,
     pub tracked: Option<String>,
+    /// The body, when asked for (up to [`BODY_KEPT_MAX`] bytes).
+    pub body: Option<Vec<u8>>,
     /// False when the server asked to close the connection (or the body ran to the close).
     pub reusable: bool,
 }
@@ -90,6 +94,18 @@ impl H1Conn {
         head_only: bool,
         track: Option<&str>,
     ) -> Result<Answer, ExchangeError> {
+        self.exchange_keeping(request, head_only, track, false).await
+    }
+
+    /// [`H1Conn::exchange`], also returning the body when `keep_body`.
+    pub async fn exchange_keeping(
+        &mut self,
+        request: &[u8],
+        head_only: bool,
+        track: Option<&str>,
+        keep_body: bool,
+    ) -> Result<Answer, ExchangeError> {
+        let mut kept: Option<Vec<u8>> = keep_body.then(Vec::new);
         self.stream.write_all(request).await?;
         // Parse the head.
         let (status, framing, tracked, mut reusable, head_len) = loop {
@@ -138,6 +154,10 @@ impl H1Conn {
             Framing::Length(mut left) => loop {
                 let have = (self.buf.len() - self.pos) as u64;
                 let take = have.min(left);
+                if let Some(k) = kept.as_mut() {
+                    let room = BODY_KEPT_MAX.saturating_sub(k.len()).min(take as usize);
+                    k.extend_from_slice(&self.buf[self.pos..self.pos + room]);
+                }
                 self.pos += take as usize;
                 left -= take;
                 if left == 0 {
@@ -145,10 +165,14 @@ impl H1Conn {
                 }
                 self.fill().await?;
             },
-            Framing::Chunked => self.skip_chunked().await?,
+            Framing::Chunked => self.skip_chunked(kept.as_mut()).await?,
             Framing::UntilClose => {
                 reusable = false;
                 loop {
+                    if let Some(k) = kept.as_mut() {
+                        let room = BODY_KEPT_MAX.saturating_sub(k.len()).min(self.buf.len() - self.pos);
+                        k.extend_from_slice(&self.buf[self.pos..self.pos + room]);
+                    }
                     self.pos = self.buf.len();
                     match self.fill().await {
                         Ok(()) => {}
@@ -161,11 +185,11 @@ impl H1Conn {
             self.buf.clear();
             self.pos = 0;
         }
-        Ok(Answer { status, tracked, reusable })
+        Ok(Answer { status, tracked, reusable, body: kept })
     }
 
     /// Skips a chunked body, trailers included.
-    async fn skip_chunked(&mut self) -> Result<(), ExchangeError> {
+    async fn skip_chunked(&mut self, mut kept: Option<&mut Vec<u8>>) -> Result<(), ExchangeError> {
         loop {
             // A size line.
             let line_end = loop {
@@ -204,6 +228,12 @@ impl H1Conn {
             loop {
                 let have = (self.buf.len() - self.pos) as u64;
                 let take = have.min(left);
+                if let Some(k) = kept.as_deref_mut() {
+                    // Keep the data, not its closing CRLF.
+                    let data = take.min(left.saturating_sub(2)) as usize;
+                    let room = BODY_KEPT_MAX.saturating_sub(k.len()).min(data);
+                    k.extend_from_slice(&self.buf[self.pos..self.pos + room]);
+                }
                 self.pos += take as usize;
                 left -= take;
                 if left == 0 {
@@ -285,9 +315,10 @@ mod tests {
         let mut c = H1Conn::connect(addr).await.unwrap();
         let req = request_bytes("GET", "/", "x", &[], b"", false);
         let a = c.exchange(&req, false, Some("x-v")).await.unwrap();
-        assert_eq!(a, Answer { status: 200, tracked: Some("v2".into()), reusable: true });
-        let a = c.exchange(&req, false, None).await.unwrap();
+        assert_eq!(a, Answer { status: 200, tracked: Some("v2".into()), reusable: true, body: None });
+        let a = c.exchange_keeping(&req, false, None, true).await.unwrap();
         assert_eq!((a.status, a.reusable), (503, true));
+        assert_eq!(a.body.as_deref(), Some(&b"abc0123456789abcdef"[..]));
         assert_eq!(c.exchange(&req, false, None).await.unwrap().status, 204);
         let a = c.exchange(&req, false, None).await.unwrap();
         assert_eq!((a.status, a.reusable), (201, false));

@@ -152,9 +152,9 @@ pub fn page(s: &Summary, info: &RunInfo, title: &str) -> String {
         ("4xx".to_string(), "#fdae6b", at(&|t| t.counts.http_4xx as f64)),
         ("5xx".to_string(), "#de2d26", at(&|t| t.counts.http_5xx as f64)),
         (
-            "connect/reset/timeout".to_string(),
+            "connect/reset/timeout/check".to_string(),
             "#756bb1",
-            at(&|t| (t.counts.connect + t.counts.reset + t.counts.timeout) as f64),
+            at(&|t| (t.counts.connect + t.counts.reset + t.counts.timeout + t.counts.check) as f64),
         ),
         ("not sent".to_string(), "#969696", at(&|t| t.counts.not_sent as f64)),
     ];

@@ -21,6 +21,8 @@ pub enum Outcome {
     Reset,
     /// No complete response within the timeout.
     Timeout,
+    /// A response that failed a scenario step's check.
+    CheckFailed,
     /// The generator could not send it on time (it fell behind, or the run ended first).
     NotSent,
 }
@@ -61,6 +63,7 @@ pub struct Counts {
     pub connect: u64,
     pub reset: u64,
     pub timeout: u64,
+    pub check: u64,
     pub not_sent: u64,
 }
 
@@ -73,6 +76,7 @@ impl Counts {
             Outcome::Connect => self.connect += 1,
             Outcome::Reset => self.reset += 1,
             Outcome::Timeout => self.timeout += 1,
+            Outcome::CheckFailed => self.check += 1,
             Outcome::NotSent => self.not_sent += 1,
         }
     }
@@ -84,11 +88,12 @@ impl Counts {
         self.connect += o.connect;
         self.reset += o.reset;
         self.timeout += o.timeout;
+        self.check += o.check;
         self.not_sent += o.not_sent;
     }
 
     pub fn total(&self) -> u64 {
-        self.ok + self.http_4xx + self.http_5xx + self.connect + self.reset + self.timeout + self.not_sent
+        self.ok + self.http_4xx + self.http_5xx + self.connect + self.reset + self.timeout + self.check + self.not_sent
     }
 
     /// Every outcome but ok (not_sent included: a request the generator could not send was not served).

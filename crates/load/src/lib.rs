@@ -7,6 +7,7 @@ pub mod html;
 pub mod ledger;
 pub mod report;
 pub mod run;
+pub mod scenario;
 pub mod schedule;
 pub mod threshold;
 

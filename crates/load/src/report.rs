@@ -11,6 +11,8 @@ pub const NOT_SENT_INVALID_SHARE: f64 = 0.01;
 #[derive(Debug, Clone)]
 pub struct RunInfo {
     pub model: &'static str,
+    /// True when arrivals start scenario flows (the target rate is in flows/s, the achieved one in requests/s).
+    pub scenario: bool,
     pub target_rate: Option<f64>,
     pub duration_s: f64,
 }
@@ -40,6 +42,7 @@ pub fn json(s: &Summary, info: &RunInfo) -> Value {
                 "connect": t.counts.connect,
                 "reset": t.counts.reset,
                 "timeout": t.counts.timeout,
+                "check": t.counts.check,
                 "not_sent": t.counts.not_sent,
                 "p50_ms": t.p50_ms,
                 "p90_ms": t.p90_ms,
@@ -57,10 +60,10 @@ pub fn json(s: &Summary, info: &RunInfo) -> Value {
         "valid": valid(s),
         "requests": { "scheduled": c.total(), "ok": c.ok, "failed": c.failed(), "not_sent": c.not_sent },
         "status": status,
-        "errors": { "connect": c.connect, "reset": c.reset, "timeout": c.timeout },
+        "errors": { "connect": c.connect, "reset": c.reset, "timeout": c.timeout, "check": c.check },
         "latency_ms": { "p50": p50, "p90": p90, "p99": p99, "p999": p999, "max": s.corrected_max_ms },
         "latency_uncorrected_ms": { "p50": u50, "p90": u90, "p99": u99, "p999": u999, "max": s.uncorrected_max_ms },
-        "rate": { "target": info.target_rate, "achieved": achieved_rate(s, info) },
+        "rate": { "target": info.target_rate, "target_unit": if info.scenario { "flows/s" } else { "requests/s" }, "achieved": achieved_rate(s, info) },
         "max_success_gap_ms": s.max_success_gap_ms,
         "timeline": timeline,
         "headers": headers,
@@ -72,10 +75,11 @@ pub fn text(s: &Summary, info: &RunInfo) -> String {
     let [p50, p90, p99, p999] = s.corrected_ms;
     let [u50, _, u99, _] = s.uncorrected_ms;
     let mut out = format!(
-        "{} model, {:.1} s: {} scheduled, {} ok, {} failed ({} 4xx, {} 5xx, {} connect, {} reset, {} timeout, {} not sent)\n",
-        info.model, info.duration_s, c.total(), c.ok, c.failed(), c.http_4xx, c.http_5xx, c.connect, c.reset, c.timeout, c.not_sent
+        "{} model, {:.1} s: {} scheduled, {} ok, {} failed ({} 4xx, {} 5xx, {} connect, {} reset, {} timeout, {} check, {} not sent)\n",
+        info.model, info.duration_s, c.total(), c.ok, c.failed(), c.http_4xx, c.http_5xx, c.connect, c.reset, c.timeout, c.check, c.not_sent
     );
-    let target = info.target_rate.map_or(String::new(), |r| format!(" (target {r:.0})"));
+    let unit = if info.scenario { "flows" } else { "requests" };
+    let target = info.target_rate.map_or(String::new(), |r| format!(" (target {r:.0} {unit}/s)"));
     out.push_str(&format!("rate: {:.1} requests/s achieved{target}\n", achieved_rate(s, info)));
     out.push_str(&format!(
         "latency from schedule (ms): p50 {p50:.2}  p90 {p90:.2}  p99 {p99:.2}  p99.9 {p999:.2}  max {:.2}\n",

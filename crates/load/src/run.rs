@@ -14,6 +14,7 @@ use http_body_util::{BodyExt, Full};
 use tokio::sync::Semaphore;
 
 use crate::h1::{request_bytes, H1Conn};
+use crate::scenario::Scenario;
 
 use crate::ledger::{Ledger, Outcome, Summary};
 use crate::schedule::Schedule;
@@ -50,10 +51,23 @@ pub struct RunConfig {
     pub progress: bool,
     /// HTTP/2 with prior knowledge (h2c): one multiplexed connection per worker thread.
     pub http2: bool,
+    /// Weighted flows of steps instead of one request: each arrival (open model) or loop turn (closed model)
+    /// runs one flow.
+    pub scenario: Option<Arc<Scenario>>,
 }
 
 /// Fills `{{seq}}`, `{{uuid}}` and `{{random_int}}`.
 pub fn render(template: &str, seq: u64, rng: &mut fastrand::Rng) -> String {
+    render_with(template, seq, rng, &std::collections::BTreeMap::new())
+}
+
+/// Fills `{{seq}}`, `{{uuid}}`, `{{random_int}}` and `{{NAME}}` for every variable in `vars`.
+pub fn render_with(
+    template: &str,
+    seq: u64,
+    rng: &mut fastrand::Rng,
+    vars: &std::collections::BTreeMap<String, String>,
+) -> String {
     if !template.contains("{{") {
         return template.to_string();
     }
@@ -72,6 +86,9 @@ pub fn render(template: &str, seq: u64, rng: &mut fastrand::Rng) -> String {
     }
     while out.contains("{{random_int}}") {
         out = out.replacen("{{random_int}}", &rng.u32(..1_000_000_000).to_string(), 1);
+    }
+    for (name, value) in vars {
+        out = out.replace(&format!("{{{{{name}}}}}"), value);
     }
     out
 }
@@ -245,7 +262,10 @@ async fn drive(w: Arc<Worker>, threads: usize) {
                         let watch = w.watch();
                         while Instant::now() < end {
                             let due = w.start.elapsed();
-                            w.request(due, seq, &mut rng, &mut conn, &watch).await;
+                            match &w.cfg.scenario {
+                                Some(sc) => w.iteration(sc, due, seq, &mut rng, &mut conn, &watch).await,
+                                None => w.request(due, seq, &mut rng, &mut conn, &watch).await,
+                            }
                             seq += 1;
                         }
                     })
@@ -270,7 +290,11 @@ async fn drive(w: Arc<Worker>, threads: usize) {
                     () = tokio::time::sleep_until(end.into()) => None,
                 };
                 let Some(permit) = permit else {
-                    w.record(Outcome::NotSent, due, w.start.elapsed(), None, None);
+                    // Every request the arrival would have made is not sent: one, or each step of a flow.
+                    let requests = w.cfg.scenario.as_ref().map_or(1, |sc| sc.pick(&mut rng).steps.len());
+                    for _ in 0..requests {
+                        w.record(Outcome::NotSent, due, w.start.elapsed(), None, None);
+                    }
                     n += threads as u64;
                     continue;
                 };
@@ -280,7 +304,10 @@ async fn drive(w: Arc<Worker>, threads: usize) {
                     let _permit = permit;
                     let mut conn = w2.idle.lock().expect("idle lock").pop();
                     let watch = w2.watch();
-                    w2.request(due, n, &mut task_rng, &mut conn, &watch).await;
+                    match w2.cfg.scenario.clone() {
+                        Some(sc) => w2.iteration(&sc, due, n, &mut task_rng, &mut conn, &watch).await,
+                        None => w2.request(due, n, &mut task_rng, &mut conn, &watch).await,
+                    }
                     if let Some(c) = conn {
                         w2.idle.lock().expect("idle lock").push(c);
                     }
@@ -328,8 +355,7 @@ impl Worker {
     }
 
     /// Sends request `seq` (due at `due`) over `slot`'s connection, connecting first if it has none, and records
-    /// how it ended. A connection that cannot be reused is dropped from the slot. `watch` lets the watchdog cut the
-    /// exchange at the timeout; connecting has a timer of its own.
+    /// how it ended.
     async fn request(
         &self,
         due: Duration,
@@ -343,20 +369,71 @@ impl Worker {
         }
         let bytes = self.bytes(seq, rng);
         let head_only = self.cfg.target.method == Method::HEAD;
+        let (outcome, done, service, answer) = self.exchange_once(&bytes, head_only, false, slot, watch).await;
+        self.record(outcome, due, done, service, answer.as_ref().and_then(|a| a.tracked.as_deref()));
+    }
+
+    /// Runs one flow of the scenario: its steps in order on one connection, each recorded as a request, with
+    /// captured variables carried from step to step. The first step is due at `due`; each later one when the
+    /// previous step and its think time are over. A failed step ends the flow.
+    async fn iteration(
+        &self,
+        scenario: &Scenario,
+        due: Duration,
+        seq: u64,
+        rng: &mut fastrand::Rng,
+        slot: &mut Option<H1Conn>,
+        watch: &Watch,
+    ) {
+        let flow = scenario.pick(rng);
+        let mut vars = std::collections::BTreeMap::new();
+        let mut step_due = due;
+        for step in &flow.steps {
+            let bytes = step.bytes(&self.cfg.target.authority, seq, rng, &vars);
+            let head_only = step.method == Method::HEAD;
+            let (mut outcome, done, service, answer) =
+                self.exchange_once(&bytes, head_only, step.reads_body(), slot, watch).await;
+            if let Some(a) = &answer {
+                if !step.judge(a.status, a.body.as_deref().unwrap_or_default(), &mut vars) {
+                    outcome = Outcome::CheckFailed;
+                }
+            }
+            self.record(outcome, step_due, done, service, answer.as_ref().and_then(|a| a.tracked.as_deref()));
+            if !outcome.is_ok() {
+                return;
+            }
+            if step.think_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(step.think_ms)).await;
+            }
+            step_due = self.start.elapsed();
+        }
+    }
+
+    /// One exchange over `slot`'s connection (connecting first if it has none; a connection that cannot be reused
+    /// is dropped from the slot): how it ended, when (from the run's start), the time from the send, and the
+    /// response if there was one. `watch` lets the watchdog cut it at the timeout; connecting has its own timer.
+    async fn exchange_once(
+        &self,
+        bytes: &[u8],
+        head_only: bool,
+        keep_body: bool,
+        slot: &mut Option<H1Conn>,
+        watch: &Watch,
+    ) -> (Outcome, Duration, Option<Duration>, Option<crate::h1::Answer>) {
         let track = self.cfg.track_header.as_ref().map(|h| h.as_str());
         let sent = Instant::now();
         if slot.is_none() {
             match tokio::time::timeout(self.cfg.timeout, H1Conn::connect(self.cfg.target.addr)).await {
                 Ok(Ok(c)) => *slot = Some(c),
-                Ok(Err(_)) => return self.record(Outcome::Connect, due, self.start.elapsed(), None, None),
-                Err(_) => return self.record(Outcome::Timeout, due, self.start.elapsed(), None, None),
+                Ok(Err(_)) => return (Outcome::Connect, self.start.elapsed(), None, None),
+                Err(_) => return (Outcome::Timeout, self.start.elapsed(), None, None),
             }
         }
         let conn = slot.as_mut().expect("connected above");
         watch.fd.store(conn.raw_fd(), Relaxed);
         watch.fired.store(false, Relaxed);
         watch.started_ns.store(sent.duration_since(self.start).as_nanos() as u64 + 1, Relaxed);
-        let result = conn.exchange(&bytes, head_only, track).await;
+        let result = conn.exchange_keeping(bytes, head_only, track, keep_body).await;
         watch.started_ns.store(0, Relaxed);
         let now = Instant::now();
         let (done, service) = (now.duration_since(self.start), Some(now.duration_since(sent)));
@@ -364,13 +441,13 @@ impl Worker {
             Err(_) => {
                 *slot = None;
                 let outcome = if watch.fired.load(Relaxed) { Outcome::Timeout } else { Outcome::Reset };
-                self.record(outcome, due, done, service, None);
+                (outcome, done, service, None)
             }
             Ok(answer) => {
                 if !answer.reusable || !self.cfg.keep_alive {
                     *slot = None;
                 }
-                self.record(Outcome::from_status(answer.status), due, done, service, answer.tracked.as_deref());
+                (Outcome::from_status(answer.status), done, service, Some(answer))
             }
         }
     }

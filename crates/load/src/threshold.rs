@@ -20,7 +20,7 @@ pub struct Threshold {
     value: f64,
 }
 
-const METRICS: &str = "p50, p90, p99, p999, max (ms), failed, ok, not_sent, errors (connect+reset+timeout), \
+const METRICS: &str = "p50, p90, p99, p999, max (ms), failed, ok, not_sent, errors (connect+reset+timeout+check), \
                        error_rate (% failed), rate (achieved requests/s), max_success_gap (ms)";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -72,7 +72,7 @@ impl Threshold {
             "failed" => c.failed() as f64,
             "ok" => c.ok as f64,
             "not_sent" => c.not_sent as f64,
-            "errors" => (c.connect + c.reset + c.timeout) as f64,
+            "errors" => (c.connect + c.reset + c.timeout + c.check) as f64,
             "error_rate" => 100.0 * c.failed() as f64 / (c.total().max(1)) as f64,
             "rate" => achieved_rate,
             "max_success_gap" => s.max_success_gap_ms as f64,

@@ -67,8 +67,13 @@ struct ServeArgs {
 
 #[derive(Args, Clone)]
 struct LoadArgs {
-    /// The URL to load, such as http://127.0.0.1:8080/ (plain HTTP).
+    /// The URL to load, such as http://127.0.0.1:8080/ (plain HTTP). With --scenario, the base URL that the steps'
+    /// paths are relative to.
     url: String,
+    /// A scenario file (TOML): weighted flows of steps with templates, captures, checks and think time (see
+    /// docs/load.md). Each arrival, or each turn of a connection in the closed model, runs one flow.
+    #[arg(long, conflicts_with = "http2")]
+    scenario: Option<PathBuf>,
     /// Closed model: this many connections, each sending back to back. In the open model: the most connections
     /// open at once [default: 64 closed, 512 open].
     #[arg(long, short = 'c')]
@@ -321,6 +326,7 @@ fn load_config(
             },
             nonstop_load::report::RunInfo {
                 model: "open",
+                scenario: a.scenario.is_some(),
                 target_rate: Some(rate),
                 duration_s: duration.as_secs_f64(),
             },
@@ -331,17 +337,37 @@ fn load_config(
             let mean = schedule.total() as f64 / secs.max(1e-9);
             (
                 nonstop_load::Model::Open { schedule, connections: a.connections.unwrap_or(512) },
-                nonstop_load::report::RunInfo { model: "open", target_rate: Some(mean), duration_s: secs },
+                nonstop_load::report::RunInfo {
+                    model: "open",
+                    scenario: a.scenario.is_some(),
+                    target_rate: Some(mean),
+                    duration_s: secs,
+                },
             )
         }
         (None, None) => (
             nonstop_load::Model::Closed { connections: a.connections.unwrap_or(64), duration },
-            nonstop_load::report::RunInfo { model: "closed", target_rate: None, duration_s: duration.as_secs_f64() },
+            nonstop_load::report::RunInfo {
+                model: "closed",
+                scenario: a.scenario.is_some(),
+                target_rate: None,
+                duration_s: duration.as_secs_f64(),
+            },
         ),
     };
     let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let target =
         nonstop_load::Target { addr, authority, path, method: method.expect("checked"), headers, body: a.body.clone() };
+    let scenario = match &a.scenario {
+        None => None,
+        Some(path) => match std::fs::read_to_string(path) {
+            Err(e) => return Err(vec![format!("--scenario {}: {e}", path.display())]),
+            Ok(text) => match nonstop_load::scenario::Scenario::parse(&text) {
+                Ok(s) => Some(std::sync::Arc::new(s)),
+                Err(e) => return Err(vec![format!("--scenario {}: {e}", path.display())]),
+            },
+        },
+    };
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     Ok((
         nonstop_load::RunConfig {
@@ -353,6 +379,7 @@ fn load_config(
             track_header,
             progress,
             http2: a.http2,
+            scenario,
         },
         thresholds,
         info,

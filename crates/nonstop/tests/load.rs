@@ -40,7 +40,7 @@ fn n(v: &serde_json::Value) -> u64 {
 fn assert_exact_accounting(doc: &serde_json::Value) {
     let r = &doc["requests"];
     let statuses: u64 = doc["status"].as_object().unwrap().values().map(n).sum();
-    let errors = n(&doc["errors"]["connect"]) + n(&doc["errors"]["reset"]) + n(&doc["errors"]["timeout"]);
+    let errors = ["connect", "reset", "timeout", "check"].iter().map(|k| n(&doc["errors"][*k])).sum::<u64>();
     assert_eq!(statuses + errors + n(&r["not_sent"]), n(&r["scheduled"]), "{doc}");
     assert_eq!(n(&r["ok"]) + n(&r["failed"]), n(&r["scheduled"]), "{doc}");
     let timeline: u64 = doc["timeline"]
@@ -48,7 +48,7 @@ fn assert_exact_accounting(doc: &serde_json::Value) {
         .unwrap()
         .iter()
         .map(|t| {
-            ["ok", "http_4xx", "http_5xx", "connect", "reset", "timeout", "not_sent"]
+            ["ok", "http_4xx", "http_5xx", "connect", "reset", "timeout", "check", "not_sent"]
                 .iter()
                 .map(|k| n(&t[*k]))
                 .sum::<u64>()
@@ -330,4 +330,62 @@ fn http2_with_prior_knowledge() {
     assert_eq!(n(&doc["headers"]["HTTP/2.0"]), n(&doc["requests"]["ok"]));
     assert!(n(&doc["requests"]["ok"]) > 100, "{stdout}");
     assert_exact_accounting(&doc);
+}
+
+#[test]
+fn scenario_flows_capture_check_and_count_every_step() {
+    let dir = TempDir::new("load-scenario");
+    let a = app(&dir, &[]);
+    let scenario = dir.path().join("orders.toml");
+    std::fs::write(
+        &scenario,
+        r#"
+[[flow]]
+name = "order"
+weight = 1
+[[flow.step]]
+method = "POST"
+url = "/orders"
+headers = { "Idempotency-Key" = "{{uuid}}" }
+json = { item = "book-{{seq}}", qty = 2 }
+capture = { order_id = "id" }
+check = { status = 201, json_path = "qty", json_equals = 2 }
+[[flow.step]]
+url = "/orders/{{order_id}}"
+check = { status = 200, body_contains = "book-" }
+think_ms = 5
+
+[[flow]]
+name = "wrong expectation"
+weight = 1
+[[flow.step]]
+url = "/"
+check = { body_contains = "this text is not there" }
+"#,
+    )
+    .unwrap();
+    let base = a.url("");
+    let (code, stdout, doc) =
+        load(&dir, &[&base, "--scenario", scenario.to_str().unwrap(), "--rate", "50", "--duration", "2s"]);
+    assert_eq!(code, 0, "{stdout}");
+    assert_exact_accounting(&doc);
+    let checks = n(&doc["errors"]["check"]);
+    let ok = n(&doc["requests"]["ok"]);
+    // 100 arrivals: each "order" flow makes 2 ok requests, each "wrong expectation" flow 1 failed check.
+    assert_eq!(checks + ok / 2, 100, "{stdout}");
+    assert!(checks > 20 && ok > 40, "both flows ran: {stdout}");
+    assert_eq!(ok % 2, 0, "every order flow ran both steps: {stdout}");
+    let rows = nonstop_testkit::Conn::open(a.addr);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let count = rt.block_on(async {
+        let mut c = rows.await.unwrap();
+        c.send(nonstop_testkit::Method::GET, "/orders/count", &[], "").await.unwrap().json()["count"].as_u64().unwrap()
+    });
+    assert_eq!(count, ok / 2, "one row per successful POST step");
+
+    // A scenario with a mistake is refused with exit 2, naming the problem.
+    std::fs::write(&scenario, "[[flow]]\nname = \"x\"\n[[flow.step]]\nurl = \"/\"\ncolour = 1\n").unwrap();
+    let out = Command::new(bin()).args(["load", &base, "--scenario", scenario.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("colour"));
 }
