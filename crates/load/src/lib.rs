@@ -12,6 +12,6 @@ pub mod schedule;
 pub mod threshold;
 
 pub use ledger::{Counts, Outcome, Summary};
-pub use run::{run, Model, RunConfig, Target};
+pub use run::{run, Model, RunConfig, RunResult, Target};
 pub use schedule::{parse_duration, parse_stages, Schedule, Stage};
 pub use threshold::Threshold;

@@ -54,6 +54,15 @@ pub struct RunConfig {
     /// Weighted flows of steps instead of one request: each arrival (open model) or loop turn (closed model)
     /// runs one flow.
     pub scenario: Option<Arc<Scenario>>,
+    /// Stop the run at the first of these thresholds to fail mid-run (`--abort-on-fail`).
+    pub abort_on: Vec<crate::threshold::Threshold>,
+}
+
+/// How a run ended.
+pub struct RunResult {
+    pub summary: Summary,
+    /// The threshold that stopped the run early, if one did.
+    pub aborted_by: Option<String>,
 }
 
 /// Fills `{{seq}}`, `{{uuid}}` and `{{random_int}}`.
@@ -106,6 +115,8 @@ struct Watch {
 }
 
 struct Worker {
+    /// Set when an --abort-on-fail threshold failed: no new request is started.
+    abort: Arc<AtomicBool>,
     index: usize,
     cfg: Arc<RunConfig>,
     start: Instant,
@@ -122,7 +133,7 @@ struct Worker {
 }
 
 /// Runs the load and returns the merged summary.
-pub fn run(cfg: RunConfig) -> Summary {
+pub fn run(cfg: RunConfig) -> RunResult {
     let threads = cfg.threads.max(1);
     let cfg = Arc::new(cfg);
     let span = match &cfg.model {
@@ -134,14 +145,18 @@ pub fn run(cfg: RunConfig) -> Summary {
         .map(|_| Arc::new(Mutex::new(Ledger::new(span + cfg.timeout * 2 + Duration::from_secs(2)))))
         .collect();
     let stop = Arc::new(AtomicBool::new(false));
-    let progress = cfg.progress.then(|| {
-        let (ledgers, stop) = (ledgers.clone(), stop.clone());
-        std::thread::spawn(move || progress_line(&ledgers, &stop, start))
+    let abort = Arc::new(AtomicBool::new(false));
+    let aborted_by = Arc::new(Mutex::new(None::<String>));
+    let monitor = (cfg.progress || !cfg.abort_on.is_empty()).then(|| {
+        let (ledgers, stop, cfg, abort, aborted_by) =
+            (ledgers.clone(), stop.clone(), cfg.clone(), abort.clone(), aborted_by.clone());
+        std::thread::spawn(move || monitor(&ledgers, &stop, start, &cfg, &abort, &aborted_by))
     });
     let handles: Vec<_> = (0..threads)
         .map(|index| {
             let cfg = cfg.clone();
             let ledger = ledgers[index].clone();
+            let abort = abort.clone();
             std::thread::Builder::new()
                 .name(format!("load-{index}"))
                 .spawn(move || {
@@ -156,6 +171,7 @@ pub fn run(cfg: RunConfig) -> Summary {
                         request_bytes(t.method.as_str(), &t.path, &t.authority, &headers, body, !cfg.keep_alive)
                     });
                     let worker = Arc::new(Worker {
+                        abort,
                         index,
                         fixed,
                         watches: Mutex::new(Vec::new()),
@@ -174,8 +190,8 @@ pub fn run(cfg: RunConfig) -> Summary {
         h.join().expect("load worker panicked");
     }
     stop.store(true, Relaxed);
-    if let Some(p) = progress {
-        let _ = p.join();
+    if let Some(m) = monitor {
+        let _ = m.join();
     }
     // Every task that recorded into a ledger ended with its worker's runtime: take the ledgers as they are.
     let mut finished =
@@ -184,11 +200,21 @@ pub fn run(cfg: RunConfig) -> Summary {
     for l in finished {
         merged.merge(l);
     }
-    merged.finish(span)
+    let aborted_by = aborted_by.lock().expect("abort lock").take();
+    let ran = if aborted_by.is_some() { start.elapsed().min(span) } else { span };
+    RunResult { summary: merged.finish(ran), aborted_by }
 }
 
-/// Rewrites one line on standard error every second: elapsed time, the last second's rate, ok, failed, p99 so far.
-fn progress_line(ledgers: &[Arc<Mutex<Ledger>>], stop: &AtomicBool, start: Instant) {
+/// Once a second: judges the --abort-on-fail thresholds that can be judged mid-run, and (on a terminal) rewrites
+/// one line on standard error: elapsed time, the last second's rate, ok, failed, p99 so far.
+fn monitor(
+    ledgers: &[Arc<Mutex<Ledger>>],
+    stop: &AtomicBool,
+    start: Instant,
+    cfg: &RunConfig,
+    abort: &AtomicBool,
+    aborted_by: &Mutex<Option<String>>,
+) {
     use std::io::Write;
     let mut last_total = 0;
     while !stop.load(Relaxed) {
@@ -200,6 +226,16 @@ fn progress_line(ledgers: &[Arc<Mutex<Ledger>>], stop: &AtomicBool, start: Insta
             p99 = p99.max(l.p99_so_far_ms());
         }
         let total = counts.total();
+        if !abort.load(Relaxed) {
+            if let Some(t) = cfg.abort_on.iter().find(|t| t.measure_live(&counts, p99).is_some_and(|v| !t.holds(v))) {
+                *aborted_by.lock().expect("abort lock") = Some(t.text().to_string());
+                abort.store(true, Relaxed);
+            }
+        }
+        if !cfg.progress {
+            last_total = total;
+            continue;
+        }
         let line = format!(
             "\r\x1b[K{:>5.0}s  rate {:>9.1}/s  ok {:>10}  failed {:>8}  p99 {:>9.2} ms",
             start.elapsed().as_secs_f64(),
@@ -260,7 +296,7 @@ async fn drive(w: Arc<Worker>, threads: usize) {
                         let mut seq = (w.index as u64) << 40 | (c as u64) << 32;
                         let mut conn = None;
                         let watch = w.watch();
-                        while Instant::now() < end {
+                        while Instant::now() < end && !w.abort.load(Relaxed) {
                             let due = w.start.elapsed();
                             match &w.cfg.scenario {
                                 Some(sc) => w.iteration(sc, due, seq, &mut rng, &mut conn, &watch).await,
@@ -283,6 +319,9 @@ async fn drive(w: Arc<Worker>, threads: usize) {
             let mut n = w.index as u64;
             while let Some(due) = schedule.due(n) {
                 tokio::time::sleep_until((w.start + due).into()).await;
+                if w.abort.load(Relaxed) {
+                    break; // the run was stopped: later arrivals are not part of it
+                }
                 // Past the end of the schedule, a request still waiting for a connection is not sent.
                 let permit = tokio::select! {
                     biased;

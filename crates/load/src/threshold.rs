@@ -80,6 +80,21 @@ impl Threshold {
         }
     }
 
+    /// The metric's value mid-run, from the counts and p99 so far; `None` for metrics judged only at the end
+    /// (p50, p90, p99.9, max, max_success_gap).
+    pub fn measure_live(&self, c: &crate::ledger::Counts, p99_ms: f64) -> Option<f64> {
+        Some(match self.metric.as_str() {
+            "p99" => p99_ms,
+            "failed" => c.failed() as f64,
+            "not_sent" => c.not_sent as f64,
+            "errors" => (c.connect + c.reset + c.timeout + c.check) as f64,
+            // A share is meaningful once there is something to share.
+            "error_rate" if c.total() >= 100 => 100.0 * c.failed() as f64 / c.total() as f64,
+            // ok, rate and the rest depend on the whole run.
+            _ => return None,
+        })
+    }
+
     pub fn holds(&self, measured: f64) -> bool {
         match self.op {
             Op::Lt => measured < self.value,

@@ -114,6 +114,10 @@ struct LoadArgs {
     /// A pass/fail condition such as "p99<50ms", "failed==0", "rate>=990" (repeatable).
     #[arg(long)]
     threshold: Vec<String>,
+    /// Stop the run as soon as a threshold that can be judged mid-run (p99, failed, not_sent, errors, error_rate)
+    /// fails; the exit status is then 1.
+    #[arg(long, requires = "threshold")]
+    abort_on_fail: bool,
     /// Write the full result, with the per-second timeline, as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -380,6 +384,7 @@ fn load_config(
             progress,
             http2: a.http2,
             scenario,
+            abort_on: if a.abort_on_fail { thresholds.clone() } else { Vec::new() },
         },
         thresholds,
         info,
@@ -397,8 +402,11 @@ fn run_load(args: LoadArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let summary = nonstop_load::run(cfg);
+    let nonstop_load::RunResult { summary, aborted_by } = nonstop_load::run(cfg);
     print!("{}", nonstop_load::report::text(&summary, &info));
+    if let Some(t) = &aborted_by {
+        println!("ABORTED: threshold {t} failed mid-run (--abort-on-fail)");
+    }
     let rate = nonstop_load::report::achieved_rate(&summary, &info);
     let mut failed = false;
     for t in &thresholds {
@@ -421,7 +429,7 @@ fn run_load(args: LoadArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    if failed {
+    if failed || aborted_by.is_some() {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
@@ -458,11 +466,12 @@ fn find_max(args: LoadArgs) -> ExitCode {
     while let Some(rate) = search.rate() {
         let mut cfg = base.clone();
         cfg.progress = false;
+        cfg.abort_on.clear();
         cfg.model = nonstop_load::Model::Open {
             schedule: nonstop_load::Schedule::constant(rate, step),
             connections: args.connections.unwrap_or(512),
         };
-        let s = nonstop_load::run(cfg);
+        let s = nonstop_load::run(cfg).summary;
         let c = &s.counts;
         let error_rate = 100.0 * c.failed() as f64 / c.total().max(1) as f64;
         let p99 = s.corrected_ms[2];

@@ -389,3 +389,18 @@ check = { body_contains = "this text is not there" }
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("colour"));
 }
+
+#[test]
+fn abort_on_fail_stops_the_run_at_the_first_failed_threshold() {
+    let dir = TempDir::new("load-abort");
+    let a = app(&dir, &["--fail-rate", "1"]);
+    let url = a.url("/");
+    let started = std::time::Instant::now();
+    let (code, stdout, doc) =
+        load(&dir, &[&url, "--rate", "100", "--duration", "30s", "--threshold", "failed==0", "--abort-on-fail"]);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(started.elapsed().as_secs() < 10, "a 30 s run must stop within seconds of failing: {stdout}");
+    assert!(stdout.contains("ABORTED: threshold failed==0"), "{stdout}");
+    assert!(n(&doc["requests"]["scheduled"]) < 1000, "{stdout}");
+    assert_exact_accounting(&doc);
+}
