@@ -151,20 +151,7 @@ impl H1Conn {
         self.pos += head_len;
         match framing {
             Framing::None => {}
-            Framing::Length(mut left) => loop {
-                let have = (self.buf.len() - self.pos) as u64;
-                let take = have.min(left);
-                if let Some(k) = kept.as_mut() {
-                    let room = BODY_KEPT_MAX.saturating_sub(k.len()).min(take as usize);
-                    k.extend_from_slice(&self.buf[self.pos..self.pos + room]);
-                }
-                self.pos += take as usize;
-                left -= take;
-                if left == 0 {
-                    break;
-                }
-                self.fill().await?;
-            },
+            Framing::Length(n) => self.consume(n, n, kept.as_mut()).await?,
             Framing::Chunked => self.skip_chunked(kept.as_mut()).await?,
             Framing::UntilClose => {
                 reusable = false;
@@ -224,24 +211,29 @@ impl H1Conn {
                     }
                 }
             }
-            let mut left = size + 2; // the data and its CRLF
-            loop {
-                let have = (self.buf.len() - self.pos) as u64;
-                let take = have.min(left);
-                if let Some(k) = kept.as_deref_mut() {
-                    // Keep the data, not its closing CRLF.
-                    let data = take.min(left.saturating_sub(2)) as usize;
-                    let room = BODY_KEPT_MAX.saturating_sub(k.len()).min(data);
-                    k.extend_from_slice(&self.buf[self.pos..self.pos + room]);
-                }
-                self.pos += take as usize;
-                left -= take;
-                if left == 0 {
-                    break;
-                }
+            // The chunk's data, kept if asked, then its closing CRLF.
+            self.consume(size + 2, size, kept.as_deref_mut()).await?;
+        }
+    }
+
+    /// Consumes the next `total` body bytes, reading as needed, and keeps (up to [`BODY_KEPT_MAX`]) the first
+    /// `data` of them.
+    async fn consume(&mut self, total: u64, data: u64, mut kept: Option<&mut Vec<u8>>) -> Result<(), ExchangeError> {
+        let mut done = 0u64;
+        while done < total {
+            if self.pos == self.buf.len() {
                 self.fill().await?;
             }
+            let take = ((self.buf.len() - self.pos) as u64).min(total - done);
+            if let Some(k) = kept.as_deref_mut() {
+                let keep = take.min(data.saturating_sub(done)) as usize;
+                let room = BODY_KEPT_MAX.saturating_sub(k.len()).min(keep);
+                k.extend_from_slice(&self.buf[self.pos..self.pos + room]);
+            }
+            self.pos += take as usize;
+            done += take;
         }
+        Ok(())
     }
 }
 

@@ -217,6 +217,15 @@ pub async fn exchange(
     }
 }
 
+/// Up to `left` buffered body bytes, without copying, and how many remain after them; `None` when none are buffered.
+fn take_data(conn: &mut RawConn, left: u64) -> Option<(Bytes, u64)> {
+    if conn.buf.is_empty() {
+        return None;
+    }
+    let n = (conn.buf.len() as u64).min(left);
+    Some((conn.buf.split_to(n as usize).freeze(), left - n))
+}
+
 /// A server's response body read straight off its socket.
 pub struct RawBody {
     conn: Option<RawConn>,
@@ -233,6 +242,15 @@ impl RawBody {
                 done(conn);
             }
         }
+    }
+
+    /// Reads more of the body: `None` when bytes arrived, the error when the read failed or the server closed.
+    fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Error>> {
+        Poll::Ready(match std::task::ready!(self.poll_fill(cx)) {
+            Ok(0) => Some(io::Error::new(io::ErrorKind::UnexpectedEof, "server closed mid-body")),
+            Ok(_) => None,
+            Err(e) => Some(e),
+        })
     }
 
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
@@ -262,24 +280,15 @@ impl Body for RawBody {
                 }
                 Framing::Length(left) => {
                     let conn = this.conn.as_mut().expect("body has its connection");
-                    if !conn.buf.is_empty() {
-                        let n = (conn.buf.len() as u64).min(left) as usize;
-                        let data = conn.buf.split_to(n).freeze();
-                        this.framing = Framing::Length(left - n as u64);
-                        if left == n as u64 {
+                    if let Some((data, rest)) = take_data(conn, left) {
+                        this.framing = Framing::Length(rest);
+                        if rest == 0 {
                             this.finish();
                         }
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
-                    match std::task::ready!(this.poll_fill(cx)) {
-                        Ok(0) => {
-                            return Poll::Ready(Some(Err(io::Error::new(
-                                io::ErrorKind::UnexpectedEof,
-                                "server closed mid-body",
-                            ))))
-                        }
-                        Ok(_) => continue,
-                        Err(e) => return Poll::Ready(Some(Err(e))),
+                    if let Some(e) = std::task::ready!(this.poll_more(cx)) {
+                        return Poll::Ready(Some(Err(e)));
                     }
                 }
                 Framing::UntilClose => {
@@ -300,10 +309,8 @@ impl Body for RawBody {
                 Framing::Chunked { left, last } => {
                     let conn = this.conn.as_mut().expect("body has its connection");
                     if left > 0 {
-                        if !conn.buf.is_empty() {
-                            let n = (conn.buf.len() as u64).min(left) as usize;
-                            let data = conn.buf.split_to(n).freeze();
-                            this.framing = Framing::Chunked { left: left - n as u64, last };
+                        if let Some((data, rest)) = take_data(conn, left) {
+                            this.framing = Framing::Chunked { left: rest, last };
                             return Poll::Ready(Some(Ok(Frame::data(data))));
                         }
                     } else if let Some(i) = conn.buf.windows(2).position(|w| w == b"\r\n") {
@@ -333,15 +340,8 @@ impl Body for RawBody {
                     } else if conn.buf.len() > HEAD_BYTES_MAX {
                         return Poll::Ready(Some(Err(bad("chunk line too long"))));
                     }
-                    match std::task::ready!(this.poll_fill(cx)) {
-                        Ok(0) => {
-                            return Poll::Ready(Some(Err(io::Error::new(
-                                io::ErrorKind::UnexpectedEof,
-                                "server closed mid-body",
-                            ))))
-                        }
-                        Ok(_) => continue,
-                        Err(e) => return Poll::Ready(Some(Err(e))),
+                    if let Some(e) = std::task::ready!(this.poll_more(cx)) {
+                        return Poll::Ready(Some(Err(e)));
                     }
                 }
             }
