@@ -1,7 +1,8 @@
-//! Exact accounting of a run: every scheduled request ends in exactly one [`Outcome`]. Latency goes into
-//! HdrHistograms (corrected: from the scheduled time; uncorrected: from the actual send), per second and for the
-//! whole run; a finished second is summarised and its histogram dropped, so memory stays bounded however long the
-//! run. Successes are also marked in a 1 ms bitmap, which gives the longest stretch without one exactly.
+//! Exact accounting of a run: every scheduled request ends in exactly one [`Outcome`]. Each worker thread records
+//! into its own [`Ledger`]: latency into HdrHistograms (corrected: from the scheduled time; uncorrected: from the
+//! actual send) for the whole run and per second. Each second, the [`Timeline`] takes every worker's finished
+//! seconds, merges their histograms and summarises them, so memory stays bounded however long the run.
+//! Successes are also marked in a 1 ms bitmap, which gives the longest stretch without one exactly.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -103,10 +104,72 @@ impl Counts {
 }
 
 /// One second of a run, being filled.
-struct Open {
+pub struct Open {
     counts: Counts,
     hist: Histogram<u64>,
     headers: BTreeMap<String, u64>,
+}
+
+impl Open {
+    fn merge(&mut self, o: Open) {
+        self.counts.merge(&o.counts);
+        self.hist.add(&o.hist).expect("same bounds");
+        for (k, v) in o.headers {
+            *self.headers.entry(k).or_default() += v;
+        }
+    }
+}
+
+/// The run's seconds: finished seconds of every worker, merged (histograms included) and then summarised.
+#[derive(Default)]
+pub struct Timeline {
+    open: BTreeMap<u64, Open>,
+    closed: Vec<Second>,
+}
+
+impl Timeline {
+    /// Takes a worker's finished seconds.
+    pub fn absorb(&mut self, seconds: Vec<(u64, Open)>) {
+        for (t, o) in seconds {
+            match self.open.get_mut(&t) {
+                Some(mine) => mine.merge(o),
+                None => {
+                    self.open.insert(t, o);
+                }
+            }
+        }
+    }
+
+    /// Summarises the merged seconds before `limit_s`; every worker has handed over its part of them.
+    pub fn close_before(&mut self, limit_s: u64) {
+        while let Some((&t, _)) = self.open.first_key_value() {
+            if t >= limit_s {
+                break;
+            }
+            let o = self.open.remove(&t).expect("present");
+            self.closed.push(summarise(t, o));
+        }
+    }
+
+    pub fn finish(mut self) -> Vec<Second> {
+        self.close_before(u64::MAX);
+        self.closed
+    }
+}
+
+/// Seconds of slack before a second counts as finished: a request completing late is still recorded in it.
+pub const SECOND_SLACK: u64 = 1;
+
+/// Ends a run: hands every worker's remaining seconds to the timeline, merges the ledgers, and summarises.
+pub fn conclude(ledgers: Vec<Ledger>, mut timeline: Timeline, run: Duration) -> Summary {
+    let mut ledgers = ledgers.into_iter();
+    let mut merged = ledgers.next().expect("at least one ledger");
+    timeline.absorb(merged.take_seconds_before(u64::MAX));
+    for mut l in ledgers {
+        timeline.absorb(l.take_seconds_before(u64::MAX));
+        merged.merge(l);
+    }
+    merged.finish(run, timeline.finish())
 }
 
 /// The summary of one second.
@@ -129,7 +192,6 @@ pub struct Ledger {
     corrected: Histogram<u64>,
     uncorrected: Histogram<u64>,
     open: BTreeMap<u64, Open>,
-    closed: BTreeMap<u64, Second>,
     /// Bit i set: a success completed during millisecond i of the run.
     success_ms: Vec<u64>,
 }
@@ -162,7 +224,6 @@ impl Ledger {
             corrected: histogram(),
             uncorrected: histogram(),
             open: BTreeMap::new(),
-            closed: BTreeMap::new(),
             success_ms: vec![0; bits.div_ceil(64)],
         }
     }
@@ -222,39 +283,10 @@ impl Ledger {
         }
     }
 
-    /// Summarises every second that ended before `now` (minus a second of slack for late completions).
-    pub fn close_before(&mut self, now: Duration) {
-        let limit = now.as_secs().saturating_sub(1);
-        while let Some((&t, _)) = self.open.first_key_value() {
-            if t >= limit {
-                break;
-            }
-            let o = self.open.remove(&t).expect("present");
-            self.add_closed(summarise(t, o));
-        }
-    }
-
-    /// Adds a summarised second, merging it into one already closed for the same second (another worker's).
-    fn add_closed(&mut self, s: Second) {
-        match self.closed.get_mut(&s.t) {
-            None => {
-                self.closed.insert(s.t, s);
-            }
-            Some(mine) => {
-                // Percentiles of two summaries cannot be merged exactly; keep the busier side's (this only affects
-                // the per-second view, the run's percentiles come from the merged histograms).
-                if s.counts.total() > mine.counts.total() {
-                    mine.p50_ms = s.p50_ms;
-                    mine.p90_ms = s.p90_ms;
-                    mine.p99_ms = s.p99_ms;
-                }
-                mine.max_ms = mine.max_ms.max(s.max_ms);
-                mine.counts.merge(&s.counts);
-                for (k, v) in s.headers {
-                    *mine.headers.entry(k).or_default() += v;
-                }
-            }
-        }
+    /// Hands over the seconds before `limit_s` (this worker's part of them) for the timeline to merge.
+    pub fn take_seconds_before(&mut self, limit_s: u64) -> Vec<(u64, Open)> {
+        let keep = self.open.split_off(&limit_s);
+        std::mem::replace(&mut self.open, keep).into_iter().collect()
     }
 
     /// Folds another worker's ledger into this one.
@@ -270,29 +302,19 @@ impl Ledger {
         self.uncorrected.add(&other.uncorrected).expect("same bounds");
         for (t, o) in std::mem::take(&mut other.open) {
             match self.open.get_mut(&t) {
-                Some(mine) => {
-                    mine.counts.merge(&o.counts);
-                    mine.hist.add(&o.hist).expect("same bounds");
-                    for (k, v) in o.headers {
-                        *mine.headers.entry(k).or_default() += v;
-                    }
-                }
+                Some(mine) => mine.merge(o),
                 None => {
                     self.open.insert(t, o);
                 }
             }
-        }
-        for (_, s) in other.closed {
-            self.add_closed(s);
         }
         for (mine, theirs) in self.success_ms.iter_mut().zip(other.success_ms) {
             *mine |= theirs;
         }
     }
 
-    /// Closes every second and returns the summary of the run.
-    pub fn finish(mut self, run: Duration) -> Summary {
-        self.close_before(Duration::from_secs(u64::MAX / 2));
+    /// The summary of the run, with its merged `timeline`.
+    fn finish(self, run: Duration, timeline: Vec<Second>) -> Summary {
         let q = |h: &Histogram<u64>, v: f64| if h.is_empty() { 0.0 } else { h.value_at_quantile(v) as f64 / 1000.0 };
         let run_ms = run.as_millis() as usize;
         let mut gap = 0usize;
@@ -313,7 +335,7 @@ impl Ledger {
             uncorrected_ms: [0.5, 0.9, 0.99, 0.999].map(|v| q(&self.uncorrected, v)),
             uncorrected_max_ms: if self.uncorrected.is_empty() { 0.0 } else { self.uncorrected.max() as f64 / 1000.0 },
             max_success_gap_ms: gap as u64,
-            timeline: self.closed.into_values().collect(),
+            timeline,
             run_ms: ms_of(run),
         }
     }
@@ -355,8 +377,7 @@ mod tests {
         b.record(Outcome::Connect, ms(1200), ms(1201), None, None);
         b.record(Outcome::Timeout, ms(1300), ms(2300), Some(ms(1000)), None);
         b.record(Outcome::NotSent, ms(4000), ms(4000), None, None);
-        a.merge(b);
-        let s = a.finish(ms(5000));
+        let s = conclude(vec![a, b], Timeline::default(), ms(5000));
         assert_eq!(s.counts.total(), 7);
         assert_eq!((s.counts.ok, s.counts.http_4xx, s.counts.http_5xx), (1, 1, 1));
         assert_eq!((s.counts.connect, s.counts.reset, s.counts.timeout, s.counts.not_sent), (1, 1, 1, 1));
@@ -372,7 +393,7 @@ mod tests {
         let mut l = Ledger::new(ms(3000));
         // Scheduled at 0, sent at 900 (the generator waited for a free connection), answered at 1000.
         l.record(Outcome::Ok(200), ms(0), ms(1000), Some(ms(100)), None);
-        let s = l.finish(ms(3000));
+        let s = conclude(vec![l], Timeline::default(), ms(3000));
         assert!((s.corrected_max_ms - 1000.0).abs() < 2.0, "{}", s.corrected_max_ms);
         assert!((s.uncorrected_max_ms - 100.0).abs() < 1.0, "{}", s.uncorrected_max_ms);
     }
@@ -384,33 +405,32 @@ mod tests {
             l.record(Outcome::Ok(200), ms(t), ms(t), Some(ms(1)), None);
         }
         l.record(Outcome::Http5xx(502), ms(1000), ms(1000), Some(ms(1)), None);
-        assert_eq!(l.finish(ms(3000)).max_success_gap_ms, 2000);
+        assert_eq!(conclude(vec![l], Timeline::default(), ms(3000)).max_success_gap_ms, 2000);
         let mut l = Ledger::new(ms(10_000));
         l.record(Outcome::Ok(200), ms(100), ms(100), Some(ms(1)), None);
-        assert_eq!(l.finish(ms(5000)).max_success_gap_ms, 4900, "the quiet end of a run counts");
+        assert_eq!(conclude(vec![l], Timeline::default(), ms(5000)).max_success_gap_ms, 4900, "the quiet end counts");
     }
 
     #[test]
-    fn a_second_closed_on_one_worker_and_open_on_another_keeps_every_request() {
-        let mut a = Ledger::new(ms(10_000));
-        let mut b = Ledger::new(ms(10_000));
-        a.record(Outcome::Ok(200), ms(100), ms(200), Some(ms(100)), None);
-        a.close_before(ms(3000)); // a has closed second 0
-        b.record(Outcome::Ok(200), ms(300), ms(400), Some(ms(100)), None);
-        b.record(Outcome::Ok(200), ms(350), ms(450), Some(ms(100)), None); // b still has it open
-        a.merge(b);
-        let s = a.finish(ms(1000));
-        assert_eq!(s.timeline.len(), 1);
-        assert_eq!(s.timeline[0].counts.total(), 3);
-    }
-
-    #[test]
-    fn seconds_close_as_time_passes() {
-        let mut l = Ledger::new(ms(10_000));
-        l.record(Outcome::Ok(200), ms(0), ms(500), Some(ms(500)), None);
-        l.record(Outcome::Ok(200), ms(1500), ms(1600), Some(ms(100)), None);
-        l.close_before(ms(2500));
-        assert_eq!(l.closed.len(), 1);
-        assert_eq!(l.open.len(), 1);
+    fn seconds_are_merged_across_workers_before_they_are_summarised() {
+        let (mut a, mut b) = (Ledger::new(ms(10_000)), Ledger::new(ms(10_000)));
+        // Second 0: worker a saw 99 fast responses, worker b one slow one. Merged, p99 is the slow one's only if
+        // the histograms are merged (b alone would say 900 ms at p50; a alone would say 1 ms at p99).
+        for i in 0..99 {
+            a.record(Outcome::Ok(200), ms(i), ms(i + 1), Some(ms(1)), Some("v1"));
+        }
+        b.record(Outcome::Ok(200), ms(50), ms(950), Some(ms(900)), Some("v2"));
+        let mut timeline = Timeline::default();
+        timeline.absorb(a.take_seconds_before(1));
+        timeline.absorb(b.take_seconds_before(1));
+        timeline.close_before(1);
+        a.record(Outcome::Ok(200), ms(1500), ms(1600), Some(ms(100)), None); // second 1, still open in a
+        let s = conclude(vec![a, b], timeline, ms(2000));
+        assert_eq!(s.timeline.len(), 2);
+        let first = &s.timeline[0];
+        assert_eq!(first.counts.ok, 100);
+        assert!(first.p50_ms < 2.0 && first.max_ms > 800.0, "{first:?}");
+        assert_eq!((first.headers["v1"], first.headers["v2"]), (99, 1));
+        assert_eq!(s.timeline[1].counts.total(), 1);
     }
 }

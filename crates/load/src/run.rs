@@ -16,7 +16,7 @@ use tokio::sync::Semaphore;
 use crate::h1::{request_bytes, H1Conn};
 use crate::scenario::Scenario;
 
-use crate::ledger::{Ledger, Outcome, Summary};
+use crate::ledger::{conclude, Ledger, Outcome, Summary, Timeline, SECOND_SLACK};
 use crate::schedule::Schedule;
 
 /// What each request looks like. Header values and the body may hold `{{seq}}`, `{{uuid}}` and `{{random_int}}`.
@@ -147,11 +147,12 @@ pub fn run(cfg: RunConfig) -> RunResult {
     let stop = Arc::new(AtomicBool::new(false));
     let abort = Arc::new(AtomicBool::new(false));
     let aborted_by = Arc::new(Mutex::new(None::<String>));
-    let monitor = (cfg.progress || !cfg.abort_on.is_empty()).then(|| {
-        let (ledgers, stop, cfg, abort, aborted_by) =
-            (ledgers.clone(), stop.clone(), cfg.clone(), abort.clone(), aborted_by.clone());
-        std::thread::spawn(move || monitor(&ledgers, &stop, start, &cfg, &abort, &aborted_by))
-    });
+    let timeline = Arc::new(Mutex::new(Timeline::default()));
+    let monitor = {
+        let (ledgers, stop, cfg, abort, aborted_by, timeline) =
+            (ledgers.clone(), stop.clone(), cfg.clone(), abort.clone(), aborted_by.clone(), timeline.clone());
+        std::thread::spawn(move || monitor(&ledgers, &timeline, &stop, start, &cfg, &abort, &aborted_by))
+    };
     let handles: Vec<_> = (0..threads)
         .map(|index| {
             let cfg = cfg.clone();
@@ -190,25 +191,24 @@ pub fn run(cfg: RunConfig) -> RunResult {
         h.join().expect("load worker panicked");
     }
     stop.store(true, Relaxed);
-    if let Some(m) = monitor {
-        let _ = m.join();
-    }
+    let _ = monitor.join();
     // Every task that recorded into a ledger ended with its worker's runtime: take the ledgers as they are.
-    let mut finished =
-        ledgers.iter().map(|l| std::mem::replace(&mut *l.lock().expect("ledger lock"), Ledger::new(Duration::ZERO)));
-    let mut merged = finished.next().expect("at least one worker");
-    for l in finished {
-        merged.merge(l);
-    }
+    let finished: Vec<Ledger> = ledgers
+        .iter()
+        .map(|l| std::mem::replace(&mut *l.lock().expect("ledger lock"), Ledger::new(Duration::ZERO)))
+        .collect();
+    let timeline = std::mem::take(&mut *timeline.lock().expect("timeline lock"));
     let aborted_by = aborted_by.lock().expect("abort lock").take();
     let ran = if aborted_by.is_some() { start.elapsed().min(span) } else { span };
-    RunResult { summary: merged.finish(ran), aborted_by }
+    RunResult { summary: conclude(finished, timeline, ran), aborted_by }
 }
 
-/// Once a second: judges the --abort-on-fail thresholds that can be judged mid-run, and (on a terminal) rewrites
-/// one line on standard error: elapsed time, the last second's rate, ok, failed, p99 so far.
+/// Once a second: merges the workers' finished seconds into the timeline, judges the --abort-on-fail thresholds
+/// that can be judged mid-run, and (on a terminal) rewrites one line on standard error: elapsed time, the last
+/// second's rate, ok, failed, p99 so far.
 fn monitor(
     ledgers: &[Arc<Mutex<Ledger>>],
+    timeline: &Mutex<Timeline>,
     stop: &AtomicBool,
     start: Instant,
     cfg: &RunConfig,
@@ -220,10 +220,20 @@ fn monitor(
     while !stop.load(Relaxed) {
         std::thread::sleep(Duration::from_millis(1000));
         let (mut counts, mut p99) = (crate::ledger::Counts::default(), 0.0f64);
+        let limit = start.elapsed().as_secs().saturating_sub(SECOND_SLACK);
+        let mut finished = Vec::new();
         for l in ledgers {
-            let l = l.lock().expect("ledger lock");
+            let mut l = l.lock().expect("ledger lock");
             counts.merge(&l.counts());
             p99 = p99.max(l.p99_so_far_ms());
+            finished.push(l.take_seconds_before(limit));
+        }
+        {
+            let mut timeline = timeline.lock().expect("timeline lock");
+            for seconds in finished {
+                timeline.absorb(seconds);
+            }
+            timeline.close_before(limit);
         }
         let total = counts.total();
         if !abort.load(Relaxed) {
@@ -249,20 +259,12 @@ fn monitor(
         let _ = err.write_all(line.as_bytes());
         let _ = err.flush();
     }
-    let _ = std::io::stderr().write_all(b"\r\x1b[K");
+    if cfg.progress {
+        let _ = std::io::stderr().write_all(b"\r\x1b[K");
+    }
 }
 
 async fn drive(w: Arc<Worker>, threads: usize) {
-    // Close finished seconds as the run goes, so per-second histograms do not pile up.
-    let closer = {
-        let (ledger, start) = (w.ledger.clone(), w.start);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                ledger.lock().expect("ledger lock").close_before(start.elapsed());
-            }
-        })
-    };
     let watchdog = {
         let w = w.clone();
         tokio::spawn(async move {
@@ -357,7 +359,6 @@ async fn drive(w: Arc<Worker>, threads: usize) {
             let _ = tokio::time::timeout(w.cfg.timeout + Duration::from_secs(1), slots.acquire_many(mine as u32)).await;
         }
     }
-    closer.abort();
     watchdog.abort();
 }
 
