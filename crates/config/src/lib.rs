@@ -61,12 +61,63 @@ pub struct Service {
     pub pool_idle_max: usize,
     pub protocol: Protocol,
     pub hide_identity: bool,
+    pub request_timeout: Duration,
+    pub slow_start: Duration,
+    pub drain_deadline: Duration,
+    pub health: Health,
+    pub eject: Eject,
+    pub retry: Retry,
+    pub admission: Admission,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerSpec {
     pub addr: SocketAddr,
     pub weight: u32,
+    pub backup: bool,
+}
+
+/// Active health checks of one service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    pub enabled: bool,
+    /// `None`: a TCP connect check.
+    pub path: Option<String>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    /// Inclusive range of passing statuses.
+    pub expect_status: (u16, u16),
+}
+
+/// Passive outlier ejection of one service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Eject {
+    pub enabled: bool,
+    pub consecutive_failures: u32,
+    pub base: Duration,
+    pub max: Duration,
+    pub max_percent: u32,
+}
+
+/// Retry policy of one service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retry {
+    pub attempts_max: u32,
+    pub on_status: Vec<u16>,
+    pub budget_percent: u32,
+    pub budget_min_per_s: u32,
+    pub body_bytes_max: u64,
+    pub add_idempotency_key: bool,
+}
+
+/// Admission control of one service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission {
+    pub server_in_flight_max: u32,
+    pub queue_length_max: usize,
+    pub queue_wait_max: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -347,17 +398,21 @@ fn parse_service(cx: &Cx, name: String, t: Table<'_, '_>) -> Option<Service> {
             s.required("addr");
         }
         let weight = s.int_in("weight", 0, u64::from(WEIGHT_MAX));
+        let backup = s.bool("backup");
         let line = s.line();
         s.finish();
-        if let (Some(addr), Some(weight)) = (addr, weight) {
+        if let (Some(addr), Some(weight), Some(backup)) = (addr, weight, backup) {
             if !addrs.insert(addr) {
                 cx.error(line, &format!("services.{name}.servers"), format!("server {addr} is listed twice"));
             }
-            servers.push(ServerSpec { addr, weight: weight as u32 });
+            servers.push(ServerSpec { addr, weight: weight as u32, backup });
         }
     }
     if t.has("servers") && servers.is_empty() && cx.ok() {
         t.invalid("servers", "at least one server is required".to_string());
+    }
+    if !servers.is_empty() && servers.iter().all(|s| s.backup) {
+        t.invalid("servers", "every server is a backup: at least one must be a primary".to_string());
     }
     let hash_on = t.string("hash_on").and_then(|raw| HashOn::parse(&raw).map_err(|e| t.invalid("hash_on", e)).ok());
     let balance_raw = t.string("balance");
@@ -388,6 +443,25 @@ fn parse_service(cx: &Cx, name: String, t: Table<'_, '_>) -> Option<Service> {
         }
     });
     let hide_identity = t.bool("hide_identity");
+    let request_timeout = t.ms_in("request_timeout_ms", 1, 86_400_000);
+    let slow_start = t.ms_in("slow_start_ms", 0, 3_600_000);
+    let drain_deadline = t.ms_in("drain_deadline_ms", 0, 86_400_000);
+    let health = t.table_or_empty("health", "services.NAME.health").and_then(parse_health);
+    let eject = t.table_or_empty("eject", "services.NAME.eject").and_then(parse_eject);
+    let retry = t.table_or_empty("retry", "services.NAME.retry").and_then(parse_retry);
+    let admission = t.table_or_empty("admission", "services.NAME.admission").and_then(parse_admission);
+    if let (Some(a), Some(deadline)) = (&admission, request_timeout) {
+        if a.queue_wait_max > deadline {
+            t.invalid(
+                "request_timeout_ms",
+                format!(
+                    "{} ms is shorter than admission.queue_wait_ms_max ({} ms): a request could not wait that long",
+                    deadline.as_millis(),
+                    a.queue_wait_max.as_millis()
+                ),
+            );
+        }
+    }
     t.finish();
     Some(Service {
         name,
@@ -399,6 +473,106 @@ fn parse_service(cx: &Cx, name: String, t: Table<'_, '_>) -> Option<Service> {
         pool_idle_max: pool_idle_max? as usize,
         protocol: protocol?,
         hide_identity: hide_identity?,
+        request_timeout: request_timeout?,
+        slow_start: slow_start?,
+        drain_deadline: drain_deadline?,
+        health: health?,
+        eject: eject?,
+        retry: retry?,
+        admission: admission?,
+    })
+}
+
+fn parse_health(t: Table<'_, '_>) -> Option<Health> {
+    let enabled = t.bool("enabled");
+    let path = t.string("path");
+    let path_ok = match &path {
+        Some(p) if !p.starts_with('/') => {
+            t.invalid("path", format!("{p:?} must start with /"));
+            false
+        }
+        _ => true,
+    };
+    let interval = t.ms_in("interval_ms", 10, 3_600_000);
+    let timeout = t.ms_in("timeout_ms", 1, 600_000);
+    let rise = t.int_in("rise", 1, 100);
+    let fall = t.int_in("fall", 1, 100);
+    let expect_status = t.string("expect_status").and_then(|raw| {
+        let parsed = match raw.split_once('-') {
+            Some((a, b)) => a.trim().parse::<u16>().ok().zip(b.trim().parse::<u16>().ok()),
+            None => raw.trim().parse::<u16>().ok().map(|s| (s, s)),
+        };
+        match parsed {
+            Some((a, b)) if (100..=599).contains(&a) && (a..=599).contains(&b) => Some((a, b)),
+            _ => {
+                t.invalid("expect_status", format!("{raw:?}: expected a status such as \"200\" or a range such as \"200-399\""));
+                None
+            }
+        }
+    });
+    t.finish();
+    if !path_ok {
+        return None;
+    }
+    Some(Health {
+        enabled: enabled?,
+        path,
+        interval: interval?,
+        timeout: timeout?,
+        rise: rise? as u32,
+        fall: fall? as u32,
+        expect_status: expect_status?,
+    })
+}
+
+fn parse_eject(t: Table<'_, '_>) -> Option<Eject> {
+    let enabled = t.bool("enabled");
+    let consecutive_failures = t.int_in("consecutive_failures", 1, 10_000);
+    let base = t.ms_in("base_ms", 1, 3_600_000);
+    let max = t.ms_in("max_ms", 1, 86_400_000);
+    let max_percent = t.int_in("max_percent", 0, 100);
+    if let (Some(b), Some(m)) = (base, max) {
+        if m < b {
+            t.invalid("max_ms", format!("{} ms is shorter than base_ms ({} ms)", m.as_millis(), b.as_millis()));
+        }
+    }
+    t.finish();
+    Some(Eject {
+        enabled: enabled?,
+        consecutive_failures: consecutive_failures? as u32,
+        base: base?,
+        max: max?,
+        max_percent: max_percent? as u32,
+    })
+}
+
+fn parse_retry(t: Table<'_, '_>) -> Option<Retry> {
+    let attempts_max = t.int_in("attempts_max", 1, 20);
+    let on_status = t.ints_in("on_status", 100, 599);
+    let budget_percent = t.int_in("budget_percent", 0, 1000);
+    let budget_min_per_s = t.int_in("budget_min_per_s", 0, 1_000_000);
+    let body_bytes_max = t.int_in("body_bytes_max", 0, 64 * 1024 * 1024);
+    let add_idempotency_key = t.bool("add_idempotency_key");
+    t.finish();
+    Some(Retry {
+        attempts_max: attempts_max? as u32,
+        on_status: on_status?.into_iter().map(|s| s as u16).collect(),
+        budget_percent: budget_percent? as u32,
+        budget_min_per_s: budget_min_per_s? as u32,
+        body_bytes_max: body_bytes_max?,
+        add_idempotency_key: add_idempotency_key?,
+    })
+}
+
+fn parse_admission(t: Table<'_, '_>) -> Option<Admission> {
+    let server_in_flight_max = t.int_in("server_in_flight_max", 1, 1_000_000);
+    let queue_length_max = t.int_in("queue_length_max", 0, 10_000_000);
+    let queue_wait_max = t.ms_in("queue_wait_ms_max", 0, 3_600_000);
+    t.finish();
+    Some(Admission {
+        server_in_flight_max: server_in_flight_max? as u32,
+        queue_length_max: queue_length_max? as usize,
+        queue_wait_max: queue_wait_max?,
     })
 }
 

@@ -47,8 +47,15 @@ keys! {
     "services.NAME" "servers": "array of tables" = "", "The servers of the pool. At least one.";
     "services.NAME" "balance": "string" = "\"round_robin\"", "round_robin, weighted (smooth weighted round robin), least_inflight, peak_ewma (power of two choices on peak-EWMA latency) or hash.";
     "services.NAME" "hash_on": "string" = "", "With balance = \"hash\": \"header:NAME\", \"cookie:NAME\" or \"client_ip\". Requests with the same value stick to one server.";
-    "services.NAME" "connect_timeout_ms": "integer" = "1000", "Connecting to a server takes at most this long (then 504, body says \"connect timeout\").";
-    "services.NAME" "response_timeout_ms": "integer" = "30000", "A server must send its response head within this long of the request (then 504, body says \"response timeout\").";
+    "services.NAME" "connect_timeout_ms": "integer" = "1000", "Connecting to a server takes at most this long (then the request goes to another server; if none is left, 504, body says \"connect timeout\").";
+    "services.NAME" "response_timeout_ms": "integer" = "30000", "Per try: a server must send its response head within this long of the request (then a safe request is retried on another server; if it cannot be, 504, body says \"response timeout\").";
+    "services.NAME" "request_timeout_ms": "integer" = "60000", "The whole request's deadline: queue wait, every try and retry, until the response head. No retry starts past it.";
+    "services.NAME" "slow_start_ms": "integer" = "5000", "A server that recovers (active checks pass again, or its ejection ends) or is added takes a share of requests that ramps from 10% to 100% over this long. 0: no slow start.";
+    "services.NAME" "drain_deadline_ms": "integer" = "30000", "When a server is drained, its long-lived requests (WebSocket, SSE, long polls) are closed gracefully this long after the drain began.";
+    "services.NAME" "health": "table" = "", "Active health checks. On by default.";
+    "services.NAME" "eject": "table" = "", "Passive outlier ejection, from the results of real requests. On by default.";
+    "services.NAME" "retry": "table" = "", "Retries, always on a different server. On by default.";
+    "services.NAME" "admission": "table" = "", "Admission control: a bounded queue in front of the servers. On by default.";
     "services.NAME" "pool_idle_timeout_ms": "integer" = "60000", "An idle pooled server connection is closed after this long.";
     "services.NAME" "pool_idle_max": "integer" = "128", "Idle pooled connections kept per server and worker thread.";
     "services.NAME" "protocol": "string" = "\"http1\"", "How to talk to servers: \"http1\" (keep-alive pool) or \"h2\" (HTTP/2 with prior knowledge, multiplexed).";
@@ -56,6 +63,32 @@ keys! {
 
     "services.NAME.servers[]" "addr": "address" = "", "The server's address, such as \"127.0.0.1:9101\". Required.";
     "services.NAME.servers[]" "weight": "integer" = "1", "Relative share of requests (0 to 10000) for weighted balancing; 0 takes no new requests.";
+    "services.NAME.servers[]" "backup": "boolean" = "false", "A backup server takes requests only while no primary server can (all are down, ejected, draining or full, or a request has tried them all). Traffic fails back to the primaries, with slow start, when they recover.";
+
+    "services.NAME.health" "enabled": "boolean" = "true", "Check every server of the service in the background.";
+    "services.NAME.health" "path": "string" = "", "GET this path and expect expect_status. Absent: the check is a TCP connect.";
+    "services.NAME.health" "interval_ms": "integer" = "1000", "Time between two checks of one server.";
+    "services.NAME.health" "timeout_ms": "integer" = "1000", "A check that takes longer fails.";
+    "services.NAME.health" "rise": "integer" = "2", "Consecutive passes that bring a down server back up.";
+    "services.NAME.health" "fall": "integer" = "2", "Consecutive failures that take an up server down.";
+    "services.NAME.health" "expect_status": "string" = "\"200-399\"", "The statuses that pass: one (\"200\") or a range (\"200-399\").";
+
+    "services.NAME.eject" "enabled": "boolean" = "true", "Eject servers that fail real requests.";
+    "services.NAME.eject" "consecutive_failures": "integer" = "5", "Consecutive failures (connect errors, timeouts, resets, 5xx) that eject a server. After an ejection ends, the first failure ejects it again.";
+    "services.NAME.eject" "base_ms": "integer" = "1000", "The first ejection's length; each further one in a row doubles it.";
+    "services.NAME.eject" "max_ms": "integer" = "30000", "The longest ejection.";
+    "services.NAME.eject" "max_percent": "integer" = "50", "Share of the primary servers that may be ejected at once (at least one); past it, the proxy fails open and keeps using the others.";
+
+    "services.NAME.retry" "attempts_max": "integer" = "3", "Tries per request that reached a server, the first included. Tries that provably never reached one (connect refused or timed out, a pooled connection dead before the request was written, HTTP/2 REFUSED_STREAM) are not counted: they are bounded by request_timeout_ms.";
+    "services.NAME.retry" "on_status": "array of integers" = "[502, 503, 504]", "Server statuses after which a retryable request is tried on another server.";
+    "services.NAME.retry" "budget_percent": "integer" = "20", "Retries of requests that reached a server stay under this share of the service's requests over the last 10 s,";
+    "services.NAME.retry" "budget_min_per_s": "integer" = "3", "Or, when more, this many retries per second.";
+    "services.NAME.retry" "body_bytes_max": "integer" = "65536", "Request bodies up to this size are kept for replay. A larger (or chunked) body is retried only when it was never sent.";
+    "services.NAME.retry" "add_idempotency_key": "boolean" = "false", "Add an Idempotency-Key header (a random UUID) to every POST and PATCH that has none, so that they can be retried like idempotent requests. Turn on only when the servers honour the key.";
+
+    "services.NAME.admission" "server_in_flight_max": "integer" = "256", "Requests one server is sent at once; set it to what the server can run at once (Tomcat's maxThreads). Past it, requests wait in the service's queue.";
+    "services.NAME.admission" "queue_length_max": "integer" = "4096", "Requests waiting at most; past it, 503 with Retry-After at once.";
+    "services.NAME.admission" "queue_wait_ms_max": "integer" = "10000", "Longest wait in the queue, also while no server is ready at all (all restarting). A request whose expected wait is longer (from the queue's length and the servers' recent latency) gets 503 with Retry-After at once instead of waiting (load shedding).";
 
     "admin" "listen": "address" = "\"127.0.0.1:9900\"", "Address of the admin API.";
     "admin" "token": "string" = "", "Bearer token the admin API requires. Required when listen is not a loopback address.";

@@ -133,3 +133,71 @@ fn docs_config_md_is_generated_from_the_schema() {
     let have = std::fs::read_to_string(path).unwrap_or_default();
     assert!(have == want, "docs/config.md is stale: run NONSTOP_BLESS=1 cargo test -p nonstop-config");
 }
+
+#[test]
+fn resilience_is_on_by_default() {
+    let c = Config::parse(EXAMPLE).unwrap();
+    let app = &c.services["app"];
+    assert!(app.health.enabled && app.health.path.is_none());
+    assert_eq!((app.health.interval, app.health.rise, app.health.fall), (Duration::from_secs(1), 2, 2));
+    assert_eq!(app.health.expect_status, (200, 399));
+    assert!(app.eject.enabled);
+    assert_eq!(app.eject.max_percent, 50);
+    assert_eq!(app.retry.attempts_max, 3);
+    assert_eq!(app.retry.on_status, [502, 503, 504]);
+    assert!(!app.retry.add_idempotency_key);
+    assert_eq!(app.admission.queue_wait_max, Duration::from_secs(10));
+    assert!(app.servers.iter().all(|s| !s.backup));
+}
+
+#[test]
+fn resilience_sections_are_validated() {
+    let text = r#"[[listeners]]
+listen = "127.0.0.1:8080"
+[[routes]]
+service = "app"
+[services.app]
+request_timeout_ms = 5000
+servers = [{ addr = "127.0.0.1:1", backup = true }]
+[services.app.health]
+path = "health"
+expect_status = "200-99"
+[services.app.eject]
+base_ms = 5000
+max_ms = 10
+[services.app.retry]
+on_status = [503, 700]
+tries = 2
+[services.app.admission]
+queue_wait_ms_max = 10000
+"#;
+    let errs = Config::parse(text).unwrap_err().0;
+    let got: Vec<(usize, &str)> = errs.iter().map(|e| (e.line, e.path.as_str())).collect();
+    assert_eq!(
+        got,
+        [
+            (6, "services.app.request_timeout_ms"),
+            (7, "services.app.servers"),
+            (9, "services.app.health.path"),
+            (10, "services.app.health.expect_status"),
+            (13, "services.app.eject.max_ms"),
+            (15, "services.app.retry.on_status"),
+            (16, "services.app.retry.tries"),
+        ],
+        "{errs:#?}"
+    );
+    let ok = text
+        .replace("request_timeout_ms = 5000", "")
+        .replace("backup = true", "backup = false")
+        .replace("path = \"health\"", "path = \"/health\"")
+        .replace("200-99", "200")
+        .replace("max_ms = 10", "max_ms = 60000")
+        .replace(", 700", "")
+        .replace("tries = 2", "add_idempotency_key = true");
+    let c = Config::parse(&ok).unwrap();
+    let app = &c.services["app"];
+    assert_eq!(app.health.path.as_deref(), Some("/health"));
+    assert_eq!(app.health.expect_status, (200, 200));
+    assert_eq!(app.retry.on_status, [503]);
+    assert!(app.retry.add_idempotency_key);
+}

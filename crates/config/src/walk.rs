@@ -257,6 +257,40 @@ impl<'a, 'i> Table<'a, 'i> {
         }
     }
 
+    /// An array of integers, each within `min..=max`.
+    pub fn ints_in(&self, key: &str, min: u64, max: u64) -> Option<Vec<u64>> {
+        let (v, line) = self.value(key)?;
+        let DeValue::Array(items) = v.as_ref() else {
+            self.wrong_type(key, line, "an array of integers", v.as_ref());
+            return None;
+        };
+        let mut out = Vec::new();
+        for item in items.iter() {
+            let DeValue::Integer(i) = item.get_ref() else {
+                self.wrong_type(key, line, "an array of integers", item.get_ref());
+                return None;
+            };
+            match i64::from_str_radix(&i.as_str().replace('_', ""), i.radix()) {
+                Ok(n) if n >= 0 && (n as u64) >= min && (n as u64) <= max => out.push(n as u64),
+                _ => {
+                    self.cx.error(line, &self.key_path(key), format!("{} is out of range {min}..={max}", i.as_str()));
+                    return None;
+                }
+            }
+        }
+        Some(out)
+    }
+
+    /// The sub-table `key`, or an empty one (so that every key takes its default) when it is absent.
+    pub fn table_or_empty(&self, key: &str, section: &'static str) -> Option<Table<'a, 'i>> {
+        static EMPTY: std::sync::LazyLock<DeTable<'static>> = std::sync::LazyLock::new(DeTable::new);
+        if self.has(key) {
+            return self.table(key, section);
+        }
+        self.raw(key);
+        Some(Table::new(self.cx, section, self.key_path(key), &EMPTY, self.line))
+    }
+
     pub fn table(&self, key: &str, section: &'static str) -> Option<Table<'a, 'i>> {
         let v = self.raw(key)?;
         let line = self.cx.line_of(v.span().start);
