@@ -118,6 +118,7 @@ pub struct Admission {
     pub server_in_flight_max: u32,
     pub queue_length_max: usize,
     pub queue_wait_max: Duration,
+    pub overload_wait_max: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -505,7 +506,10 @@ fn parse_health(t: Table<'_, '_>) -> Option<Health> {
         match parsed {
             Some((a, b)) if (100..=599).contains(&a) && (a..=599).contains(&b) => Some((a, b)),
             _ => {
-                t.invalid("expect_status", format!("{raw:?}: expected a status such as \"200\" or a range such as \"200-399\""));
+                t.invalid(
+                    "expect_status",
+                    format!("{raw:?}: expected a status such as \"200\" or a range such as \"200-399\""),
+                );
                 None
             }
         }
@@ -568,11 +572,13 @@ fn parse_admission(t: Table<'_, '_>) -> Option<Admission> {
     let server_in_flight_max = t.int_in("server_in_flight_max", 1, 1_000_000);
     let queue_length_max = t.int_in("queue_length_max", 0, 10_000_000);
     let queue_wait_max = t.ms_in("queue_wait_ms_max", 0, 3_600_000);
+    let overload_wait_max = t.ms_in("overload_wait_ms_max", 0, 3_600_000);
     t.finish();
     Some(Admission {
         server_in_flight_max: server_in_flight_max? as u32,
         queue_length_max: queue_length_max? as usize,
         queue_wait_max: queue_wait_max?,
+        overload_wait_max: overload_wait_max?,
     })
 }
 

@@ -88,7 +88,8 @@ keys! {
 
     "services.NAME.admission" "server_in_flight_max": "integer" = "256", "Requests one server is sent at once; set it to what the server can run at once (Tomcat's maxThreads). Past it, requests wait in the service's queue.";
     "services.NAME.admission" "queue_length_max": "integer" = "4096", "Requests waiting at most; past it, 503 with Retry-After at once.";
-    "services.NAME.admission" "queue_wait_ms_max": "integer" = "10000", "Longest wait in the queue, also while no server is ready at all (all restarting). A request whose expected wait is longer (from the queue's length and the servers' recent latency) gets 503 with Retry-After at once instead of waiting (load shedding).";
+    "services.NAME.admission" "queue_wait_ms_max": "integer" = "10000", "Longest wait in the queue, also while no server is ready at all (all restarting): the request is held until a server comes back. Past it: 503 with Retry-After.";
+    "services.NAME.admission" "overload_wait_ms_max": "integer" = "1000", "While servers are up but all full (overload), a request whose expected wait (from the queue's length, the servers' slots and their recent latency) is longer gets 503 with Retry-After at once (load shedding): capacity is not coming back, so a longer queue only adds latency.";
 
     "admin" "listen": "address" = "\"127.0.0.1:9900\"", "Address of the admin API.";
     "admin" "token": "string" = "", "Bearer token the admin API requires. Required when listen is not a loopback address.";

@@ -168,7 +168,8 @@ async fn every_limit_answers_its_status() {
          [[routes]]\npath_prefix = \"/\"\nbody_bytes_max = 1000\nservice = \"s\"\n\
          [[routes]]\nhost = \"dead.test\"\nservice = \"dead\"\n\
          [services.s]\nresponse_timeout_ms = 200\nservers = [{{ addr = \"{backend}\" }}]\n\
-         [services.dead]\nservers = [{{ addr = \"127.0.0.1:1\" }}]\n"
+         [services.dead]\nservers = [{{ addr = \"127.0.0.1:1\" }}]\n\
+         [services.dead.admission]\nqueue_wait_ms_max = 0\n"
     );
     let (p, _) = serve_file(&dir, &toml);
     // 413: declared and streamed.
@@ -188,13 +189,14 @@ async fn every_limit_answers_its_status() {
     let mut answer = String::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), slow.read_to_string(&mut answer)).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
-    // 504 response timeout, 502 refused connect: the body says which.
+    // 504 response timeout (no other server to retry on); 502 when the only server refuses and the queue may
+    // not wait for it to come back: the body says which.
     let r = get(p.addr, "/slow?ms=1000").await;
     assert_eq!(r.status, 504);
     assert!(r.json()["error"].as_str().unwrap().starts_with("response timeout"));
     let r = send(p.addr, Method::GET, "/", &[("host", "dead.test")], "").await.unwrap();
     assert_eq!(r.status, 502);
-    assert!(r.json()["error"].as_str().unwrap().contains("connect to 127.0.0.1:1 failed"));
+    assert!(r.json()["error"].as_str().unwrap().contains("connect to 127.0.0.1:1 failed"), "{}", r.json());
     // A method a route does not take falls through to the next matching route (here the catch-all).
     assert_eq!(send(p.addr, Method::POST, "/only-get", &[], "").await.unwrap().status, 200);
     // 405 when the only route for the path takes other methods; 404 when no route matches.
@@ -240,7 +242,8 @@ async fn admin_api_lists_changes_and_drains_servers() {
     assert_eq!(listed["services"][0]["name"], "default");
     assert_eq!(listed["services"][0]["servers"][0]["addr"], a.to_string());
 
-    let added = send(admin, Method::POST, "/services/default/servers", &[], format!(r#"{{"addr":"{b}","weight":1}}"#));
+    let body = format!(r#"{{"addr":"{b}","weight":1,"slow_start":false}}"#);
+    let added = send(admin, Method::POST, "/services/default/servers", &[], body);
     assert_eq!(added.await.unwrap().status, 201);
     let counts = instance_counts(p.addr, 10, &[]).await;
     assert_eq!((counts["a"], counts["b"]), (5, 5));

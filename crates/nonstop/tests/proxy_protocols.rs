@@ -207,7 +207,7 @@ async fn a_server_that_never_accepts_gives_504_connect_timeout() {
     let dir = TempDir::new("connect-timeout");
     let toml = format!(
         "[[listeners]]\nlisten = \"127.0.0.1:0\"\n[[routes]]\nservice = \"s\"\n[services.s]\nconnect_timeout_ms = 300\n\
-         servers = [{{ addr = \"{black_hole}\" }}]\n"
+         servers = [{{ addr = \"{black_hole}\" }}]\n[services.s.admission]\nqueue_wait_ms_max = 0\n"
     );
     let p = serve(&dir, &toml);
     let r = get(p.addr, "/").await;

@@ -15,6 +15,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
+use crate::pool::MemberView;
 use crate::state::ServiceState;
 use crate::upstream::Server;
 use crate::Shared;
@@ -102,13 +103,23 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Resp, Inf
     Ok(resp)
 }
 
-fn server_json(s: &Server) -> Value {
+fn server_json(s: &Server, health: Option<&MemberView>) -> Value {
     let statuses: serde_json::Map<String, Value> =
         s.stats.statuses().into_iter().map(|(code, n)| (code.to_string(), n.into())).collect();
+    let state = match health {
+        _ if s.draining() => "draining",
+        Some(h) if !h.up => "down",
+        Some(h) if h.ejected_ms.is_some() => "ejected",
+        _ => "active",
+    };
     json!({
         "addr": s.addr.to_string(),
         "weight": s.weight(),
-        "state": if s.draining() { "draining" } else { "active" },
+        "state": state,
+        "backup": health.is_some_and(|h| h.backup),
+        "healthy": health.is_none_or(|h| h.up),
+        "ejected_ms": health.and_then(|h| h.ejected_ms),
+        "slow_start": health.map_or(1.0, |h| h.ramp),
         "in_flight": s.in_flight(),
         "requests": s.stats.total(),
         "status": statuses,
@@ -119,12 +130,29 @@ fn server_json(s: &Server) -> Value {
 }
 
 fn service_json(svc: &ServiceState) -> Value {
+    let c = &svc.pool.counters;
+    let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     json!({
         "name": svc.name,
         "balance": svc.config.balance.name(),
-        "servers": svc.servers().iter().map(|s| server_json(s)).collect::<Vec<_>>(),
+        "servers": svc.pool.members().iter().map(|m| server_json(&m.server, Some(m))).collect::<Vec<_>>(),
         "unserved": svc.unserved.total(),
+        "queue": {
+            "length": svc.pool.queued(),
+            "queued_total": n(&c.queued),
+            "shed_total": n(&c.shed),
+            "timeouts_total": n(&c.queue_timeouts),
+            "wait_max_ms": n(&c.queue_wait_max_us) as f64 / 1000.0,
+        },
+        "retries_total": n(&c.retries),
+        "retry_budget_exhausted_total": n(&c.budget_exhausted),
+        "ejections_total": n(&c.ejections),
     })
+}
+
+fn member_json(svc: &ServiceState, s: &Server) -> Value {
+    let members = svc.pool.members();
+    server_json(s, members.iter().find(|m| m.server.addr == s.addr))
 }
 
 fn parse_body(body: &Bytes) -> Result<Value, AdminError> {
@@ -171,33 +199,47 @@ async fn service_call(
             let raw =
                 v.get("addr").and_then(Value::as_str).ok_or_else(|| err(StatusCode::BAD_REQUEST, "addr: required"))?;
             let addr = addr_of(raw)?;
-            let s = svc.add_server(addr, weight_of(&v, 1)?).map_err(|e| err(StatusCode::CONFLICT, e.to_string()))?;
-            reply(StatusCode::CREATED, server_json(&s))
+            let backup = match v.get("backup") {
+                None => false,
+                Some(b) => b.as_bool().ok_or_else(|| err(StatusCode::BAD_REQUEST, "backup: must be true or false"))?,
+            };
+            let slow_start = match v.get("slow_start") {
+                None => true,
+                Some(b) => {
+                    b.as_bool().ok_or_else(|| err(StatusCode::BAD_REQUEST, "slow_start: must be true or false"))?
+                }
+            };
+            let s = svc
+                .pool
+                .add_server(addr, weight_of(&v, 1)?, backup, !slow_start)
+                .map_err(|e| err(StatusCode::CONFLICT, e.to_string()))?;
+            reply(StatusCode::CREATED, member_json(svc, &s))
         }
         (Method::GET, ["servers", a]) => {
             let s = svc.find(addr_of(a)?).ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no server {a}")))?;
-            reply(StatusCode::OK, server_json(&s))
+            reply(StatusCode::OK, member_json(svc, &s))
         }
         (Method::PUT, ["servers", a]) => {
             let addr = addr_of(a)?;
             let v = parse_body(body)?;
             let current = svc.find(addr).ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no server {a}")))?;
-            svc.set_weight(addr, weight_of(&v, current.weight())?)
+            svc.pool
+                .set_weight(addr, weight_of(&v, current.weight())?)
                 .map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
-            reply(StatusCode::OK, server_json(&current))
+            reply(StatusCode::OK, member_json(svc, &current))
         }
         (Method::DELETE, ["servers", a]) => {
-            let s = svc.remove_server(addr_of(a)?).map_err(|e| err(StatusCode::NOT_FOUND, e.to_string()))?;
-            reply(StatusCode::OK, server_json(&s))
+            let s = svc.pool.remove_server(addr_of(a)?).map_err(|e| err(StatusCode::NOT_FOUND, e.to_string()))?;
+            reply(StatusCode::OK, server_json(&s, None))
         }
         (Method::POST, ["servers", a, action @ ("drain" | "undrain")]) => {
             let s = svc.find(addr_of(a)?).ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no server {a}")))?;
-            s.set_draining(*action == "drain");
+            s.set_draining(*action == "drain", svc.config.drain_deadline);
             let deadline = Instant::now() + Duration::from_millis(wait_ms(query));
             while *action == "drain" && s.in_flight() > 0 && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            let mut v = server_json(&s);
+            let mut v = member_json(svc, &s);
             v["drained"] = (s.draining() && s.in_flight() == 0).into();
             reply(StatusCode::OK, v)
         }
@@ -261,6 +303,55 @@ fn metrics(shared: &Shared) -> Resp {
             if let Some(s) = server {
                 let _ = writeln!(out, "{name}{{{labels}}} {}", value(s));
             }
+        }
+    }
+    type PoolSeries = (&'static str, &'static str, &'static str, fn(&crate::pool::Pool) -> f64);
+    let pool_series: [PoolSeries; 8] = [
+        ("nonstop_queue_length", "gauge", "Requests waiting in a service's admission queue.", |p| p.queued() as f64),
+        ("nonstop_queued_total", "counter", "Requests that waited in the admission queue.", |p| {
+            p.counters.queued.load(std::sync::atomic::Ordering::Relaxed) as f64
+        }),
+        ("nonstop_shed_total", "counter", "Requests answered 503 at once by load shedding.", |p| {
+            p.counters.shed.load(std::sync::atomic::Ordering::Relaxed) as f64
+        }),
+        (
+            "nonstop_queue_timeouts_total",
+            "counter",
+            "Requests that waited the longest allowed time and got 503.",
+            |p| p.counters.queue_timeouts.load(std::sync::atomic::Ordering::Relaxed) as f64,
+        ),
+        ("nonstop_queue_wait_seconds_total", "counter", "Total time requests spent in the admission queue.", |p| {
+            p.counters.queue_wait_us.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6
+        }),
+        ("nonstop_retries_total", "counter", "Tries after the first.", |p| {
+            p.counters.retries.load(std::sync::atomic::Ordering::Relaxed) as f64
+        }),
+        ("nonstop_retry_budget_exhausted_total", "counter", "Retries refused by the retry budget.", |p| {
+            p.counters.budget_exhausted.load(std::sync::atomic::Ordering::Relaxed) as f64
+        }),
+        ("nonstop_ejections_total", "counter", "Passive outlier ejections.", |p| {
+            p.counters.ejections.load(std::sync::atomic::Ordering::Relaxed) as f64
+        }),
+    ];
+    for (name, kind, help, value) in pool_series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for svc in &services {
+            let _ = writeln!(out, "{name}{{service=\"{}\"}} {}", svc.name, value(&svc.pool));
+        }
+    }
+    let _ =
+        writeln!(out, "# HELP nonstop_server_healthy Whether a server is up by active health checks and not ejected.");
+    let _ = writeln!(out, "# TYPE nonstop_server_healthy gauge");
+    for svc in &services {
+        for m in svc.pool.members() {
+            let ok = m.up && m.ejected_ms.is_none();
+            let _ = writeln!(
+                out,
+                "nonstop_server_healthy{{service=\"{}\",server=\"{}\"}} {}",
+                svc.name,
+                m.server.addr,
+                u8::from(ok)
+            );
         }
     }
     let mut r = Response::new(Full::new(Bytes::from(out)));

@@ -24,6 +24,16 @@ pub enum ProxyError {
     BodyTooLarge(u64),
     #[error("no server of service {0:?} is available")]
     NoServer(String),
+    #[error("reading the request body failed: {0}")]
+    ClientBody(std::io::Error),
+    #[error("service {service:?} is overloaded: {why}; retry later")]
+    Shed { service: String, why: String },
+    #[error("no server of service {service:?} became ready within {waited_ms} ms (the request waited in the queue)")]
+    QueueTimeout { service: String, waited_ms: u128 },
+    #[error("no server of service {service:?} could take the request (it waited {waited_ms} ms in the queue); last error: {last}")]
+    NoServerLeft { service: String, waited_ms: u128, last: Box<ProxyError> },
+    #[error("request deadline of {ms} ms passed before a server answered")]
+    Deadline { ms: u128 },
     #[error("connect to {addr} failed: {source}")]
     Connect { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("connect timeout: {addr} did not accept a connection within {ms} ms")]
@@ -44,8 +54,15 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn side(&self) -> Side {
         match self {
-            ProxyError::MethodNotAllowed(_) | ProxyError::BodyTooLarge(_) => Side::Downstream,
-            ProxyError::NoRoute { .. } | ProxyError::NoServer(_) => Side::Internal,
+            ProxyError::MethodNotAllowed(_) | ProxyError::BodyTooLarge(_) | ProxyError::ClientBody(_) => {
+                Side::Downstream
+            }
+            ProxyError::NoRoute { .. }
+            | ProxyError::NoServer(_)
+            | ProxyError::Shed { .. }
+            | ProxyError::QueueTimeout { .. }
+            | ProxyError::NoServerLeft { .. }
+            | ProxyError::Deadline { .. } => Side::Internal,
             _ => Side::Upstream,
         }
     }
@@ -59,13 +76,32 @@ impl ProxyError {
         }
     }
 
+    /// True when the server is to blame (a connect error, a timeout, a broken exchange): passive health counts it.
+    pub fn server_failed(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::Connect { .. }
+                | ProxyError::ConnectTimeout { .. }
+                | ProxyError::ResponseTimeout { .. }
+                | ProxyError::Upstream { .. }
+                | ProxyError::UpstreamIo { .. }
+                | ProxyError::Handshake { .. }
+        )
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::NoServer(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::ConnectTimeout { .. } | ProxyError::ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::NoServer(_)
+            | ProxyError::Shed { .. }
+            | ProxyError::QueueTimeout { .. }
+            | ProxyError::NoServerLeft { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::ConnectTimeout { .. } | ProxyError::ResponseTimeout { .. } | ProxyError::Deadline { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             ProxyError::Connect { .. }
             | ProxyError::Upstream { .. }
             | ProxyError::UpstreamIo { .. }

@@ -2,26 +2,31 @@
 //! response back. WebSocket and other upgrades are bridged byte for byte.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Version};
-use http_body_util::{Either, Full, Limited};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 use nonstop_config::{Balance, HashOn};
 use serde_json::json;
 
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use crate::admission::{ShedReason, Tried};
 use crate::balance::hash_key;
 use crate::error::ProxyError;
+use crate::pool::Acquired;
 use crate::state::{RouteMatch, ServiceState, Snapshot};
-use crate::upstream::{InFlight, Server, UpBody};
+use crate::upstream::{InFlight, ReqBody, Server, UpBody};
 use crate::Shared;
 
 pub type RespBody = Either<UpstreamBody, Full<Bytes>>;
@@ -112,6 +117,16 @@ fn error_response(e: &ProxyError) -> Response<RespBody> {
     resp
 }
 
+/// What became of one request, for stats and the access log.
+struct Outcome {
+    result: Result<Response<RespBody>, ProxyError>,
+    service: Option<Arc<ServiceState>>,
+    server: Option<Arc<Server>>,
+    /// Tries sent to servers (connects that failed included).
+    attempts: u32,
+    queue_wait: Duration,
+}
+
 /// Serves one client request.
 pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<RespBody>, Infallible> {
     let start = Instant::now();
@@ -120,17 +135,21 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Respons
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let host = request_host(&req);
-    let outcome = forward(&ctx, &snap, req, host.as_deref(), start).await;
-    let (resp, service, server, error) = match outcome {
-        Ok((resp, service, server)) => (resp, Some(service), Some(server), None),
-        Err((e, service, server)) => {
-            let resp = error_response(&e);
-            (resp, service, server, Some(e))
-        }
+    let mut out = Outcome {
+        result: Err(ProxyError::Deadline { ms: 0 }),
+        service: None,
+        server: None,
+        attempts: 0,
+        queue_wait: Duration::ZERO,
+    };
+    out.result = forward(&ctx, &snap, req, host.as_deref(), start, &mut out).await;
+    let (resp, error) = match out.result {
+        Ok(resp) => (resp, None),
+        Err(e) => (error_response(&e), Some(e)),
     };
     let status = resp.status().as_u16();
     let elapsed = start.elapsed();
-    match (&server, &service) {
+    match (&out.server, &out.service) {
         (Some(s), _) => s.stats.record(status, elapsed),
         (None, Some(svc)) => svc.unserved.record(status, elapsed),
         (None, None) => ctx.shared.unrouted.record(status, elapsed),
@@ -144,16 +163,52 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Respons
             "host": host,
             "path": path,
             "status": status,
-            "service": service.as_ref().map(|s| s.name.as_str()),
-            "server": server.as_ref().map(|s| s.addr.to_string()),
+            "service": out.service.as_ref().map(|s| s.name.as_str()),
+            "server": out.server.as_ref().map(|s| s.addr.to_string()),
             "duration_ms": elapsed.as_secs_f64() * 1000.0,
+            "attempts": out.attempts,
+            "queue_wait_ms": out.queue_wait.as_secs_f64() * 1000.0,
+            "shed": matches!(error, Some(ProxyError::Shed { .. })),
             "error": error.as_ref().map(|e| e.to_string()),
         }));
     }
     Ok(resp)
 }
 
-type Failed = (ProxyError, Option<Arc<ServiceState>>, Option<Arc<Server>>);
+fn is_idempotent(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
+}
+
+/// A random version-4 UUID, as an Idempotency-Key.
+fn uuid_v4() -> String {
+    let mut b: [u8; 16] = fastrand::u128(..).to_le_bytes();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+/// The request body across tries: kept in memory when small enough to replay, else streamed once.
+enum BodySource {
+    Replayable(Bytes),
+    Once(Option<Limited<Incoming>>),
+}
+
+impl BodySource {
+    fn for_try(&mut self) -> Option<ReqBody> {
+        match self {
+            BodySource::Replayable(b) => Some(ReqBody::Full(Some(b.clone()))),
+            BodySource::Once(b) => b.take().map(ReqBody::Stream),
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        match self {
+            BodySource::Replayable(_) => true,
+            BodySource::Once(b) => b.is_some(),
+        }
+    }
+}
 
 async fn forward(
     ctx: &ConnCtx,
@@ -161,85 +216,237 @@ async fn forward(
     mut req: Request<Incoming>,
     host: Option<&str>,
     start: Instant,
-) -> Result<(Response<RespBody>, Arc<ServiceState>, Arc<Server>), Failed> {
+    out: &mut Outcome,
+) -> Result<Response<RespBody>, ProxyError> {
     let route = match snap.route(host, req.uri().path(), req.method()) {
         RouteMatch::Found(r) => r,
-        RouteMatch::MethodNotAllowed => {
-            return Err((ProxyError::MethodNotAllowed(req.method().to_string()), None, None));
-        }
+        RouteMatch::MethodNotAllowed => return Err(ProxyError::MethodNotAllowed(req.method().to_string())),
         RouteMatch::NotFound => {
-            let e = ProxyError::NoRoute {
+            return Err(ProxyError::NoRoute {
                 method: req.method().to_string(),
                 host: host.unwrap_or_default().to_string(),
                 path: req.uri().path().to_string(),
-            };
-            return Err((e, None, None));
+            });
         }
     };
     let service = route.service.clone();
+    out.service = Some(service.clone());
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > route.body_bytes_max) {
-        return Err((ProxyError::BodyTooLarge(route.body_bytes_max), Some(service), None));
+        return Err(ProxyError::BodyTooLarge(route.body_bytes_max));
     }
     let key = match &service.config.balance {
         Balance::Hash(on) => hash_of(&req, on, ctx.peer),
         _ => None,
     };
-    let Some(server) = service.pick(key) else {
-        return Err((ProxyError::NoServer(service.name.clone()), Some(service), None));
-    };
+    let retry = &service.config.retry;
+    if retry.add_idempotency_key
+        && matches!(*req.method(), Method::POST | Method::PATCH)
+        && !req.headers().contains_key(IDEMPOTENCY_KEY)
+    {
+        if let Ok(v) = HeaderValue::from_str(&uuid_v4()) {
+            req.headers_mut().insert(IDEMPOTENCY_KEY, v);
+        }
+    }
+    let retryable = is_idempotent(req.method()) || req.headers().contains_key(IDEMPOTENCY_KEY);
 
     let upgrade = is_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let client_version = req.version();
-    let upstream_req = rewrite_request(req, ctx, upgrade, route.body_bytes_max, host);
-    let in_flight = server.begin();
-    let sent = server.send(upstream_req, &service.settings, service.config.response_timeout, upgrade).await;
-    let mut resp = match sent {
-        Ok(ok) => ok,
-        Err(e) => {
-            let e = match e {
-                ProxyError::Upstream { ref source, .. } if is_length_limit(source) => {
-                    ProxyError::BodyTooLarge(route.body_bytes_max)
-                }
-                ProxyError::BodyTooLarge(_) => ProxyError::BodyTooLarge(route.body_bytes_max),
-                e => e,
-            };
-            return Err((e, Some(service), Some(server)));
+    let (head, body) = rewrite_request(req, ctx, upgrade, host);
+    let mut body = if body.is_end_stream() {
+        BodySource::Replayable(Bytes::new())
+    } else if !upgrade && declared.is_some_and(|n| n <= retry.body_bytes_max) {
+        match Limited::new(body, route.body_bytes_max.min(usize::MAX as u64) as usize).collect().await {
+            Ok(collected) => BodySource::Replayable(collected.to_bytes()),
+            Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+                return Err(ProxyError::BodyTooLarge(route.body_bytes_max))
+            }
+            Err(e) => return Err(ProxyError::ClientBody(std::io::Error::other(e.to_string()))),
         }
+    } else {
+        BodySource::Once(Some(Limited::new(body, route.body_bytes_max.min(usize::MAX as u64) as usize)))
     };
-    server.observe_latency(Instant::now(), start.elapsed());
 
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client_upgrade) = client_upgrade {
-            let upstream_upgrade = hyper::upgrade::on(&mut resp);
-            tokio::spawn(async move {
-                let _in_flight = in_flight;
-                if let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream_upgrade.await) {
-                    let mut client = TokioIo::new(client);
-                    let mut upstream = TokioIo::new(upstream);
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    let pool = &service.pool;
+    let deadline = start + service.config.request_timeout;
+    let wait_max = service.config.admission.queue_wait_max;
+    let mut tried = Tried::default();
+    let mut reached = 0u32;
+    let mut last: Option<ProxyError> = None;
+    loop {
+        let now = Instant::now();
+        let left = deadline.saturating_duration_since(now);
+        if left.is_zero() {
+            return Err(last.unwrap_or(ProxyError::Deadline { ms: service.config.request_timeout.as_millis() }));
+        }
+        // Wait for a server to come back only while every failure so far never reached one (all refusing: they
+        // are restarting); after a server got the request, only another server that is up now may have it.
+        let wait_for_recovery = reached == 0;
+        let wait_left = left.min(wait_max.saturating_sub(out.queue_wait));
+        let lease = match pool.acquire(now, key, &tried, wait_left, wait_for_recovery) {
+            Acquired::Now(lease) => lease,
+            Acquired::Wait(rx, limit) => {
+                let waited_from = Instant::now();
+                let got = tokio::time::timeout(limit, rx).await;
+                let waited = waited_from.elapsed();
+                out.queue_wait += waited;
+                pool.waited(waited);
+                match got {
+                    Ok(Ok(lease)) => lease,
+                    _ => {
+                        pool.counters.queue_timeouts.fetch_add(1, Ordering::Relaxed);
+                        let waited_ms = out.queue_wait.as_millis();
+                        return Err(match last {
+                            Some(last) => ProxyError::NoServerLeft {
+                                service: service.name.clone(),
+                                waited_ms,
+                                last: Box::new(last),
+                            },
+                            None => ProxyError::QueueTimeout { service: service.name.clone(), waited_ms },
+                        });
+                    }
                 }
-            });
-            let (parts, _) = resp.into_parts();
-            let mut out = Response::from_parts(parts, Either::Right(Full::new(Bytes::new())));
-            out.headers_mut().append(header::VIA, HeaderValue::from_static("1.1 nonstop"));
-            return Ok((out, service, server));
+            }
+            Acquired::Exhausted => {
+                return Err(last.unwrap_or_else(|| ProxyError::NoServer(service.name.clone())));
+            }
+            Acquired::Shed(ShedReason::NoTimeLeft) if last.is_some() => {
+                let last = last.expect("checked");
+                if wait_max.is_zero() {
+                    // No queue: the failure itself is the answer.
+                    return Err(last);
+                }
+                let last = Box::new(last);
+                return Err(ProxyError::NoServerLeft {
+                    service: service.name.clone(),
+                    waited_ms: out.queue_wait.as_millis(),
+                    last,
+                });
+            }
+            Acquired::Shed(reason) => {
+                let why = match reason {
+                    ShedReason::QueueFull => "the queue is full".to_string(),
+                    ShedReason::WaitTooLong { expected_ms } => {
+                        format!("the expected wait of {expected_ms} ms is longer than allowed")
+                    }
+                    ShedReason::NoTimeLeft => "no time is left to wait for a server".to_string(),
+                };
+                return Err(ProxyError::Shed { service: service.name.clone(), why });
+            }
+        };
+        let server = lease.server().clone();
+        out.server = Some(server.clone());
+        out.attempts += 1;
+        let try_start = Instant::now();
+        let sender = match server.checkout(&service.settings, upgrade).await {
+            Ok(sender) => sender,
+            Err(e) => {
+                // Never reached the server: any request may go elsewhere, and the body is still here.
+                let now = Instant::now();
+                let epoch = pool.report(&server, now, true);
+                tried.push(server.addr, epoch, now, false);
+                pool.count_free_retry();
+                last = Some(e);
+                continue;
+            }
+        };
+        let Some(try_body) = body.for_try() else {
+            return Err(last.unwrap_or(ProxyError::Deadline { ms: 0 }));
+        };
+        let per_try = service.config.response_timeout.min(deadline.saturating_duration_since(try_start));
+        let sent = server.send(sender, &head, try_body, &service.settings, per_try).await;
+        let now = Instant::now();
+        let mut resp = match sent {
+            Ok(resp) => resp,
+            Err(e) => {
+                let e = match e {
+                    ProxyError::Upstream { ref source, .. } if is_length_limit(source) => {
+                        ProxyError::BodyTooLarge(route.body_bytes_max)
+                    }
+                    ProxyError::BodyTooLarge(_) => ProxyError::BodyTooLarge(route.body_bytes_max),
+                    e => e,
+                };
+                if !e.server_failed() {
+                    return Err(e);
+                }
+                let epoch = pool.report(&server, now, true);
+                if e.never_reached_server() && body.replayable() {
+                    tried.push(server.addr, epoch, now, false);
+                    pool.count_free_retry();
+                    last = Some(e);
+                    continue;
+                }
+                reached += 1;
+                let again = retryable && !upgrade && body.replayable() && reached < retry.attempts_max;
+                if again && pool.try_retry(now) {
+                    tried.push(server.addr, epoch, now, true);
+                    last = Some(e);
+                    continue;
+                }
+                return Err(e);
+            }
+        };
+        reached += 1;
+        server.observe_latency(now, now - try_start);
+        let status = resp.status();
+        let epoch = pool.report(&server, now, status.is_server_error());
+        if retry.on_status.contains(&status.as_u16())
+            && retryable
+            && !upgrade
+            && body.replayable()
+            && reached < retry.attempts_max
+            && now < deadline
+            && pool.try_retry(now)
+        {
+            tried.push(server.addr, epoch, now, true);
+            continue;
         }
-    }
+        drop(tried);
 
-    let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    if service.config.hide_identity {
-        for h in ["server", "x-powered-by", "x-nonstop-instance"] {
-            parts.headers.remove(h);
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_upgrade) = client_upgrade {
+                let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                let cutoff = server.cutoff();
+                tokio::spawn(async move {
+                    let _lease = lease;
+                    if let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream_upgrade.await) {
+                        let mut client = TokioIo::new(client);
+                        let mut upstream = TokioIo::new(upstream);
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                            _ = cutoff.cancelled() => {
+                                // The drain deadline: close both sides cleanly.
+                                let _ = tokio::io::AsyncWriteExt::shutdown(&mut client).await;
+                                let _ = tokio::io::AsyncWriteExt::shutdown(&mut upstream).await;
+                            }
+                        }
+                    }
+                });
+                let (parts, _) = resp.into_parts();
+                let mut out = Response::from_parts(parts, Either::Right(Full::new(Bytes::new())));
+                out.headers_mut().append(header::VIA, HeaderValue::from_static("1.1 nonstop"));
+                return Ok(out);
+            }
         }
+
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        if service.config.hide_identity {
+            for h in ["server", "x-powered-by", "x-nonstop-instance"] {
+                parts.headers.remove(h);
+            }
+        }
+        parts.headers.append(header::VIA, via(parts.version));
+        parts.version = client_version;
+        // A body of unknown length may be long-lived (SSE, long poll): it ends at the server's drain deadline.
+        let cutoff = body.size_hint().exact().is_none().then(|| Box::pin(server.cutoff().cancelled_owned()));
+        let body = UpstreamBody { inner: body, cutoff, _in_flight: lease };
+        return Ok(Response::from_parts(parts, Either::Left(body)));
     }
-    parts.headers.append(header::VIA, via(parts.version));
-    parts.version = client_version;
-    let body = UpstreamBody { inner: body, _in_flight: in_flight };
-    Ok((Response::from_parts(parts, Either::Left(body)), service, server))
 }
+
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 fn is_length_limit(e: &hyper::Error) -> bool {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
@@ -260,13 +467,13 @@ fn via(version: Version) -> HeaderValue {
     })
 }
 
+/// The request head as it goes to servers, and the client's body.
 fn rewrite_request(
     req: Request<Incoming>,
     ctx: &ConnCtx,
     upgrade: bool,
-    body_bytes_max: u64,
     host: Option<&str>,
-) -> Request<Limited<Incoming>> {
+) -> (http::request::Parts, Incoming) {
     let (mut parts, body) = req.into_parts();
     let upgrade_value = if upgrade { parts.headers.get(header::UPGRADE).cloned() } else { None };
     // HTTP/2 carries the authority in the URI; HTTP/1.1 servers need it as Host.
@@ -313,12 +520,14 @@ fn rewrite_request(
             parts.uri = uri;
         }
     }
-    Request::from_parts(parts, Limited::new(body, body_bytes_max.min(usize::MAX as u64) as usize))
+    (parts, body)
 }
 
 /// A server's response body on its way to the client; the server's in-flight count lasts as long as it does.
 pub struct UpstreamBody {
     inner: UpBody,
+    /// Ends the body cleanly when the server's drain deadline passes (long-lived responses only).
+    cutoff: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     _in_flight: InFlight,
 }
 
@@ -327,6 +536,11 @@ impl Body for UpstreamBody {
     type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(cutoff) = self.cutoff.as_mut() {
+            if cutoff.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+        }
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 

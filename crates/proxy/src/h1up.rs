@@ -39,6 +39,8 @@ pub enum ExchangeError {
     Failed(io::Error),
     /// The client's body exceeded the route's limit.
     BodyTooLarge,
+    /// Reading the client's body failed (the client's fault, not the server's).
+    ClientBody(io::Error),
 }
 
 fn bad(what: impl Into<String>) -> io::Error {
@@ -137,7 +139,7 @@ pub async fn exchange(
                 Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
                     return Err(ExchangeError::BodyTooLarge)
                 }
-                Err(e) => return Err(ExchangeError::Failed(io::Error::other(format!("client body: {e}")))),
+                Err(e) => return Err(ExchangeError::ClientBody(io::Error::other(e.to_string()))),
             };
             if let Ok(data) = frame.into_data() {
                 if data.is_empty() {

@@ -3,14 +3,18 @@
 
 mod access_log;
 mod admin;
+pub mod admission;
 pub mod balance;
+mod checker;
 pub mod error;
 pub mod ewma;
 mod forward;
 mod h1up;
+pub mod health;
 mod io;
 mod listener;
 pub mod metrics;
+pub mod pool;
 pub mod state;
 mod tls;
 mod upstream;
@@ -164,6 +168,17 @@ impl Proxy {
                     upstream::set_worker(i);
                     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
                     rt.block_on(listener::run_worker(shared, bound, rx, drain));
+                })
+                .map_err(StartError::Io)?;
+            handles.push(h);
+        }
+        {
+            let (shared, rx) = (shared.clone(), rx.clone());
+            let h = std::thread::Builder::new()
+                .name("health".into())
+                .spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                    rt.block_on(checker::run(shared, rx));
                 })
                 .map_err(StartError::Io)?;
             handles.push(h);

@@ -4,13 +4,14 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use http::Method;
-use nonstop_config::{Balance, Config, Protocol};
+use nonstop_config::{Config, Protocol};
 
-use crate::balance::{Algorithm, Balancer, Candidate};
 use crate::metrics::Stats;
+use crate::pool::Pool;
+pub use crate::pool::PoolError;
 use crate::upstream::{ConnSettings, Server};
 
 pub struct Snapshot {
@@ -40,127 +41,37 @@ pub struct ServiceState {
     pub name: String,
     pub config: nonstop_config::Service,
     pub settings: ConnSettings,
-    members: Mutex<Members>,
+    /// The live pool, shared with the snapshots before and after this one.
+    pub pool: Arc<Pool>,
     /// Requests of this service answered by the proxy itself (no server was tried).
     pub unserved: Stats,
 }
 
-struct Members {
-    servers: Vec<Arc<Server>>,
-    balancer: Balancer,
-}
-
-fn algorithm(b: &Balance) -> Algorithm {
-    match b {
-        Balance::RoundRobin => Algorithm::RoundRobin,
-        Balance::Weighted => Algorithm::Weighted,
-        Balance::LeastInflight => Algorithm::LeastInflight,
-        Balance::PeakEwma => Algorithm::PeakEwma,
-        Balance::Hash(_) => Algorithm::Hash,
-    }
-}
-
-/// Why an admin change to a pool was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum PoolError {
-    #[error("server {0} is already in the pool")]
-    Exists(SocketAddr),
-    #[error("no server {0} in the pool")]
-    Missing(SocketAddr),
-    #[error("weight {0} is out of range 0..={max}", max = nonstop_config::WEIGHT_MAX)]
-    Weight(u32),
-}
-
 impl ServiceState {
+    /// The state for `config`, reusing (and reconfiguring) `old`'s pool when there is one.
     fn new(config: nonstop_config::Service, old: Option<&ServiceState>) -> ServiceState {
-        let servers = config
-            .servers
-            .iter()
-            .map(|spec| {
-                let kept = old.and_then(|o| o.find(spec.addr));
-                match kept {
-                    Some(s) => {
-                        s.set_weight(spec.weight);
-                        s
-                    }
-                    None => Server::new(spec.addr, spec.weight),
-                }
-            })
-            .collect();
+        let pool = match old {
+            Some(o) => {
+                o.pool.reconfigure(&config);
+                o.pool.clone()
+            }
+            None => Pool::new(&config, true),
+        };
         let settings = ConnSettings {
             connect_timeout: config.connect_timeout,
             idle_timeout: config.pool_idle_timeout,
             idle_max: config.pool_idle_max,
             h2: config.protocol == Protocol::H2,
         };
-        let balancer = Balancer::new(algorithm(&config.balance), fastrand::u64(..));
-        ServiceState {
-            name: config.name.clone(),
-            settings,
-            members: Mutex::new(Members { servers, balancer }),
-            unserved: Stats::default(),
-            config,
-        }
+        ServiceState { name: config.name.clone(), settings, pool, unserved: Stats::default(), config }
     }
 
     pub fn servers(&self) -> Vec<Arc<Server>> {
-        self.members.lock().expect("members lock").servers.clone()
+        self.pool.servers()
     }
 
     pub fn find(&self, addr: SocketAddr) -> Option<Arc<Server>> {
-        self.members.lock().expect("members lock").servers.iter().find(|s| s.addr == addr).cloned()
-    }
-
-    /// Chooses a server for one request; `None` when no server is usable.
-    pub fn pick(&self, key: Option<u64>) -> Option<Arc<Server>> {
-        let mut m = self.members.lock().expect("members lock");
-        let candidates: Vec<Candidate> = m
-            .servers
-            .iter()
-            .map(|s| Candidate {
-                addr: s.addr,
-                weight: s.weight(),
-                in_flight: s.in_flight(),
-                latency_ns: if m.balancer.algorithm() == Algorithm::PeakEwma { s.latency_ns() } else { 0.0 },
-                available: !s.draining(),
-            })
-            .collect();
-        let i = m.balancer.pick(&candidates, key)?;
-        Some(m.servers[i].clone())
-    }
-
-    pub fn add_server(&self, addr: SocketAddr, weight: u32) -> Result<Arc<Server>, PoolError> {
-        if weight > nonstop_config::WEIGHT_MAX {
-            return Err(PoolError::Weight(weight));
-        }
-        let mut m = self.members.lock().expect("members lock");
-        if m.servers.iter().any(|s| s.addr == addr) {
-            return Err(PoolError::Exists(addr));
-        }
-        let s = Server::new(addr, weight);
-        m.servers.push(s.clone());
-        m.balancer.servers_changed();
-        Ok(s)
-    }
-
-    pub fn remove_server(&self, addr: SocketAddr) -> Result<Arc<Server>, PoolError> {
-        let mut m = self.members.lock().expect("members lock");
-        let i = m.servers.iter().position(|s| s.addr == addr).ok_or(PoolError::Missing(addr))?;
-        let s = m.servers.remove(i);
-        m.balancer.servers_changed();
-        s.close_idle();
-        Ok(s)
-    }
-
-    pub fn set_weight(&self, addr: SocketAddr, weight: u32) -> Result<(), PoolError> {
-        if weight > nonstop_config::WEIGHT_MAX {
-            return Err(PoolError::Weight(weight));
-        }
-        let mut m = self.members.lock().expect("members lock");
-        let s = m.servers.iter().find(|s| s.addr == addr).ok_or(PoolError::Missing(addr))?;
-        s.set_weight(weight);
-        m.balancer.servers_changed();
-        Ok(())
+        self.pool.find(addr)
     }
 }
 
@@ -196,8 +107,9 @@ impl Snapshot {
         routes.sort_by_key(|r| (r.host.is_none(), std::cmp::Reverse(r.path_prefix.len())));
         if let Some(old) = old {
             for (name, svc) in &old.services {
-                let gone = |addr| services.get(name).is_none_or(|s: &Arc<ServiceState>| s.find(addr).is_none());
-                svc.servers().iter().filter(|s| gone(s.addr)).for_each(|s| s.close_idle());
+                if !services.contains_key(name) {
+                    svc.servers().iter().for_each(|s| s.close_idle());
+                }
             }
         }
         Ok(Snapshot { config, routes, services, tls })
@@ -262,7 +174,7 @@ mod tests {
     fn reload_keeps_live_servers() {
         let old = snapshot("");
         let a = old.services["a"].servers()[0].clone();
-        a.set_draining(true);
+        a.set_draining(true, std::time::Duration::from_secs(60));
         let new = Snapshot::build(old.config.clone(), Some(&old)).unwrap();
         assert!(Arc::ptr_eq(&a, &new.services["a"].servers()[0]));
         assert!(new.services["a"].servers()[0].draining());
@@ -271,13 +183,19 @@ mod tests {
     #[test]
     fn admin_pool_changes() {
         let s = snapshot("");
-        let svc = &s.services["a"];
+        let svc = &s.services["a"].pool;
         let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        svc.add_server(addr, 2).unwrap();
-        assert!(matches!(svc.add_server(addr, 2), Err(PoolError::Exists(_))));
+        svc.add_server(addr, 2, false, true).unwrap();
+        assert!(matches!(svc.add_server(addr, 2, false, true), Err(PoolError::Exists(_))));
         svc.set_weight(addr, 0).unwrap();
+        let tried = crate::admission::Tried::default();
         for _ in 0..10 {
-            assert_ne!(svc.pick(None).unwrap().addr, addr, "weight 0 takes no requests");
+            let crate::pool::Acquired::Now(lease) =
+                svc.acquire(std::time::Instant::now(), None, &tried, std::time::Duration::from_secs(1), true)
+            else {
+                panic!("no lease")
+            };
+            assert_ne!(lease.server().addr, addr, "weight 0 takes no requests");
         }
         svc.remove_server(addr).unwrap();
         assert!(matches!(svc.remove_server(addr), Err(PoolError::Missing(_))));

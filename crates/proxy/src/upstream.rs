@@ -5,7 +5,7 @@ use std::cell::Cell;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -23,9 +23,41 @@ use crate::error::ProxyError;
 use crate::ewma::PeakEwma;
 use crate::h1up::{self, ExchangeError, RawBody, RawConn};
 use crate::metrics::Stats;
+use crate::pool::Pool;
+use tokio_util::sync::CancellationToken;
 
-/// The body the proxy sends upstream: the client's body, streamed, with the route's size limit.
-pub type ReqBody = Limited<Incoming>;
+/// The body the proxy sends upstream: kept in memory (so that it can be sent again on a retry), or the client's
+/// body streamed with the route's size limit.
+pub enum ReqBody {
+    Full(Option<Bytes>),
+    Stream(Limited<Incoming>),
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            ReqBody::Full(data) => Poll::Ready(data.take().filter(|d| !d.is_empty()).map(|d| Ok(Frame::data(d)))),
+            ReqBody::Stream(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Full(data) => data.as_ref().is_none_or(Bytes::is_empty),
+            ReqBody::Stream(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            ReqBody::Stream(b) => b.size_hint(),
+        }
+    }
+}
 
 /// How to talk to one server.
 #[derive(Debug, Clone, Copy)]
@@ -51,8 +83,8 @@ fn worker() -> usize {
     WORKER.with(Cell::get)
 }
 
-/// A connection to send on.
-enum Sender {
+/// A connection to send on, checked out of a server's pool (or new).
+pub enum Sender {
     /// The proxy's own HTTP/1.1 client.
     Raw(RawConn),
     /// hyper's HTTP/1.1 client with a connection task, for exchanges that may be upgraded.
@@ -108,6 +140,12 @@ pub struct Server {
     weight: AtomicU32,
     in_flight: AtomicU32,
     draining: AtomicBool,
+    /// The service pool this server belongs to: told when a slot frees.
+    owner: Weak<Pool>,
+    /// Set while the server's health wants to hear of successes too (see [`Pool::report`]).
+    wants_report: AtomicBool,
+    /// Cancelled at the drain deadline: long-lived responses and upgraded connections end.
+    cutoff: Mutex<CancellationToken>,
     ewma: Mutex<PeakEwma>,
     pool: Mutex<Vec<Idle>>,
     /// The shared HTTP/2 connection; the async lock makes concurrent first requests wait for one connect.
@@ -120,12 +158,15 @@ pub struct Server {
 const INITIAL_LATENCY: Duration = Duration::from_millis(1);
 
 impl Server {
-    pub fn new(addr: SocketAddr, weight: u32) -> Arc<Server> {
+    pub fn new(addr: SocketAddr, weight: u32, pool: Weak<Pool>) -> Arc<Server> {
         Arc::new(Server {
             addr,
             weight: AtomicU32::new(weight),
             in_flight: AtomicU32::new(0),
             draining: AtomicBool::new(false),
+            owner: pool,
+            wants_report: AtomicBool::new(false),
+            cutoff: Mutex::new(CancellationToken::new()),
             ewma: Mutex::new(PeakEwma::new(Instant::now(), INITIAL_LATENCY)),
             pool: Mutex::new(Vec::new()),
             h2: tokio::sync::Mutex::new(None),
@@ -150,8 +191,44 @@ impl Server {
         self.draining.load(Relaxed)
     }
 
-    pub fn set_draining(&self, on: bool) {
-        self.draining.store(on, Relaxed);
+    /// Starts or ends a drain. A drain cuts long-lived requests off at `deadline` (if it is still on by then).
+    pub fn set_draining(self: &Arc<Server>, on: bool, deadline: Duration) {
+        let was = self.draining.swap(on, Relaxed);
+        if on && !was {
+            let token = self.cutoff.lock().expect("cutoff lock").clone();
+            let server = self.clone();
+            std::thread::Builder::new()
+                .name("drain-deadline".into())
+                .spawn(move || {
+                    std::thread::sleep(deadline);
+                    if server.draining() {
+                        token.cancel();
+                    }
+                })
+                .ok();
+        }
+        if !on {
+            let mut cutoff = self.cutoff.lock().expect("cutoff lock");
+            if cutoff.is_cancelled() {
+                *cutoff = CancellationToken::new();
+            }
+        }
+        if let Some(pool) = self.owner.upgrade() {
+            pool.changed();
+        }
+    }
+
+    /// Cancelled when a drain reaches its deadline.
+    pub fn cutoff(&self) -> CancellationToken {
+        self.cutoff.lock().expect("cutoff lock").clone()
+    }
+
+    pub fn wants_report(&self) -> bool {
+        self.wants_report.load(Relaxed)
+    }
+
+    pub fn set_wants_report(&self, on: bool) {
+        self.wants_report.store(on, Relaxed);
     }
 
     pub fn latency_ns(&self) -> f64 {
@@ -172,34 +249,43 @@ impl Server {
         InFlight(self.clone())
     }
 
-    /// Sends one request and waits for the response head. On the proxy's own client the response body gives the
-    /// connection back to the pool when read to the end. `upgrade` asks for a connection that can be taken over
-    /// after a 101.
+    /// Sends one request on a connection from [`Server::checkout`] and waits for the response head. On the proxy's
+    /// own client the response body gives the connection back to the pool when read to the end.
     pub async fn send(
         self: &Arc<Server>,
-        req: Request<ReqBody>,
+        sender: Sender,
+        head: &http::request::Parts,
+        body: ReqBody,
         settings: &ConnSettings,
         response_timeout: Duration,
-        upgrade: bool,
     ) -> Result<Response<UpBody>, ProxyError> {
         let addr = self.addr;
-        match self.checkout(settings, upgrade).await? {
+        let request = |body: ReqBody| {
+            let mut r = Request::new(body);
+            *r.method_mut() = head.method.clone();
+            *r.uri_mut() = head.uri.clone();
+            *r.version_mut() = head.version;
+            *r.headers_mut() = head.headers.clone();
+            r
+        };
+        match sender {
             Sender::Raw(conn) => {
-                let (parts, body) = req.into_parts();
-                let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
                 let server = self.clone();
                 let idle_max = settings.idle_max;
                 let give_back = Box::new(move |conn: RawConn| server.checkin(conn, idle_max));
-                let exchange = h1up::exchange(conn, &parts.method, path, &parts.headers, body, give_back);
+                let exchange = h1up::exchange(conn, &head.method, path, &head.headers, body, give_back);
                 match tokio::time::timeout(response_timeout, exchange).await {
                     Ok(Ok(resp)) => Ok(resp.map(UpBody::Raw)),
                     Ok(Err(ExchangeError::Unsent(source))) => Err(ProxyError::UpstreamIo { addr, sent: false, source }),
                     Ok(Err(ExchangeError::Failed(source))) => Err(ProxyError::UpstreamIo { addr, sent: true, source }),
                     Ok(Err(ExchangeError::BodyTooLarge)) => Err(ProxyError::BodyTooLarge(0)),
+                    Ok(Err(ExchangeError::ClientBody(e))) => Err(ProxyError::ClientBody(e)),
                     Err(_) => Err(ProxyError::ResponseTimeout { addr, ms: response_timeout.as_millis() }),
                 }
             }
             Sender::Upgradable(mut s) => {
+                let req = request(body);
                 let result =
                     timed(addr, response_timeout, async { s.try_send_request(req).await.map_err(unsent) }).await;
                 match result {
@@ -209,6 +295,7 @@ impl Server {
                 }
             }
             Sender::H2(mut s) => {
+                let req = request(body);
                 let result =
                     timed(addr, response_timeout, async { s.try_send_request(req).await.map_err(unsent) }).await;
                 match result {
@@ -227,7 +314,8 @@ impl Server {
         }
     }
 
-    async fn checkout(&self, settings: &ConnSettings, upgrade: bool) -> Result<Sender, ProxyError> {
+    /// A connection to this server: pooled, or new. `upgrade` asks for one that can be taken over after a 101.
+    pub async fn checkout(&self, settings: &ConnSettings, upgrade: bool) -> Result<Sender, ProxyError> {
         if settings.h2 && !upgrade {
             let mut shared = self.h2.lock().await;
             if let Some(s) = shared.as_ref() {
@@ -352,11 +440,27 @@ fn h2_refused(e: &hyper::Error) -> bool {
     false
 }
 
-/// Decrements the server's in-flight count on drop.
+/// A request's slot on a server: the server's in-flight count, decremented on drop, which also lets a request
+/// waiting in the pool's queue have the slot.
 pub struct InFlight(Arc<Server>);
+
+impl InFlight {
+    pub fn server(&self) -> &Arc<Server> {
+        &self.0
+    }
+
+    /// Frees the slot without telling the pool (for the pool itself, which holds its lock).
+    pub fn release_quietly(self) {
+        self.0.in_flight.fetch_sub(1, Relaxed);
+        std::mem::forget(self);
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Relaxed);
+        if let Some(pool) = self.0.owner.upgrade() {
+            pool.released();
+        }
     }
 }

@@ -1,0 +1,237 @@
+//! Admission control and retry accounting, as pure decisions with `now` passed in: whether a request that finds
+//! every server full may wait in the service's queue or is shed at once, which servers a retried request may still
+//! go to, and the retry budget.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// What the queue knows when a request finds no server it can use right now.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueView {
+    /// Requests already waiting.
+    pub queued: usize,
+    pub queue_length_max: usize,
+    /// How long a request may wait in the queue.
+    pub wait_max: Duration,
+    /// How long a request may wait while servers are up but full (overload).
+    pub overload_wait_max: Duration,
+    /// What is left of the request's own deadline.
+    pub deadline_left: Duration,
+    /// Concurrent requests the usable servers take in all; 0 when no server is usable (all down or restarting).
+    pub slots: u64,
+    /// Mean latency of the usable servers.
+    pub latency: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Wait in the queue for at most this long.
+    Wait(Duration),
+    /// Answer 503 with Retry-After now.
+    Shed(ShedReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShedReason {
+    QueueFull,
+    /// The queue ahead is longer than the servers can work through in time.
+    WaitTooLong {
+        expected_ms: u64,
+    },
+    /// The request's deadline leaves no time to wait.
+    NoTimeLeft,
+}
+
+/// Decides between waiting and shedding for a request that found every server full or down.
+pub fn admit(v: &QueueView) -> Admit {
+    if v.queued >= v.queue_length_max {
+        return Admit::Shed(ShedReason::QueueFull);
+    }
+    let limit = v.wait_max.min(v.deadline_left);
+    if limit.is_zero() {
+        return Admit::Shed(ShedReason::NoTimeLeft);
+    }
+    if v.slots == 0 {
+        // Nothing is serving: the servers are restarting, so waiting for them is the point of the queue.
+        return Admit::Wait(limit);
+    }
+    // Little's law: the requests ahead (and this one) leave at `slots` per `latency`.
+    let expected = v.latency.mul_f64((v.queued + 1) as f64 / v.slots as f64);
+    if expected > limit.min(v.overload_wait_max) {
+        return Admit::Shed(ShedReason::WaitTooLong { expected_ms: expected.as_millis() as u64 });
+    }
+    Admit::Wait(limit)
+}
+
+/// After a failure that never reached the server, the same server may be tried again by the same request after
+/// this long (it may have come back); after one that reached it, only once it has come back up.
+pub const RETRY_SAME_SERVER_AFTER: Duration = Duration::from_secs(1);
+
+/// The servers one request has tried.
+#[derive(Debug, Default, Clone)]
+pub struct Tried {
+    entries: Vec<TriedEntry>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct TriedEntry {
+    addr: SocketAddr,
+    epoch: u64,
+    at: Instant,
+    reached: bool,
+}
+
+impl Tried {
+    pub fn push(&mut self, addr: SocketAddr, epoch: u64, at: Instant, reached: bool) {
+        self.entries.retain(|e| e.addr != addr);
+        self.entries.push(TriedEntry { addr, epoch, at, reached });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Whether this request may go to `addr`, whose current epoch is `epoch`: it never tried it, or the server
+    /// came back up since, or the try never reached it and was long enough ago.
+    pub fn allows(&self, addr: SocketAddr, epoch: u64, now: Instant) -> bool {
+        match self.entries.iter().find(|e| e.addr == addr) {
+            None => true,
+            Some(e) => {
+                e.epoch != epoch || (!e.reached && now.saturating_duration_since(e.at) >= RETRY_SAME_SERVER_AFTER)
+            }
+        }
+    }
+
+    /// The earliest time a server this request tried becomes allowed again by the clock alone.
+    pub fn next_allowed(&self) -> Option<Instant> {
+        self.entries.iter().filter(|e| !e.reached).map(|e| e.at + RETRY_SAME_SERVER_AFTER).min()
+    }
+}
+
+/// Seconds of history the retry budget looks at.
+const BUDGET_WINDOW_S: usize = 10;
+
+/// Retries (of requests that reached a server) stay under a share of requests, with a floor per second, over a
+/// sliding window of seconds.
+#[derive(Debug, Clone)]
+pub struct RetryBudget {
+    origin: Instant,
+    /// (second, requests, retries), indexed by second modulo the window.
+    slots: [(u64, u64, u64); BUDGET_WINDOW_S],
+}
+
+impl RetryBudget {
+    pub fn new(origin: Instant) -> RetryBudget {
+        RetryBudget { origin, slots: [(u64::MAX, 0, 0); BUDGET_WINDOW_S] }
+    }
+
+    fn slot(&mut self, now: Instant) -> &mut (u64, u64, u64) {
+        let sec = now.saturating_duration_since(self.origin).as_secs();
+        let slot = &mut self.slots[(sec % BUDGET_WINDOW_S as u64) as usize];
+        if slot.0 != sec {
+            *slot = (sec, 0, 0);
+        }
+        slot
+    }
+
+    fn totals(&self, now: Instant) -> (u64, u64) {
+        let sec = now.saturating_duration_since(self.origin).as_secs();
+        self.slots
+            .iter()
+            .filter(|s| s.0 != u64::MAX && s.0 <= sec && sec - s.0 < BUDGET_WINDOW_S as u64)
+            .fold((0, 0), |(r, t), s| (r + s.1, t + s.2))
+    }
+
+    pub fn record_request(&mut self, now: Instant) {
+        self.slot(now).1 += 1;
+    }
+
+    /// Takes one retry from the budget, if it has one.
+    pub fn try_retry(&mut self, now: Instant, percent: u32, min_per_s: u32) -> bool {
+        let (requests, retries) = self.totals(now);
+        let allowed = (requests * u64::from(percent) / 100).max(u64::from(min_per_s) * BUDGET_WINDOW_S as u64);
+        if retries >= allowed {
+            return false;
+        }
+        self.slot(now).2 += 1;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view() -> QueueView {
+        QueueView {
+            queued: 0,
+            queue_length_max: 100,
+            wait_max: Duration::from_secs(10),
+            overload_wait_max: Duration::from_secs(1),
+            deadline_left: Duration::from_secs(60),
+            slots: 4,
+            latency: Duration::from_millis(10),
+        }
+    }
+
+    #[test]
+    fn waits_while_the_queue_drains_in_time() {
+        assert_eq!(admit(&view()), Admit::Wait(Duration::from_secs(10)));
+        // 99 ahead, 4 slots of 10 ms: 250 ms, under the overload bound of 1 s.
+        assert_eq!(
+            admit(&QueueView { queued: 99, queue_length_max: 1000, ..view() }),
+            Admit::Wait(Duration::from_secs(10))
+        );
+    }
+
+    #[test]
+    fn sheds_when_full_or_too_slow() {
+        assert_eq!(admit(&QueueView { queued: 100, ..view() }), Admit::Shed(ShedReason::QueueFull));
+        let slow = QueueView { queued: 500, queue_length_max: 1000, ..view() };
+        assert_eq!(admit(&slow), Admit::Shed(ShedReason::WaitTooLong { expected_ms: 1252 }));
+        let late = QueueView { deadline_left: Duration::from_millis(50), queued: 30, ..view() };
+        assert_eq!(admit(&late), Admit::Shed(ShedReason::WaitTooLong { expected_ms: 77 }));
+        assert_eq!(admit(&QueueView { deadline_left: Duration::ZERO, ..view() }), Admit::Shed(ShedReason::NoTimeLeft));
+    }
+
+    #[test]
+    fn waits_for_servers_that_are_all_down() {
+        let down = QueueView { slots: 0, queued: 99, ..view() };
+        assert_eq!(admit(&down), Admit::Wait(Duration::from_secs(10)));
+        let short = QueueView { slots: 0, deadline_left: Duration::from_secs(3), ..view() };
+        assert_eq!(admit(&short), Admit::Wait(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn tried_servers_come_back_by_epoch_or_time() {
+        let t0 = Instant::now();
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let mut tried = Tried::default();
+        tried.push(a, 3, t0, false);
+        tried.push(b, 7, t0, true);
+        assert!(!tried.allows(a, 3, t0));
+        assert!(tried.allows(a, 3, t0 + RETRY_SAME_SERVER_AFTER), "never reached: allowed again after a while");
+        assert!(tried.allows(a, 4, t0), "came back up");
+        assert!(!tried.allows(b, 7, t0 + Duration::from_secs(60)), "reached: only after coming back up");
+        assert!(tried.allows(b, 8, t0));
+        assert_eq!(tried.next_allowed(), Some(t0 + RETRY_SAME_SERVER_AFTER));
+    }
+
+    #[test]
+    fn retry_budget_has_a_floor_and_a_share() {
+        let t0 = Instant::now();
+        let mut b = RetryBudget::new(t0);
+        // No requests yet: the floor of 3 per second over the 10 s window allows 30.
+        let granted = (0..100).filter(|_| b.try_retry(t0, 20, 3)).count();
+        assert_eq!(granted, 30);
+        let t1 = t0 + Duration::from_secs(11);
+        for _ in 0..1000 {
+            b.record_request(t1);
+        }
+        let granted = (0..1000).filter(|_| b.try_retry(t1, 20, 3)).count();
+        assert_eq!(granted, 200, "20% of 1000 requests");
+        let t2 = t1 + Duration::from_secs(10);
+        assert!(b.try_retry(t2, 20, 3), "the window slid past them");
+    }
+}

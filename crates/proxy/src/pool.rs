@@ -1,0 +1,632 @@
+//! One service's live pool: its servers with their health, the balancer, the admission queue and the retry
+//! budget, behind one lock. The decisions come from the pure modules ([`crate::balance`], [`crate::health`],
+//! [`crate::admission`]); this module keeps their state and hands out leases (a server's in-flight slot). The pool
+//! outlives reloads: a reload reconfigures it in place, so health, queue and counters survive.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use nonstop_config::{Balance, Service};
+use tokio::sync::oneshot;
+
+use crate::admission::{self, Admit, QueueView, RetryBudget, ShedReason, Tried};
+use crate::balance::{Algorithm, Balancer, Candidate};
+use crate::health::{Health, Policy, Transition};
+use crate::upstream::{InFlight, Server};
+
+/// Why an admin change to a pool was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("server {0} is already in the pool")]
+    Exists(SocketAddr),
+    #[error("no server {0} in the pool")]
+    Missing(SocketAddr),
+    #[error("weight {0} is out of range 0..={max}", max = nonstop_config::WEIGHT_MAX)]
+    Weight(u32),
+}
+
+/// Counters of the pool, for metrics.
+#[derive(Default)]
+pub struct PoolCounters {
+    /// Requests that had to wait in the queue.
+    pub queued: AtomicU64,
+    /// Requests answered 503 at once (queue full, or expected wait too long).
+    pub shed: AtomicU64,
+    /// Requests that waited the longest allowed time and got 503.
+    pub queue_timeouts: AtomicU64,
+    /// Total time spent waiting in the queue, microseconds.
+    pub queue_wait_us: AtomicU64,
+    /// Longest wait in the queue so far, microseconds.
+    pub queue_wait_max_us: AtomicU64,
+    /// Tries after the first.
+    pub retries: AtomicU64,
+    /// Retries refused by the retry budget.
+    pub budget_exhausted: AtomicU64,
+    pub ejections: AtomicU64,
+}
+
+/// What [`Pool::acquire`] gives a request.
+pub enum Acquired {
+    /// A server with a free slot.
+    Now(InFlight),
+    /// Wait in the queue for at most this long.
+    Wait(oneshot::Receiver<InFlight>, Duration),
+    /// Answer 503 now.
+    Shed(ShedReason),
+    /// No server is left that this request may try (it tried every one that is up).
+    Exhausted,
+}
+
+struct Member {
+    server: Arc<Server>,
+    health: Health,
+    backup: bool,
+}
+
+struct Waiter {
+    key: Option<u64>,
+    tried: Tried,
+    tx: oneshot::Sender<InFlight>,
+}
+
+struct Inner {
+    policy: Policy,
+    admission: nonstop_config::Admission,
+    retry: nonstop_config::Retry,
+    eject_max_percent: u32,
+    members: Vec<Member>,
+    balancer: Balancer,
+    queue: VecDeque<Waiter>,
+    budget: RetryBudget,
+}
+
+pub struct Pool {
+    pub name: String,
+    me: Weak<Pool>,
+    inner: Mutex<Inner>,
+    /// Live waiters, readable without the lock.
+    queued: AtomicUsize,
+    pub counters: PoolCounters,
+}
+
+fn algorithm(b: &Balance) -> Algorithm {
+    match b {
+        Balance::RoundRobin => Algorithm::RoundRobin,
+        Balance::Weighted => Algorithm::Weighted,
+        Balance::LeastInflight => Algorithm::LeastInflight,
+        Balance::PeakEwma => Algorithm::PeakEwma,
+        Balance::Hash(_) => Algorithm::Hash,
+    }
+}
+
+/// A server's state for the admin API.
+pub struct MemberView {
+    pub server: Arc<Server>,
+    pub backup: bool,
+    pub up: bool,
+    pub ejected_ms: Option<u64>,
+    pub ramp: f64,
+}
+
+impl Pool {
+    /// A new pool for `svc`; its servers are warm (no slow start) when `warm`.
+    pub fn new(svc: &Service, warm: bool) -> Arc<Pool> {
+        let now = Instant::now();
+        let policy = Policy::of(svc);
+        Arc::new_cyclic(|me: &Weak<Pool>| Pool {
+            name: svc.name.clone(),
+            me: me.clone(),
+            inner: Mutex::new(Inner {
+                policy,
+                admission: svc.admission,
+                retry: svc.retry.clone(),
+                eject_max_percent: svc.eject.max_percent,
+                members: svc
+                    .servers
+                    .iter()
+                    .map(|s| Member {
+                        server: Server::new(s.addr, s.weight, me.clone()),
+                        health: Health::new(now, warm, &policy),
+                        backup: s.backup,
+                    })
+                    .collect(),
+                balancer: Balancer::new(algorithm(&svc.balance), fastrand::u64(..)),
+                queue: VecDeque::new(),
+                budget: RetryBudget::new(now),
+            }),
+            queued: AtomicUsize::new(0),
+            counters: PoolCounters::default(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("pool lock")
+    }
+
+    /// Applies a reloaded config: servers whose address stays keep their live state; new ones slow-start.
+    pub fn reconfigure(&self, svc: &Service) {
+        let now = Instant::now();
+        let mut g = self.lock();
+        let policy = Policy::of(svc);
+        g.policy = policy;
+        g.admission = svc.admission;
+        g.retry = svc.retry.clone();
+        g.eject_max_percent = svc.eject.max_percent;
+        let mut old: Vec<Member> = std::mem::take(&mut g.members);
+        for spec in &svc.servers {
+            let member = match old.iter().position(|m| m.server.addr == spec.addr) {
+                Some(i) => {
+                    let mut m = old.swap_remove(i);
+                    m.server.set_weight(spec.weight);
+                    m.backup = spec.backup;
+                    m
+                }
+                None => Member {
+                    server: Server::new(spec.addr, spec.weight, self.me.clone()),
+                    health: Health::new(now, false, &policy),
+                    backup: spec.backup,
+                },
+            };
+            g.members.push(member);
+        }
+        for gone in old {
+            gone.server.close_idle();
+        }
+        if g.balancer.algorithm() != algorithm(&svc.balance) {
+            g.balancer = Balancer::new(algorithm(&svc.balance), fastrand::u64(..));
+        }
+        g.balancer.servers_changed();
+        g.dispatch(now, &self.queued);
+    }
+
+    pub fn servers(&self) -> Vec<Arc<Server>> {
+        self.lock().members.iter().map(|m| m.server.clone()).collect()
+    }
+
+    pub fn members(&self) -> Vec<MemberView> {
+        let now = Instant::now();
+        let g = self.lock();
+        g.members
+            .iter()
+            .map(|m| MemberView {
+                server: m.server.clone(),
+                backup: m.backup,
+                up: m.health.up(),
+                ejected_ms: m
+                    .health
+                    .ejected_until()
+                    .filter(|&u| u > now)
+                    .map(|u| u.saturating_duration_since(now).as_millis() as u64),
+                ramp: m.health.ramp(now, &g.policy),
+            })
+            .collect()
+    }
+
+    pub fn find(&self, addr: SocketAddr) -> Option<Arc<Server>> {
+        self.lock().members.iter().find(|m| m.server.addr == addr).map(|m| m.server.clone())
+    }
+
+    /// Requests waiting in the queue.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Relaxed)
+    }
+
+    /// A slot on a server for one request, or a place in the queue, or a refusal. `tried` holds the servers the
+    /// request already failed on; `deadline_left` what is left of its deadline. `wait_for_recovery`: when no
+    /// server is open to the request (all down, or all tried), wait for one to come back rather than give up.
+    pub fn acquire(
+        &self,
+        now: Instant,
+        key: Option<u64>,
+        tried: &Tried,
+        deadline_left: Duration,
+        wait_for_recovery: bool,
+    ) -> Acquired {
+        let mut g = self.lock();
+        if tried.is_empty() {
+            g.budget.record_request(now);
+        }
+        if g.queue.is_empty() {
+            if let Some(i) = g.choose(now, key, tried) {
+                return Acquired::Now(g.lease(i));
+            }
+        }
+        if !wait_for_recovery && !g.any_open(now, tried) {
+            return Acquired::Exhausted;
+        }
+        let view = g.view(now, deadline_left);
+        match admission::admit(&view) {
+            Admit::Shed(reason) => {
+                self.counters.shed.fetch_add(1, Relaxed);
+                Acquired::Shed(reason)
+            }
+            Admit::Wait(limit) => {
+                let (tx, rx) = oneshot::channel();
+                g.queue.push_back(Waiter { key, tried: tried.clone(), tx });
+                self.counters.queued.fetch_add(1, Relaxed);
+                // Servers this request may use but the ones ahead may not can take it at once.
+                g.dispatch(now, &self.queued);
+                Acquired::Wait(rx, limit)
+            }
+        }
+    }
+
+    /// Records the result of one try on `server` (passive health), and returns the server's epoch for
+    /// [`Tried`].
+    pub fn report(&self, server: &Server, now: Instant, failed: bool) -> u64 {
+        if !failed && !server.wants_report() {
+            return 0;
+        }
+        let mut g = self.lock();
+        let share = g.ejection_share(now);
+        let policy = g.policy;
+        let Some(m) = g.members.iter_mut().find(|m| std::ptr::eq(Arc::as_ptr(&m.server), server)) else {
+            return 0;
+        };
+        let may_eject = m.backup || share;
+        let t = m.health.on_result(now, failed, may_eject, &policy);
+        m.server.set_wants_report(m.health.wants_success());
+        let epoch = m.health.epoch(now);
+        match t {
+            Transition::Ejected(d) => {
+                self.counters.ejections.fetch_add(1, Relaxed);
+                tracing::warn!(service = %self.name, server = %server.addr, ms = d.as_millis() as u64, "server ejected");
+            }
+            Transition::EjectRefused => {
+                tracing::warn!(service = %self.name, server = %server.addr, "ejection share used up: failing open");
+            }
+            _ => {}
+        }
+        epoch
+    }
+
+    /// The current epoch of `server` (for [`Tried`]).
+    pub fn epoch(&self, server: &Server, now: Instant) -> u64 {
+        let mut g = self.lock();
+        g.members.iter_mut().find(|m| std::ptr::eq(Arc::as_ptr(&m.server), server)).map_or(0, |m| m.health.epoch(now))
+    }
+
+    /// Takes one retry (of a request that reached a server) from the budget.
+    pub fn try_retry(&self, now: Instant) -> bool {
+        let mut g = self.lock();
+        let (percent, min) = (g.retry.budget_percent, g.retry.budget_min_per_s);
+        let ok = g.budget.try_retry(now, percent, min);
+        if ok {
+            self.counters.retries.fetch_add(1, Relaxed);
+        } else {
+            self.counters.budget_exhausted.fetch_add(1, Relaxed);
+        }
+        ok
+    }
+
+    /// Counts a retry that needs no budget (the failed try never reached a server).
+    pub fn count_free_retry(&self) {
+        self.counters.retries.fetch_add(1, Relaxed);
+    }
+
+    /// Records a queue wait.
+    pub fn waited(&self, d: Duration) {
+        let us = d.as_micros() as u64;
+        self.counters.queue_wait_us.fetch_add(us, Relaxed);
+        self.counters.queue_wait_max_us.fetch_max(us, Relaxed);
+    }
+
+    /// One active health check's result.
+    pub fn on_check(&self, addr: SocketAddr, now: Instant, passed: bool) {
+        let mut g = self.lock();
+        let policy = g.policy;
+        let Some(m) = g.members.iter_mut().find(|m| m.server.addr == addr) else { return };
+        match m.health.on_check(now, passed, &policy) {
+            Transition::Down => tracing::warn!(service = %self.name, server = %addr, "server down (health checks)"),
+            Transition::Up => {
+                tracing::info!(service = %self.name, server = %addr, "server up (health checks)");
+                g.dispatch(now, &self.queued);
+            }
+            _ => {}
+        }
+    }
+
+    /// Periodic work: ends ejections that ran out, forgets waiters that gave up, and dispatches.
+    pub fn tick(&self, now: Instant) {
+        let mut g = self.lock();
+        for m in g.members.iter_mut() {
+            m.health.epoch(now);
+        }
+        g.dispatch(now, &self.queued);
+    }
+
+    /// Gives freed capacity to the queue (called when a lease ends while requests wait).
+    pub fn released(&self) {
+        if self.queued.load(Relaxed) > 0 {
+            self.lock().dispatch(Instant::now(), &self.queued);
+        }
+    }
+
+    /// Adds a server; it slow-starts unless `warm`.
+    pub fn add_server(
+        &self,
+        addr: SocketAddr,
+        weight: u32,
+        backup: bool,
+        warm: bool,
+    ) -> Result<Arc<Server>, PoolError> {
+        if weight > nonstop_config::WEIGHT_MAX {
+            return Err(PoolError::Weight(weight));
+        }
+        let now = Instant::now();
+        let mut g = self.lock();
+        if g.members.iter().any(|m| m.server.addr == addr) {
+            return Err(PoolError::Exists(addr));
+        }
+        let server = Server::new(addr, weight, self.me.clone());
+        let health = Health::new(now, warm, &g.policy);
+        g.members.push(Member { server: server.clone(), health, backup });
+        g.balancer.servers_changed();
+        g.dispatch(now, &self.queued);
+        Ok(server)
+    }
+
+    pub fn remove_server(&self, addr: SocketAddr) -> Result<Arc<Server>, PoolError> {
+        let mut g = self.lock();
+        let i = g.members.iter().position(|m| m.server.addr == addr).ok_or(PoolError::Missing(addr))?;
+        let m = g.members.remove(i);
+        g.balancer.servers_changed();
+        m.server.close_idle();
+        Ok(m.server)
+    }
+
+    pub fn set_weight(&self, addr: SocketAddr, weight: u32) -> Result<(), PoolError> {
+        if weight > nonstop_config::WEIGHT_MAX {
+            return Err(PoolError::Weight(weight));
+        }
+        let mut g = self.lock();
+        let m = g.members.iter().find(|m| m.server.addr == addr).ok_or(PoolError::Missing(addr))?;
+        m.server.set_weight(weight);
+        g.balancer.servers_changed();
+        g.dispatch(Instant::now(), &self.queued);
+        Ok(())
+    }
+
+    /// Re-runs dispatch after a server's drain flag changed.
+    pub fn changed(&self) {
+        self.lock().dispatch(Instant::now(), &self.queued);
+    }
+}
+
+impl Inner {
+    /// Whether one more primary may be ejected without passing the ejection share.
+    fn ejection_share(&self, now: Instant) -> bool {
+        let primaries = self.members.iter().filter(|m| !m.backup).count();
+        let ejected = self.members.iter().filter(|m| !m.backup && m.health.ejected(now)).count();
+        let allowed = (primaries * self.eject_max_percent as usize / 100).max(1);
+        ejected < allowed
+    }
+
+    /// Whether any server is open to this request, capacity aside.
+    fn any_open(&mut self, now: Instant, tried: &Tried) -> bool {
+        self.members.iter_mut().any(|m| {
+            let epoch = m.health.epoch(now);
+            m.health.usable(now)
+                && !m.server.draining()
+                && m.server.weight() > 0
+                && tried.allows(m.server.addr, epoch, now)
+        })
+    }
+
+    /// Chooses a member for a request; `None` when none may take it now.
+    fn choose(&mut self, now: Instant, key: Option<u64>, tried: &Tried) -> Option<usize> {
+        let max = self.admission.server_in_flight_max;
+        let policy = self.policy;
+        let peak = self.balancer.algorithm() == Algorithm::PeakEwma;
+        // Open to this request, capacity aside.
+        let open = |m: &mut Member| {
+            let epoch = m.health.epoch(now);
+            m.health.usable(now) && !m.server.draining() && tried.allows(m.server.addr, epoch, now)
+        };
+        let mut opens: Vec<bool> = Vec::with_capacity(self.members.len());
+        for m in self.members.iter_mut() {
+            opens.push(open(m));
+        }
+        let primary_open = self.members.iter().zip(&opens).any(|(m, &o)| o && !m.backup);
+        let candidates: Vec<Candidate> = self
+            .members
+            .iter()
+            .zip(&opens)
+            .map(|(m, &o)| Candidate {
+                addr: m.server.addr,
+                weight: m.server.weight(),
+                in_flight: m.server.in_flight(),
+                latency_ns: if peak { m.server.latency_ns() } else { 0.0 },
+                available: o && m.backup != primary_open && m.server.in_flight() < max,
+                ramp: m.health.ramp(now, &policy),
+            })
+            .collect();
+        self.balancer.pick(&candidates, key)
+    }
+
+    fn lease(&self, i: usize) -> InFlight {
+        self.members[i].server.begin()
+    }
+
+    fn view(&self, now: Instant, deadline_left: Duration) -> QueueView {
+        let serving: Vec<&Member> = self
+            .members
+            .iter()
+            .filter(|m| m.health.usable(now) && !m.server.draining() && m.server.weight() > 0)
+            .collect();
+        let slots = serving.len() as u64 * u64::from(self.admission.server_in_flight_max);
+        let latency_ns = if serving.is_empty() {
+            0.0
+        } else {
+            serving.iter().map(|m| m.server.latency_ns()).sum::<f64>() / serving.len() as f64
+        };
+        QueueView {
+            queued: self.queue.len(),
+            queue_length_max: self.admission.queue_length_max,
+            wait_max: self.admission.queue_wait_max,
+            overload_wait_max: self.admission.overload_wait_max,
+            deadline_left,
+            slots,
+            latency: Duration::from_nanos(latency_ns as u64),
+        }
+    }
+
+    /// Hands free slots to waiters, oldest first; a waiter that cannot use any free slot (it tried those
+    /// servers) keeps its place.
+    fn dispatch(&mut self, now: Instant, queued: &AtomicUsize) {
+        let max = self.admission.server_in_flight_max;
+        let mut i = 0;
+        while i < self.queue.len() {
+            if self.queue[i].tx.is_closed() {
+                self.queue.remove(i);
+                continue;
+            }
+            let free = self.members.iter().any(|m| {
+                m.health.usable(now) && !m.server.draining() && m.server.weight() > 0 && m.server.in_flight() < max
+            });
+            if !free {
+                break;
+            }
+            let (key, tried) = (self.queue[i].key, self.queue[i].tried.clone());
+            match self.choose(now, key, &tried) {
+                Some(m) => {
+                    let waiter = self.queue.remove(i).expect("index checked");
+                    if let Err(lease) = waiter.tx.send(self.lease(m)) {
+                        // The waiter gave up just now: free the slot without re-entering dispatch.
+                        lease.release_quietly();
+                    }
+                }
+                None => i += 1,
+            }
+        }
+        queued.store(self.queue.len(), Relaxed);
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        if let Ok(g) = self.inner.get_mut() {
+            g.members.iter().for_each(|m| m.server.close_idle());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nonstop_config::Config;
+
+    fn pool(extra: &str) -> Arc<Pool> {
+        let text = format!(
+            "[[listeners]]\nlisten = \"127.0.0.1:1\"\n[[routes]]\nservice = \"a\"\n[services.a]\n\
+             servers = [{{ addr = \"127.0.0.1:2\" }}, {{ addr = \"127.0.0.1:3\" }}, {{ addr = \"127.0.0.1:4\", backup = true }}]\n{extra}"
+        );
+        let c = Config::parse(&text).unwrap();
+        Pool::new(&c.services["a"], true)
+    }
+
+    fn now_lease(p: &Pool, tried: &Tried) -> InFlight {
+        match p.acquire(Instant::now(), None, tried, Duration::from_secs(60), true) {
+            Acquired::Now(l) => l,
+            Acquired::Wait(..) => panic!("waited"),
+            Acquired::Shed(r) => panic!("shed: {r:?}"),
+            Acquired::Exhausted => panic!("exhausted"),
+        }
+    }
+
+    #[test]
+    fn backup_only_when_no_primary_can_take_the_request() {
+        let p = pool("");
+        let primaries: Vec<u16> = (0..4).map(|_| now_lease(&p, &Tried::default()).server().addr.port()).collect();
+        assert_eq!(primaries, [2, 3, 2, 3]);
+        let now = Instant::now();
+        let mut tried = Tried::default();
+        for s in p.servers().iter().take(2) {
+            tried.push(s.addr, p.epoch(s, now), now, true);
+        }
+        assert_eq!(now_lease(&p, &tried).server().addr.port(), 4, "tried every primary");
+        for s in p.servers().iter().take(2) {
+            p.on_check(s.addr, now, false);
+            p.on_check(s.addr, now, false);
+        }
+        assert_eq!(now_lease(&p, &Tried::default()).server().addr.port(), 4, "every primary down");
+    }
+
+    #[test]
+    fn full_servers_queue_then_dispatch_in_order() {
+        let p = pool("[services.a.admission]\nserver_in_flight_max = 1\n");
+        let a = now_lease(&p, &Tried::default());
+        let b = now_lease(&p, &Tried::default());
+        let now = Instant::now();
+        let Acquired::Wait(mut first, _) = p.acquire(now, None, &Tried::default(), Duration::from_secs(60), true)
+        else {
+            panic!("expected a wait")
+        };
+        let Acquired::Wait(mut second, _) = p.acquire(now, None, &Tried::default(), Duration::from_secs(60), true)
+        else {
+            panic!("expected a wait")
+        };
+        assert_eq!(p.queued(), 2);
+        assert!(first.try_recv().is_err());
+        drop(a);
+        let got = first.try_recv().expect("the oldest waiter gets the freed slot");
+        assert!(second.try_recv().is_err());
+        drop(b);
+        assert!(second.try_recv().is_ok());
+        assert_eq!(p.queued(), 0);
+        drop(got);
+    }
+
+    #[test]
+    fn a_waiter_that_gave_up_frees_its_place() {
+        let p = pool("[services.a.admission]\nserver_in_flight_max = 1\nqueue_length_max = 1\n");
+        let a = now_lease(&p, &Tried::default());
+        let _b = now_lease(&p, &Tried::default());
+        let now = Instant::now();
+        let Acquired::Wait(rx, _) = p.acquire(now, None, &Tried::default(), Duration::from_secs(60), true) else {
+            panic!("expected a wait")
+        };
+        assert!(matches!(
+            p.acquire(now, None, &Tried::default(), Duration::from_secs(60), true),
+            Acquired::Shed(ShedReason::QueueFull)
+        ));
+        drop(rx);
+        drop(a);
+        assert_eq!(p.queued(), 0);
+        assert_eq!(p.servers()[0].in_flight(), 0, "the slot offered to the gone waiter was freed");
+    }
+
+    #[test]
+    fn ejection_share_keeps_half_the_primaries() {
+        let p = pool("[services.a.eject]\nconsecutive_failures = 1\n");
+        let now = Instant::now();
+        let servers = p.servers();
+        p.report(&servers[0], now, true);
+        p.report(&servers[1], now, true);
+        let m = p.members();
+        assert!(m[0].ejected_ms.is_some());
+        assert!(m[1].ejected_ms.is_none(), "the second primary stays: fail open");
+        assert_eq!(p.counters.ejections.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn all_down_queues_until_a_server_comes_back() {
+        let p = pool("[services.a.health]\nrise = 1\nfall = 1\n");
+        let now = Instant::now();
+        for s in p.servers() {
+            p.on_check(s.addr, now, false);
+        }
+        let Acquired::Wait(mut rx, limit) = p.acquire(now, None, &Tried::default(), Duration::from_secs(60), true)
+        else {
+            panic!("expected a wait")
+        };
+        assert_eq!(limit, Duration::from_secs(10));
+        assert!(rx.try_recv().is_err());
+        let back = p.servers()[1].addr;
+        p.on_check(back, now, true);
+        assert_eq!(rx.try_recv().expect("dispatched on recovery").server().addr, back);
+    }
+}
