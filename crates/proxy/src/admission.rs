@@ -21,6 +21,8 @@ pub struct QueueView {
     pub slots: u64,
     /// Mean latency of the usable servers.
     pub latency: Duration,
+    /// Requests arriving per second, lately.
+    pub arrival_rate: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +44,10 @@ pub enum ShedReason {
     NoTimeLeft,
 }
 
+/// Arrivals must outpace the servers' estimated capacity by this factor to count as overload: the estimate is
+/// rough (servers slow down while they work off a backlog), and a backlog that drains by itself must not be shed.
+pub const OVERLOAD_FACTOR: f64 = 1.5;
+
 /// Decides between waiting and shedding for a request that found every server full or down.
 pub fn admit(v: &QueueView) -> Admit {
     if v.queued >= v.queue_length_max {
@@ -57,7 +63,12 @@ pub fn admit(v: &QueueView) -> Admit {
     }
     // Little's law: the requests ahead (and this one) leave at `slots` per `latency`.
     let expected = v.latency.mul_f64((v.queued + 1) as f64 / v.slots as f64);
-    if expected > limit.min(v.overload_wait_max) {
+    // While requests arrive faster than the servers can answer them (overload), the queue would only grow:
+    // keep it short. Otherwise (a backlog after the servers came back) it drains by itself: let it wait.
+    let capacity_rate = v.slots as f64 / v.latency.as_secs_f64().max(1e-6);
+    let overloaded = v.arrival_rate > capacity_rate * OVERLOAD_FACTOR;
+    let bound = if overloaded { limit.min(v.overload_wait_max) } else { limit };
+    if expected > bound {
         return Admit::Shed(ShedReason::WaitTooLong { expected_ms: expected.as_millis() as u64 });
     }
     Admit::Wait(limit)
@@ -146,6 +157,21 @@ impl RetryBudget {
         self.slot(now).1 += 1;
     }
 
+    /// Requests per second over the current second so far and the one before it.
+    pub fn request_rate(&self, now: Instant) -> f64 {
+        let since = now.saturating_duration_since(self.origin);
+        let sec = since.as_secs();
+        let count = |s: u64| self.slots[(s % BUDGET_WINDOW_S as u64) as usize];
+        let current = count(sec);
+        let current = if current.0 == sec { current.1 } else { 0 };
+        let previous = match sec.checked_sub(1) {
+            Some(p) if count(p).0 == p => count(p).1,
+            _ => 0,
+        };
+        let span = 1.0 + f64::from(since.subsec_millis()) / 1000.0;
+        (current + previous) as f64 / span
+    }
+
     /// Takes one retry from the budget, if it has one.
     pub fn try_retry(&mut self, now: Instant, percent: u32, min_per_s: u32) -> bool {
         let (requests, retries) = self.totals(now);
@@ -171,6 +197,8 @@ mod tests {
             deadline_left: Duration::from_secs(60),
             slots: 4,
             latency: Duration::from_millis(10),
+            // 4 slots of 10 ms answer 400 requests/s: these tests are overloaded unless they say otherwise.
+            arrival_rate: 1000.0,
         }
     }
 
@@ -192,6 +220,30 @@ mod tests {
         let late = QueueView { deadline_left: Duration::from_millis(50), queued: 30, ..view() };
         assert_eq!(admit(&late), Admit::Shed(ShedReason::WaitTooLong { expected_ms: 77 }));
         assert_eq!(admit(&QueueView { deadline_left: Duration::ZERO, ..view() }), Admit::Shed(ShedReason::NoTimeLeft));
+    }
+
+    #[test]
+    fn a_backlog_that_drains_by_itself_may_wait_longer() {
+        // 500 ahead take 1.25 s: too long under overload, fine when arrivals are below capacity.
+        let backlog = QueueView { queued: 500, queue_length_max: 1000, arrival_rate: 300.0, ..view() };
+        assert_eq!(admit(&backlog), Admit::Wait(Duration::from_secs(10)));
+        let too_long = QueueView { queued: 4500, queue_length_max: 5000, arrival_rate: 300.0, ..view() };
+        assert_eq!(admit(&too_long), Admit::Shed(ShedReason::WaitTooLong { expected_ms: 11252 }));
+    }
+
+    #[test]
+    fn request_rate_counts_the_last_second_and_this_one() {
+        let t0 = Instant::now();
+        let mut b = RetryBudget::new(t0);
+        for _ in 0..300 {
+            b.record_request(t0 + Duration::from_millis(500));
+        }
+        for _ in 0..150 {
+            b.record_request(t0 + Duration::from_millis(1200));
+        }
+        let r = b.request_rate(t0 + Duration::from_millis(1500));
+        assert!((r - 300.0).abs() < 1e-9, "{r}");
+        assert_eq!(b.request_rate(t0 + Duration::from_secs(5)), 0.0);
     }
 
     #[test]

@@ -46,7 +46,8 @@ pub enum ProxyError {
     /// The server failed the exchange on the proxy's own HTTP/1.1 client. `sent` is false when nothing of the
     /// request was written.
     #[error("server {addr} failed: {source}")]
-    UpstreamIo { addr: std::net::SocketAddr, sent: bool, source: std::io::Error },
+    /// `stale`: a reused connection closed with no response byte (see [`ProxyError::server_gone`]).
+    UpstreamIo { addr: std::net::SocketAddr, sent: bool, stale: bool, source: std::io::Error },
     #[error("HTTP handshake with {addr} failed: {source}")]
     Handshake { addr: std::net::SocketAddr, source: hyper::Error },
 }
@@ -74,6 +75,13 @@ impl ProxyError {
             ProxyError::Upstream { sent, .. } | ProxyError::UpstreamIo { sent, .. } => !sent,
             _ => false,
         }
+    }
+
+    /// True when the server likely went away rather than failed the request: it never got it, or a reused
+    /// connection closed before one byte of answer. A request safe to repeat is retried without counting the try,
+    /// and may wait for a server to come back.
+    pub fn server_gone(&self) -> bool {
+        self.never_reached_server() || matches!(self, ProxyError::UpstreamIo { stale: true, .. })
     }
 
     /// True when the server is to blame (a connect error, a timeout, a broken exchange): passive health counts it.

@@ -280,9 +280,10 @@ async fn forward(
         if left.is_zero() {
             return Err(last.unwrap_or(ProxyError::Deadline { ms: service.config.request_timeout.as_millis() }));
         }
-        // Wait for a server to come back only while every failure so far never reached one (all refusing: they
-        // are restarting); after a server got the request, only another server that is up now may have it.
-        let wait_for_recovery = reached == 0;
+        // Wait for a server to come back when the last failure never reached one (it refused: servers are
+        // restarting). After a server got the request and failed it (a timeout, a reset), only another server
+        // that is up now may have it.
+        let wait_for_recovery = last.as_ref().is_none_or(ProxyError::server_gone);
         let wait_left = left.min(wait_max.saturating_sub(out.queue_wait));
         let lease = match pool.acquire(now, key, &tried, wait_left, wait_for_recovery) {
             Acquired::Now(lease) => lease,
@@ -373,6 +374,13 @@ async fn forward(
                 let epoch = pool.report(&server, now, true);
                 if e.never_reached_server() && body.replayable() {
                     tried.push(server.addr, epoch, now, false);
+                    pool.count_free_retry();
+                    last = Some(e);
+                    continue;
+                }
+                if e.server_gone() && retryable && !upgrade && body.replayable() {
+                    // A keep-alive race or a dying server: repeating a safe request costs it nothing.
+                    tried.push(server.addr, epoch, now, true);
                     pool.count_free_retry();
                     last = Some(e);
                     continue;

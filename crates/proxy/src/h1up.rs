@@ -28,6 +28,8 @@ const READ_CHUNK: usize = 16 * 1024;
 pub struct RawConn {
     pub stream: TcpStream,
     buf: BytesMut,
+    /// Exchanges completed on this connection (0: a fresh one).
+    pub reused: u32,
 }
 
 /// How the exchange failed, and whether the server can have seen the request.
@@ -37,6 +39,10 @@ pub enum ExchangeError {
     Unsent(io::Error),
     /// The request was (at least partly) sent, then the connection failed or the response was malformed.
     Failed(io::Error),
+    /// A reused keep-alive connection was closed or reset with not one byte of response: the classic race with a
+    /// server closing an idle connection (or dying). The request was written, so only a request that is safe to
+    /// repeat may be retried.
+    Stale(io::Error),
     /// The client's body exceeded the route's limit.
     BodyTooLarge,
     /// Reading the client's body failed (the client's fault, not the server's).
@@ -49,7 +55,7 @@ fn bad(what: impl Into<String>) -> io::Error {
 
 impl RawConn {
     pub fn new(stream: TcpStream) -> RawConn {
-        RawConn { stream, buf: BytesMut::with_capacity(READ_CHUNK) }
+        RawConn { stream, buf: BytesMut::with_capacity(READ_CHUNK), reused: 0 }
     }
 
     async fn fill(&mut self) -> io::Result<()> {
@@ -212,7 +218,15 @@ pub async fn exchange(
                 if conn.buf.len() > HEAD_BYTES_MAX {
                     return Err(ExchangeError::Failed(bad("response head too large")));
                 }
-                conn.fill().await.map_err(ExchangeError::Failed)?;
+                let nothing_yet = conn.buf.is_empty() && conn.reused > 0;
+                conn.fill().await.map_err(|e| {
+                    let gone = matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset);
+                    if nothing_yet && gone {
+                        ExchangeError::Stale(e)
+                    } else {
+                        ExchangeError::Failed(e)
+                    }
+                })?;
             }
             Err(e) => return Err(ExchangeError::Failed(bad(format!("bad response head: {e}")))),
         }

@@ -237,7 +237,13 @@ impl Pool {
         if !wait_for_recovery && !g.any_open(now, tried) {
             return Acquired::Exhausted;
         }
-        let view = g.view(now, deadline_left);
+        // A request that already tried a server keeps its seniority: it goes to the head of the queue, and the
+        // length of the queue behind it does not count against it.
+        let retrying = !tried.is_empty();
+        let mut view = g.view(now, deadline_left);
+        if retrying {
+            view.queued = 0;
+        }
         match admission::admit(&view) {
             Admit::Shed(reason) => {
                 self.counters.shed.fetch_add(1, Relaxed);
@@ -245,7 +251,12 @@ impl Pool {
             }
             Admit::Wait(limit) => {
                 let (tx, rx) = oneshot::channel();
-                g.queue.push_back(Waiter { key, tried: tried.clone(), tx });
+                let waiter = Waiter { key, tried: tried.clone(), tx };
+                if retrying {
+                    g.queue.push_front(waiter);
+                } else {
+                    g.queue.push_back(waiter);
+                }
                 self.counters.queued.fetch_add(1, Relaxed);
                 // Servers this request may use but the ones ahead may not can take it at once.
                 g.dispatch(now, &self.queued);
@@ -457,11 +468,15 @@ impl Inner {
             .iter()
             .filter(|m| m.health.usable(now) && !m.server.draining() && m.server.weight() > 0)
             .collect();
-        let slots = serving.len() as u64 * u64::from(self.admission.server_in_flight_max);
+        // Overload is when every serving server is full. A queue that builds while some have free slots waits
+        // for servers to recover (its requests already failed on those), not for capacity: no estimate applies.
+        let max = self.admission.server_in_flight_max;
+        let full = serving.iter().all(|m| m.server.in_flight() >= max);
+        let slots = if full { serving.len() as u64 * u64::from(max) } else { 0 };
         let latency_ns = if serving.is_empty() {
             0.0
         } else {
-            serving.iter().map(|m| m.server.latency_ns()).sum::<f64>() / serving.len() as f64
+            serving.iter().map(|m| m.server.mean_latency_ns()).sum::<f64>() / serving.len() as f64
         };
         QueueView {
             queued: self.queue.len(),
@@ -471,6 +486,7 @@ impl Inner {
             deadline_left,
             slots,
             latency: Duration::from_nanos(latency_ns as u64),
+            arrival_rate: self.budget.request_rate(now),
         }
     }
 

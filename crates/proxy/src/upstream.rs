@@ -98,10 +98,6 @@ struct Idle {
     worker: usize,
 }
 
-/// A pooled connection idle longer than this is probed (one non-blocking read) before reuse, in case the server
-/// closed it meanwhile.
-const PROBE_AFTER_IDLE: Duration = Duration::from_secs(2);
-
 /// A server's response body: from the proxy's own client, or from hyper's.
 pub enum UpBody {
     Raw(RawBody),
@@ -235,6 +231,11 @@ impl Server {
         self.ewma.lock().expect("ewma lock").estimate_ns()
     }
 
+    /// Plain mean latency (for queue-wait estimates), nanoseconds.
+    pub fn mean_latency_ns(&self) -> f64 {
+        self.ewma.lock().expect("ewma lock").mean_ns()
+    }
+
     pub fn observe_latency(&self, now: Instant, rtt: Duration) {
         self.ewma.lock().expect("ewma lock").observe(now, rtt);
     }
@@ -277,8 +278,15 @@ impl Server {
                 let exchange = h1up::exchange(conn, &head.method, path, &head.headers, body, give_back);
                 match tokio::time::timeout(response_timeout, exchange).await {
                     Ok(Ok(resp)) => Ok(resp.map(UpBody::Raw)),
-                    Ok(Err(ExchangeError::Unsent(source))) => Err(ProxyError::UpstreamIo { addr, sent: false, source }),
-                    Ok(Err(ExchangeError::Failed(source))) => Err(ProxyError::UpstreamIo { addr, sent: true, source }),
+                    Ok(Err(ExchangeError::Unsent(source))) => {
+                        Err(ProxyError::UpstreamIo { addr, sent: false, stale: false, source })
+                    }
+                    Ok(Err(ExchangeError::Failed(source))) => {
+                        Err(ProxyError::UpstreamIo { addr, sent: true, stale: false, source })
+                    }
+                    Ok(Err(ExchangeError::Stale(source))) => {
+                        Err(ProxyError::UpstreamIo { addr, sent: true, stale: true, source })
+                    }
                     Ok(Err(ExchangeError::BodyTooLarge)) => Err(ProxyError::BodyTooLarge(0)),
                     Ok(Err(ExchangeError::ClientBody(e))) => Err(ProxyError::ClientBody(e)),
                     Err(_) => Err(ProxyError::ResponseTimeout { addr, ms: response_timeout.as_millis() }),
@@ -344,13 +352,12 @@ impl Server {
             if idle_for >= settings.idle_timeout {
                 continue;
             }
-            if idle_for >= PROBE_AFTER_IDLE {
-                // Readable while idle means the server closed it (or sent something unasked): not reusable.
-                let mut probe = [0u8; 1];
-                match idle.conn.stream.try_read(&mut probe) {
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    _ => continue,
-                }
+            // Readable while idle means the server closed it (or sent something unasked): not reusable. The
+            // reactor tracks readiness, so for a quiet socket this costs no system call.
+            let mut probe = [0u8; 1];
+            match idle.conn.stream.try_read(&mut probe) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                _ => continue,
             }
             return Ok(Sender::Raw(idle.conn));
         }
@@ -393,7 +400,8 @@ impl Server {
         Ok(sender)
     }
 
-    fn checkin(&self, conn: RawConn, idle_max: usize) {
+    fn checkin(&self, mut conn: RawConn, idle_max: usize) {
+        conn.reused = conn.reused.saturating_add(1);
         let mut pool = self.pool.lock().expect("pool lock");
         if pool.len() < idle_max {
             pool.push(Idle { conn, since: Instant::now(), worker: worker() });
