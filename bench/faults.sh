@@ -95,7 +95,7 @@ $servers    keepalive 64;
   }
 }
 CONF
-      "$NGINX" -c "$dir/nginx.conf" -g 'daemon off;' 2>/dev/null & PROXY_PID=$! ;;
+      "$NGINX" -c "$dir/nginx.conf" -g 'daemon off;' > "$dir/proxy.log" 2>&1 & PROXY_PID=$! ;;
     haproxy)
       for i in "${!APPS[@]}"; do
         servers+="  server s$i 127.0.0.1:${APPS[$i]} maxconn 2 check inter 1s fall 2 rise 2 observe layer7 error-limit 5 on-error mark-down"$'\n'
@@ -104,7 +104,7 @@ CONF
       cat > "$dir/haproxy.cfg" <<CONF
 global
   nbthread 2
-  maxconn 20000
+  maxconn 9000
 defaults
   mode http
   timeout connect 1s
@@ -125,7 +125,7 @@ backend b
   http-request set-header Idempotency-Key %[uuid]
 $servers
 CONF
-      "$HAPROXY" -f "$dir/haproxy.cfg" -db 2>/dev/null & PROXY_PID=$! ;;
+      "$HAPROXY" -f "$dir/haproxy.cfg" -db > "$dir/proxy.log" 2>&1 & PROXY_PID=$! ;;
     nonstop)
       for p in "${APPS[@]}"; do servers+="{ addr = \"127.0.0.1:$p\" }, "; done
       [ "$with_backup" = 1 ] && servers+="{ addr = \"127.0.0.1:$BACKUP\", backup = true }, "
@@ -146,10 +146,10 @@ server_in_flight_max = 2
 [access_log]
 enabled = false
 CONF
-      RUST_LOG=error "$NONSTOP" serve --config "$dir/nonstop.toml" --threads 2 > /dev/null & PROXY_PID=$! ;;
+      RUST_LOG=error "$NONSTOP" serve --config "$dir/nonstop.toml" --threads 2 > "$dir/proxy.log" 2>&1 & PROXY_PID=$! ;;
   esac
   PIDS+=($PROXY_PID)
-  wait_port $PROXY
+  wait_port $PROXY || { echo "$kind did not start:"; cat "$dir/proxy.log" "$dir"/*.cfg "$dir"/*.conf 2>/dev/null; exit 1; }
 }
 
 # Runs `nonstop load` in the background; its JSON goes to $1.

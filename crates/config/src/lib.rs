@@ -18,6 +18,7 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     pub routes: Vec<Route>,
     pub services: BTreeMap<String, Service>,
+    pub queues: BTreeMap<String, Queue>,
     pub admin: Option<Admin>,
     pub access_log: AccessLog,
 }
@@ -48,6 +49,24 @@ pub struct Route {
     /// Upper-case method names; `None` matches any method.
     pub methods: Option<BTreeSet<String>>,
     pub body_bytes_max: u64,
+    /// The durable queue its requests go through, if any.
+    pub queue: Option<String>,
+}
+
+/// A durable request queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queue {
+    pub name: String,
+    /// The service its requests are delivered to (the service of the routes that use it).
+    pub service: String,
+    pub path: PathBuf,
+    pub length_max: u64,
+    pub bytes_max: u64,
+    pub batch_max: usize,
+    pub concurrency: usize,
+    pub attempts_max: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -271,11 +290,43 @@ fn parse_root(cx: &Cx, t: Table<'_, '_>) -> Option<Config> {
             services.insert(name, s);
         }
     }
+    let mut queues = BTreeMap::new();
+    let mut queue_lines = BTreeMap::new();
+    for (name, table) in t.table_of_tables("queues", "queues.NAME") {
+        queue_lines.insert(name.clone(), table.line());
+        if let Some(q) = parse_queue(name.clone(), table) {
+            queues.insert(name, q);
+        }
+    }
+    let queue_names: BTreeSet<String> = queue_lines.keys().cloned().collect();
+    let mut routes_of_queue: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let routes: Vec<Route> = t
         .array_of_tables("routes", "routes[]")
         .into_iter()
-        .filter_map(|r| parse_route(r, t.has("services").then_some(&service_names)))
+        .filter_map(|r| {
+            let route = parse_route(r, t.has("services").then_some(&service_names), &queue_names)?;
+            if let Some(q) = &route.queue {
+                routes_of_queue.entry(q.clone()).or_default().insert(route.service.clone());
+            }
+            Some(route)
+        })
         .collect();
+    for (name, line) in &queue_lines {
+        let path = format!("queues.{name}");
+        match routes_of_queue.get(name).map(|s| s.iter().collect::<Vec<_>>()) {
+            None => cx.error(*line, &path, "no route uses this queue (set queue = \"NAME\" on a route)"),
+            Some(services) if services.len() > 1 => cx.error(
+                *line,
+                &path,
+                format!("routes of several services use this queue ({:?}); a queue delivers to one service", services),
+            ),
+            Some(services) => {
+                if let Some(q) = queues.get_mut(name) {
+                    q.service = services[0].clone();
+                }
+            }
+        }
+    }
     let admin = t.table("admin", "admin").map(parse_admin);
     let access_log = parse_access_log(t.table("access_log", "access_log"));
     let root_line = t.line();
@@ -309,7 +360,7 @@ fn parse_root(cx: &Cx, t: Table<'_, '_>) -> Option<Config> {
             cx.error(root_line, "admin.listen", format!("{} is also a client listener", a.listen));
         }
     }
-    Some(Config { listeners, routes, services, admin, access_log: access_log? })
+    Some(Config { listeners, routes, services, queues, admin, access_log: access_log? })
 }
 
 fn parse_listener(t: Table<'_, '_>) -> Option<Listener> {
@@ -350,7 +401,7 @@ fn parse_listener(t: Table<'_, '_>) -> Option<Listener> {
 }
 
 /// `services` are the names of the defined services, `None` when there is no services section at all.
-fn parse_route(t: Table<'_, '_>, services: Option<&BTreeSet<String>>) -> Option<Route> {
+fn parse_route(t: Table<'_, '_>, services: Option<&BTreeSet<String>>, queues: &BTreeSet<String>) -> Option<Route> {
     let service = t.string("service");
     if service.is_none() && !t.has("service") {
         t.required("service");
@@ -382,8 +433,15 @@ fn parse_route(t: Table<'_, '_>, services: Option<&BTreeSet<String>>) -> Option<
         Some(out)
     });
     let body_bytes_max = t.int_in("body_bytes_max", 0, u64::MAX / 2);
+    let queue = t.string("queue");
+    if let Some(q) = &queue {
+        if !queues.contains(q) {
+            let defined: Vec<&str> = queues.iter().map(String::as_str).collect();
+            t.invalid("queue", format!("no queue named {q:?} (defined: {})", defined.join(", ")));
+        }
+    }
     t.finish();
-    Some(Route { service: service?, host, path_prefix: path_prefix?, methods, body_bytes_max: body_bytes_max? })
+    Some(Route { service: service?, host, path_prefix: path_prefix?, methods, body_bytes_max: body_bytes_max?, queue })
 }
 
 fn parse_service(cx: &Cx, name: String, t: Table<'_, '_>) -> Option<Service> {
@@ -579,6 +637,39 @@ fn parse_admission(t: Table<'_, '_>) -> Option<Admission> {
         queue_length_max: queue_length_max? as usize,
         queue_wait_max: queue_wait_max?,
         overload_wait_max: overload_wait_max?,
+    })
+}
+
+fn parse_queue(name: String, t: Table<'_, '_>) -> Option<Queue> {
+    let store = t.string("store");
+    if let Some(s) = &store {
+        if s != "embedded" {
+            t.invalid("store", format!("{s:?}: expected \"embedded\""));
+        }
+    }
+    let path = t.string("path").map(PathBuf::from);
+    let length_max = t.int_in("length_max", 1, 1 << 40);
+    let bytes_max = t.int_in("bytes_max", 1, 1 << 50);
+    let batch_max = t.int_in("batch_max", 1, 1_000_000);
+    let concurrency = t.int_in("concurrency", 1, 100_000);
+    let attempts_max = t.int_in("attempts_max", 1, 1000);
+    let backoff_base = t.ms_in("backoff_base_ms", 1, 86_400_000);
+    let backoff_max = t.ms_in("backoff_max_ms", 1, 86_400_000);
+    t.finish();
+    if store.as_deref() != Some("embedded") {
+        return None;
+    }
+    Some(Queue {
+        name,
+        service: String::new(),
+        path: path?,
+        length_max: length_max?,
+        bytes_max: bytes_max?,
+        batch_max: batch_max? as usize,
+        concurrency: concurrency? as usize,
+        attempts_max: attempts_max? as u32,
+        backoff_base: backoff_base?,
+        backoff_max: backoff_max?,
     })
 }
 

@@ -24,6 +24,7 @@ keys! {
     "" "listeners": "array of tables" = "", "Client-facing listeners. At least one.";
     "" "routes": "array of tables" = "", "Routes from requests to services, matched by host, then longest path prefix, then order. At least one.";
     "" "services": "table of tables" = "", "Services by name: a pool of servers and how to reach them.";
+    "" "queues": "table of tables" = "", "Durable request queues by name (see routes[].queue).";
     "" "admin": "table" = "", "The admin API. Absent: no admin API.";
     "" "access_log": "table" = "", "The JSON-lines access log.";
 
@@ -43,6 +44,7 @@ keys! {
     "routes[]" "path_prefix": "string" = "\"/\"", "Match paths that start with this prefix.";
     "routes[]" "methods": "array of strings" = "", "Match only these methods. Absent: any method.";
     "routes[]" "body_bytes_max": "integer" = "10485760", "Largest request body in bytes; larger gets 413.";
+    "routes[]" "queue": "string" = "", "Persist matching requests durably in this queue and answer 202 Accepted with {id} and Location: /_nonstop/requests/{id}; the queue delivers them to the route's service. Absent: forward at once.";
 
     "services.NAME" "servers": "array of tables" = "", "The servers of the pool. At least one.";
     "services.NAME" "balance": "string" = "\"round_robin\"", "round_robin, weighted (smooth weighted round robin), least_inflight, peak_ewma (power of two choices on peak-EWMA latency) or hash.";
@@ -90,6 +92,16 @@ keys! {
     "services.NAME.admission" "queue_length_max": "integer" = "4096", "Requests waiting at most; past it, 503 with Retry-After at once.";
     "services.NAME.admission" "queue_wait_ms_max": "integer" = "10000", "Longest wait in the queue, also while no server is ready at all (all restarting): the request is held until a server comes back. Past it: 503 with Retry-After.";
     "services.NAME.admission" "overload_wait_ms_max": "integer" = "1000", "While servers are up but all full (overload), a request whose expected wait (from the queue's length, the servers' slots and their recent latency) is longer gets 503 with Retry-After at once (load shedding): capacity is not coming back, so a longer queue only adds latency.";
+
+    "queues.NAME" "store": "string" = "\"embedded\"", "Where requests are kept: \"embedded\" (a redb file, fsynced before each 202, many requests per fsync).";
+    "queues.NAME" "path": "string" = "\"./nonstop-data\"", "Directory of the embedded store; the queue's file is NAME.redb in it.";
+    "queues.NAME" "length_max": "integer" = "100000", "Requests waiting for delivery at most; past it, 503 with Retry-After.";
+    "queues.NAME" "bytes_max": "integer" = "1073741824", "Bytes of requests waiting for delivery at most; past it, 503 with Retry-After.";
+    "queues.NAME" "batch_max": "integer" = "1024", "Group commit: store operations written per commit (one fsync) at most.";
+    "queues.NAME" "concurrency": "integer" = "16", "Deliveries to the service at once.";
+    "queues.NAME" "attempts_max": "integer" = "10", "Deliveries of one request at most; after the last failure it is a dead letter.";
+    "queues.NAME" "backoff_base_ms": "integer" = "500", "Wait after the first failed delivery; it doubles with each failure (half of it random).";
+    "queues.NAME" "backoff_max_ms": "integer" = "60000", "Longest wait between two deliveries of one request.";
 
     "admin" "listen": "address" = "\"127.0.0.1:9900\"", "Address of the admin API.";
     "admin" "token": "string" = "", "Bearer token the admin API requires. Required when listen is not a loopback address.";

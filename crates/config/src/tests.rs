@@ -201,3 +201,50 @@ queue_wait_ms_max = 10000
     assert_eq!(app.retry.on_status, [503]);
     assert!(app.retry.add_idempotency_key);
 }
+
+#[test]
+fn example_queue_parses_and_ties_the_queue_to_its_routes_service() {
+    let c = Config::parse(include_str!("../../../examples/queue.toml")).unwrap();
+    let q = &c.queues["orders"];
+    assert_eq!((q.service.as_str(), q.path.to_str().unwrap()), ("app", "./nonstop-data"));
+    assert_eq!((q.length_max, q.concurrency, q.attempts_max), (100_000, 16, 10));
+    assert_eq!(c.routes[0].queue.as_deref(), Some("orders"));
+    assert_eq!(c.routes[1].queue, None);
+}
+
+#[test]
+fn queue_errors_are_reported_with_their_lines() {
+    let text = r#"[[listeners]]
+listen = "127.0.0.1:8080"
+[[routes]]
+service = "a"
+queue = "missing"
+[[routes]]
+service = "a"
+queue = "shared"
+[[routes]]
+service = "b"
+queue = "shared"
+[services.a]
+servers = [{ addr = "127.0.0.1:1" }]
+[services.b]
+servers = [{ addr = "127.0.0.1:2" }]
+[queues.shared]
+store = "rabbit"
+[queues.unused]
+concurrency = 0
+"#;
+    let errs = Config::parse(text).unwrap_err().0;
+    let got: Vec<(usize, &str)> = errs.iter().map(|e| (e.line, e.path.as_str())).collect();
+    assert_eq!(
+        got,
+        [
+            (5, "routes[0].queue"),
+            (16, "queues.shared"),
+            (17, "queues.shared.store"),
+            (18, "queues.unused"),
+            (19, "queues.unused.concurrency"),
+        ],
+        "{errs:#?}"
+    );
+}

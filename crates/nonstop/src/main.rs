@@ -29,6 +29,9 @@ enum Command {
     /// open model (--rate or --stages, latency measured from the scheduled time). Exit status: 0 when every
     /// --threshold holds, 1 when one fails, 2 for bad arguments.
     Load(Box<LoadArgs>),
+    /// Inspect and manage durable queues through a running proxy's admin API: list queues, show a request, list
+    /// dead letters, replay one, purge them.
+    Queue(QueueArgs),
     /// Validate a config file and print every error with its line.
     Check {
         /// The TOML config file.
@@ -146,6 +149,36 @@ struct LoadArgs {
 }
 
 #[derive(Args)]
+struct QueueArgs {
+    /// The proxy's admin API.
+    #[arg(long, default_value = "127.0.0.1:9900", global = true)]
+    admin: SocketAddr,
+    /// Bearer token of the admin API, if it has one.
+    #[arg(long, global = true)]
+    token: Option<String>,
+    #[command(subcommand)]
+    action: QueueAction,
+}
+
+#[derive(Subcommand)]
+enum QueueAction {
+    /// Every queue: depth, age of the oldest request, deliveries, retries, dead letters, commits.
+    List,
+    /// One request's status, by its id (QUEUE.N, as in the 202's Location).
+    Show { id: String },
+    /// The dead letters of a queue.
+    Dead {
+        queue: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Queue a dead letter again, by its id (QUEUE.N).
+    Replay { id: String },
+    /// Delete every dead letter of a queue.
+    Purge { queue: String },
+}
+
+#[derive(Args)]
 struct AppArgs {
     /// Address to listen on (port 0 picks a free port; the chosen address is printed on stdout).
     #[arg(long, default_value = "127.0.0.1:9001")]
@@ -220,6 +253,7 @@ fn main() -> ExitCode {
         Command::App(args) => run_app(args),
         Command::Serve(args) => run_serve(args),
         Command::Load(args) => return run_load(*args),
+        Command::Queue(args) => return run_queue(args),
         Command::Check { config } => return check(&config),
         Command::ConfigReference => {
             print!("{}", nonstop_config::schema::reference_markdown());
@@ -565,6 +599,78 @@ async fn terminate() {
         _ = term.recv() => tracing::info!("SIGTERM: draining"),
         _ = int.recv() => tracing::info!("SIGINT: draining"),
     }
+}
+
+/// `nonstop queue ...`: one call to the admin API; prints its JSON. Exit status 0 on 2xx, 1 otherwise.
+fn run_queue(args: QueueArgs) -> ExitCode {
+    let split = |id: &str| -> Result<(String, String), String> {
+        match id.rsplit_once('.') {
+            Some((q, n)) if !q.is_empty() && n.parse::<u64>().is_ok() => Ok((q.to_string(), n.to_string())),
+            _ => Err(format!("{id:?} is not a request id like orders.42")),
+        }
+    };
+    let call = match &args.action {
+        QueueAction::List => Ok(("GET", "/queues".to_string())),
+        QueueAction::Show { id } => split(id).map(|(q, n)| ("GET", format!("/queues/{q}/requests/{n}"))),
+        QueueAction::Dead { queue, limit } => Ok(("GET", format!("/queues/{queue}/dead?limit={limit}"))),
+        QueueAction::Replay { id } => split(id).map(|(q, n)| ("POST", format!("/queues/{q}/dead/{n}/replay"))),
+        QueueAction::Purge { queue } => Ok(("POST", format!("/queues/{queue}/purge"))),
+    };
+    let (method, path) = match call {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("nonstop queue: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match admin_call(args.admin, args.token.as_deref(), method, &path) {
+        Ok((status, body)) => {
+            let text = serde_json::from_str::<serde_json::Value>(&body)
+                .and_then(|v| serde_json::to_string_pretty(&v))
+                .unwrap_or(body);
+            if (200..300).contains(&status) {
+                println!("{text}");
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("nonstop queue: the admin API answered {status}: {text}");
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("nonstop queue: cannot reach the admin API at {}: {e}", args.admin);
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// One HTTP/1.1 request to the admin API over a plain socket.
+fn admin_call(addr: SocketAddr, token: Option<&str>, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
+    let body = if chunked { dechunk(body) } else { body.to_string() };
+    Ok((status, body))
+}
+
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    out
 }
 
 #[cfg(test)]

@@ -418,3 +418,31 @@ async fn http2_client_in_front_of_http1_server() {
         assert_eq!(seen["host"], p.addr.to_string(), "the HTTP/1.1 server gets a Host header");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_servers_long_lived_responses_end_cleanly_at_the_drain_deadline() {
+    let dir = TempDir::new("drain-deadline");
+    let backend = echo::start("sse").await;
+    let toml = format!(
+        "[[listeners]]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[[routes]]\nservice = \"s\"\n\
+         [services.s]\ndrain_deadline_ms = 700\nservers = [{{ addr = \"{backend}\" }}]\n"
+    );
+    let (p, _) = serve_file(&dir, &toml);
+    let admin = p.addr_after("admin").expect("admin address");
+    let addr = p.addr;
+    let events = tokio::spawn(async move { get(addr, "/events").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!events.is_finished(), "the event stream runs until the drain deadline");
+    let started = std::time::Instant::now();
+    let drained = send(admin, Method::POST, &format!("/services/s/servers/{backend}/drain?wait_ms=5000"), &[], "")
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(drained["drained"], true, "{drained}");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(600), "the stream was cut before its deadline ({waited:?})");
+    let r = tokio::time::timeout(Duration::from_secs(5), events).await.expect("the stream ended").unwrap();
+    assert_eq!(r.status, 200);
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(body.starts_with("data: tick 0") && body.contains("tick 5"), "a complete, cleanly ended stream: {body}");
+}

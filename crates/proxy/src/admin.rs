@@ -16,6 +16,11 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use crate::pool::MemberView;
+use crate::queued::Queue;
+
+fn load(a: &std::sync::atomic::AtomicU64) -> f64 {
+    a.load(std::sync::atomic::Ordering::Relaxed) as f64
+}
 use crate::state::ServiceState;
 use crate::upstream::Server;
 use crate::Shared;
@@ -94,6 +99,14 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Resp, Inf
                 json!({ "services": names.iter().map(|n| service_json(&snap.services[*n])).collect::<Vec<_>>() }),
             )
         }
+        (Method::GET, ["queues"]) => reply(
+            StatusCode::OK,
+            json!({ "queues": shared.queues.values().map(|q| queue_json(q)).collect::<Vec<_>>() }),
+        ),
+        (m, ["queues", name, rest @ ..]) => match shared.queues.get(*name) {
+            None => fail(StatusCode::NOT_FOUND, format!("no queue {name:?}")),
+            Some(q) => queue_call(q, m, rest, &query).await.unwrap_or_else(|AdminError(s, m)| fail(s, m)),
+        },
         (m, ["services", name, rest @ ..]) => match snap.services.get(*name) {
             None => fail(StatusCode::NOT_FOUND, format!("no service {name:?}")),
             Some(svc) => service_call(svc, m, rest, &body, &query).await.unwrap_or_else(|AdminError(s, m)| fail(s, m)),
@@ -252,6 +265,79 @@ async fn service_call(
     })
 }
 
+fn queue_json(q: &Queue) -> Value {
+    let c = &q.counters;
+    let s = &q.store.counts;
+    let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let oldest = q.store.oldest_queued_ms().ok().flatten();
+    json!({
+        "name": q.name,
+        "service": q.service,
+        "store": "embedded",
+        "depth": n(&s.depth),
+        "bytes": n(&s.bytes),
+        "dead_letters": n(&s.dead),
+        "delivering": q.delivering_count(),
+        "oldest_age_ms": oldest.map(|o| crate::queued::now_ms().saturating_sub(o)),
+        "accepted_total": n(&c.accepted),
+        "refused_total": n(&c.refused),
+        "deliveries_total": n(&c.deliveries),
+        "retries_total": n(&c.retries),
+        "done_total": n(&c.done),
+        "failed_total": n(&c.failed),
+        "dead_total": n(&c.dead),
+        "commits_total": n(&s.commits),
+        "committed_ops_total": n(&s.committed_ops),
+        "batch_max": n(&s.batch_max_seen),
+    })
+}
+
+fn number_of(q: &Queue, raw: &str) -> Result<u64, AdminError> {
+    let n = raw.strip_prefix(&format!("{}.", q.name)).unwrap_or(raw);
+    n.parse().map_err(|_| err(StatusCode::BAD_REQUEST, format!("{raw:?} is not a request id like {}.42", q.name)))
+}
+
+fn limit_of(query: &str) -> usize {
+    query.split('&').find_map(|kv| kv.strip_prefix("limit=")).and_then(|v| v.parse().ok()).unwrap_or(100).min(10_000)
+}
+
+async fn queue_call(q: &Queue, m: Method, rest: &[&str], query: &str) -> Result<Resp, AdminError> {
+    let store_err = |e: nonstop_queue::StoreError| match e {
+        nonstop_queue::StoreError::Missing(_) => err(StatusCode::NOT_FOUND, e.to_string()),
+        nonstop_queue::StoreError::NotDead(_) => err(StatusCode::CONFLICT, e.to_string()),
+        e => err(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    Ok(match (m, rest) {
+        (Method::GET, []) => reply(StatusCode::OK, queue_json(q)),
+        (Method::GET, ["requests", id]) => {
+            let n = number_of(q, id)?;
+            match q.status_json(n).map_err(store_err)? {
+                Some(v) => reply(StatusCode::OK, v),
+                None => fail(StatusCode::NOT_FOUND, format!("no request {id} in queue {:?}", q.name)),
+            }
+        }
+        (Method::GET, ["dead"]) => {
+            let dead = q.store.dead(limit_of(query)).map_err(store_err)?;
+            let items: Vec<Value> =
+                dead.iter().map(|(n, s)| crate::queued::status_json(&q.public_id(*n), &q.name, s, false)).collect();
+            reply(StatusCode::OK, json!({ "queue": q.name, "dead": items }))
+        }
+        (Method::POST, ["dead", id, "replay"]) => {
+            let n = number_of(q, id)?;
+            q.store.replay(n, crate::queued::now_ms()).await.map_err(store_err)?;
+            q.wake();
+            reply(StatusCode::OK, json!({ "id": q.public_id(n), "status": "queued" }))
+        }
+        (Method::POST, ["purge"]) => {
+            let purged = q.store.purge().await.map_err(store_err)?;
+            reply(StatusCode::OK, json!({ "queue": q.name, "purged": purged }))
+        }
+        (_, rest) => {
+            return Err(err(StatusCode::NOT_FOUND, format!("no admin endpoint /queues/{}/{}", q.name, rest.join("/"))))
+        }
+    })
+}
+
 /// A per-server series: name, Prometheus type, help text, and how to read it.
 type Gauge = (&'static str, &'static str, &'static str, fn(&Server) -> f64);
 
@@ -352,6 +438,43 @@ fn metrics(shared: &Shared) -> Resp {
                 m.server.addr,
                 u8::from(ok)
             );
+        }
+    }
+    type QueueSeries = (&'static str, &'static str, &'static str, fn(&Queue) -> f64);
+    let queue_series: [QueueSeries; 9] = [
+        ("nonstop_durable_queue_depth", "gauge", "Requests waiting for delivery.", |q| load(&q.store.counts.depth)),
+        ("nonstop_durable_queue_oldest_age_seconds", "gauge", "Age of the oldest request waiting for delivery.", |q| {
+            q.store
+                .oldest_queued_ms()
+                .ok()
+                .flatten()
+                .map_or(0.0, |o| crate::queued::now_ms().saturating_sub(o) as f64 / 1000.0)
+        }),
+        ("nonstop_durable_queue_deliveries_total", "counter", "Delivery attempts.", |q| load(&q.counters.deliveries)),
+        ("nonstop_durable_queue_retries_total", "counter", "Delivery attempts after the first.", |q| {
+            load(&q.counters.retries)
+        }),
+        ("nonstop_durable_queue_dead_letters", "gauge", "Dead letters kept.", |q| load(&q.store.counts.dead)),
+        ("nonstop_durable_queue_dead_total", "counter", "Requests that became dead letters.", |q| {
+            load(&q.counters.dead)
+        }),
+        ("nonstop_durable_queue_accepted_total", "counter", "Requests persisted and answered 202.", |q| {
+            load(&q.counters.accepted)
+        }),
+        ("nonstop_durable_queue_commits_total", "counter", "Store commits (each one fsync).", |q| {
+            load(&q.store.counts.commits)
+        }),
+        (
+            "nonstop_durable_queue_committed_ops_total",
+            "counter",
+            "Store operations written by those commits (divide by commits for the mean batch size).",
+            |q| load(&q.store.counts.committed_ops),
+        ),
+    ];
+    for (name, kind, help, value) in queue_series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for q in shared.queues.values() {
+            let _ = writeln!(out, "{name}{{queue=\"{}\"}} {}", q.name, value(q));
         }
     }
     let mut r = Response::new(Full::new(Bytes::from(out)));

@@ -32,6 +32,8 @@ pub enum ProxyError {
     QueueTimeout { service: String, waited_ms: u128 },
     #[error("no server of service {service:?} could take the request (it waited {waited_ms} ms in the queue); last error: {last}")]
     NoServerLeft { service: String, waited_ms: u128, last: Box<ProxyError> },
+    #[error("queue {queue:?} cannot take the request: {why}; retry later")]
+    QueueRefused { queue: String, why: String },
     #[error("request deadline of {ms} ms passed before a server answered")]
     Deadline { ms: u128 },
     #[error("connect to {addr} failed: {source}")]
@@ -63,6 +65,7 @@ impl ProxyError {
             | ProxyError::Shed { .. }
             | ProxyError::QueueTimeout { .. }
             | ProxyError::NoServerLeft { .. }
+            | ProxyError::QueueRefused { .. }
             | ProxyError::Deadline { .. } => Side::Internal,
             _ => Side::Upstream,
         }
@@ -105,7 +108,8 @@ impl ProxyError {
             ProxyError::NoServer(_)
             | ProxyError::Shed { .. }
             | ProxyError::QueueTimeout { .. }
-            | ProxyError::NoServerLeft { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | ProxyError::NoServerLeft { .. }
+            | ProxyError::QueueRefused { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::ConnectTimeout { .. } | ProxyError::ResponseTimeout { .. } | ProxyError::Deadline { .. } => {
                 StatusCode::GATEWAY_TIMEOUT

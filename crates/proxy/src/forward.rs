@@ -218,6 +218,9 @@ async fn forward(
     start: Instant,
     out: &mut Outcome,
 ) -> Result<Response<RespBody>, ProxyError> {
+    if let Some(id) = req.uri().path().strip_prefix(STATUS_PREFIX) {
+        return request_status(ctx, req.method(), id);
+    }
     let route = match snap.route(host, req.uri().path(), req.method()) {
         RouteMatch::Found(r) => r,
         RouteMatch::MethodNotAllowed => return Err(ProxyError::MethodNotAllowed(req.method().to_string())),
@@ -254,6 +257,9 @@ async fn forward(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let client_version = req.version();
     let (head, body) = rewrite_request(req, ctx, upgrade, host);
+    if let Some(queue) = &route.queue {
+        return enqueue(ctx, queue, head, body, route.body_bytes_max).await;
+    }
     let mut body = if body.is_end_stream() {
         BodySource::Replayable(Bytes::new())
     } else if !upgrade && declared.is_some_and(|n| n <= retry.body_bytes_max) {
@@ -455,6 +461,63 @@ async fn forward(
 }
 
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// Where a queued request's status is served.
+const STATUS_PREFIX: &str = "/_nonstop/requests/";
+
+fn json_response(status: StatusCode, v: serde_json::Value) -> Response<RespBody> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(v.to_string()))));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// Persists the request in its route's queue and answers 202 once it is on disk.
+async fn enqueue(
+    ctx: &ConnCtx,
+    queue: &str,
+    head: http::request::Parts,
+    body: Incoming,
+    body_bytes_max: u64,
+) -> Result<Response<RespBody>, ProxyError> {
+    let Some(q) = ctx.shared.queues.get(queue) else {
+        return Err(ProxyError::QueueRefused { queue: queue.to_string(), why: "it is not running".into() });
+    };
+    let body = match Limited::new(body, body_bytes_max.min(usize::MAX as u64) as usize).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            return Err(ProxyError::BodyTooLarge(body_bytes_max))
+        }
+        Err(e) => return Err(ProxyError::ClientBody(std::io::Error::other(e.to_string()))),
+    };
+    match q.accept(&head, body).await {
+        Ok(n) => {
+            let id = q.public_id(n);
+            let mut resp =
+                json_response(StatusCode::ACCEPTED, json!({ "id": id, "queue": q.name, "status": "queued" }));
+            if let Ok(v) = HeaderValue::from_str(&format!("{STATUS_PREFIX}{id}")) {
+                resp.headers_mut().insert(header::LOCATION, v);
+            }
+            Ok(resp)
+        }
+        Err(e) => Err(ProxyError::QueueRefused { queue: queue.to_string(), why: e.to_string() }),
+    }
+}
+
+/// `GET /_nonstop/requests/QUEUE.N`: a queued request's status.
+fn request_status(ctx: &ConnCtx, method: &Method, id: &str) -> Result<Response<RespBody>, ProxyError> {
+    if *method != Method::GET && *method != Method::HEAD {
+        return Err(ProxyError::MethodNotAllowed(method.to_string()));
+    }
+    let not_found = || json_response(StatusCode::NOT_FOUND, json!({ "error": format!("no queued request {id:?}") }));
+    let Some((name, n)) = id.rsplit_once('.') else { return Ok(not_found()) };
+    let (Some(q), Ok(n)) = (ctx.shared.queues.get(name), n.parse::<u64>()) else { return Ok(not_found()) };
+    match q.status_json(n) {
+        Ok(Some(v)) => Ok(json_response(StatusCode::OK, v)),
+        Ok(None) => Ok(not_found()),
+        Err(e) => Err(ProxyError::QueueRefused { queue: name.to_string(), why: e.to_string() }),
+    }
+}
 
 fn is_length_limit(e: &hyper::Error) -> bool {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);

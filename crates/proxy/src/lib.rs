@@ -15,6 +15,7 @@ mod io;
 mod listener;
 pub mod metrics;
 pub mod pool;
+pub mod queued;
 pub mod state;
 mod tls;
 mod upstream;
@@ -67,6 +68,10 @@ pub enum StartError {
     Tls(#[from] tls::TlsError),
     #[error("reload cannot change listeners or the admin address (restart instead): {0}")]
     ListenersChanged(String),
+    #[error("reload cannot change [queues] (restart instead)")]
+    QueuesChanged,
+    #[error("cannot open queue {0:?}: {1}")]
+    Queue(String, nonstop_queue::StoreError),
 }
 
 /// State shared by every thread.
@@ -77,6 +82,8 @@ pub struct Shared {
     unrouted: Stats,
     source: ConfigSource,
     reload_lock: Mutex<()>,
+    /// Durable queues by name, opened at start.
+    pub queues: std::collections::BTreeMap<String, Arc<queued::Queue>>,
 }
 
 impl Shared {
@@ -89,6 +96,9 @@ impl Shared {
             |c: &Config| (c.listeners.iter().map(|l| l.listen).collect::<Vec<_>>(), c.admin.as_ref().map(|a| a.listen));
         if addrs(&config) != addrs(&old.config) {
             return Err(StartError::ListenersChanged(format!("{:?} -> {:?}", addrs(&old.config), addrs(&config))));
+        }
+        if config.queues != old.config.queues {
+            return Err(StartError::QueuesChanged);
         }
         self.snapshot.store(Arc::new(Snapshot::build(config, Some(&old))?));
         tracing::info!("config reloaded");
@@ -150,12 +160,17 @@ impl Proxy {
         };
         let admin_addr = admin_socket.as_ref().map(|s| s.local_addr()).transpose().map_err(StartError::Io)?;
 
+        let mut queues = std::collections::BTreeMap::new();
+        for q in config.queues.values() {
+            queues.insert(q.name.clone(), queued::Queue::open(q).map_err(|e| StartError::Queue(q.name.clone(), e))?);
+        }
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             access_log,
             unrouted: Stats::default(),
             source,
             reload_lock: Mutex::new(()),
+            queues,
         });
         let (shutdown, rx) = watch::channel(false);
         let mut handles = Vec::new();
@@ -179,6 +194,17 @@ impl Proxy {
                 .spawn(move || {
                     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
                     rt.block_on(checker::run(shared, rx));
+                })
+                .map_err(StartError::Io)?;
+            handles.push(h);
+        }
+        for q in shared.queues.values() {
+            let (shared, rx, q) = (shared.clone(), rx.clone(), q.clone());
+            let h = std::thread::Builder::new()
+                .name(format!("queue-{}", q.name))
+                .spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                    rt.block_on(queued::dispatch(q, shared, rx));
                 })
                 .map_err(StartError::Io)?;
             handles.push(h);

@@ -28,6 +28,8 @@ pub struct RouteEntry {
     pub methods: Option<Vec<Method>>,
     pub body_bytes_max: u64,
     pub service: Arc<ServiceState>,
+    /// The durable queue its requests go through.
+    pub queue: Option<String>,
 }
 
 pub enum RouteMatch<'a> {
@@ -101,6 +103,7 @@ impl Snapshot {
                 methods: r.methods.as_ref().map(|ms| ms.iter().filter_map(|m| m.parse().ok()).collect()),
                 body_bytes_max: r.body_bytes_max,
                 service: services[&r.service].clone(),
+                queue: r.queue.clone(),
             })
             .collect();
         // Host-specific routes first, then the longest prefix; the sort is stable, so file order breaks ties.

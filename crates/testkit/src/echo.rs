@@ -5,6 +5,7 @@
 //! - `POST /count`: reads the body as a stream and answers `{"bytes": N}`.
 //! - `GET /stream?bytes=N`: streams N bytes in 64 KiB chunks.
 //! - `GET /slow?ms=N`: answers after N ms.
+//! - `GET /events`: server-sent events, one every 100 ms, without end.
 //! - any request with `Upgrade`: 101, then echoes bytes back.
 //! - anything else: 200 `{"server": NAME}`.
 //!
@@ -88,6 +89,15 @@ async fn handle(name: String, mut req: Request<Incoming>) -> Result<Response<Bod
                 }
             });
             Response::new(StreamBody::new(stream).boxed())
+        }
+        "/events" => {
+            let stream = futures_lite::stream::unfold(0u64, |n| async move {
+                tokio::time::sleep(Duration::from_millis(if n == 0 { 0 } else { 100 })).await;
+                Some((Ok::<_, Infallible>(Frame::data(Bytes::from(format!("data: tick {n}\n\n")))), n + 1))
+            });
+            let mut r = Response::new(StreamBody::new(stream).boxed());
+            r.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
+            r
         }
         "/slow" => {
             tokio::time::sleep(Duration::from_millis(query_num(&req, "ms"))).await;

@@ -1,0 +1,224 @@
+//! Integration tests of the durable queue (embedded store): real `nonstop serve` and `nonstop app` processes on
+//! loopback, a route `POST /orders` marked `queue = "orders"`, and the app's SQLite file as the database.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nonstop_testkit::{get, post_json, Conn, Method, Proc, TempDir};
+use serde_json::Value;
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_nonstop"))
+}
+
+fn app(dir: &TempDir, listen: &str, extra: &[&str]) -> Proc {
+    let db = format!("sqlite://{}", dir.path().join("orders.db").display());
+    let mut args = vec!["app", "--listen", listen, "--db", &db];
+    args.extend_from_slice(extra);
+    Proc::start(bin(), &args)
+}
+
+/// An address nothing listens on yet: an app started on port 0, then stopped.
+fn free_backend_addr(dir: &TempDir) -> SocketAddr {
+    app(dir, "127.0.0.1:0", &[]).addr
+}
+
+fn config(dir: &TempDir, backend: SocketAddr, queue_extra: &str) -> std::path::PathBuf {
+    let text = format!(
+        "[[listeners]]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[access_log]\nenabled = false\n\n\
+         [[routes]]\npath_prefix = \"/orders\"\nmethods = [\"POST\"]\nservice = \"app\"\nqueue = \"orders\"\n\n\
+         [[routes]]\nservice = \"app\"\n\n\
+         [services.app]\nservers = [{{ addr = \"{backend}\" }}]\n[services.app.health]\npath = \"/health\"\n\n\
+         [queues.orders]\npath = \"{store}\"\nbackoff_base_ms = 100\nbackoff_max_ms = 1000\n{queue_extra}\n",
+        store = dir.path().join("nonstop-data").display(),
+    );
+    let path = dir.path().join("nonstop.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn serve(config: &Path) -> (Proc, SocketAddr) {
+    let p = Proc::start(bin(), &["serve", "--config", config.to_str().unwrap()]);
+    let admin = p.addr_after("admin").expect("admin address");
+    (p, admin)
+}
+
+const ORDER: &str = r#"{"item":"book","qty":1}"#;
+
+/// Waits until the queue has nothing left to deliver.
+async fn drained(admin: SocketAddr, limit: Duration) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let q = get(admin, "/queues/orders").await.json();
+        if q["depth"] == 0 && q["delivering"] == 0 {
+            return q;
+        }
+        assert!(Instant::now() < deadline, "the queue did not drain: {q}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn order_count(backend: SocketAddr) -> u64 {
+    get(backend, "/orders/count").await.json()["count"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_while_the_backend_is_down_then_delivered_exactly_once() {
+    let dir = TempDir::new("queue-down");
+    let backend = free_backend_addr(&dir);
+    let (p, admin) = serve(&config(&dir, backend, ""));
+    // 2,000 POSTs over 10 s while the backend is down: every one is accepted.
+    let json = dir.path().join("load.json");
+    let out = Command::new(bin())
+        .args(["load", &format!("http://{}/orders", p.addr), "--rate", "200", "--duration", "10s"])
+        .args(["-X", "POST", "-H", "content-type: application/json", "--body", ORDER, "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(out.status.success() || out.status.code() == Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(doc["requests"]["scheduled"], 2000, "{doc}");
+    assert_eq!(doc["status"]["202"], 2000, "every POST got a 202: {}", doc["status"]);
+    let q = get(admin, "/queues/orders").await.json();
+    assert_eq!(q["depth"], 2000, "{q}");
+
+    let app = app(&dir, &backend.to_string(), &["--workers", "8"]);
+    let q = drained(admin, Duration::from_secs(60)).await;
+    assert_eq!(order_count(app.addr).await, 2000, "all 2,000 in the database, each once: {q}");
+    assert_eq!(q["dead_letters"], 0, "{q}");
+    let commits = q["commits_total"].as_u64().unwrap();
+    let ops = q["committed_ops_total"].as_u64().unwrap();
+    assert!(ops > commits, "group commit: several operations per fsync ({ops} in {commits} commits)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_proxy_loses_no_accepted_request() {
+    let dir = TempDir::new("queue-kill");
+    let app = app(&dir, "127.0.0.1:0", &["--workers", "8"]);
+    let cfg = config(&dir, app.addr, "");
+    let (p, _) = serve(&cfg);
+    let proxy = p.addr;
+    // A burst of up to 10,000 POSTs on 64 connections; the proxy is killed in the middle of it.
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let accepted = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let clients: Vec<_> = (0..64)
+        .map(|_| {
+            let (next, accepted) = (next.clone(), accepted.clone());
+            tokio::spawn(async move {
+                let Ok(mut conn) = Conn::open(proxy).await else { return };
+                while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 10_000 {
+                    let headers = [("content-type", "application/json")];
+                    match conn.send(Method::POST, "/orders", &headers, ORDER).await {
+                        Ok(r) if r.status == 202 => {
+                            let id = r.json()["id"].as_str().unwrap().to_string();
+                            assert_eq!(r.header("location"), Some(format!("/_nonstop/requests/{id}").as_str()));
+                            accepted.lock().unwrap().push(id);
+                        }
+                        Ok(r) => panic!("unexpected answer {}: {:?}", r.status, r.body),
+                        Err(_) => return, // the proxy died
+                    }
+                }
+            })
+        })
+        .collect();
+    while next.load(std::sync::atomic::Ordering::Relaxed) < 3000 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(p); // SIGKILL
+    for c in clients {
+        c.await.unwrap();
+    }
+    let accepted = accepted.lock().unwrap().clone();
+    assert!(accepted.len() >= 2000, "{} accepted before the kill", accepted.len());
+
+    let (p, admin) = serve(&cfg);
+    drained(admin, Duration::from_secs(60)).await;
+    // Every request that got a 202 was delivered, and the database holds each exactly once: as many rows as
+    // requests the store ever persisted (some may have been persisted without their 202 getting out).
+    let mut persisted = 0u64;
+    for n in 1.. {
+        let r = get(p.addr, &format!("/_nonstop/requests/orders.{n}")).await;
+        if r.status == 404 {
+            break;
+        }
+        assert_eq!(r.json()["status"], "done", "{}", r.json());
+        persisted += 1;
+    }
+    for id in &accepted {
+        let n: u64 = id.trim_start_matches("orders.").parse().unwrap();
+        assert!(n <= persisted, "accepted {id} is in the store");
+    }
+    assert!(persisted >= accepted.len() as u64);
+    assert_eq!(order_count(app.addr).await, persisted, "each persisted request is in the database exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_backend_always_rejects_becomes_a_dead_letter_and_can_be_replayed() {
+    let dir = TempDir::new("queue-dead");
+    let failing = app(&dir, "127.0.0.1:0", &["--fail-rate", "1"]);
+    let backend = failing.addr;
+    let (p, admin) = serve(&config(&dir, backend, "attempts_max = 3\n"));
+    let r = post_json(p.addr, "/orders", &[], ORDER).await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let location = r.header("location").unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let s = get(p.addr, &location).await.json();
+        if s["status"] == "dead" {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "never dead: {s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status["attempts"], 3, "{status}");
+    assert_eq!(status["response"]["status"], 500, "{status}");
+
+    let cli = |args: &[&str]| {
+        let out = Command::new(bin()).args(["queue", "--admin", &admin.to_string()]).args(args).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (code, listed) = cli(&["dead", "orders"]);
+    assert_eq!(code, Some(0));
+    assert!(listed.contains(&id), "{listed}");
+    // The backend is fixed; the dead letter is replayed and delivered.
+    drop(failing);
+    let fixed = app(&dir, &backend.to_string(), &[]);
+    let (code, replayed) = cli(&["replay", &id]);
+    assert_eq!(code, Some(0), "{replayed}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = get(p.addr, &location).await.json();
+        if s["status"] == "done" {
+            assert_eq!(s["response"]["status"], 201, "{s}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "replay never delivered: {s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(order_count(fixed.addr).await, 1);
+    let (code, shown) = cli(&["show", &id]);
+    assert_eq!(code, Some(0));
+    assert!(shown.contains("\"done\""), "{shown}");
+    assert_eq!(cli(&["replay", &id]).0, Some(1), "only a dead letter can be replayed");
+    assert_eq!(cli(&["show", "nonsense"]).0, Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_503_with_retry_after() {
+    let dir = TempDir::new("queue-full");
+    let backend = free_backend_addr(&dir);
+    let (p, _) = serve(&config(&dir, backend, "length_max = 3\n"));
+    for _ in 0..3 {
+        assert_eq!(post_json(p.addr, "/orders", &[], ORDER).await.status, 202);
+    }
+    let r = post_json(p.addr, "/orders", &[], ORDER).await;
+    assert_eq!(r.status, 503, "{:?}", r.body);
+    assert!(r.header("retry-after").is_some());
+    assert!(r.json()["error"].as_str().unwrap().contains("queue \"orders\""), "{:?}", r.body);
+    // Other routes are not queued.
+    assert_eq!(get(p.addr, "/_nonstop/requests/orders.999").await.status, 404);
+}

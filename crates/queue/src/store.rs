@@ -1,0 +1,494 @@
+//! The embedded store: queued requests and their status in one redb file. Every write goes through one writer
+//! thread that takes all the operations waiting, applies them in one transaction and commits it; redb's commit
+//! returns only after the fsync, so an append is acknowledged (and its client answered 202) only once it is on
+//! disk, and one fsync serves many requests (group commit).
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{mpsc, Arc};
+
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use tokio::sync::oneshot;
+
+use crate::ledger::{State, Status};
+use crate::record::QueuedRequest;
+
+const REQUESTS: TableDefinition<u64, &[u8]> = TableDefinition::new("requests");
+const STATUS: TableDefinition<u64, &[u8]> = TableDefinition::new("status");
+/// Queued requests by due time: (next_at_ms, id).
+const DUE: TableDefinition<(u64, u64), ()> = TableDefinition::new("due");
+const DEAD: TableDefinition<u64, ()> = TableDefinition::new("dead");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const NEXT_ID: &str = "next_id";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the queue is full ({0})")]
+    Full(String),
+    #[error("the queue's store failed: {0}")]
+    Io(String),
+    #[error("no request {0} in the queue")]
+    Missing(u64),
+    #[error("request {0} is not a dead letter")]
+    NotDead(u64),
+    #[error("the queue's store is closed")]
+    Closed,
+}
+
+impl StoreError {
+    fn io(e: impl std::fmt::Display) -> StoreError {
+        StoreError::Io(e.to_string())
+    }
+}
+
+/// Bounds of one queue.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Requests waiting for delivery (queued) at most.
+    pub length_max: u64,
+    /// Bytes of requests not yet delivered at most.
+    pub bytes_max: u64,
+    /// Operations applied in one transaction at most.
+    pub batch_max: usize,
+}
+
+/// Live figures, for metrics.
+#[derive(Default)]
+pub struct Counts {
+    /// Requests queued (waiting for delivery).
+    pub depth: AtomicU64,
+    /// Bytes of requests not yet delivered.
+    pub bytes: AtomicU64,
+    pub dead: AtomicU64,
+    /// Commits, and operations they carried (group commit batch sizes).
+    pub commits: AtomicU64,
+    pub committed_ops: AtomicU64,
+    pub batch_max_seen: AtomicU64,
+}
+
+enum Op {
+    Append(QueuedRequest, u64, oneshot::Sender<Result<u64, StoreError>>),
+    Update(u64, Status, oneshot::Sender<Result<(), StoreError>>),
+    Replay(u64, u64, oneshot::Sender<Result<(), StoreError>>),
+    Purge(oneshot::Sender<Result<u64, StoreError>>),
+}
+
+pub struct Store {
+    db: Arc<Database>,
+    ops: Option<mpsc::Sender<Op>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+    pub counts: Arc<Counts>,
+}
+
+impl Drop for Store {
+    /// Closes the writer (it finishes the operations already sent) and waits for it, so that the file is
+    /// released when the store is gone.
+    fn drop(&mut self) {
+        self.ops.take();
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path` and starts its writer thread.
+    pub fn open(path: &Path, limits: Limits) -> Result<Store, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(format!("{}: {e}", dir.display())))?;
+        }
+        let db = Database::create(path).map_err(|e| StoreError::Io(format!("{}: {e}", path.display())))?;
+        let db = Arc::new(db);
+        let counts = Arc::new(Counts::default());
+        {
+            let w = db.begin_write().map_err(StoreError::io)?;
+            {
+                // Create every table, and count what is there.
+                let requests = w.open_table(REQUESTS).map_err(StoreError::io)?;
+                w.open_table(STATUS).map_err(StoreError::io)?;
+                let due = w.open_table(DUE).map_err(StoreError::io)?;
+                let dead = w.open_table(DEAD).map_err(StoreError::io)?;
+                w.open_table(META).map_err(StoreError::io)?;
+                let mut bytes = 0u64;
+                for entry in requests.iter().map_err(StoreError::io)? {
+                    let (_, v) = entry.map_err(StoreError::io)?;
+                    bytes += v.value().len() as u64;
+                }
+                counts.bytes.store(bytes, Relaxed);
+                counts.depth.store(due.len().map_err(StoreError::io)?, Relaxed);
+                counts.dead.store(dead.len().map_err(StoreError::io)?, Relaxed);
+            }
+            w.commit().map_err(StoreError::io)?;
+        }
+        let (tx, rx) = mpsc::channel();
+        let (wdb, wcounts) = (db.clone(), counts.clone());
+        let writer = std::thread::Builder::new()
+            .name("queue-writer".into())
+            .spawn(move || writer(wdb, rx, limits, wcounts))
+            .map_err(StoreError::io)?;
+        Ok(Store { db, ops: Some(tx), writer: Some(writer), counts })
+    }
+
+    fn sender(&self) -> Result<&mpsc::Sender<Op>, StoreError> {
+        self.ops.as_ref().ok_or(StoreError::Closed)
+    }
+
+    /// Persists a request; returns its id once it is on disk.
+    pub async fn append(&self, req: QueuedRequest, now_ms: u64) -> Result<u64, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.sender()?.send(Op::Append(req, now_ms, tx)).map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Records a request's new status (after a delivery).
+    pub async fn update(&self, id: u64, status: Status) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.sender()?.send(Op::Update(id, status, tx)).map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Queues a dead letter again.
+    pub async fn replay(&self, id: u64, now_ms: u64) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.sender()?.send(Op::Replay(id, now_ms, tx)).map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Deletes every dead letter; returns how many.
+    pub async fn purge(&self) -> Result<u64, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.sender()?.send(Op::Purge(tx)).map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Up to `limit` queued requests due at `now_ms`, earliest first, leaving out `skip` (those being delivered).
+    pub fn due(
+        &self,
+        now_ms: u64,
+        limit: usize,
+        skip: &HashSet<u64>,
+    ) -> Result<Vec<(u64, QueuedRequest, Status)>, StoreError> {
+        let r = self.db.begin_read().map_err(StoreError::io)?;
+        let due = r.open_table(DUE).map_err(StoreError::io)?;
+        let requests = r.open_table(REQUESTS).map_err(StoreError::io)?;
+        let status = r.open_table(STATUS).map_err(StoreError::io)?;
+        let mut out = Vec::new();
+        for entry in due.range((0u64, 0u64)..=(now_ms, u64::MAX)).map_err(StoreError::io)? {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, _) = entry.map_err(StoreError::io)?;
+            let (_, id) = k.value();
+            if skip.contains(&id) {
+                continue;
+            }
+            let req = requests.get(id).map_err(StoreError::io)?.and_then(|v| QueuedRequest::decode(v.value()));
+            let st = status.get(id).map_err(StoreError::io)?.and_then(|v| Status::decode(v.value()));
+            if let (Some(req), Some(st)) = (req, st) {
+                out.push((id, req, st));
+            }
+        }
+        Ok(out)
+    }
+
+    /// When the next queued request is due, if any is.
+    pub fn next_due_ms(&self) -> Result<Option<u64>, StoreError> {
+        let r = self.db.begin_read().map_err(StoreError::io)?;
+        let due = r.open_table(DUE).map_err(StoreError::io)?;
+        let first = due.first().map_err(StoreError::io)?;
+        Ok(first.map(|(k, _)| k.value().0))
+    }
+
+    pub fn status(&self, id: u64) -> Result<Option<Status>, StoreError> {
+        let r = self.db.begin_read().map_err(StoreError::io)?;
+        let status = r.open_table(STATUS).map_err(StoreError::io)?;
+        let v = status.get(id).map_err(StoreError::io)?;
+        Ok(v.and_then(|v| Status::decode(v.value())))
+    }
+
+    pub fn request(&self, id: u64) -> Result<Option<QueuedRequest>, StoreError> {
+        let r = self.db.begin_read().map_err(StoreError::io)?;
+        let requests = r.open_table(REQUESTS).map_err(StoreError::io)?;
+        let v = requests.get(id).map_err(StoreError::io)?;
+        Ok(v.and_then(|v| QueuedRequest::decode(v.value())))
+    }
+
+    /// Up to `limit` dead letters, oldest id first.
+    pub fn dead(&self, limit: usize) -> Result<Vec<(u64, Status)>, StoreError> {
+        let r = self.db.begin_read().map_err(StoreError::io)?;
+        let dead = r.open_table(DEAD).map_err(StoreError::io)?;
+        let status = r.open_table(STATUS).map_err(StoreError::io)?;
+        let mut out = Vec::new();
+        for entry in dead.iter().map_err(StoreError::io)?.take(limit) {
+            let (k, _) = entry.map_err(StoreError::io)?;
+            if let Some(s) = status.get(k.value()).map_err(StoreError::io)?.and_then(|v| Status::decode(v.value())) {
+                out.push((k.value(), s));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Creation time of the oldest queued request.
+    pub fn oldest_queued_ms(&self) -> Result<Option<u64>, StoreError> {
+        let r = self.db.begin_read().map_err(StoreError::io)?;
+        let due = r.open_table(DUE).map_err(StoreError::io)?;
+        let status = r.open_table(STATUS).map_err(StoreError::io)?;
+        let mut oldest: Option<u64> = None;
+        for entry in due.iter().map_err(StoreError::io)? {
+            let (k, _) = entry.map_err(StoreError::io)?;
+            if let Some(s) = status.get(k.value().1).map_err(StoreError::io)?.and_then(|v| Status::decode(v.value())) {
+                oldest = Some(oldest.map_or(s.created_ms, |o| o.min(s.created_ms)));
+            }
+        }
+        Ok(oldest)
+    }
+}
+
+/// The reply each operation of a batch gets once the batch is committed (or failed).
+enum Reply {
+    Append(oneshot::Sender<Result<u64, StoreError>>, Result<u64, StoreError>),
+    Unit(oneshot::Sender<Result<(), StoreError>>, Result<(), StoreError>),
+    Count(oneshot::Sender<Result<u64, StoreError>>, Result<u64, StoreError>),
+}
+
+fn writer(db: Arc<Database>, rx: mpsc::Receiver<Op>, limits: Limits, counts: Arc<Counts>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < limits.batch_max {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let n = batch.len() as u64;
+        // What the counts become if the batch commits.
+        let (mut depth, mut bytes, mut dead) =
+            (counts.depth.load(Relaxed), counts.bytes.load(Relaxed), counts.dead.load(Relaxed));
+        let mut replies = Vec::with_capacity(batch.len());
+        let result = (|| -> Result<(), StoreError> {
+            let w = db.begin_write().map_err(StoreError::io)?;
+            {
+                let mut requests = w.open_table(REQUESTS).map_err(StoreError::io)?;
+                let mut status = w.open_table(STATUS).map_err(StoreError::io)?;
+                let mut due = w.open_table(DUE).map_err(StoreError::io)?;
+                let mut dead_t = w.open_table(DEAD).map_err(StoreError::io)?;
+                let mut meta = w.open_table(META).map_err(StoreError::io)?;
+                let mut next_id = meta.get(NEXT_ID).map_err(StoreError::io)?.map_or(1, |v| v.value());
+                for op in batch {
+                    match op {
+                        Op::Append(req, now_ms, tx) => {
+                            let size = req.encode();
+                            if depth >= limits.length_max {
+                                let e = StoreError::Full(format!("{depth} requests waiting"));
+                                replies.push(Reply::Append(tx, Err(e)));
+                                continue;
+                            }
+                            if bytes + size.len() as u64 > limits.bytes_max {
+                                let e = StoreError::Full(format!("{bytes} bytes waiting"));
+                                replies.push(Reply::Append(tx, Err(e)));
+                                continue;
+                            }
+                            let id = next_id;
+                            next_id += 1;
+                            let st = Status::new(now_ms);
+                            requests.insert(id, size.as_slice()).map_err(StoreError::io)?;
+                            status.insert(id, st.encode().as_slice()).map_err(StoreError::io)?;
+                            due.insert((st.next_at_ms, id), ()).map_err(StoreError::io)?;
+                            depth += 1;
+                            bytes += size.len() as u64;
+                            replies.push(Reply::Append(tx, Ok(id)));
+                        }
+                        Op::Update(id, new, tx) => {
+                            let old = status.get(id).map_err(StoreError::io)?.and_then(|v| Status::decode(v.value()));
+                            let Some(old) = old else {
+                                replies.push(Reply::Unit(tx, Err(StoreError::Missing(id))));
+                                continue;
+                            };
+                            if old.state == State::Queued {
+                                due.remove((old.next_at_ms, id)).map_err(StoreError::io)?;
+                                depth = depth.saturating_sub(1);
+                            }
+                            match new.state {
+                                State::Queued => {
+                                    due.insert((new.next_at_ms, id), ()).map_err(StoreError::io)?;
+                                    depth += 1;
+                                }
+                                State::Done | State::Failed => {
+                                    if let Some(v) = requests.remove(id).map_err(StoreError::io)? {
+                                        bytes = bytes.saturating_sub(v.value().len() as u64);
+                                    }
+                                }
+                                State::Dead => {
+                                    dead_t.insert(id, ()).map_err(StoreError::io)?;
+                                    dead += 1;
+                                }
+                            }
+                            status.insert(id, new.encode().as_slice()).map_err(StoreError::io)?;
+                            replies.push(Reply::Unit(tx, Ok(())));
+                        }
+                        Op::Replay(id, now_ms, tx) => {
+                            let old = status.get(id).map_err(StoreError::io)?.and_then(|v| Status::decode(v.value()));
+                            match old {
+                                None => replies.push(Reply::Unit(tx, Err(StoreError::Missing(id)))),
+                                Some(s) if s.state != State::Dead => {
+                                    replies.push(Reply::Unit(tx, Err(StoreError::NotDead(id))))
+                                }
+                                Some(mut s) => {
+                                    s.replay(now_ms);
+                                    dead_t.remove(id).map_err(StoreError::io)?;
+                                    due.insert((s.next_at_ms, id), ()).map_err(StoreError::io)?;
+                                    status.insert(id, s.encode().as_slice()).map_err(StoreError::io)?;
+                                    dead = dead.saturating_sub(1);
+                                    depth += 1;
+                                    replies.push(Reply::Unit(tx, Ok(())));
+                                }
+                            }
+                        }
+                        Op::Purge(tx) => {
+                            let ids: Vec<u64> = dead_t
+                                .iter()
+                                .map_err(StoreError::io)?
+                                .filter_map(|e| e.ok().map(|(k, _)| k.value()))
+                                .collect();
+                            for id in &ids {
+                                dead_t.remove(*id).map_err(StoreError::io)?;
+                                status.remove(*id).map_err(StoreError::io)?;
+                                if let Some(v) = requests.remove(*id).map_err(StoreError::io)? {
+                                    bytes = bytes.saturating_sub(v.value().len() as u64);
+                                }
+                            }
+                            dead = dead.saturating_sub(ids.len() as u64);
+                            replies.push(Reply::Count(tx, Ok(ids.len() as u64)));
+                        }
+                    }
+                }
+                meta.insert(NEXT_ID, next_id).map_err(StoreError::io)?;
+            }
+            w.commit().map_err(StoreError::io)
+        })();
+        match result {
+            Ok(()) => {
+                counts.depth.store(depth, Relaxed);
+                counts.bytes.store(bytes, Relaxed);
+                counts.dead.store(dead, Relaxed);
+                counts.commits.fetch_add(1, Relaxed);
+                counts.committed_ops.fetch_add(n, Relaxed);
+                counts.batch_max_seen.fetch_max(n, Relaxed);
+                for r in replies {
+                    match r {
+                        Reply::Append(tx, v) => drop(tx.send(v)),
+                        Reply::Unit(tx, v) => drop(tx.send(v)),
+                        Reply::Count(tx, v) => drop(tx.send(v)),
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!("queue store commit failed: {e}");
+                // Nothing of the batch is on disk: every operation fails, so no 202 is given for it. The
+                // operations whose replies were not queued yet are dropped with their senders (Closed).
+                let msg = e.to_string();
+                for r in replies {
+                    match r {
+                        Reply::Append(tx, _) => drop(tx.send(Err(StoreError::Io(msg.clone())))),
+                        Reply::Unit(tx, _) => drop(tx.send(Err(StoreError::Io(msg.clone())))),
+                        Reply::Count(tx, _) => drop(tx.send(Err(StoreError::Io(msg.clone())))),
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::{Outcome, Policy};
+
+    fn req(n: u32) -> QueuedRequest {
+        QueuedRequest {
+            method: "POST".into(),
+            path: "/orders".into(),
+            headers: vec![("content-type".into(), b"application/json".to_vec())],
+            body: format!("{{\"n\":{n}}}").into_bytes(),
+        }
+    }
+
+    fn dir(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("nonstop-queue-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    const LIMITS: Limits = Limits { length_max: 1000, bytes_max: 1 << 20, batch_max: 256 };
+    const P: Policy = Policy { attempts_max: 2, backoff_base_ms: 100, backoff_max_ms: 100 };
+
+    #[tokio::test]
+    async fn appends_are_group_committed_and_survive_a_reopen() {
+        let d = dir("reopen");
+        let path = d.join("q.redb");
+        {
+            let store = Arc::new(Store::open(&path, LIMITS).unwrap());
+            let mut tasks = Vec::new();
+            for n in 0..200 {
+                let s = store.clone();
+                tasks.push(tokio::spawn(async move { s.append(req(n), 1000).await.unwrap() }));
+            }
+            let mut ids = Vec::new();
+            for t in tasks {
+                ids.push(t.await.unwrap());
+            }
+            ids.sort();
+            assert_eq!(ids, (1..=200).collect::<Vec<u64>>());
+            let c = &store.counts;
+            assert!(c.commits.load(Relaxed) < 200, "several appends per commit");
+            assert_eq!(c.depth.load(Relaxed), 200);
+        }
+        let store = Store::open(&path, LIMITS).unwrap();
+        assert_eq!(store.counts.depth.load(Relaxed), 200, "counted again on open");
+        let due = store.due(1000, 10, &HashSet::from([1])).unwrap();
+        assert_eq!(due.iter().map(|d| d.0).collect::<Vec<_>>(), (2..=11).collect::<Vec<u64>>());
+        assert_eq!(due[0].1, req(1));
+        assert_eq!(store.append(req(0), 2000).await.unwrap(), 201, "ids continue after a reopen");
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[tokio::test]
+    async fn delivery_updates_move_requests_through_their_states() {
+        let d = dir("states");
+        let store = Store::open(&d.join("q.redb"), LIMITS).unwrap();
+        let a = store.append(req(1), 0).await.unwrap();
+        let b = store.append(req(2), 0).await.unwrap();
+        let mut sa = store.status(a).unwrap().unwrap();
+        sa.after_delivery(Outcome::Answered { status: 201, body: b"ok".to_vec() }, 10, &P, 0.0);
+        store.update(a, sa).await.unwrap();
+        assert_eq!(store.status(a).unwrap().unwrap().state, State::Done);
+        assert!(store.request(a).unwrap().is_none(), "a delivered request's body is dropped");
+        let mut sb = store.status(b).unwrap().unwrap();
+        sb.after_delivery(Outcome::Error("refused".into()), 10, &P, 0.0);
+        store.update(b, sb.clone()).await.unwrap();
+        assert!(store.due(10, 10, &HashSet::new()).unwrap().is_empty(), "not due before its back-off");
+        assert_eq!(store.due(60, 10, &HashSet::new()).unwrap().len(), 1);
+        sb.after_delivery(Outcome::Answered { status: 500, body: vec![] }, 70, &P, 0.0);
+        store.update(b, sb).await.unwrap();
+        assert_eq!(store.dead(10).unwrap().iter().map(|d| d.0).collect::<Vec<_>>(), [b]);
+        assert_eq!(store.counts.depth.load(Relaxed), 0);
+        assert!(matches!(store.replay(a, 80).await, Err(StoreError::NotDead(_))));
+        store.replay(b, 80).await.unwrap();
+        assert_eq!(store.due(80, 10, &HashSet::new()).unwrap()[0].0, b);
+        assert!(store.dead(10).unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_appends() {
+        let d = dir("full");
+        let store = Store::open(&d.join("q.redb"), Limits { length_max: 2, ..LIMITS }).unwrap();
+        store.append(req(1), 0).await.unwrap();
+        store.append(req(2), 0).await.unwrap();
+        assert!(matches!(store.append(req(3), 0).await, Err(StoreError::Full(_))));
+        let small = Store::open(&d.join("b.redb"), Limits { bytes_max: 10, ..LIMITS }).unwrap();
+        assert!(matches!(small.append(req(1), 0).await, Err(StoreError::Full(_))));
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
