@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Durable accepts per second: nonstop's queue (embedded store: each 202 only after its fsync, many requests per
-# fsync) beside a plain RabbitMQ publish-with-confirms loop (persistent messages to a quorum queue, pika from PyPI),
-# both with 64 concurrent clients, on this machine, in one run. Over ROUNDS rounds, alternating the two, each runs
-# DURATION; prints each run and the medians, and the ratio nonstop/RabbitMQ (the target is at least 3).
+# Durable accepts per second, with 64 concurrent clients, on this machine, in one run: nonstop's queue with the
+# embedded store (each 202 only after its fsync, many requests per fsync), nonstop's queue with the RabbitMQ
+# backend (each 202 after the broker's publisher confirm), and a plain RabbitMQ publish-with-confirms loop
+# (persistent messages to a quorum queue, pika from PyPI). Over ROUNDS rounds, alternating them, each runs
+# DURATION; prints each run, the medians, and the ratio embedded/RabbitMQ (the target is at least 3).
 # Behind nonstop, one `nonstop app` (SQLite) takes the deliveries meanwhile.
 #
 # Usage: bench/queue.sh [ROUNDS=3] [DURATION=10]
@@ -22,7 +23,7 @@ if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
 fi
 [ -x target/release/nonstop ] || cargo build --release -q
 NONSTOP=$PWD/target/release/nonstop
-APP=19301; PROXY=19380
+APP=19301; PROXY=19380; PROXY_RABBIT=19381
 
 RUST_LOG=warn "$NONSTOP" app --listen 127.0.0.1:$APP --db "sqlite://$WORK/orders.db" --workers 8 > /dev/null & PIDS+=($!)
 cat > "$WORK/nonstop.toml" <<CONF
@@ -43,7 +44,12 @@ bytes_max = 10000000000
 enabled = false
 CONF
 RUST_LOG=warn "$NONSTOP" serve --config "$WORK/nonstop.toml" > /dev/null & PIDS+=($!)
-for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$PROXY) 2>/dev/null && break; sleep 0.1; done
+sed -e "s/127.0.0.1:$PROXY/127.0.0.1:$PROXY_RABBIT/" -e 's/^\[queues.orders\]$/[queues.orders]\nstore = "rabbitmq"/' \
+  -e "s|$WORK/nonstop-data|$WORK/nonstop-data-rabbit|" "$WORK/nonstop.toml" > "$WORK/nonstop-rabbit.toml"
+RUST_LOG=warn "$NONSTOP" serve --config "$WORK/nonstop-rabbit.toml" > /dev/null & PIDS+=($!)
+for p in $PROXY $PROXY_RABBIT; do
+  for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
+done
 
 BODY='{"item":"book","qty":1}'
 cat > "$WORK/publish.py" <<'PY'
@@ -93,9 +99,9 @@ if __name__ == "__main__":
     print(f"{total / DURATION:.0f}")
 PY
 
-nonstop_run() {
+nonstop_run() { # port
   local json="$WORK/run.json"
-  "$NONSTOP" load "http://127.0.0.1:$PROXY/orders" --connections 64 --duration "${DURATION}s" -X POST \
+  "$NONSTOP" load "http://127.0.0.1:$1/orders" --connections 64 --duration "${DURATION}s" -X POST \
     -H "content-type: application/json" --body "$BODY" --json "$json" > /dev/null || true
   python3 -c "
 import json; d = json.load(open('$json'))
@@ -106,12 +112,13 @@ print(round(accepted / d['duration_s']))"
 rabbit_run() { python3 "$WORK/publish.py" "$DURATION" "$BODY"; }
 
 median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
-N=(); R=()
+N=(); Q=(); R=()
 for round in $(seq "$ROUNDS"); do
-  n=$(nonstop_run); r=$(rabbit_run)
-  echo "round $round: nonstop queue (embedded) $n 202/s   RabbitMQ publish+confirm $r msg/s"
-  N+=("$n"); R+=("$r")
+  n=$(nonstop_run $PROXY); q=$(nonstop_run $PROXY_RABBIT); r=$(rabbit_run)
+  echo "round $round: nonstop embedded $n 202/s   nonstop on RabbitMQ $q 202/s   RabbitMQ publish+confirm $r msg/s"
+  N+=("$n"); Q+=("$q"); R+=("$r")
 done
-MN=$(printf '%s\n' "${N[@]}" | median); MR=$(printf '%s\n' "${R[@]}" | median)
-echo "median: nonstop queue (embedded) $MN 202/s, RabbitMQ publish+confirm $MR msg/s"
+MN=$(printf '%s\n' "${N[@]}" | median); MQ=$(printf '%s\n' "${Q[@]}" | median); MR=$(printf '%s\n' "${R[@]}" | median)
+echo "median: nonstop embedded $MN 202/s, nonstop on RabbitMQ $MQ 202/s, RabbitMQ publish+confirm $MR msg/s"
 echo "RATIO nonstop_embedded/rabbitmq_confirmed $(awk -v a="$MN" -v b="$MR" 'BEGIN {printf "%.2f", a/b}')"
+echo "RATIO nonstop_rabbitmq/rabbitmq_confirmed $(awk -v a="$MQ" -v b="$MR" 'BEGIN {printf "%.2f", a/b}')"

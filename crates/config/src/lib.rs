@@ -57,6 +57,8 @@ pub struct Route {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Queue {
     pub name: String,
+    /// `None`: the embedded store delivers; `Some(url)`: RabbitMQ holds the queue.
+    pub rabbitmq: Option<String>,
     /// The service its requests are delivered to (the service of the routes that use it).
     pub service: String,
     pub path: PathBuf,
@@ -643,10 +645,11 @@ fn parse_admission(t: Table<'_, '_>) -> Option<Admission> {
 fn parse_queue(name: String, t: Table<'_, '_>) -> Option<Queue> {
     let store = t.string("store");
     if let Some(s) = &store {
-        if s != "embedded" {
-            t.invalid("store", format!("{s:?}: expected \"embedded\""));
+        if s != "embedded" && s != "rabbitmq" {
+            t.invalid("store", format!("{s:?}: expected \"embedded\" or \"rabbitmq\""));
         }
     }
+    let url = t.string("rabbitmq_url");
     let path = t.string("path").map(PathBuf::from);
     let length_max = t.int_in("length_max", 1, 1 << 40);
     let bytes_max = t.int_in("bytes_max", 1, 1 << 50);
@@ -656,11 +659,14 @@ fn parse_queue(name: String, t: Table<'_, '_>) -> Option<Queue> {
     let backoff_base = t.ms_in("backoff_base_ms", 1, 86_400_000);
     let backoff_max = t.ms_in("backoff_max_ms", 1, 86_400_000);
     t.finish();
-    if store.as_deref() != Some("embedded") {
-        return None;
-    }
+    let rabbitmq = match store.as_deref() {
+        Some("embedded") => None,
+        Some("rabbitmq") => Some(url?),
+        _ => return None,
+    };
     Some(Queue {
         name,
+        rabbitmq,
         service: String::new(),
         path: path?,
         length_max: length_max?,

@@ -93,7 +93,8 @@ keys! {
     "services.NAME.admission" "queue_wait_ms_max": "integer" = "10000", "Longest wait in the queue, also while no server is ready at all (all restarting): the request is held until a server comes back. Past it: 503 with Retry-After.";
     "services.NAME.admission" "overload_wait_ms_max": "integer" = "1000", "While servers are up but all full (overload), a request whose expected wait (from the queue's length, the servers' slots and their recent latency) is longer gets 503 with Retry-After at once (load shedding): capacity is not coming back, so a longer queue only adds latency.";
 
-    "queues.NAME" "store": "string" = "\"embedded\"", "Where requests are kept: \"embedded\" (a redb file, fsynced before each 202, many requests per fsync).";
+    "queues.NAME" "store": "string" = "\"embedded\"", "Where requests are kept: \"embedded\" (a redb file, fsynced before each 202, many requests per fsync) or \"rabbitmq\" (a quorum queue several nonstop nodes can share; each 202 after the broker's publisher confirm; statuses stay in the embedded store at path).";
+    "queues.NAME" "rabbitmq_url": "string" = "\"amqp://guest:guest@127.0.0.1:5672/%2f\"", "With store = \"rabbitmq\": the broker. The queues are nonstop.NAME (quorum), nonstop.NAME.retry (back-off) and nonstop.NAME.dead (dead letters).";
     "queues.NAME" "path": "string" = "\"./nonstop-data\"", "Directory of the embedded store; the queue's file is NAME.redb in it.";
     "queues.NAME" "length_max": "integer" = "100000", "Requests waiting for delivery at most; past it, 503 with Retry-After.";
     "queues.NAME" "bytes_max": "integer" = "1073741824", "Bytes of requests waiting for delivery at most; past it, 503 with Retry-After.";

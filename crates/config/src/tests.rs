@@ -230,7 +230,7 @@ servers = [{ addr = "127.0.0.1:1" }]
 [services.b]
 servers = [{ addr = "127.0.0.1:2" }]
 [queues.shared]
-store = "rabbit"
+store = "kafka"
 [queues.unused]
 concurrency = 0
 "#;

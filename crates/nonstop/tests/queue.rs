@@ -1,5 +1,7 @@
-//! Integration tests of the durable queue (embedded store): real `nonstop serve` and `nonstop app` processes on
-//! loopback, a route `POST /orders` marked `queue = "orders"`, and the app's SQLite file as the database.
+//! Integration tests of the durable queue, with both backends (the embedded store, and the RabbitMQ on
+//! 127.0.0.1:5672): real `nonstop serve` and `nonstop app` processes on loopback, a route `POST /orders` marked
+//! `queue = NAME`, and the app's SQLite file as the database. The RabbitMQ tests run one at a time (one of them
+//! restarts the broker), each on queues of its own.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -26,14 +28,36 @@ fn free_backend_addr(dir: &TempDir) -> SocketAddr {
     app(dir, "127.0.0.1:0", &[]).addr
 }
 
-fn config(dir: &TempDir, backend: SocketAddr, queue_extra: &str) -> std::path::PathBuf {
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Store {
+    Embedded,
+    Rabbit,
+}
+
+static RABBIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Serialises the RabbitMQ tests; the embedded ones run freely.
+fn exclusive(store: Store) -> Option<std::sync::MutexGuard<'static, ()>> {
+    (store == Store::Rabbit).then(|| RABBIT.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// A queue name of its own for each test (the broker's queues outlive the test).
+fn queue_name(tag: &str) -> String {
+    format!("{tag}{}", std::process::id())
+}
+
+fn config(dir: &TempDir, backend: SocketAddr, store: Store, queue: &str, queue_extra: &str) -> std::path::PathBuf {
+    let store_line = match store {
+        Store::Embedded => String::new(),
+        Store::Rabbit => "store = \"rabbitmq\"\n".to_string(),
+    };
     let text = format!(
         "[[listeners]]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[access_log]\nenabled = false\n\n\
-         [[routes]]\npath_prefix = \"/orders\"\nmethods = [\"POST\"]\nservice = \"app\"\nqueue = \"orders\"\n\n\
+         [[routes]]\npath_prefix = \"/orders\"\nmethods = [\"POST\"]\nservice = \"app\"\nqueue = \"{queue}\"\n\n\
          [[routes]]\nservice = \"app\"\n\n\
          [services.app]\nservers = [{{ addr = \"{backend}\" }}]\n[services.app.health]\npath = \"/health\"\n\n\
-         [queues.orders]\npath = \"{store}\"\nbackoff_base_ms = 100\nbackoff_max_ms = 1000\n{queue_extra}\n",
-        store = dir.path().join("nonstop-data").display(),
+         [queues.{queue}]\n{store_line}path = \"{path}\"\nbackoff_base_ms = 100\nbackoff_max_ms = 1000\n{queue_extra}\n",
+        path = dir.path().join("nonstop-data").display(),
     );
     let path = dir.path().join("nonstop.toml");
     std::fs::write(&path, text).unwrap();
@@ -48,13 +72,19 @@ fn serve(config: &Path) -> (Proc, SocketAddr) {
 
 const ORDER: &str = r#"{"item":"book","qty":1}"#;
 
-/// Waits until the queue has nothing left to deliver.
-async fn drained(admin: SocketAddr, limit: Duration) -> Value {
+/// Waits until the queue has had nothing left to deliver for a while (the broker's depth is read every second).
+async fn drained(admin: SocketAddr, queue: &str, limit: Duration) -> Value {
     let deadline = Instant::now() + limit;
+    let mut quiet_since: Option<Instant> = None;
     loop {
-        let q = get(admin, "/queues/orders").await.json();
+        let q = get(admin, &format!("/queues/{queue}")).await.json();
         if q["depth"] == 0 && q["delivering"] == 0 {
-            return q;
+            let since = *quiet_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_millis(2500) {
+                return q;
+            }
+        } else {
+            quiet_since = None;
         }
         assert!(Instant::now() < deadline, "the queue did not drain: {q}");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -66,10 +96,21 @@ async fn order_count(backend: SocketAddr) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn accepted_while_the_backend_is_down_then_delivered_exactly_once() {
+async fn embedded_accepted_while_the_backend_is_down_then_delivered_exactly_once() {
+    backend_down(Store::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_accepted_while_the_backend_is_down_then_delivered_exactly_once() {
+    backend_down(Store::Rabbit).await;
+}
+
+async fn backend_down(store: Store) {
+    let _one = exclusive(store);
     let dir = TempDir::new("queue-down");
+    let queue = queue_name("down");
     let backend = free_backend_addr(&dir);
-    let (p, admin) = serve(&config(&dir, backend, ""));
+    let (p, admin) = serve(&config(&dir, backend, store, &queue, ""));
     // 2,000 POSTs over 10 s while the backend is down: every one is accepted.
     let json = dir.path().join("load.json");
     let out = Command::new(bin())
@@ -82,11 +123,11 @@ async fn accepted_while_the_backend_is_down_then_delivered_exactly_once() {
     let doc: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(doc["requests"]["scheduled"], 2000, "{doc}");
     assert_eq!(doc["status"]["202"], 2000, "every POST got a 202: {}", doc["status"]);
-    let q = get(admin, "/queues/orders").await.json();
-    assert_eq!(q["depth"], 2000, "{q}");
+    let q = get(admin, &format!("/queues/{queue}")).await.json();
+    assert_eq!(q["accepted_total"], 2000, "{q}");
 
     let app = app(&dir, &backend.to_string(), &["--workers", "8"]);
-    let q = drained(admin, Duration::from_secs(60)).await;
+    let q = drained(admin, &queue, Duration::from_secs(90)).await;
     assert_eq!(order_count(app.addr).await, 2000, "all 2,000 in the database, each once: {q}");
     assert_eq!(q["dead_letters"], 0, "{q}");
     let commits = q["commits_total"].as_u64().unwrap();
@@ -95,12 +136,40 @@ async fn accepted_while_the_backend_is_down_then_delivered_exactly_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_of_the_proxy_loses_no_accepted_request() {
-    let dir = TempDir::new("queue-kill");
+async fn embedded_kill_9_of_the_proxy_loses_no_accepted_request() {
+    burst_with_a_fault(Store::Embedded, Fault::KillProxy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_kill_9_of_the_proxy_loses_no_accepted_request() {
+    burst_with_a_fault(Store::Rabbit, Fault::KillProxy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_restarted_during_a_burst_loses_no_accepted_request() {
+    burst_with_a_fault(Store::Rabbit, Fault::RestartBroker).await;
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Fault {
+    KillProxy,
+    RestartBroker,
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl");
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+async fn burst_with_a_fault(store: Store, fault: Fault) {
+    let _one = exclusive(store);
+    let dir = TempDir::new("queue-burst");
+    let queue = queue_name(if fault == Fault::KillProxy { "kill" } else { "restart" });
     let app = app(&dir, "127.0.0.1:0", &["--workers", "8"]);
-    let cfg = config(&dir, app.addr, "");
-    let (p, _) = serve(&cfg);
-    let proxy = p.addr;
+    let cfg = config(&dir, app.addr, store, &queue, "");
+    let (first, _) = serve(&cfg);
+    let proxy = first.addr;
+    let mut running = Some(first);
     // A burst of up to 10,000 POSTs on 64 connections; the proxy is killed in the middle of it.
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let accepted = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
@@ -117,6 +186,10 @@ async fn kill_9_of_the_proxy_loses_no_accepted_request() {
                             assert_eq!(r.header("location"), Some(format!("/_nonstop/requests/{id}").as_str()));
                             accepted.lock().unwrap().push(id);
                         }
+                        // While the broker is away, a request it could not confirm is refused, never accepted.
+                        Ok(r) if r.status == 503 && fault == Fault::RestartBroker => {
+                            assert!(r.header("retry-after").is_some());
+                        }
                         Ok(r) => panic!("unexpected answer {}: {:?}", r.status, r.body),
                         Err(_) => return, // the proxy died
                     }
@@ -127,40 +200,62 @@ async fn kill_9_of_the_proxy_loses_no_accepted_request() {
     while next.load(std::sync::atomic::Ordering::Relaxed) < 3000 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    drop(p); // SIGKILL
+    match fault {
+        Fault::KillProxy => drop(running.take()), // SIGKILL
+        Fault::RestartBroker => {
+            rabbitmqctl(&["stop_app"]);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            rabbitmqctl(&["start_app"]);
+        }
+    }
     for c in clients {
         c.await.unwrap();
     }
     let accepted = accepted.lock().unwrap().clone();
-    assert!(accepted.len() >= 2000, "{} accepted before the kill", accepted.len());
-
-    let (p, admin) = serve(&cfg);
-    drained(admin, Duration::from_secs(60)).await;
+    assert!(accepted.len() >= 2000, "{} accepted", accepted.len());
+    let p = match running {
+        Some(p) => p,
+        None => serve(&cfg).0,
+    };
+    let admin = p.addr_after("admin").unwrap();
+    drained(admin, &queue, Duration::from_secs(120)).await;
     // Every request that got a 202 was delivered, and the database holds each exactly once: as many rows as
-    // requests the store ever persisted (some may have been persisted without their 202 getting out).
+    // requests the store holds (some may have been persisted without their 202 getting out; none is lost).
+    let top: u64 = accepted.iter().map(|id| id.rsplit_once('.').unwrap().1.parse::<u64>().unwrap()).max().unwrap();
     let mut persisted = 0u64;
-    for n in 1.. {
-        let r = get(p.addr, &format!("/_nonstop/requests/orders.{n}")).await;
+    for n in 1..=top + 100 {
+        let r = get(p.addr, &format!("/_nonstop/requests/{queue}.{n}")).await;
         if r.status == 404 {
-            break;
+            continue;
         }
         assert_eq!(r.json()["status"], "done", "{}", r.json());
         persisted += 1;
     }
     for id in &accepted {
-        let n: u64 = id.trim_start_matches("orders.").parse().unwrap();
-        assert!(n <= persisted, "accepted {id} is in the store");
+        let r = get(p.addr, &format!("/_nonstop/requests/{id}")).await;
+        assert_eq!(r.json()["status"], "done", "accepted {id} was delivered: {}", r.json());
     }
     assert!(persisted >= accepted.len() as u64);
     assert_eq!(order_count(app.addr).await, persisted, "each persisted request is in the database exactly once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_the_backend_always_rejects_becomes_a_dead_letter_and_can_be_replayed() {
+async fn embedded_a_request_always_rejected_becomes_a_dead_letter_and_can_be_replayed() {
+    dead_letter(Store::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_a_request_always_rejected_becomes_a_dead_letter_and_can_be_replayed() {
+    dead_letter(Store::Rabbit).await;
+}
+
+async fn dead_letter(store: Store) {
+    let _one = exclusive(store);
     let dir = TempDir::new("queue-dead");
+    let queue = queue_name("dead");
     let failing = app(&dir, "127.0.0.1:0", &["--fail-rate", "1"]);
     let backend = failing.addr;
-    let (p, admin) = serve(&config(&dir, backend, "attempts_max = 3\n"));
+    let (p, admin) = serve(&config(&dir, backend, store, &queue, "attempts_max = 3\n"));
     let r = post_json(p.addr, "/orders", &[], ORDER).await;
     assert_eq!(r.status, 202, "{:?}", r.body);
     let id = r.json()["id"].as_str().unwrap().to_string();
@@ -181,7 +276,7 @@ async fn a_request_the_backend_always_rejects_becomes_a_dead_letter_and_can_be_r
         let out = Command::new(bin()).args(["queue", "--admin", &admin.to_string()]).args(args).output().unwrap();
         (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
     };
-    let (code, listed) = cli(&["dead", "orders"]);
+    let (code, listed) = cli(&["dead", &queue]);
     assert_eq!(code, Some(0));
     assert!(listed.contains(&id), "{listed}");
     // The backend is fixed; the dead letter is replayed and delivered.
@@ -208,17 +303,27 @@ async fn a_request_the_backend_always_rejects_becomes_a_dead_letter_and_can_be_r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_queue_answers_503_with_retry_after() {
+async fn embedded_a_full_queue_answers_503_with_retry_after() {
+    full(Store::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_a_full_queue_answers_503_with_retry_after() {
+    full(Store::Rabbit).await;
+}
+
+async fn full(store: Store) {
+    let _one = exclusive(store);
     let dir = TempDir::new("queue-full");
+    let queue = queue_name("full");
     let backend = free_backend_addr(&dir);
-    let (p, _) = serve(&config(&dir, backend, "length_max = 3\n"));
+    let (p, _) = serve(&config(&dir, backend, store, &queue, "length_max = 3\n"));
     for _ in 0..3 {
         assert_eq!(post_json(p.addr, "/orders", &[], ORDER).await.status, 202);
     }
     let r = post_json(p.addr, "/orders", &[], ORDER).await;
     assert_eq!(r.status, 503, "{:?}", r.body);
     assert!(r.header("retry-after").is_some());
-    assert!(r.json()["error"].as_str().unwrap().contains("queue \"orders\""), "{:?}", r.body);
-    // Other routes are not queued.
-    assert_eq!(get(p.addr, "/_nonstop/requests/orders.999").await.status, 404);
+    assert!(r.json()["error"].as_str().unwrap().contains(&format!("queue \"{queue}\"")), "{:?}", r.body);
+    assert_eq!(get(p.addr, &format!("/_nonstop/requests/{queue}.999")).await.status, 404);
 }

@@ -270,11 +270,17 @@ fn queue_json(q: &Queue) -> Value {
     let s = &q.store.counts;
     let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     let oldest = q.store.oldest_queued_ms().ok().flatten();
+    let (store, depth) = match &q.rabbit {
+        None => ("embedded", n(&s.depth)),
+        // The broker's ready messages, or this node's unfinished requests, whichever is more.
+        Some(r) => ("rabbitmq", n(&r.depth).max(n(&s.depth))),
+    };
     json!({
         "name": q.name,
         "service": q.service,
-        "store": "embedded",
-        "depth": n(&s.depth),
+        "store": store,
+        "broker_connected": q.rabbit.as_ref().map(|r| r.connected.load(std::sync::atomic::Ordering::Relaxed)),
+        "depth": depth,
         "bytes": n(&s.bytes),
         "dead_letters": n(&s.dead),
         "delivering": q.delivering_count(),
@@ -324,12 +330,11 @@ async fn queue_call(q: &Queue, m: Method, rest: &[&str], query: &str) -> Result<
         }
         (Method::POST, ["dead", id, "replay"]) => {
             let n = number_of(q, id)?;
-            q.store.replay(n, crate::queued::now_ms()).await.map_err(store_err)?;
-            q.wake();
+            q.replay(n).await.map_err(store_err)?;
             reply(StatusCode::OK, json!({ "id": q.public_id(n), "status": "queued" }))
         }
         (Method::POST, ["purge"]) => {
-            let purged = q.store.purge().await.map_err(store_err)?;
+            let purged = q.purge().await.map_err(store_err)?;
             reply(StatusCode::OK, json!({ "queue": q.name, "purged": purged }))
         }
         (_, rest) => {

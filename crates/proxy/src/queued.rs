@@ -12,9 +12,10 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request};
 use http_body_util::{BodyExt, Limited};
+use nonstop_queue::broker::{self, Link, Names};
 use nonstop_queue::{Limits, Outcome, Policy, QueuedRequest, State, Status, Store, StoreError};
 use serde_json::{json, Value};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::admission::Tried;
 use crate::pool::Acquired;
@@ -42,11 +43,43 @@ pub struct QueueCounters {
     pub dead: AtomicU64,
 }
 
+/// How long an accept waits for the broker's confirm (reconnecting and publishing again meanwhile) before 503.
+const PUBLISH_WAIT: Duration = Duration::from_secs(10);
+/// Pause between two attempts to reach the broker.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
+
+/// A publish for the broker link of the queue's thread.
+struct Publish {
+    queue: String,
+    message_id: String,
+    attempts: u32,
+    body: Vec<u8>,
+    delay: Option<Duration>,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<(), String>>,
+}
+
+/// The RabbitMQ side of a queue: the link lives on the queue's thread; publishes go to it through `tx`.
+pub struct Rabbit {
+    url: String,
+    names: Names,
+    length_max: u64,
+    bytes_max: u64,
+    tx: mpsc::UnboundedSender<Publish>,
+    rx: Mutex<Option<mpsc::UnboundedReceiver<Publish>>>,
+    /// Messages in the broker's main queue, refreshed by the queue's thread.
+    pub depth: AtomicU64,
+    pub dead_depth: AtomicU64,
+    pub connected: std::sync::atomic::AtomicBool,
+}
+
 /// One running queue.
 pub struct Queue {
     pub name: String,
     pub service: String,
     pub store: Store,
+    /// Set when RabbitMQ holds the queue (the store then keeps statuses, and requests for replay).
+    pub rabbit: Option<Rabbit>,
     policy: Policy,
     concurrency: usize,
     /// Ids being delivered right now.
@@ -58,12 +91,32 @@ pub struct Queue {
 
 impl Queue {
     pub fn open(cfg: &nonstop_config::Queue) -> Result<Arc<Queue>, StoreError> {
-        let limits = Limits { length_max: cfg.length_max, bytes_max: cfg.bytes_max, batch_max: cfg.batch_max };
+        let limits = Limits {
+            length_max: cfg.length_max,
+            bytes_max: cfg.bytes_max,
+            batch_max: cfg.batch_max,
+            local_delivery: cfg.rabbitmq.is_none(),
+        };
         let store = Store::open(&cfg.path.join(format!("{}.redb", cfg.name)), limits)?;
+        let rabbit = cfg.rabbitmq.as_ref().map(|url| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            Rabbit {
+                url: url.clone(),
+                names: Names::of(&cfg.name),
+                length_max: cfg.length_max,
+                bytes_max: cfg.bytes_max,
+                tx,
+                rx: Mutex::new(Some(rx)),
+                depth: AtomicU64::new(0),
+                dead_depth: AtomicU64::new(0),
+                connected: std::sync::atomic::AtomicBool::new(false),
+            }
+        });
         Ok(Arc::new(Queue {
             name: cfg.name.clone(),
             service: cfg.service.clone(),
             store,
+            rabbit,
             policy: Policy {
                 attempts_max: cfg.attempts_max,
                 backoff_base_ms: cfg.backoff_base.as_millis() as u64,
@@ -105,7 +158,21 @@ impl Queue {
             .collect();
         let path = head.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
         let req = QueuedRequest { method: head.method.to_string(), path, headers, body: body.to_vec() };
-        let result = self.store.append(req, now_ms()).await;
+        let result = match &self.rabbit {
+            None => self.store.append(req, now_ms()).await,
+            Some(r) => {
+                let encoded = req.encode();
+                let n = self.store.append(req, now_ms()).await?;
+                match self.publish(r, &r.names.main, &self.message_id(n), 0, encoded, None).await {
+                    Ok(()) => Ok(n),
+                    Err(e) => {
+                        // Not confirmed: no 202, and no status left behind.
+                        let _ = self.store.forget(n).await;
+                        Err(StoreError::Io(e))
+                    }
+                }
+            }
+        };
         match &result {
             Ok(_) => {
                 self.counters.accepted.fetch_add(1, Relaxed);
@@ -116,6 +183,77 @@ impl Queue {
             }
         }
         result
+    }
+
+    /// The broker's message id of request `n`: unique across nodes (the store's node id), and the Idempotency-Key
+    /// of its deliveries.
+    pub fn message_id(&self, n: u64) -> String {
+        format!("{}.{n}@{:016x}", self.name, self.store.node_id)
+    }
+
+    /// The Idempotency-Key a delivery of request `n` carries.
+    fn delivery_key(&self, n: u64) -> String {
+        match self.rabbit {
+            None => self.public_id(n),
+            Some(_) => self.message_id(n),
+        }
+    }
+
+    /// Publishes through the queue thread's link and waits for the confirm.
+    async fn publish(
+        &self,
+        r: &Rabbit,
+        queue: &str,
+        message_id: &str,
+        attempts: u32,
+        body: Vec<u8>,
+        delay: Option<Duration>,
+    ) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        let deadline = Instant::now() + PUBLISH_WAIT;
+        let p = Publish {
+            queue: queue.to_string(),
+            message_id: message_id.to_string(),
+            attempts,
+            body,
+            delay,
+            deadline,
+            reply,
+        };
+        r.tx.send(p).map_err(|_| "the queue's broker link is closed".to_string())?;
+        match tokio::time::timeout(PUBLISH_WAIT + Duration::from_secs(1), rx).await {
+            Ok(Ok(result)) => result,
+            _ => Err(format!("RabbitMQ did not confirm within {} s", PUBLISH_WAIT.as_secs())),
+        }
+    }
+
+    /// Queues a dead letter again (embedded: due now; RabbitMQ: published to the main queue again).
+    pub async fn replay(&self, n: u64) -> Result<(), StoreError> {
+        if let Some(r) = &self.rabbit {
+            let Some(req) = self.store.request(n)? else { return Err(StoreError::Missing(n)) };
+            match self.store.status(n)? {
+                None => return Err(StoreError::Missing(n)),
+                Some(s) if s.state != State::Dead => return Err(StoreError::NotDead(n)),
+                Some(_) => {}
+            }
+            self.publish(r, &r.names.main, &self.message_id(n), 0, req.encode(), None).await.map_err(StoreError::Io)?;
+        }
+        self.store.replay(n, now_ms()).await?;
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Deletes the dead letters (and, with RabbitMQ, empties the dead-letter queue).
+    pub async fn purge(&self) -> Result<u64, StoreError> {
+        let n = self.store.purge().await?;
+        if let Some(r) = &self.rabbit {
+            let link = Link::open(&r.url, &r.names, 1, r.length_max, r.bytes_max)
+                .await
+                .map_err(|e| StoreError::Io(e.to_string()))?;
+            link.purge(&r.names.dead).await.map_err(|e| StoreError::Io(e.to_string()))?;
+            let _ = link.conn.close(200, "purged".into()).await;
+        }
+        Ok(n)
     }
 
     /// The public view of request `n`.
@@ -149,6 +287,9 @@ pub fn status_json(id: &str, queue: &str, s: &Status, delivering: bool) -> Value
 
 /// Delivers the queue's due requests, oldest due first, at most `concurrency` at once, until shutdown.
 pub async fn dispatch(queue: Arc<Queue>, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    if queue.rabbit.is_some() {
+        return rabbit_loop(queue, shared, shutdown).await;
+    }
     loop {
         let free = queue.concurrency.saturating_sub(queue.in_flight.load(Relaxed));
         if free > 0 {
@@ -177,7 +318,7 @@ async fn deliver(queue: Arc<Queue>, shared: Arc<Shared>, n: u64, req: QueuedRequ
     if status.attempts > 0 {
         queue.counters.retries.fetch_add(1, Relaxed);
     }
-    let outcome = send_once(&shared, &queue, n, req).await;
+    let outcome = send_once(&shared, &queue, &queue.delivery_key(n), req).await;
     status.after_delivery(outcome, now_ms(), &queue.policy, fastrand::f64());
     match status.state {
         State::Done => queue.counters.done.fetch_add(1, Relaxed),
@@ -199,7 +340,7 @@ async fn deliver(queue: Arc<Queue>, shared: Arc<Shared>, n: u64, req: QueuedRequ
 }
 
 /// One delivery attempt through the service's pool, with `Idempotency-Key` set to the request's id.
-async fn send_once(shared: &Shared, queue: &Queue, n: u64, req: QueuedRequest) -> Outcome {
+async fn send_once(shared: &Shared, queue: &Queue, key: &str, req: QueuedRequest) -> Outcome {
     let snap = shared.snapshot.load_full();
     let Some(svc) = snap.services.get(&queue.service).cloned() else {
         return Outcome::Error(format!("no service {:?}", queue.service));
@@ -210,7 +351,7 @@ async fn send_once(shared: &Shared, queue: &Queue, n: u64, req: QueuedRequest) -
             headers.append(k, v);
         }
     }
-    if let Ok(key) = HeaderValue::from_str(&queue.public_id(n)) {
+    if let Ok(key) = HeaderValue::from_str(key) {
         headers.insert(HeaderName::from_static("idempotency-key"), key);
     }
     let method = Method::from_bytes(req.method.as_bytes()).unwrap_or(Method::POST);
@@ -263,4 +404,221 @@ async fn send_once(shared: &Shared, queue: &Queue, n: u64, req: QueuedRequest) -
             Outcome::Error(e.to_string())
         }
     }
+}
+
+/// The RabbitMQ side of the queue's thread: keeps one link (reconnecting after any failure), publishes what
+/// accepts and retries send it (an unconfirmed publish is sent again on the next link, until its deadline), and
+/// consumes the main queue with manual acks and prefetch equal to the concurrency.
+async fn rabbit_loop(queue: Arc<Queue>, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    use futures_lite::StreamExt;
+    let r = queue.rabbit.as_ref().expect("rabbit queue");
+    let Some(mut rx) = r.rx.lock().expect("rx lock").take() else { return };
+    let mut pending: std::collections::VecDeque<Publish> = std::collections::VecDeque::new();
+    let prefetch = queue.concurrency.min(u16::MAX as usize) as u16;
+    // Requests persisted here whose publish may not have been confirmed before a crash are published again (a
+    // duplicate is harmless: deliveries carry the same Idempotency-Key).
+    let mut resend = match queue.store.untried() {
+        Ok(list) => list,
+        Err(e) => {
+            tracing::error!(queue = %queue.name, "cannot read the store: {e}");
+            Vec::new()
+        }
+    };
+    if !resend.is_empty() {
+        tracing::info!(queue = %queue.name, count = resend.len(), "publishing again requests not yet tried");
+    }
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let link = match Link::open(&r.url, &r.names, prefetch, r.length_max, r.bytes_max).await {
+            Ok(l) => Arc::new(l),
+            Err(e) => {
+                r.connected.store(false, Relaxed);
+                tracing::warn!(queue = %queue.name, "cannot reach RabbitMQ: {e}");
+                fail_expired(&mut pending, &mut rx);
+                tokio::select! {
+                    _ = tokio::time::sleep(RECONNECT_PAUSE) => continue,
+                    _ = shutdown.changed() => return,
+                }
+            }
+        };
+        let consumer = link
+            .channel
+            .basic_consume(
+                r.names.main.as_str().into(),
+                format!("nonstop-{:016x}", queue.store.node_id).into(),
+                nonstop_queue::lapin::options::BasicConsumeOptions::default(),
+                nonstop_queue::lapin::types::FieldTable::default(),
+            )
+            .await;
+        let mut consumer = match consumer {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(queue = %queue.name, "cannot consume from RabbitMQ: {e}");
+                tokio::time::sleep(RECONNECT_PAUSE).await;
+                continue;
+            }
+        };
+        r.connected.store(true, Relaxed);
+        tracing::info!(queue = %queue.name, "connected to RabbitMQ");
+        while let Some((n, req)) = resend.last() {
+            if link.publish(&r.names.main, &queue.message_id(*n), 0, &req.encode(), None).await.is_err() {
+                break;
+            }
+            resend.pop();
+        }
+        let mut depth_tick = tokio::time::interval(Duration::from_secs(1));
+        // Publishes run concurrently (one task each, confirms awaited in parallel); one that fails with the link
+        // comes back here to be sent again on the next link.
+        let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<Publish>();
+        for p in pending.drain(..) {
+            tokio::spawn(publish_task(link.clone(), p, failed_tx.clone()));
+        }
+        'link: loop {
+            tokio::select! {
+                p = rx.recv() => {
+                    let Some(p) = p else { return };
+                    tokio::spawn(publish_task(link.clone(), p, failed_tx.clone()));
+                }
+                p = failed_rx.recv() => {
+                    if let Some(p) = p {
+                        pending.push_back(p);
+                    }
+                    break 'link;
+                }
+                d = consumer.next() => match d {
+                    Some(Ok(delivery)) => {
+                        tokio::spawn(rabbit_deliver(queue.clone(), shared.clone(), delivery));
+                    }
+                    _ => break 'link,
+                },
+                _ = depth_tick.tick() => {
+                    let (main, retry) = (link.depth(&r.names.main).await, link.depth(&r.names.retry).await);
+                    match (main, retry, link.depth(&r.names.dead).await) {
+                        (Ok(main), Ok(retry), Ok(dead)) => {
+                            r.depth.store(u64::from(main) + u64::from(retry), Relaxed);
+                            r.dead_depth.store(u64::from(dead), Relaxed);
+                        }
+                        _ => break 'link,
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+        // Publishes still in flight on the old link fail and come back; collect those that already did.
+        drop(failed_tx);
+        let _ = link.conn.close(200, "reconnecting".into()).await;
+        while let Ok(p) = failed_rx.try_recv() {
+            pending.push_back(p);
+        }
+        r.connected.store(false, Relaxed);
+        tracing::warn!(queue = %queue.name, "lost RabbitMQ; reconnecting");
+    }
+}
+
+/// Publishes one message on the link and answers with the broker's confirm. A failure of the link sends it back
+/// to the queue's loop (to be sent again after reconnecting); a refusal by the broker (nack, returned) is
+/// answered at once.
+async fn publish_task(link: Arc<Link>, p: Publish, failed: mpsc::UnboundedSender<Publish>) {
+    if Instant::now() >= p.deadline || p.reply.is_closed() {
+        let _ = p.reply.send(Err("RabbitMQ did not confirm in time".into()));
+        return;
+    }
+    match link.publish(&p.queue, &p.message_id, p.attempts, &p.body, p.delay).await {
+        Ok(()) => {
+            let _ = p.reply.send(Ok(()));
+        }
+        Err(e @ (broker::BrokerError::Nacked | broker::BrokerError::Returned)) => {
+            let _ = p.reply.send(Err(format!("{e} (the queue may be full)")));
+        }
+        Err(e) => {
+            tracing::warn!("publish failed, will send again after reconnecting: {e}");
+            if let Err(back) = failed.send(p) {
+                let _ = back.0.reply.send(Err("RabbitMQ connection lost".into()));
+            }
+        }
+    }
+}
+
+/// While the broker is unreachable: answers the publishes whose deadline passed.
+fn fail_expired(pending: &mut std::collections::VecDeque<Publish>, rx: &mut mpsc::UnboundedReceiver<Publish>) {
+    while let Ok(p) = rx.try_recv() {
+        pending.push_back(p);
+    }
+    let now = Instant::now();
+    pending.retain_mut(|p| {
+        if now >= p.deadline || p.reply.is_closed() {
+            let reply = std::mem::replace(&mut p.reply, oneshot::channel().0);
+            let _ = reply.send(Err("RabbitMQ is unreachable".into()));
+            false
+        } else {
+            true
+        }
+    });
+}
+
+/// Delivers one message from the broker, then acks it (done, failed, or sent on to the retry queue) or rejects it
+/// into the dead-letter queue.
+async fn rabbit_deliver(queue: Arc<Queue>, shared: Arc<Shared>, delivery: nonstop_queue::lapin::message::Delivery) {
+    use nonstop_queue::lapin::options::{BasicAckOptions, BasicNackOptions};
+    let r = queue.rabbit.as_ref().expect("rabbit queue");
+    let message_id = delivery.properties.message_id().as_ref().map(|m| m.to_string()).unwrap_or_default();
+    let attempts = broker::attempts_of(&delivery.properties);
+    let Some(req) = QueuedRequest::decode(&delivery.data) else {
+        tracing::error!(queue = %queue.name, "undecodable message {message_id:?}: dead-lettered");
+        let _ = delivery.nack(broker::dead_letter_options()).await;
+        return;
+    };
+    // This node's own requests have a status here; other nodes' are delivered all the same.
+    let own = message_id
+        .strip_suffix(&format!("@{:016x}", queue.store.node_id))
+        .and_then(|s| s.rsplit_once('.'))
+        .and_then(|(_, n)| n.parse::<u64>().ok());
+    let mut status = own.and_then(|n| queue.store.status(n).ok().flatten()).unwrap_or_else(|| Status::new(now_ms()));
+    status.attempts = attempts;
+    if let Some(n) = own {
+        queue.delivering.lock().expect("delivering lock").insert(n);
+    }
+    queue.in_flight.fetch_add(1, Relaxed);
+    queue.counters.deliveries.fetch_add(1, Relaxed);
+    if attempts > 0 {
+        queue.counters.retries.fetch_add(1, Relaxed);
+    }
+    let encoded = req.encode();
+    let outcome = send_once(&shared, &queue, &message_id, req).await;
+    let now = now_ms();
+    status.after_delivery(outcome, now, &queue.policy, fastrand::f64());
+    let settled = match status.state {
+        State::Done | State::Failed => {
+            let c = if status.state == State::Done { &queue.counters.done } else { &queue.counters.failed };
+            c.fetch_add(1, Relaxed);
+            delivery.ack(BasicAckOptions::default()).await.is_ok()
+        }
+        State::Queued => {
+            let delay = Duration::from_millis(status.next_at_ms.saturating_sub(now));
+            let retry = &r.names.retry;
+            match queue.publish(r, retry, &message_id, status.attempts, encoded, Some(delay)).await {
+                Ok(()) => delivery.ack(BasicAckOptions::default()).await.is_ok(),
+                Err(e) => {
+                    tracing::warn!(queue = %queue.name, "cannot schedule a retry ({e}); requeued");
+                    let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+                    false
+                }
+            }
+        }
+        State::Dead => {
+            queue.counters.dead.fetch_add(1, Relaxed);
+            delivery.nack(broker::dead_letter_options()).await.is_ok()
+        }
+    };
+    if let (Some(n), true) = (own, settled) {
+        if let Err(e) = queue.store.update(n, status).await {
+            tracing::error!(queue = %queue.name, id = n, "cannot record a delivery: {e}");
+        }
+    }
+    if let Some(n) = own {
+        queue.delivering.lock().expect("delivering lock").remove(&n);
+    }
+    queue.in_flight.fetch_sub(1, Relaxed);
 }

@@ -3,6 +3,7 @@
 //! [`ledger`] decides, purely, what a delivery's outcome means (done, failed, retry later, dead); [`store`] keeps
 //! requests and their status in redb.
 
+pub mod broker;
 pub mod ledger;
 pub mod record;
 pub mod store;
@@ -10,3 +11,5 @@ pub mod store;
 pub use ledger::{Outcome, Policy, State, Status};
 pub use record::QueuedRequest;
 pub use store::{Limits, Store, StoreError};
+
+pub use lapin;

@@ -21,6 +21,7 @@ const DUE: TableDefinition<(u64, u64), ()> = TableDefinition::new("due");
 const DEAD: TableDefinition<u64, ()> = TableDefinition::new("dead");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const NEXT_ID: &str = "next_id";
+const NODE_ID: &str = "node_id";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -51,6 +52,9 @@ pub struct Limits {
     pub bytes_max: u64,
     /// Operations applied in one transaction at most.
     pub batch_max: usize,
+    /// Queued requests are delivered from this store (embedded). False when a broker holds the queue and the
+    /// store keeps only statuses and requests for replay: nothing is ever due here.
+    pub local_delivery: bool,
 }
 
 /// Live figures, for metrics.
@@ -72,6 +76,7 @@ enum Op {
     Update(u64, Status, oneshot::Sender<Result<(), StoreError>>),
     Replay(u64, u64, oneshot::Sender<Result<(), StoreError>>),
     Purge(oneshot::Sender<Result<u64, StoreError>>),
+    Forget(u64, oneshot::Sender<Result<(), StoreError>>),
 }
 
 pub struct Store {
@@ -79,6 +84,8 @@ pub struct Store {
     ops: Option<mpsc::Sender<Op>>,
     writer: Option<std::thread::JoinHandle<()>>,
     pub counts: Arc<Counts>,
+    /// A random number fixed when the store was created: tells this node's requests from other nodes'.
+    pub node_id: u64,
 }
 
 impl Drop for Store {
@@ -101,12 +108,25 @@ impl Store {
         let db = Database::create(path).map_err(|e| StoreError::Io(format!("{}: {e}", path.display())))?;
         let db = Arc::new(db);
         let counts = Arc::new(Counts::default());
+        let node_id;
         {
             let w = db.begin_write().map_err(StoreError::io)?;
             {
+                let mut meta = w.open_table(META).map_err(StoreError::io)?;
+                let existing = meta.get(NODE_ID).map_err(StoreError::io)?.map(|v| v.value());
+                node_id = match existing {
+                    Some(id) => id,
+                    None => {
+                        let id = random_u64();
+                        meta.insert(NODE_ID, id).map_err(StoreError::io)?;
+                        id
+                    }
+                };
+            }
+            {
                 // Create every table, and count what is there.
                 let requests = w.open_table(REQUESTS).map_err(StoreError::io)?;
-                w.open_table(STATUS).map_err(StoreError::io)?;
+                let status = w.open_table(STATUS).map_err(StoreError::io)?;
                 let due = w.open_table(DUE).map_err(StoreError::io)?;
                 let dead = w.open_table(DEAD).map_err(StoreError::io)?;
                 w.open_table(META).map_err(StoreError::io)?;
@@ -116,7 +136,15 @@ impl Store {
                     bytes += v.value().len() as u64;
                 }
                 counts.bytes.store(bytes, Relaxed);
-                counts.depth.store(due.len().map_err(StoreError::io)?, Relaxed);
+                let _ = &due;
+                let mut queued = 0u64;
+                for entry in status.iter().map_err(StoreError::io)? {
+                    let (_, v) = entry.map_err(StoreError::io)?;
+                    if Status::decode(v.value()).is_some_and(|s| s.state == State::Queued) {
+                        queued += 1;
+                    }
+                }
+                counts.depth.store(queued, Relaxed);
                 counts.dead.store(dead.len().map_err(StoreError::io)?, Relaxed);
             }
             w.commit().map_err(StoreError::io)?;
@@ -127,7 +155,7 @@ impl Store {
             .name("queue-writer".into())
             .spawn(move || writer(wdb, rx, limits, wcounts))
             .map_err(StoreError::io)?;
-        Ok(Store { db, ops: Some(tx), writer: Some(writer), counts })
+        Ok(Store { db, ops: Some(tx), writer: Some(writer), counts, node_id })
     }
 
     fn sender(&self) -> Result<&mpsc::Sender<Op>, StoreError> {
@@ -152,6 +180,13 @@ impl Store {
     pub async fn replay(&self, id: u64, now_ms: u64) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
         self.sender()?.send(Op::Replay(id, now_ms, tx)).map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Deletes a request that was never acknowledged (its broker publish failed).
+    pub async fn forget(&self, id: u64) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.sender()?.send(Op::Forget(id, tx)).map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -214,6 +249,27 @@ impl Store {
         Ok(v.and_then(|v| QueuedRequest::decode(v.value())))
     }
 
+    /// Requests still queued that were never tried (with a broker: those whose publish may not have been confirmed
+    /// before a crash), with their stored request.
+    pub fn untried(&self) -> Result<Vec<(u64, QueuedRequest)>, StoreError> {
+        let r = self.db.begin_read().map_err(StoreError::io)?;
+        let status = r.open_table(STATUS).map_err(StoreError::io)?;
+        let requests = r.open_table(REQUESTS).map_err(StoreError::io)?;
+        let mut out = Vec::new();
+        for entry in status.iter().map_err(StoreError::io)? {
+            let (k, v) = entry.map_err(StoreError::io)?;
+            let Some(s) = Status::decode(v.value()) else { continue };
+            if s.state == State::Queued && s.attempts == 0 {
+                let req =
+                    requests.get(k.value()).map_err(StoreError::io)?.and_then(|v| QueuedRequest::decode(v.value()));
+                if let Some(req) = req {
+                    out.push((k.value(), req));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Up to `limit` dead letters, oldest id first.
     pub fn dead(&self, limit: usize) -> Result<Vec<(u64, Status)>, StoreError> {
         let r = self.db.begin_read().map_err(StoreError::io)?;
@@ -250,6 +306,14 @@ enum Reply {
     Append(oneshot::Sender<Result<u64, StoreError>>, Result<u64, StoreError>),
     Unit(oneshot::Sender<Result<(), StoreError>>, Result<(), StoreError>),
     Count(oneshot::Sender<Result<u64, StoreError>>, Result<u64, StoreError>),
+}
+
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 fn writer(db: Arc<Database>, rx: mpsc::Receiver<Op>, limits: Limits, counts: Arc<Counts>) {
@@ -294,7 +358,9 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Op>, limits: Limits, counts: Arc
                             let st = Status::new(now_ms);
                             requests.insert(id, size.as_slice()).map_err(StoreError::io)?;
                             status.insert(id, st.encode().as_slice()).map_err(StoreError::io)?;
-                            due.insert((st.next_at_ms, id), ()).map_err(StoreError::io)?;
+                            if limits.local_delivery {
+                                due.insert((st.next_at_ms, id), ()).map_err(StoreError::io)?;
+                            }
                             depth += 1;
                             bytes += size.len() as u64;
                             replies.push(Reply::Append(tx, Ok(id)));
@@ -306,12 +372,16 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Op>, limits: Limits, counts: Arc
                                 continue;
                             };
                             if old.state == State::Queued {
-                                due.remove((old.next_at_ms, id)).map_err(StoreError::io)?;
+                                if limits.local_delivery {
+                                    due.remove((old.next_at_ms, id)).map_err(StoreError::io)?;
+                                }
                                 depth = depth.saturating_sub(1);
                             }
                             match new.state {
                                 State::Queued => {
-                                    due.insert((new.next_at_ms, id), ()).map_err(StoreError::io)?;
+                                    if limits.local_delivery {
+                                        due.insert((new.next_at_ms, id), ()).map_err(StoreError::io)?;
+                                    }
                                     depth += 1;
                                 }
                                 State::Done | State::Failed => {
@@ -337,13 +407,30 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Op>, limits: Limits, counts: Arc
                                 Some(mut s) => {
                                     s.replay(now_ms);
                                     dead_t.remove(id).map_err(StoreError::io)?;
-                                    due.insert((s.next_at_ms, id), ()).map_err(StoreError::io)?;
+                                    if limits.local_delivery {
+                                        due.insert((s.next_at_ms, id), ()).map_err(StoreError::io)?;
+                                    }
+                                    depth += 1;
                                     status.insert(id, s.encode().as_slice()).map_err(StoreError::io)?;
                                     dead = dead.saturating_sub(1);
-                                    depth += 1;
                                     replies.push(Reply::Unit(tx, Ok(())));
                                 }
                             }
+                        }
+                        Op::Forget(id, tx) => {
+                            let st = status.remove(id).map_err(StoreError::io)?.and_then(|v| Status::decode(v.value()));
+                            if let Some(st) = st {
+                                if st.state == State::Queued {
+                                    if limits.local_delivery {
+                                        due.remove((st.next_at_ms, id)).map_err(StoreError::io)?;
+                                    }
+                                    depth = depth.saturating_sub(1);
+                                }
+                            }
+                            if let Some(v) = requests.remove(id).map_err(StoreError::io)? {
+                                bytes = bytes.saturating_sub(v.value().len() as u64);
+                            }
+                            replies.push(Reply::Unit(tx, Ok(())));
                         }
                         Op::Purge(tx) => {
                             let ids: Vec<u64> = dead_t
@@ -420,7 +507,7 @@ mod tests {
         d
     }
 
-    const LIMITS: Limits = Limits { length_max: 1000, bytes_max: 1 << 20, batch_max: 256 };
+    const LIMITS: Limits = Limits { length_max: 1000, bytes_max: 1 << 20, batch_max: 256, local_delivery: true };
     const P: Policy = Policy { attempts_max: 2, backoff_base_ms: 100, backoff_max_ms: 100 };
 
     #[tokio::test]
