@@ -96,6 +96,8 @@ pub struct ServerSpec {
     pub addr: SocketAddr,
     pub weight: u32,
     pub backup: bool,
+    /// Overrides the service's `admission.server_in_flight_max`.
+    pub in_flight_max: Option<u32>,
 }
 
 /// Active health checks of one service.
@@ -460,13 +462,15 @@ fn parse_service(cx: &Cx, name: String, t: Table<'_, '_>) -> Option<Service> {
         }
         let weight = s.int_in("weight", 0, u64::from(WEIGHT_MAX));
         let backup = s.bool("backup");
+        let in_flight_max = s.has("in_flight_max").then(|| s.int_in("in_flight_max", 1, 1_000_000));
         let line = s.line();
         s.finish();
-        if let (Some(addr), Some(weight), Some(backup)) = (addr, weight, backup) {
+        if let (Some(addr), Some(weight), Some(backup), None | Some(Some(_))) = (addr, weight, backup, in_flight_max) {
             if !addrs.insert(addr) {
                 cx.error(line, &format!("services.{name}.servers"), format!("server {addr} is listed twice"));
             }
-            servers.push(ServerSpec { addr, weight: weight as u32, backup });
+            let in_flight_max = in_flight_max.flatten().map(|n| n as u32);
+            servers.push(ServerSpec { addr, weight: weight as u32, backup, in_flight_max });
         }
     }
     if t.has("servers") && servers.is_empty() && cx.ok() {

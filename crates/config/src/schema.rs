@@ -65,6 +65,7 @@ keys! {
 
     "services.NAME.servers[]" "addr": "address" = "", "The server's address, such as \"127.0.0.1:9101\". Required.";
     "services.NAME.servers[]" "weight": "integer" = "1", "Relative share of requests (0 to 10000) for weighted balancing; 0 takes no new requests.";
+    "services.NAME.servers[]" "in_flight_max": "integer" = "", "Requests this server is sent at once. Absent: the service's admission.server_in_flight_max.";
     "services.NAME.servers[]" "backup": "boolean" = "false", "A backup server takes requests only while no primary server can (all are down, ejected, draining or full, or a request has tried them all). Traffic fails back to the primaries, with slow start, when they recover.";
 
     "services.NAME.health" "enabled": "boolean" = "true", "Check every server of the service in the background.";

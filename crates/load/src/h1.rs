@@ -63,6 +63,13 @@ impl H1Conn {
         Ok(H1Conn { stream, buf: Vec::with_capacity(16 * 1024), pos: 0 })
     }
 
+    /// True when the server closed the connection (or sent something unasked) while it sat idle: it must not be
+    /// reused, or the next request would fail on a connection the server already gave up.
+    pub fn closed_while_idle(&self) -> bool {
+        let mut probe = [0u8; 1];
+        !matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
     /// The socket's descriptor, for the timeout watchdog.
     pub fn raw_fd(&self) -> i32 {
         std::os::fd::AsRawFd::as_raw_fd(&self.stream)

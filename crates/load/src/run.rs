@@ -462,6 +462,9 @@ impl Worker {
     ) -> (Outcome, Duration, Option<Duration>, Option<crate::h1::Answer>) {
         let track = self.cfg.track_header.as_ref().map(|h| h.as_str());
         let sent = Instant::now();
+        if slot.as_ref().is_some_and(H1Conn::closed_while_idle) {
+            *slot = None;
+        }
         if slot.is_none() {
             match tokio::time::timeout(self.cfg.timeout, H1Conn::connect(self.cfg.target.addr)).await {
                 Ok(Ok(c)) => *slot = Some(c),

@@ -26,6 +26,8 @@ const PER_TRY_MS: u64 = 1000;
 const QUEUE_WAIT_MS: f64 = 10_000.0;
 /// Requests one app runs at once; the proxy sends it no more.
 const APP_WORKERS: &str = "2";
+/// The same for the backup server.
+const BACKUP_WORKERS: &str = "6";
 
 const SCENARIO: &str = r#"
 [[flow]]
@@ -50,10 +52,14 @@ struct Rig {
 }
 
 fn start_app(dir: &TempDir, listen: &str, instance: &str) -> Proc {
+    start_app_sized(dir, listen, instance, APP_WORKERS)
+}
+
+fn start_app_sized(dir: &TempDir, listen: &str, instance: &str, workers: &str) -> Proc {
     let db = format!("sqlite://{}", dir.path().join("orders.db").display());
     Proc::start(
         bin(),
-        &["app", "--listen", listen, "--db", &db, "--work-ms", "5", "--workers", APP_WORKERS, "--instance", instance],
+        &["app", "--listen", listen, "--db", &db, "--work-ms", "5", "--workers", workers, "--instance", instance],
     )
 }
 
@@ -62,10 +68,11 @@ impl Rig {
         let dir = TempDir::new(tag);
         let apps: Vec<Proc> = (0..3).map(|i| start_app(&dir, "127.0.0.1:0", &format!("app{i}"))).collect();
         let addrs: Vec<SocketAddr> = apps.iter().map(|a| a.addr).collect();
-        let backup = with_backup.then(|| start_app(&dir, "127.0.0.1:0", "backup"));
+        // The backup is bigger than one primary: alone, it must carry the whole steady load.
+        let backup = with_backup.then(|| start_app_sized(&dir, "127.0.0.1:0", "backup", BACKUP_WORKERS));
         let mut servers: Vec<String> = addrs.iter().map(|a| format!("{{ addr = \"{a}\" }}")).collect();
         if let Some(b) = &backup {
-            servers.push(format!("{{ addr = \"{}\", backup = true }}", b.addr));
+            servers.push(format!("{{ addr = \"{}\", backup = true, in_flight_max = {BACKUP_WORKERS} }}", b.addr));
         }
         // Everything else is the default: resilience is on without extra keys.
         let config = format!(

@@ -64,6 +64,8 @@ struct Member {
     server: Arc<Server>,
     health: Health,
     backup: bool,
+    /// Overrides the service's `server_in_flight_max`.
+    in_flight_max: Option<u32>,
 }
 
 struct Waiter {
@@ -131,6 +133,7 @@ impl Pool {
                         server: Server::new(s.addr, s.weight, me.clone()),
                         health: Health::new(now, warm, &policy),
                         backup: s.backup,
+                        in_flight_max: s.in_flight_max,
                     })
                     .collect(),
                 balancer: Balancer::new(algorithm(&svc.balance), fastrand::u64(..)),
@@ -162,12 +165,14 @@ impl Pool {
                     let mut m = old.swap_remove(i);
                     m.server.set_weight(spec.weight);
                     m.backup = spec.backup;
+                    m.in_flight_max = spec.in_flight_max;
                     m
                 }
                 None => Member {
                     server: Server::new(spec.addr, spec.weight, self.me.clone()),
                     health: Health::new(now, false, &policy),
                     backup: spec.backup,
+                    in_flight_max: spec.in_flight_max,
                 },
             };
             g.members.push(member);
@@ -374,7 +379,7 @@ impl Pool {
         }
         let server = Server::new(addr, weight, self.me.clone());
         let health = Health::new(now, warm, &g.policy);
-        g.members.push(Member { server: server.clone(), health, backup });
+        g.members.push(Member { server: server.clone(), health, backup, in_flight_max: None });
         g.balancer.servers_changed();
         g.dispatch(now, &self.queued);
         Ok(server)
@@ -428,8 +433,12 @@ impl Inner {
     }
 
     /// Chooses a member for a request; `None` when none may take it now.
+    /// Requests `m` is sent at once at most.
+    fn max_of(&self, m: &Member) -> u32 {
+        m.in_flight_max.unwrap_or(self.admission.server_in_flight_max)
+    }
+
     fn choose(&mut self, now: Instant, key: Option<u64>, tried: &Tried) -> Option<usize> {
-        let max = self.admission.server_in_flight_max;
         let policy = self.policy;
         let peak = self.balancer.algorithm() == Algorithm::PeakEwma;
         // Open to this request, capacity aside.
@@ -451,7 +460,7 @@ impl Inner {
                 weight: m.server.weight(),
                 in_flight: m.server.in_flight(),
                 latency_ns: if peak { m.server.latency_ns() } else { 0.0 },
-                available: o && m.backup != primary_open && m.server.in_flight() < max,
+                available: o && m.backup != primary_open && m.server.in_flight() < self.max_of(m),
                 ramp: m.health.ramp(now, &policy),
             })
             .collect();
@@ -463,16 +472,14 @@ impl Inner {
     }
 
     fn view(&self, now: Instant, deadline_left: Duration) -> QueueView {
-        let serving: Vec<&Member> = self
-            .members
-            .iter()
-            .filter(|m| m.health.usable(now) && !m.server.draining() && m.server.weight() > 0)
-            .collect();
+        let up = |m: &&Member| m.health.usable(now) && !m.server.draining() && m.server.weight() > 0;
+        // The primaries serve while any is up; the backups only when none is.
+        let primaries_up = self.members.iter().filter(up).any(|m| !m.backup);
+        let serving: Vec<&Member> = self.members.iter().filter(up).filter(|m| m.backup != primaries_up).collect();
         // Overload is when every serving server is full. A queue that builds while some have free slots waits
         // for servers to recover (its requests already failed on those), not for capacity: no estimate applies.
-        let max = self.admission.server_in_flight_max;
-        let full = serving.iter().all(|m| m.server.in_flight() >= max);
-        let slots = if full { serving.len() as u64 * u64::from(max) } else { 0 };
+        let full = serving.iter().all(|m| m.server.in_flight() >= self.max_of(m));
+        let slots = if full { serving.iter().map(|m| u64::from(self.max_of(m))).sum() } else { 0 };
         let latency_ns = if serving.is_empty() {
             0.0
         } else {
@@ -493,7 +500,6 @@ impl Inner {
     /// Hands free slots to waiters, oldest first; a waiter that cannot use any free slot (it tried those
     /// servers) keeps its place.
     fn dispatch(&mut self, now: Instant, queued: &AtomicUsize) {
-        let max = self.admission.server_in_flight_max;
         let mut i = 0;
         while i < self.queue.len() {
             if self.queue[i].tx.is_closed() {
@@ -501,7 +507,10 @@ impl Inner {
                 continue;
             }
             let free = self.members.iter().any(|m| {
-                m.health.usable(now) && !m.server.draining() && m.server.weight() > 0 && m.server.in_flight() < max
+                m.health.usable(now)
+                    && !m.server.draining()
+                    && m.server.weight() > 0
+                    && m.server.in_flight() < self.max_of(m)
             });
             if !free {
                 break;
