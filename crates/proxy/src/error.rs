@@ -48,8 +48,9 @@ pub enum ProxyError {
     /// The server failed the exchange on the proxy's own HTTP/1.1 client. `sent` is false when nothing of the
     /// request was written.
     #[error("server {addr} failed: {source}")]
-    /// `stale`: a reused connection closed with no response byte (see [`ProxyError::server_gone`]).
-    UpstreamIo { addr: std::net::SocketAddr, sent: bool, stale: bool, source: std::io::Error },
+    /// `stale`: a reused connection closed with no response byte (see [`ProxyError::server_gone`]). `dropped`: a
+    /// fresh connection did so.
+    UpstreamIo { addr: std::net::SocketAddr, sent: bool, stale: bool, dropped: bool, source: std::io::Error },
     #[error("HTTP handshake with {addr} failed: {source}")]
     Handshake { addr: std::net::SocketAddr, source: hyper::Error },
 }
@@ -85,6 +86,12 @@ impl ProxyError {
     /// and may wait for a server to come back.
     pub fn server_gone(&self) -> bool {
         self.never_reached_server() || matches!(self, ProxyError::UpstreamIo { stale: true, .. })
+    }
+
+    /// A fresh connection closed with no answer: either the server died (then its port refuses connections), or
+    /// the server dropped this request (a request that kills servers must not be retried on every one).
+    pub fn dropped(&self) -> bool {
+        matches!(self, ProxyError::UpstreamIo { dropped: true, .. })
     }
 
     /// True when the server is to blame (a connect error, a timeout, a broken exchange): passive health counts it.

@@ -280,6 +280,8 @@ async fn forward(
     let mut tried = Tried::default();
     let mut reached = 0u32;
     let mut last: Option<ProxyError> = None;
+    // Whether the last failure means the server went away (rather than failed this request).
+    let mut last_gone = false;
     loop {
         let now = Instant::now();
         let left = deadline.saturating_duration_since(now);
@@ -287,9 +289,13 @@ async fn forward(
             return Err(last.unwrap_or(ProxyError::Deadline { ms: service.config.request_timeout.as_millis() }));
         }
         // Wait for a server to come back when the last failure never reached one (it refused: servers are
-        // restarting). After a server got the request and failed it (a timeout, a reset), only another server
-        // that is up now may have it.
-        let wait_for_recovery = last.as_ref().is_none_or(ProxyError::server_gone);
+        // restarting). After a server got the request and failed it (a timeout, a reset), another server may
+        // have it if one is up, or if one is down and comes back in time; when every server is up and was
+        // tried, the failure is the answer.
+        let wait_for_recovery = last.is_none() || last_gone;
+        if !(wait_for_recovery || retryable && !upgrade && body.replayable()) {
+            return Err(last.expect("a failure is why no recovery is awaited"));
+        }
         let wait_left = left.min(wait_max.saturating_sub(out.queue_wait));
         let lease = match pool.acquire(now, key, &tried, wait_left, wait_for_recovery) {
             Acquired::Now(lease) => lease,
@@ -355,6 +361,7 @@ async fn forward(
                 tried.push(server.addr, epoch, now, false);
                 pool.count_free_retry();
                 last = Some(e);
+                last_gone = true;
                 continue;
             }
         };
@@ -382,13 +389,18 @@ async fn forward(
                     tried.push(server.addr, epoch, now, false);
                     pool.count_free_retry();
                     last = Some(e);
+                    last_gone = true;
                     continue;
                 }
-                if e.server_gone() && retryable && !upgrade && body.replayable() {
+                // A fresh connection closed with no answer counts as a gone server only if the server is indeed
+                // gone: its port refuses a new connection.
+                let gone = e.server_gone() || (e.dropped() && refuses_connections(server.addr).await);
+                if gone && retryable && !upgrade && body.replayable() {
                     // A keep-alive race or a dying server: repeating a safe request costs it nothing.
                     tried.push(server.addr, epoch, now, true);
                     pool.count_free_retry();
                     last = Some(e);
+                    last_gone = true;
                     continue;
                 }
                 reached += 1;
@@ -396,6 +408,7 @@ async fn forward(
                 if again && pool.try_retry(now) {
                     tried.push(server.addr, epoch, now, true);
                     last = Some(e);
+                    last_gone = false;
                     continue;
                 }
                 return Err(e);
@@ -411,9 +424,12 @@ async fn forward(
             && body.replayable()
             && reached < retry.attempts_max
             && now < deadline
+            && pool.other_open(now, &tried, server.addr)
             && pool.try_retry(now)
         {
+            // Another server can have it now; otherwise this answer is the best there is.
             tried.push(server.addr, epoch, now, true);
+            last_gone = false;
             continue;
         }
         drop(tried);
@@ -461,6 +477,14 @@ async fn forward(
 }
 
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// Whether `addr` refuses a TCP connection right now (the process behind it is gone).
+async fn refuses_connections(addr: std::net::SocketAddr) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect(addr)).await,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
+}
 
 /// Where a queued request's status is served.
 const STATUS_PREFIX: &str = "/_nonstop/requests/";

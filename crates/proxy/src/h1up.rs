@@ -43,6 +43,9 @@ pub enum ExchangeError {
     /// server closing an idle connection (or dying). The request was written, so only a request that is safe to
     /// repeat may be retried.
     Stale(io::Error),
+    /// A fresh connection was closed or reset with not one byte of response: the server died, or it dropped this
+    /// request (see `ProxyError::UpstreamIo::dropped`).
+    Dropped(io::Error),
     /// The client's body exceeded the route's limit.
     BodyTooLarge,
     /// Reading the client's body failed (the client's fault, not the server's).
@@ -218,13 +221,14 @@ pub async fn exchange(
                 if conn.buf.len() > HEAD_BYTES_MAX {
                     return Err(ExchangeError::Failed(bad("response head too large")));
                 }
-                let nothing_yet = conn.buf.is_empty() && conn.reused > 0;
+                let nothing_yet = conn.buf.is_empty();
+                let reused = conn.reused > 0;
                 conn.fill().await.map_err(|e| {
                     let gone = matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset);
-                    if nothing_yet && gone {
-                        ExchangeError::Stale(e)
-                    } else {
-                        ExchangeError::Failed(e)
+                    match (nothing_yet && gone, reused) {
+                        (true, true) => ExchangeError::Stale(e),
+                        (true, false) => ExchangeError::Dropped(e),
+                        (false, _) => ExchangeError::Failed(e),
                     }
                 })?;
             }

@@ -222,6 +222,8 @@ impl Pool {
     /// A slot on a server for one request, or a place in the queue, or a refusal. `tried` holds the servers the
     /// request already failed on; `deadline_left` what is left of its deadline. `wait_for_recovery`: when no
     /// server is open to the request (all down, or all tried), wait for one to come back rather than give up.
+    /// Without it, the request still waits when some server is down or ejected (it may come back), and gives up
+    /// only when every server is up and was tried.
     pub fn acquire(
         &self,
         now: Instant,
@@ -239,7 +241,7 @@ impl Pool {
                 return Acquired::Now(g.lease(i));
             }
         }
-        if !wait_for_recovery && !g.any_open(now, tried) {
+        if !wait_for_recovery && !g.any_open(now, tried) && !g.any_recovering(now) {
             return Acquired::Exhausted;
         }
         // A request that already tried a server keeps its seniority: it goes to the head of the queue, and the
@@ -303,6 +305,19 @@ impl Pool {
     pub fn epoch(&self, server: &Server, now: Instant) -> u64 {
         let mut g = self.lock();
         g.members.iter_mut().find(|m| std::ptr::eq(Arc::as_ptr(&m.server), server)).map_or(0, |m| m.health.epoch(now))
+    }
+
+    /// Whether a server other than `except` is open to this request now (so a retry has somewhere to go).
+    pub fn other_open(&self, now: Instant, tried: &Tried, except: SocketAddr) -> bool {
+        let mut g = self.lock();
+        g.members.iter_mut().any(|m| {
+            let epoch = m.health.epoch(now);
+            m.server.addr != except
+                && m.health.usable(now)
+                && !m.server.draining()
+                && m.server.weight() > 0
+                && tried.allows(m.server.addr, epoch, now)
+        })
     }
 
     /// Takes one retry (of a request that reached a server) from the budget.
@@ -419,6 +434,11 @@ impl Inner {
         let ejected = self.members.iter().filter(|m| !m.backup && m.health.ejected(now)).count();
         let allowed = (primaries * self.eject_max_percent as usize / 100).max(1);
         ejected < allowed
+    }
+
+    /// Whether a server is down or ejected (not drained): it may come back and take the request.
+    fn any_recovering(&self, now: Instant) -> bool {
+        self.members.iter().any(|m| !m.health.usable(now) && !m.server.draining() && m.server.weight() > 0)
     }
 
     /// Whether any server is open to this request, capacity aside.

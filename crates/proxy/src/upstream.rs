@@ -279,13 +279,16 @@ impl Server {
                 match tokio::time::timeout(response_timeout, exchange).await {
                     Ok(Ok(resp)) => Ok(resp.map(UpBody::Raw)),
                     Ok(Err(ExchangeError::Unsent(source))) => {
-                        Err(ProxyError::UpstreamIo { addr, sent: false, stale: false, source })
+                        Err(ProxyError::UpstreamIo { addr, sent: false, stale: false, dropped: false, source })
                     }
                     Ok(Err(ExchangeError::Failed(source))) => {
-                        Err(ProxyError::UpstreamIo { addr, sent: true, stale: false, source })
+                        Err(ProxyError::UpstreamIo { addr, sent: true, stale: false, dropped: false, source })
                     }
                     Ok(Err(ExchangeError::Stale(source))) => {
-                        Err(ProxyError::UpstreamIo { addr, sent: true, stale: true, source })
+                        Err(ProxyError::UpstreamIo { addr, sent: true, stale: true, dropped: false, source })
+                    }
+                    Ok(Err(ExchangeError::Dropped(source))) => {
+                        Err(ProxyError::UpstreamIo { addr, sent: true, stale: false, dropped: true, source })
                     }
                     Ok(Err(ExchangeError::BodyTooLarge)) => Err(ProxyError::BodyTooLarge(0)),
                     Ok(Err(ExchangeError::ClientBody(e))) => Err(ProxyError::ClientBody(e)),
