@@ -461,29 +461,26 @@ impl Inner {
     fn choose(&mut self, now: Instant, key: Option<u64>, tried: &Tried) -> Option<usize> {
         let policy = self.policy;
         let peak = self.balancer.algorithm() == Algorithm::PeakEwma;
-        // Open to this request, capacity aside.
-        let open = |m: &mut Member| {
-            let epoch = m.health.epoch(now);
-            m.health.usable(now) && !m.server.draining() && tried.allows(m.server.addr, epoch, now)
-        };
-        let mut opens: Vec<bool> = Vec::with_capacity(self.members.len());
+        // First: which members are open to this request, capacity aside.
+        let mut primary_open = false;
+        let mut candidates: Vec<Candidate> = Vec::with_capacity(self.members.len());
         for m in self.members.iter_mut() {
-            opens.push(open(m));
-        }
-        let primary_open = self.members.iter().zip(&opens).any(|(m, &o)| o && !m.backup);
-        let candidates: Vec<Candidate> = self
-            .members
-            .iter()
-            .zip(&opens)
-            .map(|(m, &o)| Candidate {
+            let epoch = m.health.epoch(now);
+            let open = m.health.usable(now) && !m.server.draining() && tried.allows(m.server.addr, epoch, now);
+            primary_open |= open && !m.backup;
+            candidates.push(Candidate {
                 addr: m.server.addr,
                 weight: m.server.weight(),
                 in_flight: m.server.in_flight(),
                 latency_ns: if peak { m.server.latency_ns() } else { 0.0 },
-                available: o && m.backup != primary_open && m.server.in_flight() < self.max_of(m),
+                available: open,
                 ramp: m.health.ramp(now, &policy),
-            })
-            .collect();
+            });
+        }
+        // Then: backups only when no primary is open, and only servers with a free slot.
+        for (c, m) in candidates.iter_mut().zip(&self.members) {
+            c.available = c.available && m.backup != primary_open && c.in_flight < self.max_of(m);
+        }
         self.balancer.pick(&candidates, key)
     }
 

@@ -98,6 +98,9 @@ struct Idle {
     worker: usize,
 }
 
+/// A pooled connection idle at least this long is probed (one non-blocking read) before reuse.
+const PROBE_AFTER_IDLE: Duration = Duration::from_millis(50);
+
 /// A server's response body: from the proxy's own client, or from hyper's.
 pub enum UpBody {
     Raw(RawBody),
@@ -355,12 +358,15 @@ impl Server {
             if idle_for >= settings.idle_timeout {
                 continue;
             }
-            // Readable while idle means the server closed it (or sent something unasked): not reusable. The
-            // reactor tracks readiness, so for a quiet socket this costs no system call.
-            let mut probe = [0u8; 1];
-            match idle.conn.stream.try_read(&mut probe) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                _ => continue,
+            // Readable while idle means the server closed it (or sent something unasked): not reusable. A
+            // connection reused at once is not probed (a system call per request); if its server died just then,
+            // the exchange fails as "stale" and a safe request is retried for free.
+            if idle_for >= PROBE_AFTER_IDLE {
+                let mut probe = [0u8; 1];
+                match idle.conn.stream.try_read(&mut probe) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    _ => continue,
+                }
             }
             return Ok(Sender::Raw(idle.conn));
         }
