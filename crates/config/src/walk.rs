@@ -107,6 +107,11 @@ fn type_name(v: &DeValue<'_>) -> &'static str {
     }
 }
 
+/// A TOML integer's value (underscores allowed, in its radix).
+fn parse_int(i: &toml::de::DeInteger<'_>) -> Result<i64, std::num::ParseIntError> {
+    i64::from_str_radix(&i.as_str().replace('_', ""), i.radix())
+}
+
 impl<'a, 'i> Table<'a, 'i> {
     pub fn new(cx: &'a Cx, section: &'static str, path: String, table: &'a DeTable<'i>, line: usize) -> Self {
         Table { cx, section, path, table, line, used: RefCell::new(Vec::new()) }
@@ -197,20 +202,17 @@ impl<'a, 'i> Table<'a, 'i> {
     pub fn int_in(&self, key: &str, min: u64, max: u64) -> Option<u64> {
         let (v, line) = self.value(key)?;
         match v.as_ref() {
-            DeValue::Integer(i) => {
-                let digits = i.as_str().replace('_', "");
-                match i64::from_str_radix(&digits, i.radix()) {
-                    Ok(n) if n >= 0 && (n as u64) >= min && (n as u64) <= max => Some(n as u64),
-                    Ok(n) => {
-                        self.cx.error(line, &self.key_path(key), format!("{n} is out of range {min}..={max}"));
-                        None
-                    }
-                    Err(e) => {
-                        self.cx.error(line, &self.key_path(key), format!("bad integer: {e}"));
-                        None
-                    }
+            DeValue::Integer(i) => match parse_int(i) {
+                Ok(n) if n >= 0 && (n as u64) >= min && (n as u64) <= max => Some(n as u64),
+                Ok(n) => {
+                    self.cx.error(line, &self.key_path(key), format!("{n} is out of range {min}..={max}"));
+                    None
                 }
-            }
+                Err(e) => {
+                    self.cx.error(line, &self.key_path(key), format!("bad integer: {e}"));
+                    None
+                }
+            },
             other => {
                 self.wrong_type(key, line, "an integer", other);
                 None
@@ -270,7 +272,7 @@ impl<'a, 'i> Table<'a, 'i> {
                 self.wrong_type(key, line, "an array of integers", item.get_ref());
                 return None;
             };
-            match i64::from_str_radix(&i.as_str().replace('_', ""), i.radix()) {
+            match parse_int(i) {
                 Ok(n) if n >= 0 && (n as u64) >= min && (n as u64) <= max => out.push(n as u64),
                 _ => {
                     self.cx.error(line, &self.key_path(key), format!("{} is out of range {min}..={max}", i.as_str()));

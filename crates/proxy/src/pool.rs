@@ -68,6 +68,19 @@ struct Member {
     in_flight_max: Option<u32>,
 }
 
+impl Member {
+    /// Takes traffic by its own state: up and not ejected, not draining, weight above 0.
+    fn serving(&self, now: Instant) -> bool {
+        self.health.usable(now) && !self.server.draining() && self.server.weight() > 0
+    }
+
+    /// Serving, and allowed to this request by the servers it tried.
+    fn open_to(&mut self, now: Instant, tried: &Tried) -> bool {
+        let epoch = self.health.epoch(now);
+        self.serving(now) && tried.allows(self.server.addr, epoch, now)
+    }
+}
+
 struct Waiter {
     key: Option<u64>,
     tried: Tried,
@@ -310,14 +323,7 @@ impl Pool {
     /// Whether a server other than `except` is open to this request now (so a retry has somewhere to go).
     pub fn other_open(&self, now: Instant, tried: &Tried, except: SocketAddr) -> bool {
         let mut g = self.lock();
-        g.members.iter_mut().any(|m| {
-            let epoch = m.health.epoch(now);
-            m.server.addr != except
-                && m.health.usable(now)
-                && !m.server.draining()
-                && m.server.weight() > 0
-                && tried.allows(m.server.addr, epoch, now)
-        })
+        g.members.iter_mut().any(|m| m.server.addr != except && m.open_to(now, tried))
     }
 
     /// Takes one retry (of a request that reached a server) from the budget.
@@ -443,13 +449,7 @@ impl Inner {
 
     /// Whether any server is open to this request, capacity aside.
     fn any_open(&mut self, now: Instant, tried: &Tried) -> bool {
-        self.members.iter_mut().any(|m| {
-            let epoch = m.health.epoch(now);
-            m.health.usable(now)
-                && !m.server.draining()
-                && m.server.weight() > 0
-                && tried.allows(m.server.addr, epoch, now)
-        })
+        self.members.iter_mut().any(|m| m.open_to(now, tried))
     }
 
     /// Chooses a member for a request; `None` when none may take it now.
@@ -489,7 +489,7 @@ impl Inner {
     }
 
     fn view(&self, now: Instant, deadline_left: Duration) -> QueueView {
-        let up = |m: &&Member| m.health.usable(now) && !m.server.draining() && m.server.weight() > 0;
+        let up = |m: &&Member| m.serving(now);
         // The primaries serve while any is up; the backups only when none is.
         let primaries_up = self.members.iter().filter(up).any(|m| !m.backup);
         let serving: Vec<&Member> = self.members.iter().filter(up).filter(|m| m.backup != primaries_up).collect();
@@ -523,12 +523,7 @@ impl Inner {
                 self.queue.remove(i);
                 continue;
             }
-            let free = self.members.iter().any(|m| {
-                m.health.usable(now)
-                    && !m.server.draining()
-                    && m.server.weight() > 0
-                    && m.server.in_flight() < self.max_of(m)
-            });
+            let free = self.members.iter().any(|m| m.serving(now) && m.server.in_flight() < self.max_of(m));
             if !free {
                 break;
             }
