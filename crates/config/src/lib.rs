@@ -21,6 +21,7 @@ pub struct Config {
     pub queues: BTreeMap<String, Queue>,
     pub admin: Option<Admin>,
     pub access_log: AccessLog,
+    pub state_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -89,6 +90,83 @@ pub struct Service {
     pub eject: Eject,
     pub retry: Retry,
     pub admission: Admission,
+    /// The supervised instances that serve this service, when the proxy runs them.
+    pub app: Option<App>,
+}
+
+/// How to run and deploy the instances of a service (`[services.NAME.app]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct App {
+    pub command: String,
+    pub version: String,
+    pub env: Vec<(String, String)>,
+    pub dir: Option<PathBuf>,
+    /// Inclusive port range.
+    pub ports: (u16, u16),
+    pub count: u32,
+    pub health_path: String,
+    pub ready_passes: u32,
+    pub ready_interval: Duration,
+    pub ready_timeout: Duration,
+    pub strategy: Strategy,
+    pub max_surge: u32,
+    pub max_unavailable: u32,
+    /// Rising percentages, the last one 100.
+    pub canary_steps: Vec<u32>,
+    pub step: Duration,
+    pub soak: Duration,
+    pub error_rate_margin_percent: u32,
+    pub p99_max_percent: u32,
+    pub p99_slack: Duration,
+    pub analysis_requests_min: u32,
+    pub drain_timeout: Duration,
+    pub stop_grace: Duration,
+    pub restart_backoff_base: Duration,
+    pub restart_backoff_max: Duration,
+}
+
+/// How a deploy moves traffic from the old version to the new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    Rolling,
+    BlueGreen,
+    Canary,
+}
+
+impl Strategy {
+    pub fn parse(s: &str) -> Result<Strategy, String> {
+        match s {
+            "rolling" => Ok(Strategy::Rolling),
+            "blue-green" => Ok(Strategy::BlueGreen),
+            "canary" => Ok(Strategy::Canary),
+            other => Err(format!("{other:?}: expected \"rolling\", \"blue-green\" or \"canary\"")),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Rolling => "rolling",
+            Strategy::BlueGreen => "blue-green",
+            Strategy::Canary => "canary",
+        }
+    }
+}
+
+/// Checks canary steps: rising percentages from 1 to 100, the last one 100.
+pub fn check_canary_steps(steps: &[u32]) -> Result<(), String> {
+    if steps.is_empty() {
+        return Err("at least one step is required".into());
+    }
+    if steps.iter().any(|&s| s == 0 || s > 100) {
+        return Err(format!("{steps:?}: every step is a percentage from 1 to 100"));
+    }
+    if steps.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(format!("{steps:?}: steps must rise"));
+    }
+    if steps.last() != Some(&100) {
+        return Err(format!("{steps:?}: the last step must be 100"));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -333,6 +411,7 @@ fn parse_root(cx: &Cx, t: Table<'_, '_>) -> Option<Config> {
     }
     let admin = t.table("admin", "admin").map(parse_admin);
     let access_log = parse_access_log(t.table("access_log", "access_log"));
+    let state_dir = t.string("state_dir").map(PathBuf::from);
     let root_line = t.line();
     t.finish();
 
@@ -364,7 +443,19 @@ fn parse_root(cx: &Cx, t: Table<'_, '_>) -> Option<Config> {
             cx.error(root_line, "admin.listen", format!("{} is also a client listener", a.listen));
         }
     }
-    Some(Config { listeners, routes, services, queues, admin, access_log: access_log? })
+    let mut ports: Vec<(&str, (u16, u16))> =
+        services.values().filter_map(|s| Some((s.name.as_str(), s.app.as_ref()?.ports))).collect();
+    ports.sort_by_key(|p| p.1);
+    for w in ports.windows(2) {
+        if w[1].1 .0 <= w[0].1 .1 {
+            cx.error(
+                services_line,
+                &format!("services.{}.app.ports", w[1].0),
+                format!("overlaps the ports of service {:?}", w[0].0),
+            );
+        }
+    }
+    Some(Config { listeners, routes, services, queues, admin, access_log: access_log?, state_dir: state_dir? })
 }
 
 fn parse_listener(t: Table<'_, '_>) -> Option<Listener> {
@@ -452,7 +543,11 @@ fn parse_service(cx: &Cx, name: String, t: Table<'_, '_>) -> Option<Service> {
     let mut servers = Vec::new();
     let mut addrs = BTreeSet::new();
     let tables = t.array_of_tables("servers", "services.NAME.servers[]");
-    if tables.is_empty() && !t.has("servers") {
+    let app = t.table("app", "services.NAME.app").map(parse_app);
+    if app.is_some() && t.has("servers") {
+        t.invalid("servers", "a service with an app section has no servers list: its instances are the servers");
+    }
+    if tables.is_empty() && !t.has("servers") && app.is_none() {
         t.required("servers");
     }
     for s in tables {
@@ -528,6 +623,15 @@ fn parse_service(cx: &Cx, name: String, t: Table<'_, '_>) -> Option<Service> {
         }
     }
     t.finish();
+    let app = match app {
+        None => None,
+        Some(a) => Some(a?),
+    };
+    let mut health = health?;
+    if let (Some(a), None) = (&app, &health.path) {
+        // Instances the proxy runs are checked on their readiness path unless told otherwise.
+        health.path = Some(a.health_path.clone());
+    }
     Some(Service {
         name,
         servers,
@@ -541,11 +645,121 @@ fn parse_service(cx: &Cx, name: String, t: Table<'_, '_>) -> Option<Service> {
         request_timeout: request_timeout?,
         slow_start: slow_start?,
         drain_deadline: drain_deadline?,
-        health: health?,
+        health,
         eject: eject?,
         retry: retry?,
         admission: admission?,
+        app,
     })
+}
+
+fn parse_app(t: Table<'_, '_>) -> Option<App> {
+    let command = t.string("command");
+    if command.is_none() && !t.has("command") {
+        t.required("command");
+    }
+    if command.as_deref().is_some_and(|c| c.trim().is_empty()) {
+        t.invalid("command", "must not be empty");
+    }
+    let version = t.string("version").and_then(|v| match check_version(&v) {
+        Ok(()) => Some(v),
+        Err(e) => {
+            t.invalid("version", e);
+            None
+        }
+    });
+    let env = t.string_map("env");
+    let dir = t.string("dir").map(PathBuf::from);
+    if !t.has("ports") {
+        t.required("ports");
+    }
+    let ports = t.string("ports").and_then(|raw| {
+        let parsed =
+            raw.split_once('-').and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)));
+        match parsed {
+            Some((a, b)) if a > 0 && a <= b => Some((a, b)),
+            _ => {
+                t.invalid("ports", format!("{raw:?}: expected a range such as \"9101-9120\""));
+                None
+            }
+        }
+    });
+    let count = t.int_in("count", 1, 1000);
+    let health_path = t.string("health_path").and_then(|p| {
+        if p.starts_with('/') {
+            Some(p)
+        } else {
+            t.invalid("health_path", format!("{p:?} must start with /"));
+            None
+        }
+    });
+    let ready_passes = t.int_in("ready_passes", 1, 100);
+    let ready_interval = t.ms_in("ready_interval_ms", 10, 60_000);
+    let ready_timeout = t.ms_in("ready_timeout_ms", 100, 3_600_000);
+    let strategy = t.string("strategy").and_then(|s| Strategy::parse(&s).map_err(|e| t.invalid("strategy", e)).ok());
+    let max_surge = t.int_in("max_surge", 0, 1000);
+    let max_unavailable = t.int_in("max_unavailable", 0, 1000);
+    if max_surge == Some(0) && max_unavailable == Some(0) {
+        t.invalid("max_surge", "max_surge and max_unavailable are both 0: a rolling deploy could never move");
+    }
+    let canary_steps = t.ints_in("canary_steps", 1, 100).and_then(|steps| {
+        let steps: Vec<u32> = steps.into_iter().map(|s| s as u32).collect();
+        check_canary_steps(&steps).map_err(|e| t.invalid("canary_steps", e)).ok().map(|_| steps)
+    });
+    let step = t.ms_in("step_ms", 100, 3_600_000);
+    let soak = t.ms_in("soak_ms", 0, 86_400_000);
+    let error_rate_margin_percent = t.int_in("error_rate_margin_percent", 0, 100);
+    let p99_max_percent = t.int_in("p99_max_percent", 100, 100_000);
+    let p99_slack = t.ms_in("p99_slack_ms", 0, 3_600_000);
+    let analysis_requests_min = t.int_in("analysis_requests_min", 1, 1_000_000);
+    let drain_timeout = t.ms_in("drain_timeout_ms", 0, 86_400_000);
+    let stop_grace = t.ms_in("stop_grace_ms", 0, 3_600_000);
+    let restart_backoff_base = t.ms_in("restart_backoff_base_ms", 1, 3_600_000);
+    let restart_backoff_max = t.ms_in("restart_backoff_max_ms", 1, 86_400_000);
+    if let (Some((a, b)), Some(count), Some(surge)) = (ports, count, max_surge) {
+        let need = count + surge.max(count);
+        if u64::from(b - a) + 1 < need {
+            t.invalid(
+                "ports",
+                format!("{a}-{b} holds {} ports; {need} are needed (count {count}, and as many again for a blue-green or canary deploy)", b - a + 1),
+            );
+        }
+    }
+    t.finish();
+    Some(App {
+        command: command?,
+        version: version?,
+        env: env?,
+        dir,
+        ports: ports?,
+        count: count? as u32,
+        health_path: health_path?,
+        ready_passes: ready_passes? as u32,
+        ready_interval: ready_interval?,
+        ready_timeout: ready_timeout?,
+        strategy: strategy?,
+        max_surge: max_surge? as u32,
+        max_unavailable: max_unavailable? as u32,
+        canary_steps: canary_steps?,
+        step: step?,
+        soak: soak?,
+        error_rate_margin_percent: error_rate_margin_percent? as u32,
+        p99_max_percent: p99_max_percent? as u32,
+        p99_slack: p99_slack?,
+        analysis_requests_min: analysis_requests_min? as u32,
+        drain_timeout: drain_timeout?,
+        stop_grace: stop_grace?,
+        restart_backoff_base: restart_backoff_base?,
+        restart_backoff_max: restart_backoff_max?,
+    })
+}
+
+/// A version label: 1 to 64 characters of letters, digits, '.', '-', '_' and '+'.
+pub fn check_version(v: &str) -> Result<(), String> {
+    if v.is_empty() || v.len() > 64 || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-+".contains(&b)) {
+        return Err(format!("{v:?}: a version is 1 to 64 letters, digits, '.', '-', '_' or '+'"));
+    }
+    Ok(())
 }
 
 fn parse_health(t: Table<'_, '_>) -> Option<Health> {

@@ -26,6 +26,7 @@ keys! {
     "" "services": "table of tables" = "", "Services by name: a pool of servers and how to reach them.";
     "" "queues": "table of tables" = "", "Durable request queues by name (see routes[].queue).";
     "" "admin": "table" = "", "The admin API. Absent: no admin API.";
+    "" "state_dir": "path" = "\"./nonstop-state\"", "Where the proxy keeps what must outlive it: the deploy history (deploys.jsonl), each app service's current version, and the app instances' logs.";
     "" "access_log": "table" = "", "The JSON-lines access log.";
 
     "listeners[]" "name" : "string" = "", "A name for logs and metrics [default: the address].";
@@ -46,7 +47,8 @@ keys! {
     "routes[]" "body_bytes_max": "integer" = "10485760", "Largest request body in bytes; larger gets 413.";
     "routes[]" "queue": "string" = "", "Persist matching requests durably in this queue and answer 202 Accepted with {id} and Location: /_nonstop/requests/{id}; the queue delivers them to the route's service. Absent: forward at once.";
 
-    "services.NAME" "servers": "array of tables" = "", "The servers of the pool. At least one.";
+    "services.NAME" "servers": "array of tables" = "", "The servers of the pool. At least one, unless the service has an app section (then the proxy's own instances are the servers).";
+    "services.NAME" "app": "table" = "", "Run the service's servers as supervised local processes, and deploy new versions of them through the proxy (nonstop deploy). Replaces servers.";
     "services.NAME" "balance": "string" = "\"round_robin\"", "round_robin, weighted (smooth weighted round robin), least_inflight, peak_ewma (power of two choices on peak-EWMA latency) or hash.";
     "services.NAME" "hash_on": "string" = "", "With balance = \"hash\": \"header:NAME\", \"cookie:NAME\" or \"client_ip\". Requests with the same value stick to one server.";
     "services.NAME" "connect_timeout_ms": "integer" = "1000", "Connecting to a server takes at most this long (then the request goes to another server; if none is left, 504, body says \"connect timeout\").";
@@ -93,6 +95,31 @@ keys! {
     "services.NAME.admission" "queue_length_max": "integer" = "4096", "Requests waiting at most; past it, 503 with Retry-After at once.";
     "services.NAME.admission" "queue_wait_ms_max": "integer" = "10000", "Longest wait in the queue, also while no server is ready at all (all restarting): the request is held until a server comes back. Past it: 503 with Retry-After.";
     "services.NAME.admission" "overload_wait_ms_max": "integer" = "1000", "While servers are up but all full (overload), a request whose expected wait (from the queue's length, the servers' slots and their recent latency) is longer gets 503 with Retry-After at once (load shedding): capacity is not coming back, so a longer queue only adds latency.";
+
+    "services.NAME.app" "command": "string" = "", "The command of one instance, run by sh -c with exec. {addr}, {host}, {port}, {version} and {instance} are replaced, e.g. \"nonstop app --listen {addr} --version {version}\". Required.";
+    "services.NAME.app" "version": "string" = "\"v1\"", "The version started the first time; afterwards the last deployed version (kept in state_dir) is started.";
+    "services.NAME.app" "env": "table of strings" = "{}", "Environment variables of every instance, on top of the proxy's own; values take the same {placeholders} as command.";
+    "services.NAME.app" "dir": "path" = "", "Working directory of the instances. Absent: the proxy's.";
+    "services.NAME.app" "ports": "string" = "", "The port range instances listen on, such as \"9101-9120\", on 127.0.0.1. A deploy needs free ports for the new instances while the old ones run: at least count + max_surge for rolling, twice count for blue-green and canary. Required.";
+    "services.NAME.app" "count": "integer" = "3", "Instances that serve at once.";
+    "services.NAME.app" "health_path": "string" = "\"/health\"", "Readiness: an instance takes traffic only once GET of this path has answered 2xx ready_passes times in a row.";
+    "services.NAME.app" "ready_passes": "integer" = "3", "Consecutive passing readiness checks an instance needs.";
+    "services.NAME.app" "ready_interval_ms": "integer" = "200", "Time between two readiness checks of a starting instance.";
+    "services.NAME.app" "ready_timeout_ms": "integer" = "30000", "An instance not ready within this long fails the deploy (one that exits fails it at once).";
+    "services.NAME.app" "strategy": "string" = "\"rolling\"", "The default deploy strategy: \"rolling\", \"blue-green\" or \"canary\".";
+    "services.NAME.app" "max_surge": "integer" = "1", "Rolling: instances started beyond count at once.";
+    "services.NAME.app" "max_unavailable": "integer" = "0", "Rolling: instances that may be out of service at once. max_surge + max_unavailable is at least 1.";
+    "services.NAME.app" "canary_steps": "array of integers" = "[10, 50, 100]", "Canary: the new version's share of requests at each step, percent, rising, ending at 100.";
+    "services.NAME.app" "step_ms": "integer" = "5000", "Canary: how long each step runs (and is analysed) before the next.";
+    "services.NAME.app" "soak_ms": "integer" = "10000", "After the cutover, how long the new version is watched before the old instances (kept warm until then for a rollback) are stopped.";
+    "services.NAME.app" "error_rate_margin_percent": "integer" = "2", "Analysis: the new version fails when its share of failed requests (5xx, timeouts) passes the old version's by more than this many points.";
+    "services.NAME.app" "p99_max_percent": "integer" = "300", "Analysis: the new version fails when its p99 latency passes this percentage of the old version's p99";
+    "services.NAME.app" "p99_slack_ms": "integer" = "50", "and the old p99 plus this many milliseconds.";
+    "services.NAME.app" "analysis_requests_min": "integer" = "20", "Analysis judges the new version only after it answered this many requests (crashes fail it at once).";
+    "services.NAME.app" "drain_timeout_ms": "integer" = "30000", "How long an old instance may take to finish its in-flight requests before it is stopped anyway.";
+    "services.NAME.app" "stop_grace_ms": "integer" = "10000", "After SIGTERM, how long an instance may take to exit before SIGKILL.";
+    "services.NAME.app" "restart_backoff_base_ms": "integer" = "500", "A crashed instance is restarted after this long, doubled after each crash in a row.";
+    "services.NAME.app" "restart_backoff_max_ms": "integer" = "30000", "The longest wait before a restart.";
 
     "queues.NAME" "store": "string" = "\"embedded\"", "Where requests are kept: \"embedded\" (a redb file, fsynced before each 202, many requests per fsync) or \"rabbitmq\" (a quorum queue several nonstop nodes can share; each 202 after the broker's publisher confirm; statuses stay in the embedded store at path).";
     "queues.NAME" "rabbitmq_url": "string" = "\"amqp://guest:guest@127.0.0.1:5672/%2f\"", "With store = \"rabbitmq\": the broker. The queues are nonstop.NAME (quorum), nonstop.NAME.retry (back-off) and nonstop.NAME.dead (dead letters).";

@@ -248,3 +248,39 @@ concurrency = 0
         "{errs:#?}"
     );
 }
+
+#[test]
+fn app_sections_are_parsed_and_every_error_is_reported() {
+    let base = "[[listeners]]\nlisten = \"127.0.0.1:1\"\n[[routes]]\nservice = \"a\"\n[services.a.app]\n";
+    let ok = format!(
+        "{base}command = \"nonstop app --listen {{addr}}\"\nports = \"9101-9106\"\nenv = {{ RUST_LOG = \"warn\" }}\n"
+    );
+    let c = Config::parse(&ok).unwrap();
+    let app = c.services["a"].app.as_ref().unwrap();
+    assert!(c.services["a"].servers.is_empty());
+    assert_eq!((app.count, app.ports, app.strategy), (3, (9101, 9106), Strategy::Rolling));
+    assert_eq!(app.canary_steps, [10, 50, 100]);
+    assert_eq!(app.env, [("RUST_LOG".to_string(), "warn".to_string())]);
+    assert_eq!(c.state_dir, std::path::PathBuf::from("./nonstop-state"));
+
+    let bad = "[[listeners]]\nlisten = \"127.0.0.1:1\"\n[[routes]]\nservice = \"a\"\n[services.a]\n\
+               servers = [{ addr = \"127.0.0.1:2\" }]\n[services.a.app]\nports = \"9101-9103\"\n\
+               canary_steps = [50, 10]\nstrategy = \"yolo\"\nversion = \"v 2\"\ncolour = 1\n";
+    let errs = Config::parse(bad).unwrap_err().to_string();
+    for want in [
+        "services.a.servers: a service with an app section has no servers list",
+        "services.a.app.command: is required",
+        "line 8: services.a.app.ports: 9101-9103 holds 3 ports; 6 are needed",
+        "line 9: services.a.app.canary_steps: [50, 10]: steps must rise",
+        "line 10: services.a.app.strategy: \"yolo\"",
+        "line 11: services.a.app.version",
+        "line 12: services.a.app.colour: unknown key",
+    ] {
+        assert!(errs.contains(want), "missing {want:?} in:\n{errs}");
+    }
+    let overlap = format!(
+        "{ok}[[routes]]\nservice = \"b\"\npath_prefix = \"/b\"\n[services.b.app]\ncommand = \"x\"\nports = \"9105-9110\"\n"
+    );
+    let errs = Config::parse(&overlap).unwrap_err().to_string();
+    assert!(errs.contains("services.b.app.ports: overlaps the ports of service \"a\""), "{errs}");
+}

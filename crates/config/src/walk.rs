@@ -283,6 +283,27 @@ impl<'a, 'i> Table<'a, 'i> {
         Some(out)
     }
 
+    /// A table whose values are all strings, in file order.
+    pub fn string_map(&self, key: &str) -> Option<Vec<(String, String)>> {
+        let (v, line) = self.value(key)?;
+        let DeValue::Table(t) = v.as_ref() else {
+            self.wrong_type(key, line, "a table of strings", v.as_ref());
+            return None;
+        };
+        let mut out = Vec::new();
+        for (k, item) in t.iter() {
+            match item.get_ref() {
+                DeValue::String(s) => out.push((k.get_ref().to_string(), s.to_string())),
+                other => {
+                    let at = self.cx.line_of(item.span().start);
+                    self.wrong_type(&format!("{key}.{}", k.get_ref()), at, "a string", other);
+                    return None;
+                }
+            }
+        }
+        Some(out)
+    }
+
     /// The sub-table `key`, or an empty one (so that every key takes its default) when it is absent.
     pub fn table_or_empty(&self, key: &str, section: &'static str) -> Option<Table<'a, 'i>> {
         static EMPTY: std::sync::LazyLock<DeTable<'static>> = std::sync::LazyLock::new(DeTable::new);
