@@ -1,0 +1,902 @@
+//! The deployer of one service: it supervises the instances (restarting crashed ones with back-off) and runs one
+//! deploy at a time, streaming its progress as JSON lines to every client that follows it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nonstop_config::{App, Strategy};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{broadcast, watch};
+
+use crate::analysis::{self, Sample, Thresholds, Verdict};
+use crate::driver::{Driver, Launch};
+use crate::history::{History, Record};
+use crate::restart::Backoff;
+use crate::{plan, Change, Role, Traffic};
+
+/// How often a running deploy looks at the new version's counters and processes.
+const CHECK_EVERY: Duration = Duration::from_millis(100);
+/// Progress lines kept for `nonstop status`.
+const EVENTS_KEPT_MAX: usize = 200;
+/// Progress lines a slow follower may lag behind before it misses some.
+const EVENTS_BUFFER: usize = 4096;
+/// A readiness probe's own timeout.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    #[error("a {kind} of service {service:?} to {version} is already running (for {secs:.1} s); one runs at a time")]
+    Busy { kind: &'static str, service: String, version: String, secs: f64 },
+    #[error("service {0:?} already runs version {1}")]
+    SameVersion(String, String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("service {0:?} has no previous version to roll back to")]
+    NoPrevious(String),
+    #[error("the proxy is shutting down")]
+    ShuttingDown,
+}
+
+/// What a client asks for.
+#[derive(Debug, Clone)]
+pub struct DeployRequest {
+    pub version: String,
+    /// `None`: the service's configured strategy.
+    pub strategy: Option<Strategy>,
+    /// Canary steps; `None`: the configured ones.
+    pub steps: Option<Vec<u32>>,
+    /// Environment variables for the new version's instances (on top of the app's env).
+    pub env: Vec<(String, String)>,
+}
+
+/// One instance of the app.
+pub struct Instance {
+    pub id: u64,
+    pub version: String,
+    pub addr: SocketAddr,
+    env: Vec<(String, String)>,
+    /// Its role: starting, serving, trial, standby, draining, stopping, stopped.
+    state: Mutex<&'static str>,
+    pid: AtomicU32,
+    alive: AtomicBool,
+    restarts: AtomicU32,
+    /// Counts exits that were not asked for.
+    crashes: watch::Sender<u32>,
+    last_exit: Mutex<Option<String>>,
+    /// Restart it when it crashes (a deploy's new instances are not supervised until the deploy succeeds: their
+    /// crash fails the deploy).
+    supervised: AtomicBool,
+    stop: watch::Sender<bool>,
+    /// True once its process is gone for good.
+    done: watch::Sender<bool>,
+}
+
+impl Instance {
+    fn set_state(&self, s: &'static str) {
+        *self.state.lock().expect("instance lock") = s;
+    }
+
+    fn state(&self) -> &'static str {
+        *self.state.lock().expect("instance lock")
+    }
+
+    fn crashed(&self) -> Option<String> {
+        (*self.crashes.borrow() > 0).then(|| self.last_exit.lock().expect("instance lock").clone().unwrap_or_default())
+    }
+}
+
+struct Running {
+    kind: &'static str,
+    version: String,
+    strategy: Strategy,
+    started: Instant,
+    events: Events,
+    abort: watch::Sender<Option<String>>,
+}
+
+struct State {
+    version: String,
+    env: Vec<(String, String)>,
+    instances: Vec<Arc<Instance>>,
+    running: Option<Running>,
+}
+
+/// A deploy's progress: JSON lines, broadcast to every follower and kept for `nonstop status`.
+#[derive(Clone)]
+pub struct Events {
+    tx: broadcast::Sender<String>,
+    started: Instant,
+    kept: Arc<Mutex<Vec<String>>>,
+}
+
+impl Events {
+    fn new() -> Events {
+        Events { tx: broadcast::channel(EVENTS_BUFFER).0, started: Instant::now(), kept: Arc::default() }
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.tx.subscribe()
+    }
+
+    /// The lines so far.
+    pub fn so_far(&self) -> Vec<String> {
+        self.kept.lock().expect("events lock").clone()
+    }
+
+    fn send(&self, step: &str, message: String) {
+        self.send_value(json!({ "step": step, "message": message }));
+    }
+
+    fn send_value(&self, mut v: Value) {
+        v["at_ms"] = json!(self.started.elapsed().as_millis() as u64);
+        tracing::info!(event = %v, "deploy");
+        let line = v.to_string();
+        {
+            let mut kept = self.kept.lock().expect("events lock");
+            if kept.len() >= EVENTS_KEPT_MAX {
+                kept.remove(1);
+            }
+            kept.push(line.clone());
+        }
+        let _ = self.tx.send(line);
+    }
+}
+
+/// A deploy in progress: the instances it started, the old ones it moved out of service, and its baseline.
+struct Ctx {
+    id: u64,
+    kind: &'static str,
+    version: String,
+    from_version: String,
+    strategy: Strategy,
+    env: Vec<(String, String)>,
+    spec: App,
+    steps: Vec<u32>,
+    events: Events,
+    abort: watch::Receiver<Option<String>>,
+    old: Vec<Arc<Instance>>,
+    /// Old instances drained and kept warm.
+    standby: Vec<Arc<Instance>>,
+    new: Vec<Arc<Instance>>,
+    /// New instances taking traffic.
+    in_service: Vec<Arc<Instance>>,
+    baseline: Sample,
+    started_ms: u64,
+}
+
+pub struct Deployer {
+    pub service: String,
+    traffic: Arc<dyn Traffic>,
+    driver: Arc<dyn Driver>,
+    history: Arc<History>,
+    log_dir: PathBuf,
+    rt: tokio::runtime::Handle,
+    spec: Mutex<App>,
+    state: Mutex<State>,
+    next_instance: AtomicU64,
+    stopping: AtomicBool,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn addrs(list: &[Arc<Instance>]) -> Vec<SocketAddr> {
+    list.iter().map(|i| i.addr).collect()
+}
+
+impl Deployer {
+    /// A deployer for `service`, whose tasks run on `rt`. It starts nothing until [`Deployer::boot`].
+    pub fn new(
+        service: &str,
+        spec: App,
+        traffic: Arc<dyn Traffic>,
+        driver: Arc<dyn Driver>,
+        history: Arc<History>,
+        log_dir: PathBuf,
+        rt: tokio::runtime::Handle,
+    ) -> Arc<Deployer> {
+        let (version, env) = history.current(service).unwrap_or_else(|| (spec.version.clone(), Vec::new()));
+        Arc::new(Deployer {
+            service: service.to_string(),
+            traffic,
+            driver,
+            history,
+            log_dir,
+            rt,
+            spec: Mutex::new(spec),
+            state: Mutex::new(State { version, env, instances: Vec::new(), running: None }),
+            next_instance: AtomicU64::new(1),
+            stopping: AtomicBool::new(false),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("deployer lock")
+    }
+
+    fn spec(&self) -> App {
+        self.spec.lock().expect("spec lock").clone()
+    }
+
+    /// Applies a reloaded app section; it takes effect with the next instance started.
+    pub fn reconfigure(&self, spec: &App) {
+        *self.spec.lock().expect("spec lock") = spec.clone();
+    }
+
+    /// Starts the service's instances at its current version; each joins the pool once ready.
+    pub fn boot(self: &Arc<Self>) {
+        let spec = self.spec();
+        let (version, env) = {
+            let g = self.lock();
+            (g.version.clone(), g.env.clone())
+        };
+        tracing::info!(service = %self.service, %version, count = spec.count, "starting instances");
+        for _ in 0..spec.count {
+            let inst = match self.start_instance(&spec, &version, &env, true) {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::error!(service = %self.service, error = %e, "cannot start an instance");
+                    continue;
+                }
+            };
+            let (me, spec) = (self.clone(), spec.clone());
+            self.rt.spawn(async move {
+                // Wait (as long as it takes: a crash restarts it) until it is ready, then put it in service.
+                let mut passes = 0;
+                loop {
+                    if *inst.done.borrow() {
+                        return;
+                    }
+                    let ok = inst.alive.load(Relaxed) && probe(inst.addr, &spec.health_path).await.is_ok_and(ok_status);
+                    passes = if ok { passes + 1 } else { 0 };
+                    if passes >= spec.ready_passes {
+                        break;
+                    }
+                    tokio::time::sleep(spec.ready_interval).await;
+                }
+                me.traffic.apply(vec![Change::Add { addr: inst.addr, warm: true, role: Role::Serving }]);
+                inst.set_state("serving");
+                tracing::info!(service = %me.service, instance = inst.id, addr = %inst.addr, "instance ready: in service");
+            });
+        }
+    }
+
+    /// Starts one instance (its supervisor task) on a free port of the range.
+    fn start_instance(
+        self: &Arc<Self>,
+        spec: &App,
+        version: &str,
+        env: &[(String, String)],
+        supervised: bool,
+    ) -> Result<Arc<Instance>, String> {
+        let addr = {
+            let g = self.lock();
+            let used: Vec<u16> = g.instances.iter().map(|i| i.addr.port()).collect();
+            (spec.ports.0..=spec.ports.1)
+                .filter(|p| !used.contains(p))
+                .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
+                .find(|a| std::net::TcpListener::bind(a).is_ok())
+                .ok_or_else(|| format!("no free port left in {}-{}", spec.ports.0, spec.ports.1))?
+        };
+        let inst = Arc::new(Instance {
+            id: self.next_instance.fetch_add(1, Relaxed),
+            version: version.to_string(),
+            addr,
+            env: env.to_vec(),
+            state: Mutex::new("starting"),
+            pid: AtomicU32::new(0),
+            alive: AtomicBool::new(false),
+            restarts: AtomicU32::new(0),
+            crashes: watch::channel(0).0,
+            last_exit: Mutex::new(None),
+            supervised: AtomicBool::new(supervised),
+            stop: watch::channel(false).0,
+            done: watch::channel(false).0,
+        });
+        self.lock().instances.push(inst.clone());
+        self.rt.spawn(self.clone().supervise(inst.clone()));
+        Ok(inst)
+    }
+
+    fn launch(&self, spec: &App, inst: &Instance) -> Launch {
+        let fill = |s: &str| {
+            s.replace("{addr}", &inst.addr.to_string())
+                .replace("{host}", &inst.addr.ip().to_string())
+                .replace("{port}", &inst.addr.port().to_string())
+                .replace("{version}", &inst.version)
+                .replace("{instance}", &format!("{}-{}", self.service, inst.id))
+        };
+        let mut env: Vec<(String, String)> = vec![
+            ("PORT".into(), inst.addr.port().to_string()),
+            ("NONSTOP_VERSION".into(), inst.version.clone()),
+            ("NONSTOP_INSTANCE".into(), format!("{}-{}", self.service, inst.id)),
+        ];
+        env.extend(spec.env.iter().chain(&inst.env).map(|(k, v)| (k.clone(), fill(v))));
+        Launch {
+            command: fill(&spec.command),
+            env,
+            dir: spec.dir.clone(),
+            log: Some(self.log_dir.join(format!("{}-{}.log", self.service, inst.id))),
+        }
+    }
+
+    /// Runs one instance's process until it is asked to stop; restarts it with back-off when it crashes while
+    /// supervised.
+    async fn supervise(self: Arc<Self>, inst: Arc<Instance>) {
+        let mut stop = inst.stop.subscribe();
+        let spec = self.spec();
+        let mut backoff = Backoff::new(spec.restart_backoff_base, spec.restart_backoff_max);
+        let _ = std::fs::create_dir_all(&self.log_dir);
+        loop {
+            let started = Instant::now();
+            let spec = self.spec();
+            let exit = match self.driver.start(&self.launch(&spec, &inst)) {
+                Err(e) => e.to_string(),
+                Ok(mut proc) => {
+                    inst.pid.store(proc.id(), Relaxed);
+                    inst.alive.store(true, Relaxed);
+                    tracing::info!(service = %self.service, instance = inst.id, version = %inst.version, addr = %inst.addr, pid = proc.id(), "instance started");
+                    let outcome = tokio::select! {
+                        how = proc.wait() => Err(how),
+                        _ = stop.wait_for(|s| *s) => Ok(()),
+                    };
+                    match outcome {
+                        Ok(()) => {
+                            proc.terminate();
+                            let how = match tokio::time::timeout(spec.stop_grace, proc.wait()).await {
+                                Ok(how) => how,
+                                Err(_) => {
+                                    tracing::warn!(service = %self.service, instance = inst.id, "no exit after the grace period: SIGKILL");
+                                    proc.kill();
+                                    proc.wait().await
+                                }
+                            };
+                            inst.alive.store(false, Relaxed);
+                            tracing::info!(service = %self.service, instance = inst.id, %how, "instance stopped");
+                            inst.set_state("stopped");
+                            inst.done.send_replace(true);
+                            return;
+                        }
+                        Err(how) => how,
+                    }
+                }
+            };
+            inst.alive.store(false, Relaxed);
+            *inst.last_exit.lock().expect("instance lock") = Some(exit.clone());
+            inst.crashes.send_modify(|n| *n += 1);
+            self.traffic.exited(inst.addr);
+            let supervised = inst.supervised.load(Relaxed) && !self.stopping.load(Relaxed) && !*stop.borrow();
+            tracing::warn!(service = %self.service, instance = inst.id, addr = %inst.addr, %exit, supervised, "instance exited");
+            if !supervised {
+                inst.set_state("stopped");
+                inst.done.send_replace(true);
+                return;
+            }
+            let delay = backoff.on_exit(started, Instant::now());
+            inst.restarts.fetch_add(1, Relaxed);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.wait_for(|s| *s) => {
+                    inst.set_state("stopped");
+                    inst.done.send_replace(true);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Stops instances (SIGTERM, then SIGKILL after the grace period) and waits until they are gone.
+    async fn stop_instances(&self, list: &[Arc<Instance>]) {
+        for i in list {
+            i.set_state("stopping");
+            i.supervised.store(false, Relaxed);
+            i.stop.send_replace(true);
+        }
+        for i in list {
+            let mut done = i.done.subscribe();
+            let _ = done.wait_for(|d| *d).await;
+        }
+        let mut g = self.lock();
+        g.instances.retain(|i| !list.iter().any(|s| Arc::ptr_eq(s, i)));
+    }
+
+    /// Stops every instance (the proxy is shutting down).
+    pub async fn shutdown(&self) {
+        self.stopping.store(true, Relaxed);
+        let (all, running) = {
+            let g = self.lock();
+            (g.instances.clone(), g.running.as_ref().map(|r| r.abort.clone()))
+        };
+        if let Some(abort) = running {
+            abort.send_replace(Some("the proxy is shutting down".into()));
+        }
+        self.stop_instances(&all).await;
+    }
+
+    /// Starts a deploy; its progress follows on the returned receiver.
+    pub fn deploy(self: &Arc<Self>, req: DeployRequest) -> Result<broadcast::Receiver<String>, DeployError> {
+        self.begin(req, "deploy")
+    }
+
+    /// Rolls back: a running deploy is aborted (traffic returns to the old instances, still warm); otherwise the
+    /// previous version is deployed again.
+    pub fn rollback(self: &Arc<Self>) -> Result<broadcast::Receiver<String>, DeployError> {
+        {
+            let g = self.lock();
+            if let Some(r) = &g.running {
+                if r.kind == "deploy" {
+                    let rx = r.events.subscribe();
+                    r.abort.send_replace(Some("rollback requested".into()));
+                    return Ok(rx);
+                }
+            }
+        }
+        let (version, env) =
+            self.history.previous(&self.service).ok_or_else(|| DeployError::NoPrevious(self.service.clone()))?;
+        self.begin(DeployRequest { version, strategy: None, steps: None, env }, "rollback")
+    }
+
+    fn begin(
+        self: &Arc<Self>,
+        req: DeployRequest,
+        kind: &'static str,
+    ) -> Result<broadcast::Receiver<String>, DeployError> {
+        if self.stopping.load(Relaxed) {
+            return Err(DeployError::ShuttingDown);
+        }
+        nonstop_config::check_version(&req.version).map_err(DeployError::Invalid)?;
+        let spec = self.spec();
+        let steps = req.steps.clone().unwrap_or_else(|| spec.canary_steps.clone());
+        nonstop_config::check_canary_steps(&steps).map_err(|e| DeployError::Invalid(format!("canary steps {e}")))?;
+        for (k, _) in &req.env {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(DeployError::Invalid(format!("{k:?} is not an environment variable name")));
+            }
+        }
+        let strategy = req.strategy.unwrap_or(spec.strategy);
+        let mut g = self.lock();
+        if let Some(r) = &g.running {
+            return Err(DeployError::Busy {
+                kind: r.kind,
+                service: self.service.clone(),
+                version: r.version.clone(),
+                secs: r.started.elapsed().as_secs_f64(),
+            });
+        }
+        if g.version == req.version && g.env == req.env {
+            return Err(DeployError::SameVersion(self.service.clone(), req.version));
+        }
+        let events = Events::new();
+        let rx = events.subscribe();
+        let (abort_tx, abort) = watch::channel(None);
+        g.running = Some(Running {
+            kind,
+            version: req.version.clone(),
+            strategy,
+            started: Instant::now(),
+            events: events.clone(),
+            abort: abort_tx,
+        });
+        let old: Vec<Arc<Instance>> = g.instances.iter().filter(|i| i.state() == "serving").cloned().collect();
+        let baseline = self.traffic.sample(&addrs(&old));
+        let ctx = Ctx {
+            id: self.history.next_id(),
+            kind,
+            version: req.version,
+            from_version: g.version.clone(),
+            strategy,
+            env: req.env,
+            spec,
+            steps,
+            events,
+            abort,
+            old,
+            standby: Vec::new(),
+            new: Vec::new(),
+            in_service: Vec::new(),
+            baseline,
+            started_ms: now_ms(),
+        };
+        drop(g);
+        self.rt.spawn(self.clone().run(ctx));
+        Ok(rx)
+    }
+
+    async fn run(self: Arc<Self>, mut ctx: Ctx) {
+        ctx.events.send_value(json!({
+            "step": "start",
+            "message": format!("{} of {} from {} to {} ({}, {} old instances)", ctx.kind, self.service, ctx.from_version, ctx.version, ctx.strategy.as_str(), ctx.old.len()),
+            "service": self.service, "version": ctx.version, "from_version": ctx.from_version, "strategy": ctx.strategy.as_str(),
+        }));
+        let mut result = match ctx.strategy {
+            Strategy::Rolling => self.rolling(&mut ctx).await,
+            Strategy::BlueGreen => self.blue_green(&mut ctx).await,
+            Strategy::Canary => self.canary(&mut ctx).await,
+        };
+        if result.is_ok() {
+            result = self.soak(&mut ctx).await;
+        }
+        let (outcome, reason) = match result {
+            Ok(()) => {
+                self.commit(&mut ctx).await;
+                ("succeeded", None)
+            }
+            Err(reason) => {
+                ctx.events.send("failed", reason.clone());
+                self.roll_back(&mut ctx).await;
+                ("rolled_back", Some(reason))
+            }
+        };
+        let record = Record {
+            id: ctx.id,
+            service: self.service.clone(),
+            kind: ctx.kind.to_string(),
+            version: ctx.version.clone(),
+            from_version: ctx.from_version.clone(),
+            strategy: ctx.strategy.as_str().to_string(),
+            started_ms: ctx.started_ms,
+            ended_ms: now_ms(),
+            result: outcome.to_string(),
+            reason: reason.clone(),
+            env: ctx.env.clone(),
+        };
+        if let Err(e) = self.history.append(&record) {
+            tracing::error!(error = %e, "deploy history not written");
+        }
+        let serving = if outcome == "succeeded" { &ctx.version } else { &ctx.from_version };
+        ctx.events.send_value(json!({
+            "step": "done", "done": true, "result": outcome, "reason": reason, "version": serving,
+            "message": match &reason {
+                None => format!("{} now serves {}", self.service, ctx.version),
+                Some(r) => format!("rolled back to {}: {r}", ctx.from_version),
+            },
+        }));
+        self.lock().running = None;
+    }
+
+    /// Whether the deploy must stop: aborted, a new instance crashed, or the new version is worse than the old.
+    fn check(&self, ctx: &Ctx) -> Result<(), String> {
+        if let Some(why) = ctx.abort.borrow().clone() {
+            return Err(why);
+        }
+        for i in &ctx.new {
+            if let Some(how) = i.crashed() {
+                return Err(format!("instance {} ({}, {}) exited: {how}", i.id, i.addr, i.version));
+            }
+        }
+        if ctx.in_service.is_empty() {
+            return Ok(());
+        }
+        let new = self.traffic.sample(&addrs(&ctx.in_service));
+        let old_now = self.traffic.sample(&addrs(&ctx.old));
+        let mut old = old_now.since(&ctx.baseline);
+        if old.requests < u64::from(ctx.spec.analysis_requests_min) {
+            old = old_now;
+        }
+        match analysis::judge(&old, &new, &Thresholds::of(&ctx.spec)) {
+            Verdict::Fail(why) => Err(format!("the new version is worse: {why}")),
+            Verdict::Wait | Verdict::Pass => Ok(()),
+        }
+    }
+
+    /// Checks the deploy for `d`.
+    async fn watch(&self, ctx: &Ctx, d: Duration) -> Result<(), String> {
+        let until = Instant::now() + d;
+        loop {
+            self.check(ctx)?;
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(());
+            }
+            tokio::time::sleep(left.min(CHECK_EVERY)).await;
+        }
+    }
+
+    /// Starts `n` instances of the new version.
+    fn start_new(self: &Arc<Self>, ctx: &mut Ctx, n: u32) -> Result<Vec<Arc<Instance>>, String> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let i = self.start_instance(&ctx.spec, &ctx.version, &ctx.env, false)?;
+            ctx.events.send_value(json!({
+                "step": "started", "instance": i.id, "addr": i.addr.to_string(), "version": i.version,
+                "message": format!("instance {} of {} started on {}", i.id, i.version, i.addr),
+            }));
+            ctx.new.push(i.clone());
+            out.push(i);
+        }
+        Ok(out)
+    }
+
+    /// Waits until every instance answered its health path ready_passes times in a row; fails at once when one
+    /// exits, and after ready_timeout.
+    async fn await_ready(&self, ctx: &Ctx, list: &[Arc<Instance>]) -> Result<(), String> {
+        let spec = &ctx.spec;
+        let deadline = Instant::now() + spec.ready_timeout;
+        let mut passes = vec![0u32; list.len()];
+        let mut last = vec![String::from("no answer yet"); list.len()];
+        loop {
+            self.check(ctx)?;
+            for (k, i) in list.iter().enumerate() {
+                if passes[k] >= spec.ready_passes {
+                    continue;
+                }
+                let answer = if i.alive.load(Relaxed) {
+                    probe(i.addr, &spec.health_path).await
+                } else {
+                    Err("not running yet".into())
+                };
+                let ok = answer.as_ref().is_ok_and(|s| ok_status(*s));
+                last[k] = match answer {
+                    Ok(s) => format!("status {s}"),
+                    Err(e) => e,
+                };
+                passes[k] = if ok { passes[k] + 1 } else { 0 };
+                if passes[k] == spec.ready_passes {
+                    ctx.events.send_value(json!({
+                        "step": "ready", "instance": i.id, "addr": i.addr.to_string(),
+                        "message": format!("instance {} is ready ({} health checks passed)", i.id, spec.ready_passes),
+                    }));
+                }
+            }
+            if passes.iter().all(|&p| p >= spec.ready_passes) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let k = passes.iter().position(|&p| p < spec.ready_passes).expect("one is not ready");
+                return Err(format!(
+                    "instance {} ({}) not ready after {} ms: GET {} gave {}",
+                    list[k].id,
+                    list[k].addr,
+                    spec.ready_timeout.as_millis(),
+                    spec.health_path,
+                    last[k]
+                ));
+            }
+            tokio::time::sleep(spec.ready_interval).await;
+        }
+    }
+
+    /// Puts ready new instances in service, on trial.
+    fn cut_over(&self, ctx: &mut Ctx, list: &[Arc<Instance>], warm: bool, mut extra: Vec<Change>) {
+        let mut changes: Vec<Change> =
+            list.iter().map(|i| Change::Add { addr: i.addr, warm, role: Role::Trial }).collect();
+        changes.append(&mut extra);
+        self.traffic.apply(changes);
+        for i in list {
+            i.set_state("trial");
+            ctx.in_service.push(i.clone());
+            ctx.events.send_value(json!({
+                "step": "in_service", "instance": i.id, "addr": i.addr.to_string(),
+                "message": format!("instance {} takes traffic{}", i.id, if warm { "" } else { " (slow start)" }),
+            }));
+        }
+    }
+
+    /// Drains old instances and keeps them warm; waits (bounded) until their in-flight requests are done.
+    async fn standby(&self, ctx: &mut Ctx, list: Vec<Arc<Instance>>) -> Result<(), String> {
+        if list.is_empty() {
+            return Ok(());
+        }
+        self.traffic.apply(list.iter().map(|i| Change::Role { addr: i.addr, role: Role::Standby }).collect());
+        for i in &list {
+            i.set_state("standby");
+        }
+        ctx.standby.extend(list.iter().cloned());
+        let until = Instant::now() + ctx.spec.drain_timeout;
+        loop {
+            let busy: u32 = list.iter().map(|i| self.traffic.in_flight(i.addr)).sum();
+            if busy == 0 || Instant::now() >= until {
+                for i in &list {
+                    ctx.events.send_value(json!({
+                        "step": "drained", "instance": i.id, "addr": i.addr.to_string(),
+                        "message": format!("old instance {} drained{} (kept warm until the soak passes)", i.id, if busy > 0 { ", drain timeout" } else { "" }),
+                    }));
+                }
+                return Ok(());
+            }
+            self.check(ctx)?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn rolling(self: &Arc<Self>, ctx: &mut Ctx) -> Result<(), String> {
+        let mut old_left: Vec<Arc<Instance>> = ctx.old.clone();
+        for w in plan::rolling_waves(ctx.spec.count, ctx.spec.max_surge, ctx.spec.max_unavailable) {
+            let first: Vec<_> = old_left.drain(..(w.drain_first as usize).min(old_left.len())).collect();
+            self.standby(ctx, first).await?;
+            let news = self.start_new(ctx, w.start)?;
+            self.await_ready(ctx, &news).await?;
+            self.cut_over(ctx, &news, false, Vec::new());
+            let after: Vec<_> = old_left.drain(..(w.drain_after as usize).min(old_left.len())).collect();
+            self.standby(ctx, after).await?;
+            self.check(ctx)?;
+        }
+        // More old instances than new ones (the count was lowered): drain the rest.
+        self.standby(ctx, old_left).await
+    }
+
+    async fn blue_green(self: &Arc<Self>, ctx: &mut Ctx) -> Result<(), String> {
+        let news = self.start_new(ctx, ctx.spec.count)?;
+        self.await_ready(ctx, &news).await?;
+        let old = ctx.old.clone();
+        let drain: Vec<Change> = old.iter().map(|i| Change::Role { addr: i.addr, role: Role::Standby }).collect();
+        // One atomic switch: the new instances in, the old ones out.
+        self.cut_over(ctx, &news, true, drain);
+        ctx.events.send("switched", format!("traffic switched to {} at once", ctx.version));
+        self.standby(ctx, old).await
+    }
+
+    async fn canary(self: &Arc<Self>, ctx: &mut Ctx) -> Result<(), String> {
+        let news = self.start_new(ctx, ctx.spec.count)?;
+        self.await_ready(ctx, &news).await?;
+        let steps = ctx.steps.clone();
+        for (k, &percent) in steps.iter().enumerate() {
+            let split = Change::Split((percent < 100).then(|| (addrs(&news), percent)));
+            if k == 0 {
+                self.cut_over(ctx, &news, true, vec![split]);
+            } else {
+                self.traffic.apply(vec![split]);
+            }
+            ctx.events.send_value(json!({
+                "step": "canary", "percent": percent,
+                "message": format!("{} takes {percent}% of requests", ctx.version),
+            }));
+            if percent == 100 {
+                let old = ctx.old.clone();
+                return self.standby(ctx, old).await;
+            }
+            self.watch(ctx, ctx.spec.step).await?;
+            let new = self.traffic.sample(&addrs(&ctx.in_service));
+            ctx.events.send_value(json!({
+                "step": "analysis", "percent": percent, "requests": new.requests, "failed": new.failed,
+                "message": format!("step {percent}% passed: {} tries, {:.1}% failed, p99 {} ms", new.requests, new.error_percent(), new.p99().map_or(0, |d| d.as_millis())),
+            }));
+        }
+        Ok(())
+    }
+
+    async fn soak(&self, ctx: &mut Ctx) -> Result<(), String> {
+        ctx.events.send("soak", format!("watching {} for {} ms", ctx.version, ctx.spec.soak.as_millis()));
+        self.watch(ctx, ctx.spec.soak).await?;
+        let new = self.traffic.sample(&addrs(&ctx.in_service));
+        ctx.events.send_value(json!({
+            "step": "soak_passed", "requests": new.requests, "failed": new.failed,
+            "message": format!("soak passed: {} tries on {}, {:.1}% failed", new.requests, ctx.version, new.error_percent()),
+        }));
+        Ok(())
+    }
+
+    /// The new version passed: it serves for good, and the old instances are stopped.
+    async fn commit(&self, ctx: &mut Ctx) {
+        let mut changes: Vec<Change> =
+            ctx.new.iter().map(|i| Change::Role { addr: i.addr, role: Role::Serving }).collect();
+        changes.extend(ctx.old.iter().map(|i| Change::Role { addr: i.addr, role: Role::Draining }));
+        changes.push(Change::Split(None));
+        self.traffic.apply(changes);
+        for i in &ctx.new {
+            i.set_state("serving");
+            i.supervised.store(true, Relaxed);
+            // A crash seen during the deploy failed it; from now on crashes are restarted.
+        }
+        {
+            let mut g = self.lock();
+            g.version = ctx.version.clone();
+            g.env = ctx.env.clone();
+        }
+        self.retire(ctx, ctx.old.clone()).await;
+    }
+
+    /// The new version failed: traffic goes back to the old instances (warm), and the new ones are stopped.
+    async fn roll_back(&self, ctx: &mut Ctx) {
+        let mut changes: Vec<Change> =
+            ctx.old.iter().map(|i| Change::Role { addr: i.addr, role: Role::Serving }).collect();
+        changes.push(Change::Split(None));
+        changes.extend(ctx.in_service.iter().map(|i| Change::Role { addr: i.addr, role: Role::Draining }));
+        self.traffic.apply(changes);
+        for i in &ctx.old {
+            i.set_state("serving");
+        }
+        ctx.events.send(
+            "rolled_back",
+            format!("traffic is back on the {} old instances of {}", ctx.old.len(), ctx.from_version),
+        );
+        self.retire(ctx, ctx.new.clone()).await;
+    }
+
+    /// Drains instances (bounded by drain_timeout), stops them and takes them out of the pool.
+    async fn retire(&self, ctx: &Ctx, list: Vec<Arc<Instance>>) {
+        for i in &list {
+            i.set_state("draining");
+        }
+        let until = Instant::now() + ctx.spec.drain_timeout;
+        while Instant::now() < until && list.iter().any(|i| self.traffic.in_flight(i.addr) > 0) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.stop_instances(&list).await;
+        self.traffic.apply(list.iter().map(|i| Change::Remove(i.addr)).collect());
+        for i in &list {
+            ctx.events.send_value(json!({
+                "step": "stopped", "instance": i.id, "addr": i.addr.to_string(), "version": i.version,
+                "message": format!("instance {} ({}) stopped", i.id, i.version),
+            }));
+        }
+    }
+
+    /// The service's instances, version and running deploy, for `nonstop status`.
+    pub fn status(&self) -> Value {
+        let g = self.lock();
+        let instances: Vec<Value> = g
+            .instances
+            .iter()
+            .map(|i| {
+                json!({
+                    "id": i.id,
+                    "version": i.version,
+                    "addr": i.addr.to_string(),
+                    "state": i.state(),
+                    "pid": i.pid.load(Relaxed),
+                    "running": i.alive.load(Relaxed),
+                    "healthy": self.traffic.healthy(i.addr),
+                    "in_flight": self.traffic.in_flight(i.addr),
+                    "restarts": i.restarts.load(Relaxed),
+                    "last_exit": i.last_exit.lock().expect("instance lock").clone(),
+                })
+            })
+            .collect();
+        let running = g.running.as_ref().map(|r| {
+            json!({
+                "kind": r.kind,
+                "version": r.version,
+                "strategy": r.strategy.as_str(),
+                "running_ms": r.started.elapsed().as_millis() as u64,
+                "events": r.events.so_far().iter().filter_map(|l| serde_json::from_str::<Value>(l).ok()).collect::<Vec<_>>(),
+            })
+        });
+        let last = self.history.records(Some(&self.service)).pop();
+        json!({
+            "service": self.service,
+            "version": g.version,
+            "instances": instances,
+            "deploy": running,
+            "last_deploy": last,
+        })
+    }
+
+    pub fn history(&self) -> Vec<Record> {
+        self.history.records(Some(&self.service))
+    }
+}
+
+fn ok_status(s: u16) -> bool {
+    (200..300).contains(&s)
+}
+
+/// One readiness probe: GET `path` on a fresh connection; the status, or why there is none.
+async fn probe(addr: SocketAddr, path: &str) -> Result<u16, String> {
+    let go = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+        let req =
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: nonstop-deploy\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
+        let mut buf = [0u8; 64];
+        let mut n = 0;
+        while n < 12 {
+            let k = s.read(&mut buf[n..]).await.map_err(|e| format!("read: {e}"))?;
+            if k == 0 {
+                return Err("closed without an answer".to_string());
+            }
+            n += k;
+        }
+        let head = std::str::from_utf8(&buf[..n]).unwrap_or_default();
+        head.strip_prefix("HTTP/1.")
+            .and_then(|r| r.get(2..5))
+            .and_then(|code| code.parse::<u16>().ok())
+            .ok_or_else(|| format!("not an HTTP answer: {head:?}"))
+    };
+    tokio::time::timeout(PROBE_TIMEOUT, go).await.map_err(|_| "timed out".to_string())?
+}

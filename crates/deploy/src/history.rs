@@ -1,0 +1,175 @@
+//! The deploy history: one JSON line per finished deploy or rollback, appended and fsynced, read back at start.
+//! It also answers which version each service runs (the last one that succeeded) and which one it ran before.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+/// Records kept in memory (and returned by the admin API); the file keeps all of them.
+const RECORDS_IN_MEMORY_MAX: usize = 10_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub id: u64,
+    pub service: String,
+    /// "deploy" or "rollback".
+    pub kind: String,
+    pub version: String,
+    pub from_version: String,
+    pub strategy: String,
+    pub started_ms: u64,
+    pub ended_ms: u64,
+    /// "succeeded", "rolled_back" or "failed".
+    pub result: String,
+    pub reason: Option<String>,
+    /// Environment variables the deploy set on the new version's instances.
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    #[error("cannot open the deploy history {0}: {1}")]
+    Open(PathBuf, std::io::Error),
+    #[error("cannot write the deploy history {0}: {1}")]
+    Write(PathBuf, std::io::Error),
+}
+
+pub struct History {
+    path: PathBuf,
+    file: Mutex<(File, Vec<Record>)>,
+}
+
+impl History {
+    /// Opens (or creates) `dir/deploys.jsonl`. A torn last line (a crash mid-write) is skipped with a warning.
+    pub fn open(dir: &Path) -> Result<History, HistoryError> {
+        let path = dir.join("deploys.jsonl");
+        std::fs::create_dir_all(dir).map_err(|e| HistoryError::Open(path.clone(), e))?;
+        let mut records = Vec::new();
+        if let Ok(f) = File::open(&path) {
+            for (i, line) in BufReader::new(f).lines().enumerate() {
+                let line = line.map_err(|e| HistoryError::Open(path.clone(), e))?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                match serde_json::from_str::<Record>(&line) {
+                    Ok(r) => records.push(r),
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), line = i + 1, error = %e, "skipping an unreadable history line")
+                    }
+                }
+            }
+        }
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| HistoryError::Open(path.clone(), e))?;
+        // End a torn last line, so that the next record starts on a line of its own.
+        let text_ends_clean = std::fs::read(&path).map(|b| b.last().is_none_or(|&c| c == b'\n')).unwrap_or(true);
+        if !text_ends_clean {
+            file.write_all(b"\n").map_err(|e| HistoryError::Open(path.clone(), e))?;
+        }
+        if records.len() > RECORDS_IN_MEMORY_MAX {
+            records.drain(..records.len() - RECORDS_IN_MEMORY_MAX);
+        }
+        Ok(History { path, file: Mutex::new((file, records)) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends a record durably (fsync) before returning.
+    pub fn append(&self, r: &Record) -> Result<(), HistoryError> {
+        let mut g = self.file.lock().expect("history lock");
+        let mut line = serde_json::to_string(r).expect("records serialize");
+        line.push('\n');
+        let werr = |e| HistoryError::Write(self.path.clone(), e);
+        g.0.write_all(line.as_bytes()).map_err(werr)?;
+        g.0.sync_data().map_err(werr)?;
+        g.1.push(r.clone());
+        if g.1.len() > RECORDS_IN_MEMORY_MAX {
+            g.1.remove(0);
+        }
+        Ok(())
+    }
+
+    pub fn records(&self, service: Option<&str>) -> Vec<Record> {
+        let g = self.file.lock().expect("history lock");
+        g.1.iter().filter(|r| service.is_none_or(|s| r.service == s)).cloned().collect()
+    }
+
+    pub fn next_id(&self) -> u64 {
+        self.file.lock().expect("history lock").1.last().map_or(1, |r| r.id + 1)
+    }
+
+    /// The version a service runs, with its deploy env: that of its last successful deploy or rollback.
+    pub fn current(&self, service: &str) -> Option<(String, Vec<(String, String)>)> {
+        let g = self.file.lock().expect("history lock");
+        g.1.iter()
+            .rev()
+            .find(|r| r.service == service && r.result == "succeeded")
+            .map(|r| (r.version.clone(), r.env.clone()))
+    }
+
+    /// The version a service ran before its current one (for `nonstop rollback`), with its env.
+    pub fn previous(&self, service: &str) -> Option<(String, Vec<(String, String)>)> {
+        let g = self.file.lock().expect("history lock");
+        let ok: Vec<&Record> = g.1.iter().filter(|r| r.service == service && r.result == "succeeded").collect();
+        let last = ok.last()?;
+        // The env of the version it came from: the latest success that installed it, if any.
+        let env =
+            ok.iter().rev().skip(1).find(|r| r.version == last.from_version).map(|r| r.env.clone()).unwrap_or_default();
+        Some((last.from_version.clone(), env))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(id: u64, version: &str, from: &str, result: &str) -> Record {
+        Record {
+            id,
+            service: "app".into(),
+            kind: "deploy".into(),
+            version: version.into(),
+            from_version: from.into(),
+            strategy: "rolling".into(),
+            started_ms: id,
+            ended_ms: id + 1,
+            result: result.into(),
+            reason: None,
+            env: vec![("K".into(), version.into())],
+        }
+    }
+
+    #[test]
+    fn survives_reopen_and_a_torn_line() {
+        let dir = std::env::temp_dir().join(format!("nonstop-history-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let h = History::open(&dir).unwrap();
+        assert_eq!(h.current("app"), None);
+        h.append(&rec(1, "v2", "v1", "succeeded")).unwrap();
+        h.append(&rec(2, "v3", "v2", "rolled_back")).unwrap();
+        drop(h);
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.join("deploys.jsonl"))
+            .unwrap()
+            .write_all(b"{\"id\":3,\"serv")
+            .unwrap();
+        let h = History::open(&dir).unwrap();
+        assert_eq!(h.records(Some("app")).len(), 2);
+        assert_eq!(h.current("app").unwrap().0, "v2");
+        assert_eq!(h.previous("app").unwrap().0, "v1");
+        assert_eq!(h.next_id(), 3);
+        h.append(&rec(3, "v4", "v2", "succeeded")).unwrap();
+        assert_eq!(h.previous("app"), Some(("v2".to_string(), vec![("K".to_string(), "v2".to_string())])));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
