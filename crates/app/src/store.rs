@@ -148,9 +148,21 @@ impl Store {
             DbUrl::Sqlite(path) => {
                 let path = path.clone();
                 let conn = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
-                    let conn = open_sqlite(&path)?;
-                    conn.execute_batch(SQLITE_SCHEMA)?;
-                    Ok(conn)
+                    // Instances that start together race to switch a new file to WAL and create the schema;
+                    // SQLite answers that race with SQLITE_BUSY at once (no busy handler), so try again.
+                    let give_up = std::time::Instant::now() + Duration::from_millis(SQLITE_BUSY_TIMEOUT_MS);
+                    loop {
+                        let opened = open_sqlite(&path).and_then(|conn| {
+                            conn.execute_batch(SQLITE_SCHEMA)?;
+                            Ok(conn)
+                        });
+                        match opened {
+                            Err(StoreError::Busy(_)) if std::time::Instant::now() < give_up => {
+                                std::thread::sleep(Duration::from_millis(20 + fastrand::u64(..30)));
+                            }
+                            other => return other,
+                        }
+                    }
                 })
                 .await
                 .map_err(|e| StoreError::Other(e.to_string()))??;

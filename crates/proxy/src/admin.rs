@@ -30,10 +30,31 @@ const BODY_BYTES_MAX: usize = 64 * 1024;
 /// Longest `wait_ms` a drain call may ask for.
 const DRAIN_WAIT_MS_MAX: u64 = 600_000;
 
-type Resp = Response<Full<Bytes>>;
+type Resp = Response<AdminBody>;
+
+/// An admin response body: a whole JSON document, or JSON lines that follow a deploy as it runs.
+pub enum AdminBody {
+    Full(Full<Bytes>),
+    Lines(tokio::sync::mpsc::Receiver<Bytes>),
+}
+
+impl hyper::body::Body for AdminBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            AdminBody::Full(f) => std::pin::Pin::new(f).poll_frame(cx),
+            AdminBody::Lines(rx) => rx.poll_recv(cx).map(|line| line.map(|b| Ok(hyper::body::Frame::data(b)))),
+        }
+    }
+}
 
 fn reply(status: StatusCode, body: Value) -> Resp {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    let mut r = Response::new(AdminBody::Full(Full::new(Bytes::from(body.to_string()))));
     *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
@@ -103,6 +124,22 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Resp, Inf
             StatusCode::OK,
             json!({ "queues": shared.queues.values().map(|q| queue_json(q)).collect::<Vec<_>>() }),
         ),
+        (Method::POST, ["deploy"]) => deploy_call(&shared, &body, false).unwrap_or_else(|AdminError(s, m)| fail(s, m)),
+        (Method::POST, ["rollback"]) => deploy_call(&shared, &body, true).unwrap_or_else(|AdminError(s, m)| fail(s, m)),
+        (Method::GET, ["status"]) => {
+            let services: Vec<Value> = shared
+                .apps
+                .deployers
+                .values()
+                .filter(|d| service_in_query(&query).is_none_or(|s| s == d.service))
+                .map(|d| d.status())
+                .collect();
+            reply(StatusCode::OK, json!({ "services": services }))
+        }
+        (Method::GET, ["deploys"]) => {
+            let records = shared.apps.history.as_ref().map(|h| h.records(service_in_query(&query))).unwrap_or_default();
+            reply(StatusCode::OK, json!({ "deploys": records }))
+        }
         (m, ["queues", name, rest @ ..]) => match shared.queues.get(*name) {
             None => fail(StatusCode::NOT_FOUND, format!("no queue {name:?}")),
             Some(q) => queue_call(q, m, rest, &query).await.unwrap_or_else(|AdminError(s, m)| fail(s, m)),
@@ -114,6 +151,99 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Resp, Inf
         _ => fail(StatusCode::NOT_FOUND, format!("no admin endpoint {path}; see docs/admin.md")),
     };
     Ok(resp)
+}
+
+fn service_in_query(query: &str) -> Option<&str> {
+    query.split('&').find_map(|kv| kv.strip_prefix("service="))
+}
+
+/// The deployer a call names, or the only one.
+fn deployer_for(shared: &Shared, v: &Value) -> Result<Arc<nonstop_deploy::Deployer>, AdminError> {
+    let all = &shared.apps.deployers;
+    let names = || all.keys().cloned().collect::<Vec<_>>().join(", ");
+    match v.get("service") {
+        Some(Value::String(name)) => all.get(name).cloned().ok_or_else(|| {
+            err(StatusCode::NOT_FOUND, format!("no app service {name:?} (services with an app section: {})", names()))
+        }),
+        None | Some(Value::Null) if all.len() == 1 => Ok(all.values().next().expect("one").clone()),
+        None | Some(Value::Null) if all.is_empty() => {
+            Err(err(StatusCode::CONFLICT, "no service has an app section: there is nothing to deploy"))
+        }
+        None | Some(Value::Null) => {
+            Err(err(StatusCode::BAD_REQUEST, format!("several app services ({}): name one with \"service\"", names())))
+        }
+        Some(_) => Err(err(StatusCode::BAD_REQUEST, "service: must be a string")),
+    }
+}
+
+/// POST /deploy and POST /rollback: start, then follow the deploy as JSON lines until it is done.
+fn deploy_call(shared: &Shared, body: &Bytes, rollback: bool) -> Result<Resp, AdminError> {
+    use nonstop_deploy::DeployError;
+    let v = parse_body(body)?;
+    let d = deployer_for(shared, &v)?;
+    let started = if rollback {
+        d.rollback()
+    } else {
+        let version = v
+            .get("version")
+            .and_then(Value::as_str)
+            .ok_or_else(|| err(StatusCode::BAD_REQUEST, "version: required (a string such as \"v2\")"))?
+            .to_string();
+        let strategy = match v.get("strategy") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(
+                nonstop_config::Strategy::parse(s)
+                    .map_err(|e| err(StatusCode::BAD_REQUEST, format!("strategy: {e}")))?,
+            ),
+            Some(_) => return Err(err(StatusCode::BAD_REQUEST, "strategy: must be a string")),
+        };
+        let steps = match v.get("steps") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(a)) => Some(
+                a.iter()
+                    .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()))
+                    .collect::<Option<Vec<u32>>>()
+                    .ok_or_else(|| err(StatusCode::BAD_REQUEST, "steps: must be an array of percentages"))?,
+            ),
+            Some(_) => return Err(err(StatusCode::BAD_REQUEST, "steps: must be an array of percentages")),
+        };
+        let env = match v.get("env") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Object(m)) => m
+                .iter()
+                .map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| err(StatusCode::BAD_REQUEST, "env: values must be strings"))?,
+            Some(_) => return Err(err(StatusCode::BAD_REQUEST, "env: must be an object of strings")),
+        };
+        d.deploy(nonstop_deploy::DeployRequest { version, strategy, steps, env })
+    };
+    let mut events = started.map_err(|e| match e {
+        DeployError::Invalid(_) => err(StatusCode::BAD_REQUEST, e.to_string()),
+        DeployError::ShuttingDown => err(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        DeployError::Busy { .. } | DeployError::SameVersion(..) | DeployError::NoPrevious(_) => {
+            err(StatusCode::CONFLICT, e.to_string())
+        }
+    })?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    tokio::spawn(async move {
+        loop {
+            let line = match events.recv().await {
+                Ok(line) => line,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    json!({ "step": "lagged", "message": format!("{n} progress lines skipped") }).to_string()
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            let done = serde_json::from_str::<Value>(&line).is_ok_and(|v| v["done"] == json!(true));
+            if tx.send(Bytes::from(line + "\n")).await.is_err() || done {
+                return;
+            }
+        }
+    });
+    let mut r = Response::new(AdminBody::Lines(rx));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
+    Ok(r)
 }
 
 fn server_json(s: &Server, health: Option<&MemberView>) -> Value {
@@ -482,7 +612,7 @@ fn metrics(shared: &Shared) -> Resp {
             let _ = writeln!(out, "{name}{{queue=\"{}\"}} {}", q.name, value(q));
         }
     }
-    let mut r = Response::new(Full::new(Bytes::from(out)));
+    let mut r = Response::new(AdminBody::Full(Full::new(Bytes::from(out))));
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
     r
 }

@@ -83,6 +83,8 @@ pub const RETRY_SAME_SERVER_AFTER: Duration = Duration::from_secs(1);
 #[derive(Debug, Default, Clone)]
 pub struct Tried {
     entries: Vec<TriedEntry>,
+    /// A server on trial (a deploy's new version) failed this request: prefer others, standby ones included.
+    avoid_trial: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -101,6 +103,14 @@ impl Tried {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    pub fn set_avoid_trial(&mut self) {
+        self.avoid_trial = true;
+    }
+
+    pub fn avoid_trial(&self) -> bool {
+        self.avoid_trial
     }
 
     /// Whether this request may go to `addr`, whose current epoch is `epoch`: it never tried it, or the server

@@ -357,6 +357,10 @@ async fn forward(
             Err(e) => {
                 // Never reached the server: any request may go elsewhere, and the body is still here.
                 let now = Instant::now();
+                server.tries.record(e.status().as_u16(), now - try_start);
+                if server.on_trial() {
+                    tried.set_avoid_trial();
+                }
                 let epoch = pool.report(&server, now, true);
                 tried.push(server.addr, epoch, now, false);
                 pool.count_free_retry();
@@ -383,6 +387,10 @@ async fn forward(
                 };
                 if !e.server_failed() {
                     return Err(e);
+                }
+                server.tries.record(e.status().as_u16(), now - try_start);
+                if server.on_trial() {
+                    tried.set_avoid_trial();
                 }
                 let epoch = pool.report(&server, now, true);
                 if e.never_reached_server() && body.replayable() {
@@ -417,8 +425,14 @@ async fn forward(
         reached += 1;
         server.observe_latency(now, now - try_start);
         let status = resp.status();
+        server.tries.record(status.as_u16(), now - try_start);
         let epoch = pool.report(&server, now, status.is_server_error());
-        if retry.on_status.contains(&status.as_u16())
+        // A deploy's new version on trial: any 5xx of it is worth another server (an old one, kept warm).
+        let trial_failed = server.on_trial() && status.is_server_error();
+        if trial_failed {
+            tried.set_avoid_trial();
+        }
+        if (retry.on_status.contains(&status.as_u16()) || trial_failed)
             && retryable
             && !upgrade
             && body.replayable()

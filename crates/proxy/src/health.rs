@@ -136,6 +136,16 @@ impl Health {
         f.clamp(RAMP_FLOOR, 1.0)
     }
 
+    /// The server's process is known to be gone: down at once, without waiting for checks to fail.
+    pub fn force_down(&mut self) -> Transition {
+        self.streak = 0;
+        if std::mem::replace(&mut self.up, false) {
+            Transition::Down
+        } else {
+            Transition::None
+        }
+    }
+
     /// One active check's result.
     pub fn on_check(&mut self, now: Instant, passed: bool, p: &Policy) -> Transition {
         self.refresh(now);

@@ -4,6 +4,7 @@
 mod access_log;
 mod admin;
 pub mod admission;
+mod apps;
 pub mod balance;
 mod checker;
 pub mod error;
@@ -72,6 +73,10 @@ pub enum StartError {
     QueuesChanged,
     #[error("cannot open queue {0:?}: {1}")]
     Queue(String, nonstop_queue::StoreError),
+    #[error("{0}")]
+    State(nonstop_deploy::history::HistoryError),
+    #[error("reload cannot add or remove app sections (restart instead): {0:?} -> {1:?}")]
+    AppsChanged(Vec<String>, Vec<String>),
 }
 
 /// State shared by every thread.
@@ -84,6 +89,8 @@ pub struct Shared {
     reload_lock: Mutex<()>,
     /// Durable queues by name, opened at start.
     pub queues: std::collections::BTreeMap<String, Arc<queued::Queue>>,
+    /// The deployers of the app services.
+    apps: apps::Apps,
 }
 
 impl Shared {
@@ -100,6 +107,12 @@ impl Shared {
         if config.queues != old.config.queues {
             return Err(StartError::QueuesChanged);
         }
+        let (was, now) = (apps::Apps::names(&old.config), apps::Apps::names(&config));
+        if was != now {
+            let own = |v: Vec<&str>| v.into_iter().map(String::from).collect();
+            return Err(StartError::AppsChanged(own(was), own(now)));
+        }
+        self.apps.reconfigure(&config);
         self.snapshot.store(Arc::new(Snapshot::build(config, Some(&old))?));
         tracing::info!("config reloaded");
         Ok(())
@@ -119,6 +132,8 @@ pub struct Proxy {
     shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
     threads: Vec<JoinHandle<()>>,
+    /// The deploy thread, stopped last: it stops the app instances once requests have drained.
+    deploy: Option<(watch::Sender<bool>, JoinHandle<()>)>,
     listen_addrs: Vec<SocketAddr>,
     admin_addr: Option<SocketAddr>,
 }
@@ -164,6 +179,21 @@ impl Proxy {
         for q in config.queues.values() {
             queues.insert(q.name.clone(), queued::Queue::open(q).map_err(|e| StartError::Queue(q.name.clone(), e))?);
         }
+        // The deploy thread's runtime runs the app instances' supervisors and the deploys.
+        let (deploy_stop, mut deploy_rx) = watch::channel(false);
+        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+        let deploy_thread = std::thread::Builder::new()
+            .name("deploy".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                let _ = handle_tx.send(rt.handle().clone());
+                rt.block_on(async move {
+                    let _ = deploy_rx.wait_for(|s| *s).await;
+                })
+            })
+            .map_err(StartError::Io)?;
+        let rt = handle_rx.recv().map_err(|_| StartError::Io(std::io::Error::other("the deploy thread died")))?;
+        let apps = apps::Apps::new(&config, &snapshot, rt)?;
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             access_log,
@@ -171,7 +201,9 @@ impl Proxy {
             source,
             reload_lock: Mutex::new(()),
             queues,
+            apps,
         });
+        shared.apps.boot();
         let (shutdown, rx) = watch::channel(false);
         let mut handles = Vec::new();
         for (i, bound) in per_thread.into_iter().enumerate() {
@@ -220,7 +252,14 @@ impl Proxy {
                 .map_err(StartError::Io)?;
             handles.push(h);
         }
-        Ok(Proxy { shared, shutdown, threads: handles, listen_addrs, admin_addr })
+        Ok(Proxy {
+            shared,
+            shutdown,
+            threads: handles,
+            deploy: Some((deploy_stop, deploy_thread)),
+            listen_addrs,
+            admin_addr,
+        })
     }
 
     pub fn listen_addrs(&self) -> &[SocketAddr] {
@@ -236,10 +275,29 @@ impl Proxy {
     }
 
     /// Stops accepting, lets in-flight requests finish (bounded by the drain timeout), and returns.
-    pub fn shutdown(self) {
+    pub fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
-        for t in self.threads {
+        for t in std::mem::take(&mut self.threads) {
             let _ = t.join();
         }
+        self.stop_apps();
+    }
+
+    /// Stops the app instances (after the requests drained) and the deploy thread.
+    fn stop_apps(&mut self) {
+        let Some((stop, thread)) = self.deploy.take() else { return };
+        let deployers: Vec<_> = self.shared.apps.deployers.values().cloned().collect();
+        if !deployers.is_empty() {
+            // A runtime of its own: the deploy thread's runs the supervisors that see the instances exit.
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                rt.block_on(async {
+                    for d in deployers {
+                        d.shutdown().await;
+                    }
+                });
+            }
+        }
+        let _ = stop.send(true);
+        let _ = thread.join();
     }
 }

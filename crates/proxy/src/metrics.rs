@@ -42,6 +42,15 @@ impl Stats {
         self.count.fetch_add(1, Relaxed);
     }
 
+    /// The counters as a deploy-analysis sample: failures are 5xx.
+    pub fn sample(&self) -> nonstop_deploy::analysis::Sample {
+        let failed = self.by_status.iter().skip(500 - STATUS_MIN).map(|n| n.load(Relaxed)).sum();
+        let mut buckets: Vec<(f64, u64)> =
+            BUCKETS_S.iter().zip(&self.buckets).map(|(&b, n)| (b, n.load(Relaxed))).collect();
+        buckets.push((f64::INFINITY, self.buckets[BUCKETS_S.len()].load(Relaxed)));
+        nonstop_deploy::analysis::Sample { requests: self.count.load(Relaxed), failed, buckets }
+    }
+
     pub fn total(&self) -> u64 {
         self.count.load(Relaxed)
     }

@@ -15,7 +15,9 @@ use tokio::sync::oneshot;
 use crate::admission::{self, Admit, QueueView, RetryBudget, ShedReason, Tried};
 use crate::balance::{Algorithm, Balancer, Candidate};
 use crate::health::{Health, Policy, Transition};
-use crate::upstream::{InFlight, Server};
+use crate::upstream::{InFlight, Role, Server};
+use nonstop_deploy::analysis::Sample;
+use nonstop_deploy::Change;
 
 /// Why an admin change to a pool was refused.
 #[derive(Debug, thiserror::Error)]
@@ -74,10 +76,15 @@ impl Member {
         self.health.usable(now) && !self.server.draining() && self.server.weight() > 0
     }
 
-    /// Serving, and allowed to this request by the servers it tried.
+    /// A drained server kept warm for a rollback takes the retries of requests that failed on a server on trial.
+    fn standby_for(&self, now: Instant, tried: &Tried) -> bool {
+        tried.avoid_trial() && self.server.role() == Role::Standby && self.health.usable(now)
+    }
+
+    /// Serving (or standing by for it), and allowed to this request by the servers it tried.
     fn open_to(&mut self, now: Instant, tried: &Tried) -> bool {
         let epoch = self.health.epoch(now);
-        self.serving(now) && tried.allows(self.server.addr, epoch, now)
+        (self.serving(now) || self.standby_for(now, tried)) && tried.allows(self.server.addr, epoch, now)
     }
 }
 
@@ -96,6 +103,11 @@ struct Inner {
     balancer: Balancer,
     queue: VecDeque<Waiter>,
     budget: RetryBudget,
+    drain_deadline: Duration,
+    /// A canary split: these servers get this percentage of requests, the others the rest.
+    split: Option<(Vec<SocketAddr>, u32)>,
+    /// The servers come from the service's app instances (a deploy adds and removes them), not its config.
+    managed: bool,
 }
 
 pub struct Pool {
@@ -152,6 +164,9 @@ impl Pool {
                 balancer: Balancer::new(algorithm(&svc.balance), fastrand::u64(..)),
                 queue: VecDeque::new(),
                 budget: RetryBudget::new(now),
+                drain_deadline: svc.drain_deadline,
+                split: None,
+                managed: svc.app.is_some(),
             }),
             queued: AtomicUsize::new(0),
             counters: PoolCounters::default(),
@@ -171,6 +186,16 @@ impl Pool {
         g.admission = svc.admission;
         g.retry = svc.retry.clone();
         g.eject_max_percent = svc.eject.max_percent;
+        g.drain_deadline = svc.drain_deadline;
+        g.managed = svc.app.is_some();
+        if g.managed {
+            // The app's instances are the servers; a reload leaves them to the deployer.
+            if g.balancer.algorithm() != algorithm(&svc.balance) {
+                g.balancer = Balancer::new(algorithm(&svc.balance), fastrand::u64(..));
+            }
+            g.dispatch(now, &self.queued);
+            return;
+        }
         let mut old: Vec<Member> = std::mem::take(&mut g.members);
         for spec in &svc.servers {
             let member = match old.iter().position(|m| m.server.addr == spec.addr) {
@@ -427,6 +452,71 @@ impl Pool {
         Ok(())
     }
 
+    /// Applies a deploy's changes at once, under the lock: no request sees half of them.
+    pub fn apply(&self, changes: Vec<Change>) {
+        let now = Instant::now();
+        let mut g = self.lock();
+        let deadline = g.drain_deadline;
+        let set_role = |server: &Arc<Server>, role: Role| {
+            server.set_role(role);
+            server.mark_draining(matches!(role, Role::Standby | Role::Draining), deadline);
+        };
+        for c in changes {
+            match c {
+                Change::Add { addr, warm, role } => {
+                    if g.members.iter().any(|m| m.server.addr == addr) {
+                        tracing::warn!(service = %self.name, server = %addr, "already in the pool");
+                        continue;
+                    }
+                    let server = Server::new(addr, 1, self.me.clone());
+                    set_role(&server, role);
+                    let health = Health::new(now, warm, &g.policy);
+                    g.members.push(Member { server, health, backup: false, in_flight_max: None });
+                }
+                Change::Role { addr, role } => {
+                    if let Some(m) = g.members.iter().find(|m| m.server.addr == addr) {
+                        set_role(&m.server, role);
+                    }
+                }
+                Change::Remove(addr) => {
+                    if let Some(i) = g.members.iter().position(|m| m.server.addr == addr) {
+                        let m = g.members.remove(i);
+                        m.server.close_idle();
+                    }
+                }
+                Change::Split(split) => g.split = split,
+            }
+        }
+        g.balancer.servers_changed();
+        g.dispatch(now, &self.queued);
+    }
+
+    /// The server's process is gone: take it down now (active checks bring it back up).
+    pub fn mark_down(&self, addr: SocketAddr) {
+        let mut g = self.lock();
+        if let Some(m) = g.members.iter_mut().find(|m| m.server.addr == addr) {
+            if m.health.force_down() == Transition::Down {
+                tracing::warn!(service = %self.name, server = %addr, "server down (its process exited)");
+            }
+        }
+    }
+
+    /// Whether a server is up by health checks; `None` when it is not in the pool.
+    pub fn healthy(&self, addr: SocketAddr) -> Option<bool> {
+        self.lock().members.iter().find(|m| m.server.addr == addr).map(|m| m.health.up())
+    }
+
+    /// The try counters of these servers, summed, for deploy analysis.
+    pub fn sample(&self, addrs: &[SocketAddr]) -> Sample {
+        let servers: Vec<Arc<Server>> =
+            self.lock().members.iter().filter(|m| addrs.contains(&m.server.addr)).map(|m| m.server.clone()).collect();
+        let mut out = Sample::default();
+        for s in servers {
+            out.add(&s.tries.sample());
+        }
+        out
+    }
+
     /// Re-runs dispatch after a server's drain flag changed.
     pub fn changed(&self) {
         self.lock().dispatch(Instant::now(), &self.queued);
@@ -466,7 +556,9 @@ impl Inner {
         let mut candidates: Vec<Candidate> = Vec::with_capacity(self.members.len());
         for m in self.members.iter_mut() {
             let epoch = m.health.epoch(now);
-            let open = m.health.usable(now) && !m.server.draining() && tried.allows(m.server.addr, epoch, now);
+            let open = m.health.usable(now)
+                && (!m.server.draining() || m.standby_for(now, tried))
+                && tried.allows(m.server.addr, epoch, now);
             primary_open |= open && !m.backup;
             candidates.push(Candidate {
                 addr: m.server.addr,
@@ -481,7 +573,25 @@ impl Inner {
         for (c, m) in candidates.iter_mut().zip(&self.members) {
             c.available = c.available && m.backup != primary_open && c.in_flight < self.max_of(m);
         }
+        if tried.avoid_trial() {
+            // A server on trial failed this request: another one on trial is the last resort.
+            self.narrow(&mut candidates, |m| m.server.role() != Role::Trial);
+        } else if let Some((canary, percent)) = &self.split {
+            let want = fastrand::u32(0..100) < *percent;
+            let canary = canary.clone();
+            self.narrow(&mut candidates, |m| canary.contains(&m.server.addr) == want);
+        }
         self.balancer.pick(&candidates, key)
+    }
+
+    /// Keeps only the candidates whose member passes `keep`, unless that leaves none.
+    fn narrow(&self, candidates: &mut [Candidate], keep: impl Fn(&Member) -> bool) {
+        let any = candidates.iter().zip(&self.members).any(|(c, m)| c.available && keep(m));
+        if any {
+            for (c, m) in candidates.iter_mut().zip(&self.members) {
+                c.available = c.available && keep(m);
+            }
+        }
     }
 
     fn lease(&self, i: usize) -> InFlight {
@@ -665,5 +775,82 @@ mod tests {
         let back = p.servers()[1].addr;
         p.on_check(back, now, true);
         assert_eq!(rx.try_recv().expect("dispatched on recovery").server().addr, back);
+    }
+
+    fn app_pool() -> Arc<Pool> {
+        let text =
+            "[[listeners]]\nlisten = \"127.0.0.1:1\"\n[[routes]]\nservice = \"a\"\n[services.a]\nslow_start_ms = 0\n\
+                    [services.a.app]\ncommand = \"x\"\nports = \"9101-9106\"\n";
+        Pool::new(&Config::parse(text).unwrap().services["a"], true)
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn ports_of(p: &Pool, n: usize, tried: &Tried) -> Vec<u16> {
+        (0..n).map(|_| now_lease(p, tried).server().addr.port()).collect()
+    }
+
+    #[test]
+    fn deploy_changes_apply_at_once_and_standby_takes_only_retries_of_trial_failures() {
+        let p = app_pool();
+        assert!(p.servers().is_empty(), "an app service starts with no servers");
+        let add = |port, role| Change::Add { addr: addr(port), warm: true, role };
+        p.apply(vec![add(9101, Role::Serving), add(9102, Role::Serving)]);
+        // A blue-green switch: the new server in on trial, the old ones on standby, in one change.
+        p.apply(vec![
+            add(9103, Role::Trial),
+            Change::Role { addr: addr(9101), role: Role::Standby },
+            Change::Role { addr: addr(9102), role: Role::Standby },
+        ]);
+        assert_eq!(ports_of(&p, 4, &Tried::default()), [9103; 4], "only the new server serves");
+        let now = Instant::now();
+        let mut tried = Tried::default();
+        tried.push(addr(9103), 0, now, true);
+        tried.set_avoid_trial();
+        let retry = now_lease(&p, &tried).server().addr.port();
+        assert!([9101, 9102].contains(&retry), "a trial failure is retried on a warm standby server: {retry}");
+        // Rollback: the old ones serve again, the new one drains, then goes.
+        p.apply(vec![
+            Change::Role { addr: addr(9101), role: Role::Serving },
+            Change::Role { addr: addr(9102), role: Role::Serving },
+            Change::Role { addr: addr(9103), role: Role::Draining },
+        ]);
+        assert!(ports_of(&p, 6, &Tried::default()).iter().all(|&p| p != 9103));
+        p.apply(vec![Change::Remove(addr(9103))]);
+        assert_eq!(p.servers().len(), 2);
+        // A reload keeps the instances of an app service.
+        p.reconfigure(&Config::parse("[[listeners]]\nlisten = \"127.0.0.1:1\"\n[[routes]]\nservice = \"a\"\n[services.a.app]\ncommand = \"y\"\nports = \"9101-9106\"\n").unwrap().services["a"]);
+        assert_eq!(p.servers().len(), 2);
+    }
+
+    #[test]
+    fn a_canary_split_sends_its_share_whatever_the_algorithm() {
+        let p = app_pool();
+        let add = |port, role| Change::Add { addr: addr(port), warm: true, role };
+        p.apply(vec![
+            add(9101, Role::Serving),
+            add(9102, Role::Serving),
+            add(9103, Role::Trial),
+            add(9104, Role::Trial),
+        ]);
+        p.apply(vec![Change::Split(Some((vec![addr(9103), addr(9104)], 10)))]);
+        let picks = ports_of(&p, 4000, &Tried::default());
+        let canary = picks.iter().filter(|&&p| p >= 9103).count();
+        assert!((300..500).contains(&canary), "about 10% to the canary: {canary} of 4000");
+        p.apply(vec![Change::Split(None)]);
+        let canary = ports_of(&p, 400, &Tried::default()).iter().filter(|&&p| p >= 9103).count();
+        assert_eq!(canary, 200, "round robin again without the split");
+    }
+
+    #[test]
+    fn an_exited_server_is_down_at_once() {
+        let p = app_pool();
+        p.apply(vec![Change::Add { addr: addr(9101), warm: true, role: Role::Serving }]);
+        assert_eq!(p.healthy(addr(9101)), Some(true));
+        p.mark_down(addr(9101));
+        assert_eq!(p.healthy(addr(9101)), Some(false));
+        assert_eq!(p.healthy(addr(9109)), None);
     }
 }

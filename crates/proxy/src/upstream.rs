@@ -150,8 +150,16 @@ pub struct Server {
     /// The shared HTTP/2 connection; the async lock makes concurrent first requests wait for one connect.
     h2: tokio::sync::Mutex<Option<http2::SendRequest<ReqBody>>>,
     pub connects: AtomicU64,
+    /// Requests by the status the client got, when this server answered last.
     pub stats: Stats,
+    /// Every try sent to this server, retried ones included, by the server's status (or 502/504 for a failed
+    /// exchange): what deploy analysis judges a version by.
+    pub tries: Stats,
+    /// The server's part in a deploy ([`Role`] as a number).
+    role: std::sync::atomic::AtomicU8,
 }
+
+pub use nonstop_deploy::Role;
 
 /// Initial latency estimate for a server with no samples yet.
 const INITIAL_LATENCY: Duration = Duration::from_millis(1);
@@ -171,7 +179,34 @@ impl Server {
             h2: tokio::sync::Mutex::new(None),
             connects: AtomicU64::new(0),
             stats: Stats::default(),
+            tries: Stats::default(),
+            role: std::sync::atomic::AtomicU8::new(0),
         })
+    }
+
+    pub fn role(&self) -> Role {
+        match self.role.load(Relaxed) {
+            1 => Role::Trial,
+            2 => Role::Standby,
+            3 => Role::Draining,
+            _ => Role::Serving,
+        }
+    }
+
+    /// Sets the deploy role (the pool sets the drain flag to match).
+    pub(crate) fn set_role(&self, r: Role) {
+        let n = match r {
+            Role::Serving => 0,
+            Role::Trial => 1,
+            Role::Standby => 2,
+            Role::Draining => 3,
+        };
+        self.role.store(n, Relaxed);
+    }
+
+    /// On trial in a deploy: its 5xx answers are retried elsewhere.
+    pub fn on_trial(&self) -> bool {
+        self.role.load(Relaxed) == 1
     }
 
     pub fn weight(&self) -> u32 {
@@ -192,6 +227,14 @@ impl Server {
 
     /// Starts or ends a drain. A drain cuts long-lived requests off at `deadline` (if it is still on by then).
     pub fn set_draining(self: &Arc<Server>, on: bool, deadline: Duration) {
+        self.mark_draining(on, deadline);
+        if let Some(pool) = self.owner.upgrade() {
+            pool.changed();
+        }
+    }
+
+    /// [`Server::set_draining`] without telling the pool (for the pool itself, under its lock).
+    pub(crate) fn mark_draining(self: &Arc<Server>, on: bool, deadline: Duration) {
         let was = self.draining.swap(on, Relaxed);
         if on && !was {
             let token = self.cutoff.lock().expect("cutoff lock").clone();
@@ -211,9 +254,6 @@ impl Server {
             if cutoff.is_cancelled() {
                 *cutoff = CancellationToken::new();
             }
-        }
-        if let Some(pool) = self.owner.upgrade() {
-            pool.changed();
         }
     }
 
