@@ -5,6 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod admin_client;
+mod demo;
+mod deploy_cli;
+
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
@@ -32,6 +36,24 @@ enum Command {
     /// Inspect and manage durable queues through a running proxy's admin API: list queues, show a request, list
     /// dead letters, replay one, purge them.
     Queue(QueueArgs),
+    /// Deploy a new version of an app service through a running proxy, and follow it: rolling (default),
+    /// blue-green or canary, rolled back automatically when the new version fails. Exit status 0 when it
+    /// succeeded, 1 when it was rolled back or refused.
+    Deploy(deploy_cli::DeployArgs),
+    /// Return an app service to its previous version (a running deploy is aborted and rolled back instead).
+    Rollback {
+        #[command(flatten)]
+        admin: deploy_cli::AdminArgs,
+        /// Print the progress as JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the app services' instances, versions, health, and any deploy in progress.
+    Status(deploy_cli::StatusArgs),
+    /// Everything in one command: three supervised app instances behind the proxy, under load, through a rolling
+    /// deploy, a kill -9, a 3x burst and a broken version that rolls back; prints a verdict and writes an HTML
+    /// report. Exit status 0 only if no request failed and every accepted order is stored exactly once.
+    Demo(demo::DemoArgs),
     /// Validate a config file and print every error with its line.
     Check {
         /// The TOML config file.
@@ -254,6 +276,10 @@ fn main() -> ExitCode {
         Command::Serve(args) => run_serve(args),
         Command::Load(args) => return run_load(*args),
         Command::Queue(args) => return run_queue(args),
+        Command::Deploy(args) => return deploy_cli::deploy(args),
+        Command::Rollback { admin, json } => return deploy_cli::rollback(admin, json),
+        Command::Status(args) => return deploy_cli::status(args),
+        Command::Demo(args) => return demo::run(args),
         Command::Check { config } => return check(&config),
         Command::ConfigReference => {
             print!("{}", nonstop_config::schema::reference_markdown());
@@ -623,7 +649,7 @@ fn run_queue(args: QueueArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match admin_call(args.admin, args.token.as_deref(), method, &path) {
+    match admin_client::call(args.admin, args.token.as_deref(), method, &path, None) {
         Ok((status, body)) => {
             let text = serde_json::from_str::<serde_json::Value>(&body)
                 .and_then(|v| serde_json::to_string_pretty(&v))
@@ -641,36 +667,6 @@ fn run_queue(args: QueueArgs) -> ExitCode {
             ExitCode::from(1)
         }
     }
-}
-
-/// One HTTP/1.1 request to the admin API over a plain socket.
-fn admin_call(addr: SocketAddr, token: Option<&str>, method: &str, path: &str) -> std::io::Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n")?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
-    let body = if chunked { dechunk(body) } else { body.to_string() };
-    Ok((status, body))
-}
-
-fn dechunk(mut rest: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
-        if n == 0 || after.len() < n {
-            break;
-        }
-        out.push_str(&after[..n]);
-        rest = after[n..].trim_start_matches("\r\n");
-    }
-    out
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use nonstop_testkit::{Proc, TempDir};
+use nonstop_testkit::{headless, Proc, TempDir};
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_nonstop"))
@@ -162,28 +162,6 @@ fn a_slow_server_gives_timeouts_in_both_models() {
     assert!(n(&doc["errors"]["timeout"]) >= 2, "{stdout}");
     assert_eq!(n(&doc["requests"]["ok"]), 0, "{stdout}");
     assert_exact_accounting(&doc);
-}
-
-/// The headless browser the HTML report is checked in; `.ci/run` installs Debian's chromium.
-fn chromium() -> &'static str {
-    for c in ["/usr/bin/chromium", "/usr/bin/chromium-browser"] {
-        if Path::new(c).exists() {
-            return c;
-        }
-    }
-    panic!("chromium is required for the HTML report test: run .ci/run, or apt-get install chromium");
-}
-
-fn headless(dir: &TempDir, extra: &[&str], page: &Path) -> std::process::Output {
-    let profile = dir.path().join("chromium-profile");
-    Command::new(chromium())
-        .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"])
-        .args(["--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .args(extra)
-        .arg(format!("file://{}", page.display()))
-        .output()
-        .expect("run chromium")
 }
 
 #[test]

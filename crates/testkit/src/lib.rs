@@ -248,3 +248,26 @@ pub async fn concurrent_keyed_posts(addrs: &[SocketAddr], path: &str, key: &str,
     }
     out
 }
+
+/// The headless browser pages are checked in; `.ci/run` installs Debian's chromium.
+pub fn chromium() -> &'static str {
+    for c in ["/usr/bin/chromium", "/usr/bin/chromium-browser"] {
+        if Path::new(c).exists() {
+            return c;
+        }
+    }
+    panic!("chromium is required for the page tests: run .ci/run, or apt-get install chromium");
+}
+
+/// Runs headless Chromium on a local page with `extra` flags (such as `--dump-dom`), its profile in `dir`.
+pub fn headless(dir: &TempDir, extra: &[&str], page: &Path) -> std::process::Output {
+    let profile = dir.path().join("chromium-profile");
+    Command::new(chromium())
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"])
+        .args(["--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(extra)
+        .arg(format!("file://{}", page.display()))
+        .output()
+        .expect("run chromium")
+}
