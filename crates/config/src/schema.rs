@@ -33,7 +33,7 @@ keys! {
     "listeners[]" "listen": "address" = "", "Address to accept clients on, such as \"127.0.0.1:8080\". Required.";
     "listeners[]" "tls": "table" = "", "Serve TLS (HTTP/1.1 and HTTP/2 by ALPN). Absent: plain HTTP/1.1 and h2c with prior knowledge.";
     "listeners[]" "max_connections": "integer" = "10000", "Open client connections at most, split evenly among worker threads (each serves at most max_connections / threads, rounded up); past it, new connections wait in the kernel's backlog.";
-    "listeners[]" "header_read_timeout_ms": "integer" = "10000", "A client must send its whole request head within this time, or get 408 (slowloris). Also how long an HTTP/1.1 keep-alive connection may sit idle between requests.";
+    "listeners[]" "header_read_timeout_ms": "integer" = "10000", "A client must send its whole request head within this time, or get 408 (slowloris). Also how long an HTTP/1.1 keep-alive connection may sit idle between requests, and how long a request body the proxy keeps for replay may take to arrive (408).";
     "listeners[]" "header_bytes_max": "integer" = "65536", "Largest request head in bytes; larger gets 431.";
     "listeners[]" "header_count_max": "integer" = "100", "Most request headers; more gets 431.";
 
@@ -112,9 +112,9 @@ keys! {
     "services.NAME.app" "canary_steps": "array of integers" = "[10, 50, 100]", "Canary: the new version's share of requests at each step, percent, rising, ending at 100.";
     "services.NAME.app" "step_ms": "integer" = "5000", "Canary: how long each step runs (and is analysed) before the next.";
     "services.NAME.app" "soak_ms": "integer" = "10000", "After the cutover, how long the new version is watched before the old instances (kept warm until then for a rollback) are stopped.";
-    "services.NAME.app" "error_rate_margin_percent": "integer" = "2", "Analysis: the new version fails when its share of failed requests (5xx, timeouts) passes the old version's by more than this many points.";
-    "services.NAME.app" "p99_max_percent": "integer" = "300", "Analysis: the new version fails when its p99 latency passes this percentage of the old version's p99";
-    "services.NAME.app" "p99_slack_ms": "integer" = "50", "and the old p99 plus this many milliseconds.";
+    "services.NAME.app" "error_rate_margin_percent": "integer" = "5", "Analysis: the new version fails when its share of failed tries (5xx, timeouts, resets) passes the old version's by more than this many points, and by more than chance (a two-proportion z-test, 3 standard errors).";
+    "services.NAME.app" "p99_max_percent": "integer" = "300", "Analysis: the new version fails when its p99 latency passes this percentage of the old version's p99 (over the same time, so that a busy machine slows both alike)";
+    "services.NAME.app" "p99_slack_ms": "integer" = "250", "and the old p99 plus this many milliseconds.";
     "services.NAME.app" "analysis_requests_min": "integer" = "20", "Analysis judges the new version only after it answered this many requests (crashes fail it at once).";
     "services.NAME.app" "drain_timeout_ms": "integer" = "30000", "How long an old instance may take to finish its in-flight requests before it is stopped anyway.";
     "services.NAME.app" "stop_grace_ms": "integer" = "10000", "After SIGTERM, how long an instance may take to exit before SIGKILL.";

@@ -101,7 +101,7 @@ pub fn judge(old: &Sample, new: &Sample, t: &Thresholds) -> Verdict {
         return Verdict::Wait;
     }
     let (old_err, new_err) = (old.error_percent(), new.error_percent());
-    if new_err > old_err + f64::from(t.error_rate_margin_percent) {
+    if new_err > old_err + f64::from(t.error_rate_margin_percent) && significantly_more_failures(old, new) {
         return Verdict::Fail(format!(
             "error rate {new_err:.1}% ({} of {} tries failed) against {old_err:.1}% for the old version (margin {} points)",
             new.failed, new.requests, t.error_rate_margin_percent
@@ -121,6 +121,25 @@ pub fn judge(old: &Sample, new: &Sample, t: &Thresholds) -> Verdict {
         }
     }
     Verdict::Pass
+}
+
+/// How many standard errors apart two failure rates must be to count as different (about 1 in 740 by chance).
+const Z_MIN: f64 = 3.0;
+
+/// A two-proportion z-test: does the new version fail more often than the old one beyond chance? A handful of
+/// unlucky requests on a busy machine is not a regression.
+fn significantly_more_failures(old: &Sample, new: &Sample) -> bool {
+    if old.requests == 0 {
+        return true;
+    }
+    let (n0, n1) = (old.requests as f64, new.requests as f64);
+    let (p0, p1) = (old.failed as f64 / n0, new.failed as f64 / n1);
+    let pooled = (old.failed + new.failed) as f64 / (n0 + n1);
+    let se = (pooled * (1.0 - pooled) * (1.0 / n0 + 1.0 / n1)).sqrt();
+    if se == 0.0 {
+        return p1 > p0;
+    }
+    (p1 - p0) / se >= Z_MIN
 }
 
 #[cfg(test)]
@@ -155,6 +174,15 @@ mod tests {
             Verdict::Fail(why) => assert!(why.starts_with("error rate 30.0%"), "{why}"),
             v => panic!("{v:?}"),
         }
+    }
+
+    #[test]
+    fn a_few_unlucky_requests_are_not_a_regression() {
+        // 12 of 35 against 23%: past the margin, but well within chance.
+        let old = sample(1000, 229, [1000, 0, 0, 0]);
+        assert_eq!(judge(&old, &sample(35, 12, [35, 0, 0, 0]), &t()), Verdict::Pass);
+        // The same share over many requests is a regression.
+        assert!(matches!(judge(&old, &sample(3500, 1200, [3500, 0, 0, 0]), &t()), Verdict::Fail(_)));
     }
 
     #[test]

@@ -465,14 +465,19 @@ impl Worker {
         if slot.as_ref().is_some_and(H1Conn::closed_while_idle) {
             *slot = None;
         }
-        if slot.is_none() {
+        let fresh = slot.is_none();
+        if fresh {
             match tokio::time::timeout(self.cfg.timeout, H1Conn::connect(self.cfg.target.addr)).await {
                 Ok(Ok(c)) => *slot = Some(c),
                 Ok(Err(_)) => return (Outcome::Connect, self.start.elapsed(), None, None),
-                Err(_) => return (Outcome::Timeout, self.start.elapsed(), None, None),
+                Err(_) => {
+                    tracing::warn!(target = %self.cfg.target.addr, "connecting timed out");
+                    return (Outcome::Timeout, self.start.elapsed(), None, None);
+                }
             }
         }
         let conn = slot.as_mut().expect("connected above");
+        let local = conn.local_addr();
         watch.fd.store(conn.raw_fd(), Relaxed);
         watch.fired.store(false, Relaxed);
         watch.started_ns.store(sent.duration_since(self.start).as_nanos() as u64 + 1, Relaxed);
@@ -484,6 +489,9 @@ impl Worker {
             Err(_) => {
                 *slot = None;
                 let outcome = if watch.fired.load(Relaxed) { Outcome::Timeout } else { Outcome::Reset };
+                if outcome == Outcome::Timeout {
+                    tracing::warn!(fresh, ?local, "no answer within the timeout");
+                }
                 (outcome, done, service, None)
             }
             Ok(answer) => {

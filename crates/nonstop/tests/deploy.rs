@@ -47,11 +47,15 @@ impl Rig {
             db = dir.path().join("orders.db").display(),
         );
         let config = format!(
-            "state_dir = \"{state}\"\n\n[[listeners]]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+            "state_dir = \"{state}\"\n\n[[listeners]]\nlisten = \"127.0.0.1:0\"\n\
+             # Idle client connections are closed often, while instances start: none may leak into them.\n\
+             header_read_timeout_ms = 1000\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
              [access_log]\npath = \"{log}\"\n\n[[routes]]\nservice = \"app\"\n\n\
              [services.app]\nresponse_timeout_ms = 2000\n\n[services.app.retry]\nadd_idempotency_key = true\n\n\
              [services.app.app]\ncommand = \"{command}\"\nports = \"{lo}-{hi}\"\nready_interval_ms = 100\n\
-             soak_ms = 3000\nstep_ms = 2000\nready_timeout_ms = 4000\n{app_extra}",
+             soak_ms = 3000\nstep_ms = 2000\nready_timeout_ms = 4000\n\
+             # Two cores run the load, the proxy and six instances: latency is noise here, failures are not.\n\
+             p99_slack_ms = 2000\n{app_extra}",
             state = dir.path().join("state").display(),
             log = dir.path().join("access.log").display(),
             command = command.replace('\\', "\\\\").replace('"', "\\\""),
@@ -121,6 +125,12 @@ impl Rig {
             .env("RUST_LOG", "warn");
         std::thread::spawn(move || {
             let out = cmd.output().expect("run nonstop load");
+            for line in String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .filter(|l| l.contains("timed out") || l.contains("timeout"))
+            {
+                eprintln!("DIAG load: {line}");
+            }
             let text = std::fs::read_to_string(&json)
                 .unwrap_or_else(|_| panic!("no JSON from nonstop load: {}", String::from_utf8_lossy(&out.stderr)));
             serde_json::from_str(&text).expect("valid JSON")
@@ -164,25 +174,7 @@ impl Rig {
             let posts = log.iter().filter(|l| l["method"] == "POST").count();
             let gets = log.iter().filter(|l| l["method"] == "GET").count();
             let retried: Vec<&Value> = log.iter().filter(|l| n(&l["attempts"]) > 1).take(5).collect();
-            let services =
-                Command::new("curl").args(["-s", &format!("http://{}/services", self.admin)]).output().unwrap();
-            eprintln!(
-                "DIAG proxy log: {posts} POST, {gets} GET, retried sample {retried:#?}; services now {}",
-                String::from_utf8_lossy(&services.stdout)
-            );
-            // The proxy answers every request by its deadline (60 s): see how the lost one ended.
-            std::thread::sleep(Duration::from_secs(20));
-            let late: Vec<String> = std::fs::read_to_string(self.dir.path().join("access.log"))
-                .unwrap_or_default()
-                .lines()
-                .filter(|l| {
-                    l.contains("\"POST\"")
-                        && serde_json::from_str::<Value>(l)
-                            .is_ok_and(|v| v["duration_ms"].as_f64().unwrap_or(0.0) > 3000.0)
-                })
-                .map(String::from)
-                .collect();
-            eprintln!("DIAG slow POSTs in the log 20 s later: {late:#?}");
+            eprintln!("DIAG the proxy logged {posts} POSTs and {gets} GETs; retried sample {retried:#?}");
         }
         assert_eq!(n(&r["failed"]), 0, "{brief}; the proxy's log of failures: {:#?}", self.failed_in_log());
         assert_eq!(n(&r["not_sent"]), 0, "{brief}");

@@ -153,6 +153,54 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Resp, Inf
     Ok(resp)
 }
 
+/// Instances by version and state, restarts, deploys by result, and whether a deploy runs.
+fn deploy_metrics(shared: &Shared, out: &mut String) {
+    if shared.apps.deployers.is_empty() {
+        return;
+    }
+    let mut instances = String::new();
+    let mut restarts = String::new();
+    let mut running = String::new();
+    for d in shared.apps.deployers.values() {
+        let s = d.status();
+        let svc = &d.service;
+        let mut by: std::collections::BTreeMap<(String, String), u64> = std::collections::BTreeMap::new();
+        for i in s["instances"].as_array().into_iter().flatten() {
+            let key = (i["version"].as_str().unwrap_or("").to_string(), i["state"].as_str().unwrap_or("").to_string());
+            *by.entry(key).or_default() += 1;
+            let _ = writeln!(
+                restarts,
+                "nonstop_app_restarts_total{{service=\"{svc}\",instance=\"{}\"}} {}",
+                i["id"], i["restarts"]
+            );
+        }
+        for ((version, state), n) in by {
+            let _ = writeln!(
+                instances,
+                "nonstop_app_instances{{service=\"{svc}\",version=\"{version}\",state=\"{state}\"}} {n}"
+            );
+        }
+        let _ = writeln!(running, "nonstop_deploy_running{{service=\"{svc}\"}} {}", u8::from(!s["deploy"].is_null()));
+    }
+    let _ = writeln!(
+        out,
+        "# HELP nonstop_app_instances App instances the proxy runs.\n# TYPE nonstop_app_instances gauge\n{instances}"
+    );
+    let _ = writeln!(out, "# HELP nonstop_app_restarts_total Restarts after crashes.\n# TYPE nonstop_app_restarts_total counter\n{restarts}");
+    let _ = writeln!(out, "# HELP nonstop_deploy_running 1 while a deploy or rollback runs.\n# TYPE nonstop_deploy_running gauge\n{running}");
+    let mut results: std::collections::BTreeMap<(String, String), u64> = std::collections::BTreeMap::new();
+    for r in shared.apps.history.as_ref().map(|h| h.records(None)).unwrap_or_default() {
+        *results.entry((r.service, r.result)).or_default() += 1;
+    }
+    let _ = writeln!(
+        out,
+        "# HELP nonstop_deploys_total Finished deploys and rollbacks by result.\n# TYPE nonstop_deploys_total counter"
+    );
+    for ((svc, result), n) in results {
+        let _ = writeln!(out, "nonstop_deploys_total{{service=\"{svc}\",result=\"{result}\"}} {n}");
+    }
+}
+
 fn service_in_query(query: &str) -> Option<&str> {
     query.split('&').find_map(|kv| kv.strip_prefix("service="))
 }
@@ -612,6 +660,7 @@ fn metrics(shared: &Shared) -> Resp {
             let _ = writeln!(out, "{name}{{queue=\"{}\"}} {}", q.name, value(q));
         }
     }
+    deploy_metrics(shared, &mut out);
     let mut r = Response::new(AdminBody::Full(Full::new(Bytes::from(out))));
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
     r

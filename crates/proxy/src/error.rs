@@ -26,6 +26,8 @@ pub enum ProxyError {
     NoServer(String),
     #[error("reading the request body failed: {0}")]
     ClientBody(std::io::Error),
+    #[error("the request body did not arrive within {ms} ms")]
+    ClientBodyTimeout { ms: u128 },
     #[error("service {service:?} is overloaded: {why}; retry later")]
     Shed { service: String, why: String },
     #[error("no server of service {service:?} became ready within {waited_ms} ms (the request waited in the queue)")]
@@ -58,9 +60,10 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn side(&self) -> Side {
         match self {
-            ProxyError::MethodNotAllowed(_) | ProxyError::BodyTooLarge(_) | ProxyError::ClientBody(_) => {
-                Side::Downstream
-            }
+            ProxyError::MethodNotAllowed(_)
+            | ProxyError::BodyTooLarge(_)
+            | ProxyError::ClientBody(_)
+            | ProxyError::ClientBodyTimeout { .. } => Side::Downstream,
             ProxyError::NoRoute { .. }
             | ProxyError::NoServer(_)
             | ProxyError::Shed { .. }
@@ -118,6 +121,7 @@ impl ProxyError {
             | ProxyError::NoServerLeft { .. }
             | ProxyError::QueueRefused { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::ClientBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::ConnectTimeout { .. } | ProxyError::ResponseTimeout { .. } | ProxyError::Deadline { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }

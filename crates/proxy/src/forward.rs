@@ -39,6 +39,8 @@ pub struct ConnCtx {
     pub tls: bool,
     /// Cleared when a request head is complete (see [`crate::io::TrackedIo`]).
     pub head_pending: Arc<AtomicBool>,
+    /// How long a request body kept for replay may take to arrive (the listener's header read timeout).
+    pub body_timeout: Duration,
 }
 
 const HOP_BY_HOP: [HeaderName; 7] = [
@@ -263,7 +265,11 @@ async fn forward(
     let mut body = if body.is_end_stream() {
         BodySource::Replayable(Bytes::new())
     } else if !upgrade && declared.is_some_and(|n| n <= retry.body_bytes_max) {
-        match Limited::new(body, route.body_bytes_max.min(usize::MAX as u64) as usize).collect().await {
+        let collect = Limited::new(body, route.body_bytes_max.min(usize::MAX as u64) as usize).collect();
+        let Ok(collected) = tokio::time::timeout(ctx.body_timeout, collect).await else {
+            return Err(ProxyError::ClientBodyTimeout { ms: ctx.body_timeout.as_millis() });
+        };
+        match collected {
             Ok(collected) => BodySource::Replayable(collected.to_bytes()),
             Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
                 return Err(ProxyError::BodyTooLarge(route.body_bytes_max))

@@ -55,10 +55,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TrackedIo<S> {
     }
 }
 
-/// A second descriptor for the same socket, to write a last answer after hyper has dropped the stream.
+/// A second descriptor for the same socket, to write a last answer after hyper has dropped the stream. It is
+/// close-on-exec: a child process started meanwhile (an app instance) must not inherit it, or the socket would
+/// outlive the proxy's close, and a client reusing the connection would wait forever for an answer.
 pub fn duplicate(stream: &TcpStream) -> Option<OwnedFd> {
-    // SAFETY: dup(2) of a descriptor we own; on success the new descriptor is ours alone to close.
-    let fd = unsafe { libc::dup(stream.as_raw_fd()) };
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) of a descriptor we own; on success the new descriptor is ours alone to close.
+    let fd = unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
     (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -76,6 +78,19 @@ content-length: 64\r\nconnection: close\r\n\r\n{\"error\":\"request head not rec
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_duplicate_is_not_inherited_by_children() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let stream = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+            let fd = super::duplicate(&stream).unwrap();
+            // SAFETY: F_GETFD reads the descriptor's flags.
+            let flags = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::F_GETFD) };
+            assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
+        });
+    }
+
     #[test]
     fn request_timeout_response_is_well_formed() {
         let text = std::str::from_utf8(super::REQUEST_TIMEOUT_RESPONSE).unwrap();
