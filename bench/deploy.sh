@@ -52,11 +52,15 @@ load_bg() { # json
   LOAD_PID=$!
 }
 
-failed_of() { python3 -c '
+failed_of() { # json
+  python3 - "$1" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
 r = d["requests"]
-print(f"{r[\"failed\"]}/{r[\"scheduled\"]} (versions {d[\"headers\"]})")' "$1"; }
+versions = ", ".join(f"{k} {v}" for k, v in sorted(d["headers"].items()))
+print(f"{r['failed']}/{r['scheduled']} failed ({versions})")
+PY
+}
 
 declare -A APP_PID
 start_app() { # port version db
@@ -107,10 +111,10 @@ CONF
   for i in "${!APPS[@]}"; do
     local others=() p=${APPS[$i]}
     for q in "${APPS[@]}"; do [ "$q" = "$p" ] || others+=("$q"); done
-    upstream "$dir" "${others[@]}"; "$NGINX" -c "$dir/nginx.conf" -s reload
+    upstream "$dir" "${others[@]}"; "$NGINX" -c "$dir/nginx.conf" -s reload 2>/dev/null
     kill "${APP_PID[$p]}"; sleep "$SLEEP"
     start_app "$p" v2 "$db"; sleep "$SLEEP"
-    upstream "$dir" "${APPS[@]}"; "$NGINX" -c "$dir/nginx.conf" -s reload
+    upstream "$dir" "${APPS[@]}"; "$NGINX" -c "$dir/nginx.conf" -s reload 2>/dev/null
   done
   wait $LOAD_PID || true
   kill -TERM $nginx; for p in "${APPS[@]}"; do kill "${APP_PID[$p]}" 2>/dev/null || true; done
@@ -151,9 +155,9 @@ CONF
   failed_of "$dir/load.json"
 }
 
-printf "%-6s %-44s %s\n" round "seed (nginx reload, kill, sleep, start)" "nonstop deploy"
+printf "%-6s %-52s %s\n" round "seed (nginx reload, kill, sleep, start)" "nonstop deploy"
 for r in $(seq "$ROUNDS"); do
   a=$(seed_way "$WORK/seed-$r")
   b=$(nonstop_way "$WORK/nonstop-$r")
-  printf "%-6s %-44s %s\n" "$r" "$a" "$b"
+  printf "%-6s %-52s %s\n" "$r" "$a" "$b"
 done
