@@ -41,6 +41,8 @@ pub struct ConnCtx {
     pub head_pending: Arc<AtomicBool>,
     /// How long a request body kept for replay may take to arrive (the listener's header read timeout).
     pub body_timeout: Duration,
+    /// The client's IP address as text, made once per connection for the forwarding headers.
+    pub peer_ip: String,
 }
 
 const HOP_BY_HOP: [HeaderName; 7] = [
@@ -285,6 +287,9 @@ async fn forward(
     let wait_max = service.config.admission.queue_wait_max;
     let mut tried = Tried::default();
     let mut reached = 0u32;
+    // Tries are counted per server only where a deploy may judge them (the app services): a static pool pays
+    // nothing for it on the hot path.
+    let judged = service.config.app.is_some();
     let mut last: Option<ProxyError> = None;
     // Whether the last failure means the server went away (rather than failed this request).
     let mut last_gone = false;
@@ -363,7 +368,9 @@ async fn forward(
             Err(e) => {
                 // Never reached the server: any request may go elsewhere, and the body is still here.
                 let now = Instant::now();
-                server.tries.record(e.status().as_u16(), now - try_start);
+                if judged {
+                    server.tries.record(e.status().as_u16(), now - try_start);
+                }
                 if server.on_trial() {
                     tried.set_avoid_trial();
                 }
@@ -394,7 +401,9 @@ async fn forward(
                 if !e.server_failed() {
                     return Err(e);
                 }
-                server.tries.record(e.status().as_u16(), now - try_start);
+                if judged {
+                    server.tries.record(e.status().as_u16(), now - try_start);
+                }
                 if server.on_trial() {
                     tried.set_avoid_trial();
                 }
@@ -431,7 +440,9 @@ async fn forward(
         reached += 1;
         server.observe_latency(now, now - try_start);
         let status = resp.status();
-        server.tries.record(status.as_u16(), now - try_start);
+        if judged {
+            server.tries.record(status.as_u16(), now - try_start);
+        }
         let epoch = pool.report(&server, now, status.is_server_error());
         // A deploy's new version on trial: any 5xx of it is worth another server (an old one, kept warm).
         let trial_failed = server.on_trial() && status.is_server_error();
@@ -606,33 +617,47 @@ fn rewrite_request(
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     let ip = ctx.peer.ip();
-    let ip_text = ip.to_string();
+    let ip_text = &ctx.peer_ip;
     let xff = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip_text}"),
-        None => ip_text.clone(),
+        Some(prev) => HeaderValue::from_str(&format!("{prev}, {ip_text}")).ok(),
+        None => HeaderValue::from_str(ip_text).ok(),
     };
     let proto = if ctx.tls { "https" } else { "http" };
     let h = &mut parts.headers;
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         h.insert("x-forwarded-for", v);
     }
     h.insert("x-forwarded-proto", HeaderValue::from_static(if ctx.tls { "https" } else { "http" }));
     if let Some(host) = original_host {
         h.insert("x-forwarded-host", host);
     }
-    let node = if ip.is_ipv6() { format!("\"[{ip_text}]\"") } else { ip_text };
-    let mut forwarded = format!("for={node};proto={proto}");
+    let mut forwarded = String::with_capacity(64);
+    forwarded.push_str("for=");
+    if ip.is_ipv6() {
+        forwarded.push_str("\"[");
+        forwarded.push_str(ip_text);
+        forwarded.push_str("]\"");
+    } else {
+        forwarded.push_str(ip_text);
+    }
+    forwarded.push_str(";proto=");
+    forwarded.push_str(proto);
     if let Some(host) = host {
-        forwarded.push_str(&format!(";host=\"{host}\""));
+        forwarded.push_str(";host=\"");
+        forwarded.push_str(host);
+        forwarded.push('"');
     }
     if let Ok(v) = HeaderValue::from_str(&forwarded) {
         h.append(header::FORWARDED, v);
     }
     h.append(header::VIA, via(parts.version));
     parts.version = Version::HTTP_11;
-    if let Some(pq) = parts.uri.path_and_query() {
-        if let Ok(uri) = pq.as_str().parse() {
-            parts.uri = uri;
+    // Servers get the origin form (path and query); an HTTP/1.1 request usually has it already.
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        if let Some(pq) = parts.uri.path_and_query() {
+            if let Ok(uri) = pq.as_str().parse() {
+                parts.uri = uri;
+            }
         }
     }
     (parts, body)

@@ -121,6 +121,7 @@ async fn accept_loop(shared: Arc<Shared>, b: Bound, mut shutdown: watch::Receive
                 tls: tls.is_some(),
                 head_pending: head_pending.clone(),
                 body_timeout: head_timeout,
+                peer_ip: peer.ip().to_string(),
             });
             let service = service_fn(move |req| handle(ctx.clone(), req));
             match tls {

@@ -153,7 +153,7 @@ pub struct Server {
     /// Requests by the status the client got, when this server answered last.
     pub stats: Stats,
     /// Every try sent to this server, retried ones included, by the server's status (or 502/504 for a failed
-    /// exchange): what deploy analysis judges a version by.
+    /// exchange): what deploy analysis judges a version by. Kept for the servers of app services only.
     pub tries: Stats,
     /// The server's part in a deploy ([`Role`] as a number).
     role: std::sync::atomic::AtomicU8,
