@@ -157,6 +157,8 @@ pub struct Server {
     pub tries: Stats,
     /// The server's part in a deploy ([`Role`] as a number).
     role: std::sync::atomic::AtomicU8,
+    /// Put on trial by a deploy that has not succeeded (see [`Server::on_trial`]).
+    suspect: AtomicBool,
 }
 
 pub use nonstop_deploy::Role;
@@ -181,6 +183,7 @@ impl Server {
             stats: Stats::default(),
             tries: Stats::default(),
             role: std::sync::atomic::AtomicU8::new(0),
+            suspect: AtomicBool::new(false),
         })
     }
 
@@ -195,6 +198,12 @@ impl Server {
 
     /// Sets the deploy role (the pool sets the drain flag to match).
     pub(crate) fn set_role(&self, r: Role) {
+        // A server put on trial stays suspect while it drains after a failed deploy; only serving clears it.
+        match r {
+            Role::Trial => self.suspect.store(true, Relaxed),
+            Role::Serving => self.suspect.store(false, Relaxed),
+            Role::Standby | Role::Draining => {}
+        }
         let n = match r {
             Role::Serving => 0,
             Role::Trial => 1,
@@ -204,9 +213,10 @@ impl Server {
         self.role.store(n, Relaxed);
     }
 
-    /// On trial in a deploy: its 5xx answers are retried elsewhere.
+    /// On trial in a deploy, or draining after one failed: its 5xx answers are retried elsewhere (an answer that
+    /// arrives just after the rollback still comes from the bad version).
     pub fn on_trial(&self) -> bool {
-        self.role.load(Relaxed) == 1
+        self.suspect.load(Relaxed)
     }
 
     pub fn weight(&self) -> u32 {
