@@ -578,7 +578,6 @@ impl Inner {
             self.narrow(&mut candidates, |m| m.server.role() != Role::Trial);
         } else if let Some((canary, percent)) = &self.split {
             let want = fastrand::u32(0..100) < *percent;
-            let canary = canary.clone();
             self.narrow(&mut candidates, |m| canary.contains(&m.server.addr) == want);
         }
         self.balancer.pick(&candidates, key)
