@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Either, Full, Limited};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use hyper_util::rt::TokioIo;
 use nonstop_config::{Balance, HashOn};
 use serde_json::json;
@@ -24,6 +24,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use crate::admission::{ShedReason, Tried};
 use crate::balance::hash_key;
 use crate::error::ProxyError;
+use crate::h1down::ClientBody;
 use crate::pool::Acquired;
 use crate::state::{RouteMatch, ServiceState, Snapshot};
 use crate::upstream::{InFlight, ReqBody, Server, UpBody};
@@ -69,7 +70,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn is_upgrade(req: &Request<Incoming>) -> bool {
+fn is_upgrade(req: &Request<ClientBody>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
         && req
@@ -80,7 +81,7 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 }
 
 /// The request's host without port, lower-case: from the URI (HTTP/2, absolute form) or the Host header.
-fn request_host(req: &Request<Incoming>) -> Option<String> {
+fn request_host(req: &Request<ClientBody>) -> Option<String> {
     let host = match req.uri().host() {
         Some(h) => h.to_string(),
         None => {
@@ -90,7 +91,7 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
     Some(host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase())
 }
 
-fn hash_of(req: &Request<Incoming>, on: &HashOn, peer: SocketAddr) -> Option<u64> {
+fn hash_of(req: &Request<ClientBody>, on: &HashOn, peer: SocketAddr) -> Option<u64> {
     match on {
         HashOn::Header(name) => req.headers().get(name.as_str()).map(|v| hash_key(v.as_bytes())),
         HashOn::Cookie(name) => req
@@ -132,7 +133,7 @@ struct Outcome {
 }
 
 /// Serves one client request.
-pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<RespBody>, Infallible> {
+pub async fn handle(ctx: Arc<ConnCtx>, req: Request<ClientBody>) -> Result<Response<RespBody>, Infallible> {
     let start = Instant::now();
     ctx.head_pending.store(false, Ordering::Relaxed);
     let snap = ctx.shared.snapshot.load_full();
@@ -195,7 +196,7 @@ fn uuid_v4() -> String {
 /// The request body across tries: kept in memory when small enough to replay, else streamed once.
 enum BodySource {
     Replayable(Bytes),
-    Once(Option<Limited<Incoming>>),
+    Once(Option<Limited<ClientBody>>),
 }
 
 impl BodySource {
@@ -217,7 +218,7 @@ impl BodySource {
 async fn forward(
     ctx: &ConnCtx,
     snap: &Snapshot,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     host: Option<&str>,
     start: Instant,
     out: &mut Outcome,
@@ -532,7 +533,7 @@ async fn enqueue(
     ctx: &ConnCtx,
     queue: &str,
     head: http::request::Parts,
-    body: Incoming,
+    body: ClientBody,
     body_bytes_max: u64,
 ) -> Result<Response<RespBody>, ProxyError> {
     let Some(q) = ctx.shared.queues.get(queue) else {
@@ -595,11 +596,11 @@ fn via(version: Version) -> HeaderValue {
 
 /// The request head as it goes to servers, and the client's body.
 fn rewrite_request(
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     ctx: &ConnCtx,
     upgrade: bool,
     host: Option<&str>,
-) -> (http::request::Parts, Incoming) {
+) -> (http::request::Parts, ClientBody) {
     let (mut parts, body) = req.into_parts();
     let upgrade_value = if upgrade { parts.headers.get(header::UPGRADE).cloned() } else { None };
     // HTTP/2 carries the authority in the URI; HTTP/1.1 servers need it as Host.

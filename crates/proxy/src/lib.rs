@@ -10,6 +10,7 @@ mod checker;
 pub mod error;
 pub mod ewma;
 mod forward;
+mod h1down;
 mod h1up;
 pub mod health;
 mod io;

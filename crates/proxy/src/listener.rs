@@ -14,7 +14,12 @@ use hyper_util::server::graceful::GracefulShutdown;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::{watch, Semaphore};
 
+use http::Request;
+use hyper::body::Incoming;
+use tokio_util::task::TaskTracker;
+
 use crate::forward::{handle, ConnCtx};
+use crate::h1down::{self, ClientBody, Ended, Limits};
 use crate::io::{duplicate, write_last, TrackedIo, REQUEST_TIMEOUT_RESPONSE};
 use crate::Shared;
 
@@ -84,6 +89,8 @@ async fn accept_loop(shared: Arc<Shared>, b: Bound, mut shutdown: watch::Receive
         }
     };
     let graceful = GracefulShutdown::new();
+    // Every connection's task, to wait for on drain (hyper's connections are also watched by `graceful`).
+    let tracker = TaskTracker::new();
     loop {
         let permit = tokio::select! {
             p = b.connections.clone().acquire_owned() => p.expect("connection semaphore is never closed"),
@@ -105,29 +112,37 @@ async fn accept_loop(shared: Arc<Shared>, b: Bound, mut shutdown: watch::Receive
         let snap = shared.snapshot.load();
         let Some(cfg) = snap.config.listeners.get(b.index) else { continue };
         let builder = client_builder(cfg);
-        let head_timeout = cfg.header_read_timeout;
+        let limits = Limits {
+            header_read_timeout: cfg.header_read_timeout,
+            header_bytes_max: cfg.header_bytes_max,
+            header_count_max: cfg.header_count_max,
+        };
         let listener_name = cfg.name.clone();
         let tls = snap.tls.get(b.index).cloned().flatten();
         drop(snap);
         let shared = shared.clone();
         let watcher = graceful.watcher();
-        tokio::spawn(async move {
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
             let _permit = permit;
-            let head_pending = Arc::new(AtomicBool::new(false));
             let ctx = Arc::new(ConnCtx {
                 shared,
                 listener: listener_name,
                 peer,
                 tls: tls.is_some(),
-                head_pending: head_pending.clone(),
-                body_timeout: head_timeout,
+                head_pending: Arc::new(AtomicBool::new(false)),
+                body_timeout: limits.header_read_timeout,
                 peer_ip: peer.ip().to_string(),
             });
-            let service = service_fn(move |req| handle(ctx.clone(), req));
             match tls {
                 None => {
-                    let last_word = duplicate(&stream);
-                    let io = TrackedIo { stream, head_pending: head_pending.clone() };
+                    // The proxy's own HTTP/1.1 server first; hyper takes over for what it does not handle.
+                    let Ended::HandOff(io) = h1down::serve(stream, ctx.clone(), limits, shutdown).await else {
+                        return;
+                    };
+                    let last_word = duplicate(io.stream());
+                    let head_pending = ctx.head_pending.clone();
+                    let service = service_fn(move |req: Request<Incoming>| handle(ctx.clone(), req.map(ClientBody::Hyper)));
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
                     if let Err(e) = watcher.watch(conn.into_owned()).await {
                         // hyper closes a connection whose head did not arrive in time without a word; say why.
@@ -139,10 +154,12 @@ async fn accept_loop(shared: Arc<Shared>, b: Bound, mut shutdown: watch::Receive
                 }
                 Some(acceptor) => {
                     // The handshake counts against the head timeout; a TLS client that stalls is simply closed.
-                    let Ok(Ok(stream)) = tokio::time::timeout(head_timeout, acceptor.accept(stream)).await else {
+                    let Ok(Ok(stream)) = tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await
+                    else {
                         return;
                     };
-                    let io = TrackedIo { stream, head_pending };
+                    let io = TrackedIo { stream, head_pending: ctx.head_pending.clone() };
+                    let service = service_fn(move |req: Request<Incoming>| handle(ctx.clone(), req.map(ClientBody::Hyper)));
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
                     let _ = watcher.watch(conn.into_owned()).await;
                 }
@@ -150,7 +167,12 @@ async fn accept_loop(shared: Arc<Shared>, b: Bound, mut shutdown: watch::Receive
         });
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+    tracker.close();
+    let drained = async {
+        graceful.shutdown().await;
+        tracker.wait().await;
+    };
+    if tokio::time::timeout(drain, drained).await.is_err() {
         tracing::warn!("drain timeout: closing the remaining client connections");
     }
 }

@@ -20,6 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 use crate::error::ProxyError;
+use crate::h1down::ClientBody;
 use crate::ewma::PeakEwma;
 use crate::h1up::{self, ExchangeError, RawBody, RawConn};
 use crate::metrics::Stats;
@@ -30,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 /// body streamed with the route's size limit.
 pub enum ReqBody {
     Full(Option<Bytes>),
-    Stream(Limited<Incoming>),
+    Stream(Limited<ClientBody>),
 }
 
 impl Body for ReqBody {
