@@ -44,6 +44,45 @@ pub struct ConnCtx {
     pub body_timeout: Duration,
     /// The client's IP address as text, made once per connection for the forwarding headers.
     pub peer_ip: String,
+    /// `X-Forwarded-For` when the client sent none: the client's IP address.
+    pub xff: HeaderValue,
+    /// The start of `Forwarded`: `for=IP;proto=SCHEME`.
+    pub forwarded_for: String,
+}
+
+impl ConnCtx {
+    /// The per-connection context; the forwarding headers' fixed parts are made here, once.
+    pub fn new(
+        shared: Arc<Shared>,
+        listener: String,
+        peer: SocketAddr,
+        tls: bool,
+        body_timeout: Duration,
+    ) -> ConnCtx {
+        let peer_ip = peer.ip().to_string();
+        let xff = HeaderValue::from_str(&peer_ip).expect("an IP address is a valid header value");
+        let mut forwarded_for = String::with_capacity(48);
+        forwarded_for.push_str("for=");
+        if peer.is_ipv6() {
+            forwarded_for.push_str("\"[");
+            forwarded_for.push_str(&peer_ip);
+            forwarded_for.push_str("]\"");
+        } else {
+            forwarded_for.push_str(&peer_ip);
+        }
+        forwarded_for.push_str(if tls { ";proto=https" } else { ";proto=http" });
+        ConnCtx {
+            shared,
+            listener,
+            peer,
+            tls,
+            head_pending: Arc::new(AtomicBool::new(false)),
+            body_timeout,
+            peer_ip,
+            xff,
+            forwarded_for,
+        }
+    }
 }
 
 const HOP_BY_HOP: [HeaderName; 7] = [
@@ -58,15 +97,34 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 
 /// Removes hop-by-hop headers, including those named in `Connection`.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
+    // Most messages carry none, or only `Connection`: one pass over the names finds which to remove.
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
+        return;
+    }
+    if present & 1 != 0 {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+            .collect();
+        for name in &named {
+            headers.remove(name);
+        }
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
@@ -83,9 +141,22 @@ fn is_upgrade(req: &Request<ClientBody>) -> bool {
 /// The request's host without port, lower-case: from the URI (HTTP/2, absolute form) or the Host header.
 fn request_host(req: &Request<ClientBody>) -> Option<String> {
     let host = match req.uri().host() {
-        Some(h) => h.to_string(),
+        Some(h) => h,
         None => {
-            req.headers().get(header::HOST)?.to_str().ok()?.parse::<http::uri::Authority>().ok()?.host().to_string()
+            let value = req.headers().get(header::HOST)?.as_bytes();
+            // The usual `name` or `name:port` is split by hand; anything else is parsed as an authority.
+            let simple = value.iter().all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':'));
+            if simple {
+                let text = std::str::from_utf8(value).ok()?;
+                let host = match text.split_once(':') {
+                    Some((h, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => h,
+                    Some(_) => return None,
+                    None => text,
+                };
+                return (!host.is_empty()).then(|| host.to_ascii_lowercase());
+            }
+            let authority = std::str::from_utf8(value).ok()?.parse::<http::uri::Authority>().ok()?;
+            return Some(authority.host().trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase());
         }
     };
     Some(host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase())
@@ -138,7 +209,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<ClientBody>) -> Result<Respo
     ctx.head_pending.store(false, Ordering::Relaxed);
     let snap = ctx.shared.snapshot.load_full();
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    let path = ctx.shared.access_log.as_ref().map(|_| req.uri().path().to_string());
     let host = request_host(&req);
     let mut out = Outcome {
         result: Err(ProxyError::Deadline { ms: 0 }),
@@ -509,6 +580,9 @@ async fn forward(
 }
 
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Whether `addr` refuses a TCP connection right now (the process behind it is gone).
 async fn refuses_connections(addr: std::net::SocketAddr) -> bool {
@@ -617,38 +691,26 @@ fn rewrite_request(
         parts.headers.insert(header::UPGRADE, u);
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    let ip = ctx.peer.ip();
-    let ip_text = &ctx.peer_ip;
-    let xff = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => HeaderValue::from_str(&format!("{prev}, {ip_text}")).ok(),
-        None => HeaderValue::from_str(ip_text).ok(),
-    };
-    let proto = if ctx.tls { "https" } else { "http" };
     let h = &mut parts.headers;
+    let xff = match h.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", ctx.peer_ip)).ok(),
+        None => Some(ctx.xff.clone()),
+    };
     if let Some(v) = xff {
-        h.insert("x-forwarded-for", v);
+        h.insert(X_FORWARDED_FOR, v);
     }
-    h.insert("x-forwarded-proto", HeaderValue::from_static(if ctx.tls { "https" } else { "http" }));
+    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if ctx.tls { "https" } else { "http" }));
     if let Some(host) = original_host {
-        h.insert("x-forwarded-host", host);
+        h.insert(X_FORWARDED_HOST, host);
     }
-    let mut forwarded = String::with_capacity(64);
-    forwarded.push_str("for=");
-    if ip.is_ipv6() {
-        forwarded.push_str("\"[");
-        forwarded.push_str(ip_text);
-        forwarded.push_str("]\"");
-    } else {
-        forwarded.push_str(ip_text);
-    }
-    forwarded.push_str(";proto=");
-    forwarded.push_str(proto);
+    let mut forwarded = String::with_capacity(ctx.forwarded_for.len() + 8 + host.map_or(0, str::len));
+    forwarded.push_str(&ctx.forwarded_for);
     if let Some(host) = host {
         forwarded.push_str(";host=\"");
         forwarded.push_str(host);
         forwarded.push('"');
     }
-    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(forwarded)) {
         h.append(header::FORWARDED, v);
     }
     h.append(header::VIA, via(parts.version));

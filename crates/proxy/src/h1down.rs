@@ -295,7 +295,8 @@ fn parse(buf: &[u8], limits: &Limits) -> Parsed {
 /// Builds the request from its head; `head` is the head's bytes, which the header values share.
 fn request(parsed: &Head, head: &Bytes) -> Option<Request<()>> {
     let uri = Uri::from_maybe_shared(head.slice(parsed.target.0..parsed.target.1)).ok()?;
-    let mut map = HeaderMap::with_capacity(parsed.headers.len());
+    // Room for the forwarding headers the proxy adds, so that the map never grows.
+    let mut map = HeaderMap::with_capacity(parsed.headers.len() + 8);
     for &((n0, n1), (v0, v1)) in &parsed.headers {
         let name = HeaderName::from_bytes(&head[n0..n1]).ok()?;
         // SAFETY: httparse accepted the value, which rules out the bytes a header value may not hold.

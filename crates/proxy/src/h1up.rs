@@ -4,6 +4,7 @@
 //! task, no channel between tasks, no per-request timer beyond the response timeout.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -21,6 +22,8 @@ use crate::upstream::ReqBody;
 pub const HEAD_BYTES_MAX: usize = 64 * 1024;
 /// Most response headers accepted from a server.
 const HEADERS_MAX: usize = 128;
+/// A request body kept for replay up to this size is written with its head.
+const SMALL_BODY_BYTES: usize = 16 * 1024;
 /// Read buffer growth step.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -28,6 +31,8 @@ const READ_CHUNK: usize = 16 * 1024;
 pub struct RawConn {
     pub stream: TcpStream,
     buf: BytesMut,
+    /// The request head being written (kept to reuse its allocation).
+    out: Vec<u8>,
     /// Exchanges completed on this connection (0: a fresh one).
     pub reused: u32,
 }
@@ -58,7 +63,7 @@ fn bad(what: impl Into<String>) -> io::Error {
 
 impl RawConn {
     pub fn new(stream: TcpStream) -> RawConn {
-        RawConn { stream, buf: BytesMut::with_capacity(READ_CHUNK), reused: 0 }
+        RawConn { stream, buf: BytesMut::with_capacity(READ_CHUNK), out: Vec::new(), reused: 0 }
     }
 
     async fn fill(&mut self) -> io::Result<()> {
@@ -74,8 +79,9 @@ impl RawConn {
 }
 
 /// Serialises a request head.
-fn head_bytes(method: &Method, path: &str, headers: &HeaderMap, framing: &RequestFraming) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256 + headers.len() * 32);
+fn head_bytes(out: &mut Vec<u8>, method: &Method, path: &str, headers: &HeaderMap, framing: &RequestFraming) {
+    out.clear();
+    out.reserve(256 + headers.len() * 32);
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(path.as_bytes());
@@ -97,7 +103,6 @@ fn head_bytes(method: &Method, path: &str, headers: &HeaderMap, framing: &Reques
         _ => {}
     }
     out.extend_from_slice(b"\r\n");
-    out
 }
 
 enum RequestFraming {
@@ -138,10 +143,23 @@ pub async fn exchange(
         RequestFraming::Chunked
     };
     let chunked = matches!(framing, RequestFraming::Chunked);
-    let head = head_bytes(method, path, headers, &framing);
+    let mut out = std::mem::take(&mut conn.out);
+    head_bytes(&mut out, method, path, headers, &framing);
+    // A small body kept for replay leaves with its head, in one write.
+    let mut body_sent = false;
+    if let (RequestFraming::Length, ReqBody::Full(Some(data))) = (&framing, &body) {
+        if data.len() <= SMALL_BODY_BYTES {
+            out.extend_from_slice(data);
+            body_sent = true;
+        }
+    }
     // The first write tells whether the server can have seen anything: a failure here sent nothing.
-    conn.stream.write_all(&head).await.map_err(ExchangeError::Unsent)?;
-    if !matches!(framing, RequestFraming::Empty) {
+    let written = conn.stream.write_all(&out).await;
+    if out.capacity() <= 2 * SMALL_BODY_BYTES {
+        conn.out = out;
+    }
+    written.map_err(ExchangeError::Unsent)?;
+    if !matches!(framing, RequestFraming::Empty) && !body_sent {
         while let Some(frame) = body.frame().await {
             let frame = match frame {
                 Ok(f) => f,
@@ -170,54 +188,27 @@ pub async fn exchange(
     }
 
     loop {
-        let mut parsed = [httparse::EMPTY_HEADER; HEADERS_MAX];
-        let mut resp = httparse::Response::new(&mut parsed);
-        match resp.parse(&conn.buf) {
-            Ok(httparse::Status::Complete(len)) => {
-                let code = resp.code.unwrap_or(0);
-                let status =
-                    StatusCode::from_u16(code).map_err(|_| ExchangeError::Failed(bad(format!("bad status {code}"))))?;
-                if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
-                    // 100 Continue and friends: the final response follows.
-                    conn.buf.advance(len);
-                    continue;
-                }
-                let mut map = HeaderMap::with_capacity(resp.headers.len());
-                let (mut length, mut chunked_resp, mut close) = (None, false, resp.version == Some(0));
-                for h in resp.headers.iter() {
-                    let name = HeaderName::from_bytes(h.name.as_bytes())
-                        .map_err(|_| ExchangeError::Failed(bad("bad header name")))?;
-                    let value =
-                        HeaderValue::from_bytes(h.value).map_err(|_| ExchangeError::Failed(bad("bad header value")))?;
-                    if name == http::header::CONTENT_LENGTH {
-                        length = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<u64>().ok());
-                    } else if name == http::header::TRANSFER_ENCODING {
-                        chunked_resp = h.value.windows(7).any(|w| w.eq_ignore_ascii_case(b"chunked"));
-                    } else if name == http::header::CONNECTION {
-                        close |= h.value.windows(5).any(|w| w.eq_ignore_ascii_case(b"close"));
-                    }
+        match parse_head(&conn.buf, method).map_err(ExchangeError::Failed)? {
+            Some(Head::Informational(len)) => {
+                // 100 Continue and friends: the final response follows.
+                conn.buf.advance(len);
+            }
+            Some(Head::Final(head)) => {
+                let bytes = conn.buf.split_to(head.len).freeze();
+                let mut map = HeaderMap::with_capacity(head.headers.len());
+                for (name, (v0, v1)) in head.headers {
+                    // SAFETY: httparse accepted the value, which rules out the bytes a header value may not hold.
+                    let value = unsafe { HeaderValue::from_maybe_shared_unchecked(bytes.slice(v0..v1)) };
                     map.append(name, value);
                 }
-                conn.buf.advance(len);
-                let no_body =
-                    *method == Method::HEAD || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
-                let framing = if no_body {
-                    Framing::None
-                } else if chunked_resp {
-                    Framing::Chunked { left: 0, last: false }
-                } else if let Some(n) = length {
-                    Framing::Length(n)
-                } else {
-                    close = true;
-                    Framing::UntilClose
-                };
-                let mut out = Response::new(RawBody { conn: Some(conn), framing, reusable: !close, done: Some(done) });
-                *out.status_mut() = status;
+                let mut out =
+                    Response::new(RawBody { conn: Some(conn), framing: head.framing, reusable: !head.close, done: Some(done) });
+                *out.status_mut() = head.status;
                 *out.version_mut() = Version::HTTP_11;
                 *out.headers_mut() = map;
                 return Ok(out);
             }
-            Ok(httparse::Status::Partial) => {
+            None => {
                 if conn.buf.len() > HEAD_BYTES_MAX {
                     return Err(ExchangeError::Failed(bad("response head too large")));
                 }
@@ -232,9 +223,81 @@ pub async fn exchange(
                     }
                 })?;
             }
-            Err(e) => return Err(ExchangeError::Failed(bad(format!("bad response head: {e}")))),
         }
     }
+}
+
+/// A parsed response head.
+enum Head {
+    /// A 1xx other than 101, of this many bytes.
+    Informational(usize),
+    Final(FinalHead),
+}
+
+struct FinalHead {
+    len: usize,
+    status: StatusCode,
+    /// Names, and where the values lie in the head; hop-by-hop headers the proxy handles itself are left out.
+    headers: Vec<(HeaderName, (usize, usize))>,
+    framing: Framing,
+    close: bool,
+}
+
+/// Parses a response head at the start of `buf`; `None` while it is incomplete.
+fn parse_head(buf: &[u8], method: &Method) -> io::Result<Option<Head>> {
+    let mut slots = [const { MaybeUninit::<httparse::Header>::uninit() }; HEADERS_MAX];
+    let mut resp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, buf, &mut slots) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(bad(format!("bad response head: {e}"))),
+    };
+    let code = resp.code.unwrap_or(0);
+    let status = StatusCode::from_u16(code).map_err(|_| bad(format!("bad status {code}")))?;
+    if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+        return Ok(Some(Head::Informational(len)));
+    }
+    let base = buf.as_ptr() as usize;
+    let mut headers = Vec::with_capacity(resp.headers.len());
+    let (mut length, mut chunked, mut close) = (None, false, resp.version == Some(0));
+    for h in resp.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| bad("bad header name"))?;
+        if name == http::header::CONTENT_LENGTH {
+            length = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<u64>().ok());
+        } else if name == http::header::TRANSFER_ENCODING {
+            chunked = h.value.windows(7).any(|w| w.eq_ignore_ascii_case(b"chunked"));
+            continue;
+        } else if name == http::header::CONNECTION {
+            let mut only_own = true;
+            for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if !token.eq_ignore_ascii_case(b"keep-alive") {
+                    only_own = false;
+                }
+            }
+            // A Connection header naming other headers stays, so that the proxy strips those too.
+            if only_own {
+                continue;
+            }
+        } else if name.as_str() == "keep-alive" {
+            continue;
+        }
+        let start = h.value.as_ptr() as usize - base;
+        headers.push((name, (start, start + h.value.len())));
+    }
+    let no_body = *method == Method::HEAD || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    let framing = if no_body {
+        Framing::None
+    } else if chunked {
+        Framing::Chunked { left: 0, last: false }
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else {
+        close = true;
+        Framing::UntilClose
+    };
+    Ok(Some(Head::Final(FinalHead { len, status, headers, framing, close })))
 }
 
 /// Up to `left` buffered body bytes, without copying, and how many remain after them; `None` when none are buffered.

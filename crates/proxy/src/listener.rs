@@ -3,7 +3,7 @@
 //! path (nginx's worker model).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -125,15 +125,7 @@ async fn accept_loop(shared: Arc<Shared>, b: Bound, mut shutdown: watch::Receive
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
             let _permit = permit;
-            let ctx = Arc::new(ConnCtx {
-                shared,
-                listener: listener_name,
-                peer,
-                tls: tls.is_some(),
-                head_pending: Arc::new(AtomicBool::new(false)),
-                body_timeout: limits.header_read_timeout,
-                peer_ip: peer.ip().to_string(),
-            });
+            let ctx = Arc::new(ConnCtx::new(shared, listener_name, peer, tls.is_some(), limits.header_read_timeout));
             match tls {
                 None => {
                     // The proxy's own HTTP/1.1 server first; hyper takes over for what it does not handle.
