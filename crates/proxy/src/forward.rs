@@ -332,8 +332,11 @@ async fn forward(
     let upgrade = is_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let client_version = req.version();
-    let (head, body) = rewrite_request(req, ctx, upgrade, host);
+    let (mut head, added, body) = rewrite_request(req, ctx, upgrade, host);
     if let Some(queue) = &route.queue {
+        for (name, value) in added {
+            head.headers.append(name, value);
+        }
         return enqueue(ctx, queue, head, body, route.body_bytes_max).await;
     }
     let mut body = if body.is_end_stream() {
@@ -458,7 +461,7 @@ async fn forward(
             return Err(last.unwrap_or(ProxyError::Deadline { ms: 0 }));
         };
         let per_try = service.config.response_timeout.min(deadline.saturating_duration_since(try_start));
-        let sent = server.send(sender, &head, try_body, &service.settings, per_try).await;
+        let sent = server.send(sender, &head, &added, try_body, &service.settings, per_try).await;
         let now = Instant::now();
         let mut resp = match sent {
             Ok(resp) => resp,
@@ -668,40 +671,73 @@ fn via(version: Version) -> HeaderValue {
     })
 }
 
-/// The request head as it goes to servers, and the client's body.
+/// Headers the proxy adds to a request on its way to servers, after the client's own (which hold none of the
+/// same names but `Forwarded` and `Via`, appended to). The proxy's HTTP/1.1 client writes them right after the
+/// header map, which then never grows; other senders append them to their copy of the map.
+pub type Added = Vec<(HeaderName, HeaderValue)>;
+
+/// The request head as it goes to servers, the headers the proxy adds to it, and the client's body.
 fn rewrite_request(
     req: Request<ClientBody>,
     ctx: &ConnCtx,
     upgrade: bool,
     host: Option<&str>,
-) -> (http::request::Parts, ClientBody) {
+) -> (http::request::Parts, Added, ClientBody) {
     let (mut parts, body) = req.into_parts();
     let upgrade_value = if upgrade { parts.headers.get(header::UPGRADE).cloned() } else { None };
+    let (mut has_host, mut has_xff, mut has_proto, mut has_fwd_host) = (false, false, false, false);
+    for name in parts.headers.keys() {
+        if name == header::HOST {
+            has_host = true;
+        } else if name == X_FORWARDED_FOR {
+            has_xff = true;
+        } else if name == X_FORWARDED_PROTO {
+            has_proto = true;
+        } else if name == X_FORWARDED_HOST {
+            has_fwd_host = true;
+        }
+    }
     // HTTP/2 carries the authority in the URI; HTTP/1.1 servers need it as Host.
-    if !parts.headers.contains_key(header::HOST) {
+    if !has_host {
         if let Some(authority) = parts.uri.authority() {
             if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
                 parts.headers.insert(header::HOST, v);
+                has_host = true;
             }
         }
     }
-    let original_host = parts.headers.get(header::HOST).cloned();
+    let original_host = if has_host { parts.headers.get(header::HOST).cloned() } else { None };
     strip_hop_by_hop(&mut parts.headers);
     if let Some(u) = upgrade_value {
         parts.headers.insert(header::UPGRADE, u);
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     let h = &mut parts.headers;
-    let xff = match h.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", ctx.peer_ip)).ok(),
-        None => Some(ctx.xff.clone()),
+    let mut added = Added::with_capacity(5);
+    let xff = if has_xff {
+        let mut chain = String::new();
+        for prev in h.get_all(X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()) {
+            chain.push_str(prev);
+            chain.push_str(", ");
+        }
+        chain.push_str(&ctx.peer_ip);
+        h.remove(X_FORWARDED_FOR);
+        HeaderValue::from_maybe_shared(Bytes::from(chain)).ok()
+    } else {
+        Some(ctx.xff.clone())
     };
     if let Some(v) = xff {
-        h.insert(X_FORWARDED_FOR, v);
+        added.push((X_FORWARDED_FOR, v));
     }
-    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if ctx.tls { "https" } else { "http" }));
+    if has_proto {
+        h.remove(X_FORWARDED_PROTO);
+    }
+    added.push((X_FORWARDED_PROTO, HeaderValue::from_static(if ctx.tls { "https" } else { "http" })));
+    if has_fwd_host {
+        h.remove(X_FORWARDED_HOST);
+    }
     if let Some(host) = original_host {
-        h.insert(X_FORWARDED_HOST, host);
+        added.push((X_FORWARDED_HOST, host));
     }
     let mut forwarded = String::with_capacity(ctx.forwarded_for.len() + 8 + host.map_or(0, str::len));
     forwarded.push_str(&ctx.forwarded_for);
@@ -711,9 +747,9 @@ fn rewrite_request(
         forwarded.push('"');
     }
     if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(forwarded)) {
-        h.append(header::FORWARDED, v);
+        added.push((header::FORWARDED, v));
     }
-    h.append(header::VIA, via(parts.version));
+    added.push((header::VIA, via(parts.version)));
     parts.version = Version::HTTP_11;
     // Servers get the origin form (path and query); an HTTP/1.1 request usually has it already.
     if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
@@ -723,7 +759,7 @@ fn rewrite_request(
             }
         }
     }
-    (parts, body)
+    (parts, added, body)
 }
 
 /// A server's response body on its way to the client; the server's in-flight count lasts as long as it does.

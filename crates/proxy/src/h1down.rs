@@ -348,14 +348,19 @@ fn encode_head(out: &mut Vec<u8>, resp: &Response<RespBody>, head_request: bool,
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    let headers = resp.headers();
-    for (name, value) in headers {
+    let (mut dated, mut declared) = (false, None);
+    for (name, value) in resp.headers() {
+        if *name == header::DATE {
+            dated = true;
+        } else if *name == header::CONTENT_LENGTH {
+            declared = std::str::from_utf8(value.as_bytes()).ok().and_then(|v| v.trim().parse::<u64>().ok());
+        }
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if !headers.contains_key(header::DATE) {
+    if !dated {
         out.extend_from_slice(b"date: ");
         out.extend_from_slice(date().as_bytes());
         out.extend_from_slice(b"\r\n");
@@ -364,7 +369,6 @@ fn encode_head(out: &mut Vec<u8>, resp: &Response<RespBody>, head_request: bool,
         out.extend_from_slice(b"connection: close\r\n");
     }
     let bodyless = head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
     let framing = if bodyless {
         Out::Nothing
     } else if let Some(n) = declared {
@@ -495,7 +499,7 @@ pub async fn serve(
         // The next head must be complete within the header read timeout (idle keep-alive time included).
         timer.as_mut().reset(tokio::time::Instant::now() + limits.header_read_timeout);
         let head = loop {
-            match parse(&buf, &limits) {
+            match if buf.is_empty() { Parsed::Partial } else { parse(&buf, &limits) } {
                 Parsed::Head(h) => break h,
                 Parsed::Other => return hand_off(conn, buf, &ctx),
                 Parsed::Partial if buf.len() > head_bytes_max => return hand_off(conn, buf, &ctx),

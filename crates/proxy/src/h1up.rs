@@ -79,7 +79,14 @@ impl RawConn {
 }
 
 /// Serialises a request head.
-fn head_bytes(out: &mut Vec<u8>, method: &Method, path: &str, headers: &HeaderMap, framing: &RequestFraming) {
+fn head_bytes(
+    out: &mut Vec<u8>,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    added: &[(HeaderName, HeaderValue)],
+    framing: &RequestFraming,
+) {
     out.clear();
     out.reserve(256 + headers.len() * 32);
     out.extend_from_slice(method.as_str().as_bytes());
@@ -90,6 +97,12 @@ fn head_bytes(out: &mut Vec<u8>, method: &Method, path: &str, headers: &HeaderMa
         if name == http::header::CONTENT_LENGTH && !matches!(framing, RequestFraming::Length) {
             continue;
         }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in added {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
@@ -132,6 +145,7 @@ pub async fn exchange(
     method: &Method,
     path: &str,
     headers: &HeaderMap,
+    added: &[(HeaderName, HeaderValue)],
     mut body: ReqBody,
     done: Box<dyn FnOnce(RawConn) + Send>,
 ) -> Result<Response<RawBody>, ExchangeError> {
@@ -144,7 +158,7 @@ pub async fn exchange(
     };
     let chunked = matches!(framing, RequestFraming::Chunked);
     let mut out = std::mem::take(&mut conn.out);
-    head_bytes(&mut out, method, path, headers, &framing);
+    head_bytes(&mut out, method, path, headers, added, &framing);
     // A small body kept for replay leaves with its head, in one write.
     let mut body_sent = false;
     if let (RequestFraming::Length, ReqBody::Full(Some(data))) = (&framing, &body) {

@@ -310,6 +310,7 @@ impl Server {
         self: &Arc<Server>,
         sender: Sender,
         head: &http::request::Parts,
+        added: &[(http::HeaderName, http::HeaderValue)],
         body: ReqBody,
         settings: &ConnSettings,
         response_timeout: Duration,
@@ -320,7 +321,11 @@ impl Server {
             *r.method_mut() = head.method.clone();
             *r.uri_mut() = head.uri.clone();
             *r.version_mut() = head.version;
-            *r.headers_mut() = head.headers.clone();
+            let mut headers = head.headers.clone();
+            for (name, value) in added {
+                headers.append(name.clone(), value.clone());
+            }
+            *r.headers_mut() = headers;
             r
         };
         match sender {
@@ -329,7 +334,7 @@ impl Server {
                 let server = self.clone();
                 let idle_max = settings.idle_max;
                 let give_back = Box::new(move |conn: RawConn| server.checkin(conn, idle_max));
-                let exchange = h1up::exchange(conn, &head.method, path, &head.headers, body, give_back);
+                let exchange = h1up::exchange(conn, &head.method, path, &head.headers, added, body, give_back);
                 match tokio::time::timeout(response_timeout, exchange).await {
                     Ok(Ok(resp)) => Ok(resp.map(UpBody::Raw)),
                     Ok(Err(ExchangeError::Unsent(source))) => {
