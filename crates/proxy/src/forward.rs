@@ -48,6 +48,34 @@ pub struct ConnCtx {
     pub xff: HeaderValue,
     /// The start of `Forwarded`: `for=IP;proto=SCHEME`.
     pub forwarded_for: String,
+    /// A response timer to reuse from one request to the next (a request that finds it taken makes its own).
+    timer: std::sync::Mutex<Option<Pin<Box<tokio::time::Sleep>>>>,
+}
+
+/// A response timer taken from the connection for one request, and given back when the request is done.
+struct TimerLease<'a> {
+    ctx: &'a ConnCtx,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<'a> TimerLease<'a> {
+    fn take(ctx: &'a ConnCtx) -> TimerLease<'a> {
+        let timer = ctx.timer.lock().expect("timer lock").take();
+        let timer = timer.unwrap_or_else(|| Box::pin(tokio::time::sleep(Duration::from_secs(3600))));
+        TimerLease { ctx, timer: Some(timer) }
+    }
+
+    fn get(&mut self) -> Pin<&mut tokio::time::Sleep> {
+        self.timer.as_mut().expect("held until drop").as_mut()
+    }
+}
+
+impl Drop for TimerLease<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut slot) = self.ctx.timer.lock() {
+            *slot = self.timer.take();
+        }
+    }
 }
 
 impl ConnCtx {
@@ -81,6 +109,7 @@ impl ConnCtx {
             peer_ip,
             xff,
             forwarded_for,
+            timer: std::sync::Mutex::new(None),
         }
     }
 }
@@ -361,6 +390,7 @@ async fn forward(
     let deadline = start + service.config.request_timeout;
     let wait_max = service.config.admission.queue_wait_max;
     let mut tried = Tried::default();
+    let mut timer = TimerLease::take(ctx);
     let mut reached = 0u32;
     // Tries are counted per server only where a deploy may judge them (the app services): a static pool pays
     // nothing for it on the hot path.
@@ -461,7 +491,7 @@ async fn forward(
             return Err(last.unwrap_or(ProxyError::Deadline { ms: 0 }));
         };
         let per_try = service.config.response_timeout.min(deadline.saturating_duration_since(try_start));
-        let sent = server.send(sender, &head, &added, try_body, &service.settings, per_try).await;
+        let sent = server.send(sender, &head, &added, try_body, &service.settings, per_try, timer.get()).await;
         let now = Instant::now();
         let mut resp = match sent {
             Ok(resp) => resp,

@@ -383,7 +383,8 @@ async fn send_once(shared: &Shared, queue: &Queue, key: &str, req: QueuedRequest
     };
     let body = ReqBody::Full(Some(Bytes::from(req.body)));
     let timeout = svc.config.response_timeout;
-    match server.send(sender, &head, &[], body, &svc.settings, timeout).await {
+    let timer = std::pin::pin!(tokio::time::sleep(timeout));
+    match server.send(sender, &head, &[], body, &svc.settings, timeout, timer).await {
         Ok(resp) => {
             let now = Instant::now();
             server.observe_latency(now, now - start);

@@ -314,6 +314,7 @@ impl Server {
         body: ReqBody,
         settings: &ConnSettings,
         response_timeout: Duration,
+        timer: Pin<&mut tokio::time::Sleep>,
     ) -> Result<Response<UpBody>, ProxyError> {
         let addr = self.addr;
         let request = |body: ReqBody| {
@@ -335,7 +336,16 @@ impl Server {
                 let idle_max = settings.idle_max;
                 let give_back = Box::new(move |conn: RawConn| server.checkin(conn, idle_max));
                 let exchange = h1up::exchange(conn, &head.method, path, &head.headers, added, body, give_back);
-                match tokio::time::timeout(response_timeout, exchange).await {
+                // The caller's timer is reused: moving a registered timer's deadline later costs next to nothing,
+                // where a new timer per try is registered with the runtime and removed again.
+                let mut timer = timer;
+                timer.as_mut().reset(tokio::time::Instant::now() + response_timeout);
+                let result = tokio::select! {
+                    biased;
+                    r = exchange => Ok(r),
+                    () = timer => Err(()),
+                };
+                match result {
                     Ok(Ok(resp)) => Ok(resp.map(UpBody::Raw)),
                     Ok(Err(ExchangeError::Unsent(source))) => {
                         Err(ProxyError::UpstreamIo { addr, sent: false, stale: false, dropped: false, source })
