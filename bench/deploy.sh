@@ -22,8 +22,7 @@ if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-[ -x target/release/nonstop ] || cargo build --release -q
-NONSTOP=$PWD/target/release/nonstop
+. bench/nonstop-bin.sh
 PROXY=19080
 ADMIN=19900
 APPS=(19101 19102 19103)

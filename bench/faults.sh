@@ -33,8 +33,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
-[ -x target/release/nonstop ] || cargo build --release -q
-NONSTOP=$PWD/target/release/nonstop
+. bench/nonstop-bin.sh
 
 PROXY=19080
 APPS=(19101 19102 19103)

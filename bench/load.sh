@@ -24,8 +24,7 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-[ -x target/release/nonstop ] || cargo build --release -q
-NONSTOP=target/release/nonstop
+. bench/nonstop-bin.sh
 PORT=18401
 
 cat > "$WORK/nginx.conf" <<CONF

@@ -28,8 +28,7 @@ fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 
-[ -x target/release/nonstop ] || cargo build --release -q
-NONSTOP=target/release/nonstop
+. bench/nonstop-bin.sh
 
 B1=18101; B2=18102; P_NGINX=18201; P_HAPROXY=18202; P_NONSTOP=18203
 

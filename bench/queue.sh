@@ -21,8 +21,7 @@ if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
   echo "starting RabbitMQ"; rabbitmq-server -detached
   for _ in $(seq 60); do (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null && break; sleep 1; done
 fi
-[ -x target/release/nonstop ] || cargo build --release -q
-NONSTOP=$PWD/target/release/nonstop
+. bench/nonstop-bin.sh
 APP=19301; PROXY=19380; PROXY_RABBIT=19381
 
 RUST_LOG=warn "$NONSTOP" app --listen 127.0.0.1:$APP --db "sqlite://$WORK/orders.db" --workers 8 > /dev/null & PIDS+=($!)

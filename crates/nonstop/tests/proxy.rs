@@ -446,3 +446,166 @@ async fn a_drained_servers_long_lived_responses_end_cleanly_at_the_drain_deadlin
     let body = String::from_utf8_lossy(&r.body);
     assert!(body.starts_with("data: tick 0") && body.contains("tick 5"), "a complete, cleanly ended stream: {body}");
 }
+
+/// One response read off a raw socket: status, lower-case headers, body (decoded when chunked).
+struct RawResp {
+    status: u16,
+    headers: BTreeMap<String, String>,
+    body: Vec<u8>,
+}
+
+/// Reads one response from `stream`, keeping what follows it in `buf`; `head_only` for an answer to HEAD.
+async fn read_raw(stream: &mut TcpStream, buf: &mut Vec<u8>, head_only: bool) -> RawResp {
+    async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>) {
+        let mut chunk = [0u8; 16384];
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk)).await.expect("answer in time");
+        let n = n.expect("read");
+        assert!(n > 0, "closed mid-response; have {:?}", String::from_utf8_lossy(buf));
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        fill(stream, buf).await;
+    };
+    let head = String::from_utf8(buf[..head_end].to_vec()).unwrap();
+    buf.drain(..head_end);
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: BTreeMap<String, String> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut body = Vec::new();
+    if head_only || status == 100 {
+        return RawResp { status, headers, body };
+    }
+    if let Some(n) = headers.get("content-length") {
+        let n: usize = n.parse().unwrap();
+        while buf.len() < n {
+            fill(stream, buf).await;
+        }
+        body = buf.drain(..n).collect();
+    } else if headers.get("transfer-encoding").is_some_and(|t| t.contains("chunked")) {
+        loop {
+            let line_end = loop {
+                if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
+                    break i;
+                }
+                fill(stream, buf).await;
+            };
+            let size = usize::from_str_radix(std::str::from_utf8(&buf[..line_end]).unwrap().trim(), 16).unwrap();
+            buf.drain(..line_end + 2);
+            while buf.len() < size + 2 {
+                fill(stream, buf).await;
+            }
+            body.extend(buf.drain(..size));
+            buf.drain(..2);
+            if size == 0 {
+                break;
+            }
+        }
+    }
+    RawResp { status, headers, body }
+}
+
+/// Whether the peer closes `stream` (with no further byte) within `limit`.
+async fn closes_within(stream: &mut TcpStream, limit: Duration) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(tokio::time::timeout(limit, stream.read(&mut byte)).await, Ok(Ok(0)) | Ok(Err(_)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxys_own_http1_server_keeps_every_exchange_framed() {
+    let dir = TempDir::new("h1down");
+    let backend = echo::start("e1").await;
+    let toml = format!(
+        "[[listeners]]\nlisten = \"127.0.0.1:0\"\nheader_read_timeout_ms = 1000\n\
+         [[routes]]\npath_prefix = \"/\"\nbody_bytes_max = 100000\nservice = \"s\"\n\
+         [services.s]\nservers = [{{ addr = \"{backend}\" }}]\n"
+    );
+    let (p, _) = serve_file(&dir, &toml);
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let mut buf = Vec::new();
+
+    // Two pipelined requests in one write: two answers, in order, with the forwarding headers.
+    s.write_all(b"GET /slow?ms=50 HTTP/1.1\r\nHost: a.test\r\n\r\nGET /headers HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .unwrap();
+    let first = read_raw(&mut s, &mut buf, false).await;
+    assert_eq!((first.status, first.body.as_slice()), (200, &b"{\"server\":\"e1\"}"[..]));
+    assert!(first.headers.contains_key("date"), "{:?}", first.headers);
+    let second = read_raw(&mut s, &mut buf, false).await;
+    let seen: serde_json::Value = serde_json::from_slice(&second.body).unwrap();
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen["x-forwarded-host"], "a.test");
+    assert_eq!(seen["forwarded"], "for=127.0.0.1;proto=http;host=\"a.test\"");
+    assert_eq!(seen["via"], "1.1 nonstop");
+
+    // A body that arrives in pieces is read to its declared end.
+    s.write_all(b"POST /count HTTP/1.1\r\nHost: a.test\r\nContent-Length: 30000\r\n\r\n").await.unwrap();
+    s.write_all(&[b'x'; 10000]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(&[b'x'; 20000]).await.unwrap();
+    let r = read_raw(&mut s, &mut buf, false).await;
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"{\"bytes\":30000}"[..]));
+
+    // HEAD: a length but no body, and the connection goes on.
+    s.write_all(b"HEAD / HTTP/1.1\r\nHost: a.test\r\n\r\n").await.unwrap();
+    let r = read_raw(&mut s, &mut buf, true).await;
+    assert_eq!(r.status, 200);
+    // A streamed answer of unknown length is sent chunked.
+    s.write_all(b"GET /stream?bytes=200000 HTTP/1.1\r\nHost: a.test\r\n\r\n").await.unwrap();
+    let r = read_raw(&mut s, &mut buf, false).await;
+    assert_eq!((r.status, r.body.len()), (200, 200_000));
+    assert_eq!(r.headers.get("transfer-encoding").map(String::as_str), Some("chunked"));
+
+    // A chunked request body is hyper's to read: the connection is handed over, and keeps serving.
+    s.write_all(b"POST /count HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_raw(&mut s, &mut buf, false).await;
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"{\"bytes\":5}"[..]));
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").await.unwrap();
+    assert_eq!(read_raw(&mut s, &mut buf, false).await.status, 200);
+    assert!(buf.is_empty());
+
+    // Idle past the header read timeout: closed without a word (a 408 is for a head that started).
+    let mut idle = TcpStream::connect(p.addr).await.unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").await.unwrap();
+    let mut ibuf = Vec::new();
+    assert_eq!(read_raw(&mut idle, &mut ibuf, false).await.status, 200);
+    let started = Instant::now();
+    assert!(closes_within(&mut idle, Duration::from_secs(5)).await);
+    assert!(started.elapsed() >= Duration::from_millis(800), "closed after {:?}", started.elapsed());
+
+    // An answer sent before the body was read (413 on the declared length) closes the connection: the unread
+    // bytes are never taken for a next request.
+    let mut big = TcpStream::connect(p.addr).await.unwrap();
+    big.write_all(b"POST /count HTTP/1.1\r\nHost: a.test\r\nContent-Length: 200000\r\n\r\nGET /x HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut bbuf = Vec::new();
+    let r = read_raw(&mut big, &mut bbuf, false).await;
+    assert_eq!(r.status, 413);
+    assert_eq!(r.headers.get("connection").map(String::as_str), Some("close"));
+    assert!(closes_within(&mut big, Duration::from_secs(5)).await);
+
+    // HTTP/1.0 and Expect: 100-continue are served (by hyper, after the hand-over).
+    let mut old = TcpStream::connect(p.addr).await.unwrap();
+    old.write_all(b"GET / HTTP/1.0\r\nHost: a.test\r\n\r\n").await.unwrap();
+    let mut obuf = Vec::new();
+    let r = read_raw(&mut old, &mut obuf, false).await;
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"{\"server\":\"e1\"}"[..]));
+    let mut expect = TcpStream::connect(p.addr).await.unwrap();
+    expect
+        .write_all(b"POST /count HTTP/1.1\r\nHost: a.test\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+        .await
+        .unwrap();
+    let mut ebuf = Vec::new();
+    assert_eq!(read_raw(&mut expect, &mut ebuf, false).await.status, 100);
+    expect.write_all(b"abcd").await.unwrap();
+    let r = read_raw(&mut expect, &mut ebuf, false).await;
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"{\"bytes\":4}"[..]));
+}

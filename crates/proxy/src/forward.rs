@@ -80,13 +80,7 @@ impl Drop for TimerLease<'_> {
 
 impl ConnCtx {
     /// The per-connection context; the forwarding headers' fixed parts are made here, once.
-    pub fn new(
-        shared: Arc<Shared>,
-        listener: String,
-        peer: SocketAddr,
-        tls: bool,
-        body_timeout: Duration,
-    ) -> ConnCtx {
+    pub fn new(shared: Arc<Shared>, listener: String, peer: SocketAddr, tls: bool, body_timeout: Duration) -> ConnCtx {
         let peer_ip = peer.ip().to_string();
         let xff = HeaderValue::from_str(&peer_ip).expect("an IP address is a valid header value");
         let mut forwarded_for = String::with_capacity(48);

@@ -29,6 +29,10 @@ const STACK_HEADERS: usize = 100;
 const READ_CHUNK: usize = 8 * 1024;
 /// Body data up to this size is copied next to the response head (one write); larger data is written as is.
 const COALESCE_BYTES_MAX: usize = 16 * 1024;
+/// How long a closing connection keeps reading (and dropping) what its client still sends.
+const LINGER: Duration = Duration::from_secs(2);
+/// How much a closing connection reads and drops at most.
+const LINGER_BYTES_MAX: usize = 1024 * 1024;
 /// A request body is read off the socket in pieces of at most this size.
 const BODY_CHUNK_MAX: usize = 64 * 1024;
 
@@ -483,12 +487,7 @@ fn hex_len(mut n: usize, out: &mut [u8; 16]) -> usize {
 }
 
 /// Serves requests on one plaintext client connection until it closes, or until a request needs hyper.
-pub async fn serve(
-    stream: TcpStream,
-    ctx: Arc<ConnCtx>,
-    limits: Limits,
-    mut shutdown: watch::Receiver<bool>,
-) -> Ended {
+pub async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, limits: Limits, mut shutdown: watch::Receiver<bool>) -> Ended {
     let conn = Arc::new(Conn { stream, body_left: AtomicU64::new(0) });
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut out = Vec::with_capacity(READ_CHUNK);
@@ -559,10 +558,36 @@ pub async fn serve(
         let close = head.close || unread || *shutdown.borrow();
         match write_response(&conn.stream, &mut out, resp, head_request, close).await {
             Ok(true) => {}
-            _ => return Ended::Closed,
+            Ok(false) => {
+                linger(&conn.stream).await;
+                return Ended::Closed;
+            }
+            Err(_) => return Ended::Closed,
         }
         if out.capacity() > 4 * COALESCE_BYTES_MAX {
             out = Vec::with_capacity(READ_CHUNK);
+        }
+    }
+}
+
+/// After the last response: sends FIN, then reads and drops what the client still sends (a body nobody read, a
+/// pipelined request), bounded in time and bytes, before the socket is closed. Closing with unread bytes would
+/// send a reset, which can destroy the response before the client has read it (nginx's lingering close).
+async fn linger(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
+    let deadline = tokio::time::Instant::now() + LINGER;
+    let mut scratch = [0u8; 4096];
+    let mut dropped = 0usize;
+    while dropped <= LINGER_BYTES_MAX {
+        match tokio::time::timeout_at(deadline, stream.readable()).await {
+            Ok(Ok(())) => {}
+            _ => return,
+        }
+        match stream.try_read(&mut scratch) {
+            Ok(0) => return,
+            Ok(n) => dropped += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
         }
     }
 }

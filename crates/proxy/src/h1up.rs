@@ -215,8 +215,12 @@ pub async fn exchange(
                     let value = unsafe { HeaderValue::from_maybe_shared_unchecked(bytes.slice(v0..v1)) };
                     map.append(name, value);
                 }
-                let mut out =
-                    Response::new(RawBody { conn: Some(conn), framing: head.framing, reusable: !head.close, done: Some(done) });
+                let mut out = Response::new(RawBody {
+                    conn: Some(conn),
+                    framing: head.framing,
+                    reusable: !head.close,
+                    done: Some(done),
+                });
                 *out.status_mut() = head.status;
                 *out.version_mut() = Version::HTTP_11;
                 *out.headers_mut() = map;

@@ -134,7 +134,8 @@ async fn accept_loop(shared: Arc<Shared>, b: Bound, mut shutdown: watch::Receive
                     };
                     let last_word = duplicate(io.stream());
                     let head_pending = ctx.head_pending.clone();
-                    let service = service_fn(move |req: Request<Incoming>| handle(ctx.clone(), req.map(ClientBody::Hyper)));
+                    let service =
+                        service_fn(move |req: Request<Incoming>| handle(ctx.clone(), req.map(ClientBody::Hyper)));
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
                     if let Err(e) = watcher.watch(conn.into_owned()).await {
                         // hyper closes a connection whose head did not arrive in time without a word; say why.
@@ -146,12 +147,14 @@ async fn accept_loop(shared: Arc<Shared>, b: Bound, mut shutdown: watch::Receive
                 }
                 Some(acceptor) => {
                     // The handshake counts against the head timeout; a TLS client that stalls is simply closed.
-                    let Ok(Ok(stream)) = tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await
+                    let Ok(Ok(stream)) =
+                        tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await
                     else {
                         return;
                     };
                     let io = TrackedIo { stream, head_pending: ctx.head_pending.clone() };
-                    let service = service_fn(move |req: Request<Incoming>| handle(ctx.clone(), req.map(ClientBody::Hyper)));
+                    let service =
+                        service_fn(move |req: Request<Incoming>| handle(ctx.clone(), req.map(ClientBody::Hyper)));
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
                     let _ = watcher.watch(conn.into_owned()).await;
                 }

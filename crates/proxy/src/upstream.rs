@@ -20,8 +20,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 use crate::error::ProxyError;
-use crate::h1down::ClientBody;
 use crate::ewma::PeakEwma;
+use crate::h1down::ClientBody;
 use crate::h1up::{self, ExchangeError, RawBody, RawConn};
 use crate::metrics::Stats;
 use crate::pool::Pool;
