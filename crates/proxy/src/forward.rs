@@ -27,7 +27,7 @@ use crate::error::ProxyError;
 use crate::h1down::ClientBody;
 use crate::pool::Acquired;
 use crate::state::{RouteMatch, ServiceState, Snapshot};
-use crate::upstream::{InFlight, ReqBody, Server, UpBody};
+use crate::upstream::{InFlight, Outgoing, ReqBody, Server, UpBody};
 use crate::Shared;
 
 pub type RespBody = Either<UpstreamBody, Full<Bytes>>;
@@ -485,7 +485,9 @@ async fn forward(
             return Err(last.unwrap_or(ProxyError::Deadline { ms: 0 }));
         };
         let per_try = service.config.response_timeout.min(deadline.saturating_duration_since(try_start));
-        let sent = server.send(sender, &head, &added, try_body, &service.settings, per_try, timer.get()).await;
+        let sent = server
+            .send(sender, Outgoing { head: &head, added: &added }, try_body, &service.settings, per_try, timer.get())
+            .await;
         let now = Instant::now();
         let mut resp = match sent {
             Ok(resp) => resp,
@@ -515,8 +517,8 @@ async fn forward(
                     continue;
                 }
                 // A fresh connection closed with no answer counts as a gone server only if the server is indeed
-                // gone: its port refuses a new connection.
-                let gone = e.server_gone() || (e.dropped() && refuses_connections(server.addr).await);
+                // going away: its port refuses a new connection, or resets one at once.
+                let gone = e.server_gone() || (e.dropped() && going_away(server.addr).await);
                 if gone && retryable && !upgrade && body.replayable() {
                     // A keep-alive race or a dying server: repeating a safe request costs it nothing.
                     tried.push(server.addr, epoch, now, true);
@@ -611,13 +613,25 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Whether `addr` refuses a TCP connection right now (the process behind it is gone).
-async fn refuses_connections(addr: std::net::SocketAddr) -> bool {
-    matches!(
-        tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect(addr)).await,
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
-    )
+/// Whether the process behind `addr` is going away: its port refuses a TCP connection, or accepts one and closes
+/// it within moments, unasked. (A process being killed still completes handshakes from its listening socket's
+/// backlog until the kernel closes the socket and resets them; a live server keeps a new connection open.)
+async fn going_away(addr: std::net::SocketAddr) -> bool {
+    match tokio::time::timeout(GOING_AWAY_CONNECT, tokio::net::TcpStream::connect(addr)).await {
+        Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+        Ok(Ok(mut probe)) => {
+            let mut byte = [0u8; 1];
+            let read = tokio::time::timeout(GOING_AWAY_CLOSE, tokio::io::AsyncReadExt::read(&mut probe, &mut byte));
+            matches!(read.await, Ok(Ok(0)) | Ok(Err(_)))
+        }
+        Err(_) => false,
+    }
 }
+
+/// How long [`going_away`] waits for a connection to be refused or accepted.
+const GOING_AWAY_CONNECT: Duration = Duration::from_millis(200);
+/// How long [`going_away`] waits for an accepted connection to be closed by a dying server.
+const GOING_AWAY_CLOSE: Duration = Duration::from_millis(150);
 
 /// Where a queued request's status is served.
 const STATUS_PREFIX: &str = "/_nonstop/requests/";

@@ -318,7 +318,7 @@ fn request(parsed: &Head, head: &Bytes) -> Option<Request<()>> {
 thread_local! {
     /// The `Date` header value, remade once a second.
     static DATE: std::cell::RefCell<(u64, HeaderValue)> =
-        std::cell::RefCell::new((u64::MAX, HeaderValue::from_static("")));
+        const { std::cell::RefCell::new((u64::MAX, HeaderValue::from_static(""))) };
 }
 
 fn date() -> HeaderValue {

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::admission::Tried;
 use crate::pool::Acquired;
-use crate::upstream::ReqBody;
+use crate::upstream::{Outgoing, ReqBody};
 use crate::Shared;
 
 /// Largest answer body read from the service on delivery (the status keeps the first 16 KiB).
@@ -384,7 +384,7 @@ async fn send_once(shared: &Shared, queue: &Queue, key: &str, req: QueuedRequest
     let body = ReqBody::Full(Some(Bytes::from(req.body)));
     let timeout = svc.config.response_timeout;
     let timer = std::pin::pin!(tokio::time::sleep(timeout));
-    match server.send(sender, &head, &[], body, &svc.settings, timeout, timer).await {
+    match server.send(sender, Outgoing { head: &head, added: &[] }, body, &svc.settings, timeout, timer).await {
         Ok(resp) => {
             let now = Instant::now();
             server.observe_latency(now, now - start);

@@ -60,6 +60,13 @@ impl Body for ReqBody {
     }
 }
 
+/// A request as it goes to a server: the rewritten head, and the headers the proxy adds after the head's own.
+#[derive(Clone, Copy)]
+pub struct Outgoing<'a> {
+    pub head: &'a http::request::Parts,
+    pub added: &'a [(http::HeaderName, http::HeaderValue)],
+}
+
 /// How to talk to one server.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnSettings {
@@ -309,13 +316,13 @@ impl Server {
     pub async fn send(
         self: &Arc<Server>,
         sender: Sender,
-        head: &http::request::Parts,
-        added: &[(http::HeaderName, http::HeaderValue)],
+        request: Outgoing<'_>,
         body: ReqBody,
         settings: &ConnSettings,
         response_timeout: Duration,
         timer: Pin<&mut tokio::time::Sleep>,
     ) -> Result<Response<UpBody>, ProxyError> {
+        let Outgoing { head, added } = request;
         let addr = self.addr;
         let request = |body: ReqBody| {
             let mut r = Request::new(body);
