@@ -163,26 +163,27 @@ fn is_upgrade(req: &Request<ClientBody>) -> bool {
 
 /// The request's host without port, lower-case: from the URI (HTTP/2, absolute form) or the Host header.
 fn request_host(req: &Request<ClientBody>) -> Option<String> {
+    let authority: http::uri::Authority;
     let host = match req.uri().host() {
         Some(h) => h,
         None => {
             let value = req.headers().get(header::HOST)?.as_bytes();
+            let text = std::str::from_utf8(value).ok()?;
             // The usual `name` or `name:port` is split by hand; anything else is parsed as an authority.
-            let simple = value.iter().all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':'));
-            if simple {
-                let text = std::str::from_utf8(value).ok()?;
-                let host = match text.split_once(':') {
+            if value.iter().all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':')) {
+                match text.split_once(':') {
                     Some((h, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => h,
                     Some(_) => return None,
                     None => text,
-                };
-                return (!host.is_empty()).then(|| host.to_ascii_lowercase());
+                }
+            } else {
+                authority = text.parse().ok()?;
+                authority.host()
             }
-            let authority = std::str::from_utf8(value).ok()?.parse::<http::uri::Authority>().ok()?;
-            return Some(authority.host().trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase());
         }
     };
-    Some(host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase())
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (!host.is_empty()).then(|| host.to_ascii_lowercase())
 }
 
 fn hash_of(req: &Request<ClientBody>, on: &HashOn, peer: SocketAddr) -> Option<u64> {

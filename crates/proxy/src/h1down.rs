@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::forward::{handle, ConnCtx, RespBody};
+use crate::h1up::put_header;
 use crate::io::REQUEST_TIMEOUT_RESPONSE;
 
 /// hyper's own limit on request headers (see `listener`), and the size of the stack array heads are parsed into.
@@ -359,10 +360,7 @@ fn encode_head(out: &mut Vec<u8>, resp: &Response<RespBody>, head_request: bool,
         } else if *name == header::CONTENT_LENGTH {
             declared = std::str::from_utf8(value.as_bytes()).ok().and_then(|v| v.trim().parse::<u64>().ok());
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        put_header(out, name, value);
     }
     if !dated {
         out.extend_from_slice(b"date: ");

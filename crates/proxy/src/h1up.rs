@@ -78,6 +78,14 @@ impl RawConn {
     }
 }
 
+/// Writes one `name: value` header line.
+pub(crate) fn put_header(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Serialises a request head.
 fn head_bytes(
     out: &mut Vec<u8>,
@@ -97,16 +105,10 @@ fn head_bytes(
         if name == http::header::CONTENT_LENGTH && !matches!(framing, RequestFraming::Length) {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        put_header(out, name, value);
     }
     for (name, value) in added {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        put_header(out, name, value);
     }
     match framing {
         RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),

@@ -18,7 +18,7 @@ use http::Request;
 use hyper::body::Incoming;
 use tokio_util::task::TaskTracker;
 
-use crate::forward::{handle, ConnCtx};
+use crate::forward::{handle, ConnCtx, RespBody};
 use crate::h1down::{self, ClientBody, Ended, Limits};
 use crate::io::{duplicate, write_last, TrackedIo, REQUEST_TIMEOUT_RESPONSE};
 use crate::Shared;
@@ -80,6 +80,18 @@ fn client_builder(cfg: &nonstop_config::Listener) -> auto::Builder<TokioExecutor
     builder
 }
 
+/// hyper's side of a client connection: each request goes to [`handle`] with hyper's body.
+fn hyper_service(
+    ctx: Arc<ConnCtx>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = http::Response<RespBody>,
+    Error = std::convert::Infallible,
+    Future = impl std::future::Future<Output = Result<http::Response<RespBody>, std::convert::Infallible>> + Send + 'static,
+> + Clone {
+    service_fn(move |req: Request<Incoming>| handle(ctx.clone(), req.map(ClientBody::Hyper)))
+}
+
 async fn accept_loop(shared: Arc<Shared>, b: Bound, mut shutdown: watch::Receiver<bool>, drain: Duration) {
     let listener = match tokio::net::TcpListener::from_std(b.socket) {
         Ok(l) => l,
@@ -134,8 +146,7 @@ async fn accept_loop(shared: Arc<Shared>, b: Bound, mut shutdown: watch::Receive
                     };
                     let last_word = duplicate(io.stream());
                     let head_pending = ctx.head_pending.clone();
-                    let service =
-                        service_fn(move |req: Request<Incoming>| handle(ctx.clone(), req.map(ClientBody::Hyper)));
+                    let service = hyper_service(ctx);
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
                     if let Err(e) = watcher.watch(conn.into_owned()).await {
                         // hyper closes a connection whose head did not arrive in time without a word; say why.
@@ -153,8 +164,7 @@ async fn accept_loop(shared: Arc<Shared>, b: Bound, mut shutdown: watch::Receive
                         return;
                     };
                     let io = TrackedIo { stream, head_pending: ctx.head_pending.clone() };
-                    let service =
-                        service_fn(move |req: Request<Incoming>| handle(ctx.clone(), req.map(ClientBody::Hyper)));
+                    let service = hyper_service(ctx);
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
                     let _ = watcher.watch(conn.into_owned()).await;
                 }
