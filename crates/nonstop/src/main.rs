@@ -6,15 +6,15 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 mod admin_client;
+mod alloc;
 mod demo;
 mod deploy_cli;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-/// mimalloc's per-thread free lists suit the proxy's many short-lived request allocations better than glibc's.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: alloc::MiMalloc = alloc::MiMalloc;
 
 /// One binary for web services that never drop a request: a reverse proxy and load balancer with safe retries,
 /// a durable request queue, zero-downtime deploys, a load generator, and a sample worker service.
