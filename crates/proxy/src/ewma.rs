@@ -25,13 +25,14 @@ impl PeakEwma {
 
     /// Records one observed latency.
     pub fn observe(&mut self, now: Instant, rtt: Duration) {
-        let rtt = rtt.as_nanos() as f64;
+        // (Through f64 seconds: a u128 of nanoseconds converts to f64 by a slow library call.)
+        let rtt = rtt.as_secs_f64() * 1e9;
         self.mean_ns += (rtt - self.mean_ns) * MEAN_ALPHA;
         if rtt > self.estimate_ns {
             self.estimate_ns = rtt;
         } else {
-            let elapsed = now.saturating_duration_since(self.updated).as_nanos() as f64;
-            let w = (-elapsed / DECAY.as_nanos() as f64).exp();
+            let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+            let w = (-elapsed / DECAY.as_secs_f64()).exp();
             self.estimate_ns = self.estimate_ns * w + rtt * (1.0 - w);
         }
         self.updated = now;

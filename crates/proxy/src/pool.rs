@@ -108,6 +108,8 @@ struct Inner {
     split: Option<(Vec<SocketAddr>, u32)>,
     /// The servers come from the service's app instances (a deploy adds and removes them), not its config.
     managed: bool,
+    /// `choose`'s scratch list, kept so that a choice allocates nothing.
+    candidates: Vec<Candidate>,
 }
 
 pub struct Pool {
@@ -162,6 +164,7 @@ impl Pool {
                     })
                     .collect(),
                 balancer: Balancer::new(algorithm(&svc.balance), fastrand::u64(..)),
+                candidates: Vec::new(),
                 queue: VecDeque::new(),
                 budget: RetryBudget::new(now),
                 drain_deadline: svc.drain_deadline,
@@ -553,7 +556,8 @@ impl Inner {
         let peak = self.balancer.algorithm() == Algorithm::PeakEwma;
         // First: which members are open to this request, capacity aside.
         let mut primary_open = false;
-        let mut candidates: Vec<Candidate> = Vec::with_capacity(self.members.len());
+        let mut candidates = std::mem::take(&mut self.candidates);
+        candidates.clear();
         for m in self.members.iter_mut() {
             let epoch = m.health.epoch(now);
             let open = m.health.usable(now)
@@ -580,7 +584,9 @@ impl Inner {
             let want = fastrand::u32(0..100) < *percent;
             self.narrow(&mut candidates, |m| canary.contains(&m.server.addr) == want);
         }
-        self.balancer.pick(&candidates, key)
+        let chosen = self.balancer.pick(&candidates, key);
+        self.candidates = candidates;
+        chosen
     }
 
     /// Keeps only the candidates whose member passes `keep`, unless that leaves none.
