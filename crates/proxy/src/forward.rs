@@ -310,6 +310,9 @@ impl BodySource {
     }
 }
 
+/// Forwards one request, with its retries. Every future it awaits off the plain path (a queue, a body to collect,
+/// a wait for a server, a probe of a failed one) is boxed: this future is moved and copied whole on every request,
+/// so its size is that of its largest awaited future.
 async fn forward(
     ctx: &ConnCtx,
     snap: &Snapshot,
@@ -361,13 +364,13 @@ async fn forward(
         for (name, value) in added {
             head.headers.append(name, value);
         }
-        return enqueue(ctx, queue, head, body, route.body_bytes_max).await;
+        return Box::pin(enqueue(ctx, queue, head, body, route.body_bytes_max)).await;
     }
     let mut body = if body.is_end_stream() {
         BodySource::Replayable(Bytes::new())
     } else if !upgrade && declared.is_some_and(|n| n <= retry.body_bytes_max) {
         let collect = Limited::new(body, route.body_bytes_max.min(usize::MAX as u64) as usize).collect();
-        let Ok(collected) = tokio::time::timeout(ctx.body_timeout, collect).await else {
+        let Ok(collected) = Box::pin(tokio::time::timeout(ctx.body_timeout, collect)).await else {
             return Err(ProxyError::ClientBodyTimeout { ms: ctx.body_timeout.as_millis() });
         };
         match collected {
@@ -412,7 +415,7 @@ async fn forward(
             Acquired::Now(lease) => lease,
             Acquired::Wait(rx, limit) => {
                 let waited_from = Instant::now();
-                let got = tokio::time::timeout(limit, rx).await;
+                let got = Box::pin(tokio::time::timeout(limit, rx)).await;
                 let waited = waited_from.elapsed();
                 out.queue_wait += waited;
                 pool.waited(waited);
@@ -519,7 +522,7 @@ async fn forward(
                 }
                 // A fresh connection closed with no answer counts as a gone server only if the server is indeed
                 // going away: its port refuses a new connection, or resets one at once.
-                let gone = e.server_gone() || (e.dropped() && going_away(server.addr).await);
+                let gone = e.server_gone() || (e.dropped() && Box::pin(going_away(server.addr)).await);
                 if gone && retryable && !upgrade && body.replayable() {
                     // A keep-alive race or a dying server: repeating a safe request costs it nothing.
                     tried.push(server.addr, epoch, now, true);

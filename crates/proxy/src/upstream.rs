@@ -373,8 +373,10 @@ impl Server {
             }
             Sender::Upgradable(mut s) => {
                 let req = request(body);
+                // hyper's futures are large: boxed, they stay out of the proxy's own client's path.
                 let result =
-                    timed(addr, response_timeout, async { s.try_send_request(req).await.map_err(unsent) }).await;
+                    Box::pin(timed(addr, response_timeout, async { s.try_send_request(req).await.map_err(unsent) }))
+                        .await;
                 match result {
                     Ok(resp) => Ok(resp.map(UpBody::Hyper)),
                     Err(Ok((sent, source))) => Err(ProxyError::Upstream { addr, sent, source }),
@@ -384,7 +386,8 @@ impl Server {
             Sender::H2(mut s) => {
                 let req = request(body);
                 let result =
-                    timed(addr, response_timeout, async { s.try_send_request(req).await.map_err(unsent) }).await;
+                    Box::pin(timed(addr, response_timeout, async { s.try_send_request(req).await.map_err(unsent) }))
+                        .await;
                 match result {
                     Ok(resp) => Ok(resp.map(UpBody::Hyper)),
                     Err(Ok((sent, source))) => {
@@ -403,6 +406,44 @@ impl Server {
 
     /// A connection to this server: pooled, or new. `upgrade` asks for one that can be taken over after a 101.
     pub async fn checkout(&self, settings: &ConnSettings, upgrade: bool) -> Result<Sender, ProxyError> {
+        if !settings.h2 && !upgrade {
+            if let Some(conn) = self.pooled(settings) {
+                return Ok(Sender::Raw(conn));
+            }
+        }
+        // Connecting awaits far larger futures than the pooled path: boxed, they stay out of every request's.
+        Box::pin(self.connect(settings, upgrade)).await
+    }
+
+    /// A pooled HTTP/1.1 connection of this worker thread, still fit to use.
+    fn pooled(&self, settings: &ConnSettings) -> Option<RawConn> {
+        let me = worker();
+        loop {
+            let idle = {
+                let mut pool = self.pool.lock().expect("pool lock");
+                pool.iter().rposition(|i| i.worker == me).map(|at| pool.swap_remove(at))
+            };
+            let idle = idle?;
+            let idle_for = idle.since.elapsed();
+            if idle_for >= settings.idle_timeout {
+                continue;
+            }
+            // Readable while idle means the server closed it (or sent something unasked): not reusable. A
+            // connection reused at once is not probed (a system call per request); if its server died just then,
+            // the exchange fails as "stale" and a safe request is retried for free.
+            if idle_for >= PROBE_AFTER_IDLE {
+                let mut probe = [0u8; 1];
+                match idle.conn.stream.try_read(&mut probe) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    _ => continue,
+                }
+            }
+            return Some(idle.conn);
+        }
+    }
+
+    /// A new connection (or the shared HTTP/2 one).
+    async fn connect(&self, settings: &ConnSettings, upgrade: bool) -> Result<Sender, ProxyError> {
         if settings.h2 && !upgrade {
             let mut shared = self.h2.lock().await;
             if let Some(s) = shared.as_ref() {
@@ -419,29 +460,6 @@ impl Server {
         }
         if upgrade {
             return Ok(Sender::Upgradable(self.connect_upgradable(settings).await?));
-        }
-        let me = worker();
-        loop {
-            let idle = {
-                let mut pool = self.pool.lock().expect("pool lock");
-                pool.iter().rposition(|i| i.worker == me).map(|at| pool.swap_remove(at))
-            };
-            let Some(idle) = idle else { break };
-            let idle_for = idle.since.elapsed();
-            if idle_for >= settings.idle_timeout {
-                continue;
-            }
-            // Readable while idle means the server closed it (or sent something unasked): not reusable. A
-            // connection reused at once is not probed (a system call per request); if its server died just then,
-            // the exchange fails as "stale" and a safe request is retried for free.
-            if idle_for >= PROBE_AFTER_IDLE {
-                let mut probe = [0u8; 1];
-                match idle.conn.stream.try_read(&mut probe) {
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    _ => continue,
-                }
-            }
-            return Ok(Sender::Raw(idle.conn));
         }
         Ok(Sender::Raw(RawConn::new(self.tcp(settings).await?)))
     }
