@@ -3,7 +3,7 @@
 //! for each head. Whatever it does not handle itself (HTTP/2 prior knowledge, HTTP/1.0, upgrades, chunked request
 //! bodies, `Expect`, malformed or oversized heads) is handed, with the bytes already read, to hyper's server.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::forward::{handle, ConnCtx, RespBody};
-use crate::h1up::put_header;
+use crate::h1up::{header_name, put_header};
 use crate::io::REQUEST_TIMEOUT_RESPONSE;
 
 /// hyper's own limit on request headers (see `listener`), and the size of the stack array heads are parsed into.
@@ -300,10 +300,11 @@ fn parse(buf: &[u8], limits: &Limits) -> Parsed {
 /// Builds the request from its head; `head` is the head's bytes, which the header values share.
 fn request(parsed: &Head, head: &Bytes) -> Option<Request<()>> {
     let uri = Uri::from_maybe_shared(head.slice(parsed.target.0..parsed.target.1)).ok()?;
-    // Room for the forwarding headers the proxy adds, so that the map never grows.
-    let mut map = HeaderMap::with_capacity(parsed.headers.len() + 8);
+    // The forwarding headers travel beside the map (`forward::Added`); one spare slot is for an Idempotency-Key.
+    // (A map sized far beyond its headers costs a large block per request.)
+    let mut map = HeaderMap::with_capacity(parsed.headers.len() + 1);
     for &((n0, n1), (v0, v1)) in &parsed.headers {
-        let name = HeaderName::from_bytes(&head[n0..n1]).ok()?;
+        let name = header_name(&head[n0..n1]).ok()?;
         // SAFETY: httparse accepted the value, which rules out the bytes a header value may not hold.
         let value = unsafe { HeaderValue::from_maybe_shared_unchecked(head.slice(v0..v1)) };
         map.append(name, value);
@@ -485,13 +486,19 @@ fn hex_len(mut n: usize, out: &mut [u8; 16]) -> usize {
 }
 
 /// Serves requests on one plaintext client connection until it closes, or until a request needs hyper.
-pub async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, limits: Limits, mut shutdown: watch::Receiver<bool>) -> Ended {
+pub async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, limits: Limits, shutdown: watch::Receiver<bool>) -> Ended {
     let conn = Arc::new(Conn { stream, body_left: AtomicU64::new(0) });
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut out = Vec::with_capacity(READ_CHUNK);
     let head_bytes_max = limits.header_bytes_max.max(8192);
     let timer = tokio::time::sleep(limits.header_read_timeout);
     tokio::pin!(timer);
+    // Ready once the proxy shuts down (or its shutdown sender is gone): an idle connection then closes.
+    let mut stop_rx = shutdown.clone();
+    let stopping = async move {
+        let _ = stop_rx.wait_for(|stop| *stop).await;
+    };
+    tokio::pin!(stopping);
     loop {
         // The next head must be complete within the header read timeout (idle keep-alive time included).
         timer.as_mut().reset(tokio::time::Instant::now() + limits.header_read_timeout);
@@ -507,23 +514,32 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, limits: Limits, mut shu
             }
             let read = match conn.stream.try_read_buf(&mut buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    tokio::select! {
-                        biased;
-                        r = conn.stream.readable() => match r {
-                            Ok(()) => continue,
-                            Err(_) => return Ended::Closed,
-                        },
-                        _ = &mut timer => {
-                            if !buf.is_empty() {
+                    // One hand-written poll rather than `select!`: read readiness is watched through the
+                    // stream's own waker slot (no waiter list), and the shutdown signal is one long-lived
+                    // future. (No other task polls this socket's readiness while a head is awaited: a request
+                    // body still being read at this point has made the connection close instead.)
+                    let idle = buf.is_empty();
+                    let woke = poll_fn(|cx| {
+                        if let Poll::Ready(r) = conn.stream.poll_read_ready(cx) {
+                            return Poll::Ready(if r.is_ok() { Wake::Readable } else { Wake::Closed });
+                        }
+                        if timer.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(Wake::Timeout);
+                        }
+                        if idle && stopping.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(Wake::Closed);
+                        }
+                        Poll::Pending
+                    })
+                    .await;
+                    match woke {
+                        Wake::Readable => continue,
+                        Wake::Closed => return Ended::Closed,
+                        Wake::Timeout => {
+                            if !idle {
                                 let _ = write_all(&conn.stream, REQUEST_TIMEOUT_RESPONSE).await;
                             }
                             return Ended::Closed;
-                        }
-                        r = shutdown.changed(), if buf.is_empty() => {
-                            if r.is_err() || *shutdown.borrow() {
-                                return Ended::Closed;
-                            }
-                            continue;
                         }
                     }
                 }
@@ -566,6 +582,14 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, limits: Limits, mut shu
             out = Vec::with_capacity(READ_CHUNK);
         }
     }
+}
+
+/// What ended the wait for more of a request head.
+enum Wake {
+    Readable,
+    Timeout,
+    /// The socket failed, or the proxy is shutting down while the connection is idle.
+    Closed,
 }
 
 /// After the last response: sends FIN, then reads and drops what the client still sends (a body nobody read, a

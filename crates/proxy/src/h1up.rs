@@ -78,6 +78,78 @@ impl RawConn {
     }
 }
 
+/// Header names common in requests and responses, with their lower-case text, by length: matching one costs a
+/// lower-casing copy and a compare or two, where `HeaderName::from_bytes` searches every standard name.
+const KNOWN_NAMES: [&[(&[u8], HeaderName)]; 18] = {
+    use http::header::*;
+    [
+        &[],
+        &[],
+        &[],
+        &[],
+        &[(b"date", DATE), (b"host", HOST), (b"etag", ETAG), (b"vary", VARY)],
+        &[],
+        &[(b"server", SERVER), (b"accept", ACCEPT), (b"cookie", COOKIE), (b"origin", ORIGIN)],
+        &[(b"expires", EXPIRES), (b"referer", REFERER), (b"upgrade", UPGRADE), (b"trailer", TRAILER)],
+        &[(b"location", LOCATION)],
+        &[],
+        &[(b"connection", CONNECTION), (b"set-cookie", SET_COOKIE), (b"user-agent", USER_AGENT)],
+        &[],
+        &[(b"content-type", CONTENT_TYPE)],
+        &[
+            (b"cache-control", CACHE_CONTROL),
+            (b"last-modified", LAST_MODIFIED),
+            (b"accept-ranges", ACCEPT_RANGES),
+            (b"authorization", AUTHORIZATION),
+        ],
+        &[(b"content-length", CONTENT_LENGTH)],
+        &[(b"accept-encoding", ACCEPT_ENCODING), (b"accept-language", ACCEPT_LANGUAGE)],
+        &[(b"content-encoding", CONTENT_ENCODING)],
+        &[(b"transfer-encoding", TRANSFER_ENCODING), (b"if-modified-since", IF_MODIFIED_SINCE)],
+    ]
+};
+
+/// A header name from the wire, in any case: the same `HeaderName` as `HeaderName::from_bytes` gives.
+pub(crate) fn header_name(name: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName> {
+    if let Some(&known) = KNOWN_NAMES.get(name.len()) {
+        if !known.is_empty() {
+            let (a, b, c) = words(name);
+            let lowered = (ascii_lower(a), ascii_lower(b), ascii_lower(c));
+            for (text, header) in known {
+                if words(text) == lowered {
+                    return Ok(header.clone());
+                }
+            }
+        }
+    }
+    HeaderName::from_bytes(name)
+}
+
+/// A name of 4 to 24 bytes as three little-endian words that together cover every byte (they may overlap):
+/// equal words mean equal names of the same length.
+fn words(b: &[u8]) -> (u64, u64, u64) {
+    let n = b.len();
+    let word = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("eight bytes"));
+    let half = |at: usize| u64::from(u32::from_le_bytes(b[at..at + 4].try_into().expect("four bytes")));
+    match n {
+        4..=7 => (half(0), half(n - 4), 0),
+        8..=16 => (word(0), word(n - 8), 0),
+        _ => (word(0), word(n - 8), word(8)),
+    }
+}
+
+/// Lower-cases the ASCII letters among eight bytes at once; other bytes are unchanged.
+fn ascii_lower(x: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = ONES * 0x80;
+    let low7 = x & !HIGH;
+    // Per byte, no carry crosses into the next: the high bit is set where the low seven bits are >= 'A', > 'Z'.
+    let from_a = low7 + ONES * (0x80 - u64::from(b'A'));
+    let past_z = low7 + ONES * (0x80 - u64::from(b'Z') - 1);
+    let upper = from_a & !past_z & !x & HIGH;
+    x | (upper >> 2)
+}
+
 /// Writes one `name: value` header line.
 pub(crate) fn put_header(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
     out.extend_from_slice(name.as_str().as_bytes());
@@ -281,7 +353,7 @@ fn parse_head(buf: &[u8], method: &Method) -> io::Result<Option<Head>> {
     let mut headers = Vec::with_capacity(resp.headers.len());
     let (mut length, mut chunked, mut close) = (None, false, resp.version == Some(0));
     for h in resp.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| bad("bad header name"))?;
+        let name = header_name(h.name.as_bytes()).map_err(|_| bad("bad header name"))?;
         if name == http::header::CONTENT_LENGTH {
             length = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<u64>().ok());
         } else if name == http::header::TRANSFER_ENCODING {
@@ -470,5 +542,87 @@ impl Drop for RawBody {
         if matches!(self.framing, Framing::None | Framing::Length(0)) {
             self.finish();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_names_are_filed_under_their_length() {
+        for (len, names) in KNOWN_NAMES.iter().enumerate() {
+            for (text, name) in *names {
+                assert_eq!(text.len(), len, "{name}");
+                assert_eq!(*text, name.as_str().as_bytes());
+            }
+        }
+    }
+
+    #[test]
+    fn header_names_match_the_http_crate_in_any_case() {
+        let mut cases: Vec<String> = KNOWN_NAMES.iter().flat_map(|n| n.iter()).map(|(_, n)| n.to_string()).collect();
+        cases.extend(
+            ["x-request-id", "keep-alive", "Content-Lengthy", "dat", "x", "a-very-long-custom-header-name"]
+                .map(String::from),
+        );
+        for name in cases {
+            for variant in [name.clone(), name.to_ascii_uppercase(), {
+                let mut c = name.clone();
+                c[..1].make_ascii_uppercase();
+                c
+            }] {
+                let ours = header_name(variant.as_bytes()).unwrap();
+                let theirs = HeaderName::from_bytes(variant.as_bytes()).unwrap();
+                assert_eq!(ours, theirs, "{variant}");
+                assert_eq!(ours.as_str(), name.to_ascii_lowercase());
+            }
+        }
+        // Near misses of every known name: one byte changed, at each position.
+        for (text, name) in KNOWN_NAMES.iter().flat_map(|n| n.iter()) {
+            for i in 0..text.len() {
+                for swap in [b'x', b'-', b'_', b'0', b'@', b'[', b'`', b'{', 0xC3] {
+                    let mut near = text.to_vec();
+                    if near[i] == swap {
+                        continue;
+                    }
+                    near[i] = swap;
+                    let ours = header_name(&near);
+                    assert!(
+                        ours.as_ref().map_or(true, |n| n != name),
+                        "{:?} taken for {name}",
+                        String::from_utf8_lossy(&near)
+                    );
+                    assert_eq!(ours.ok(), HeaderName::from_bytes(&near).ok());
+                }
+            }
+        }
+        let mut every = [0u8; 8];
+        for b in 0..=255u8 {
+            every.fill(b);
+            assert_eq!(
+                ascii_lower(u64::from_le_bytes(every)),
+                u64::from_le_bytes(every.map(|c| c.to_ascii_lowercase()))
+            );
+        }
+        for bad in ["", "bad name", "da te", "conte\u{0}t-type"] {
+            assert!(header_name(bad.as_bytes()).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn response_heads_drop_the_hop_by_hop_headers() {
+        let text = b"HTTP/1.1 200 OK\r\nServer: x\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nContent-Length: 3\r\n\r\nok\n";
+        let Some(Head::Final(head)) = parse_head(text, &Method::GET).unwrap() else { panic!("no final head") };
+        let names: Vec<&str> = head.headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["server", "content-length"]);
+        assert!(matches!(head.framing, Framing::Length(3)));
+        assert!(!head.close);
+        let text = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close, x-secret\r\n\r\n";
+        let Some(Head::Final(head)) = parse_head(text, &Method::GET).unwrap() else { panic!("no final head") };
+        let names: Vec<&str> = head.headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["connection"], "a Connection header naming others stays, for the proxy to strip those");
+        assert!(matches!(head.framing, Framing::Chunked { .. }));
+        assert!(head.close);
     }
 }
