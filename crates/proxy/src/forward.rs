@@ -225,6 +225,8 @@ struct Outcome {
     /// Tries sent to servers (connects that failed included).
     attempts: u32,
     queue_wait: Duration,
+    /// When the response head arrived (a clock read already made, reused for the request's duration).
+    answered: Option<Instant>,
 }
 
 /// Serves one client request.
@@ -241,6 +243,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<ClientBody>) -> Result<Respo
         server: None,
         attempts: 0,
         queue_wait: Duration::ZERO,
+        answered: None,
     };
     out.result = forward(&ctx, &snap, req, host.as_deref(), start, &mut out).await;
     let (resp, error) = match out.result {
@@ -248,7 +251,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<ClientBody>) -> Result<Respo
         Err(e) => (error_response(&e), Some(e)),
     };
     let status = resp.status().as_u16();
-    let elapsed = start.elapsed();
+    let elapsed = out.answered.unwrap_or_else(Instant::now).saturating_duration_since(start);
     match (&out.server, &out.service) {
         (Some(s), _) => s.stats.record(status, elapsed),
         (None, Some(svc)) => svc.unserved.record(status, elapsed),
@@ -366,9 +369,12 @@ async fn forward(
         }
         return Box::pin(enqueue(ctx, queue, head, body, route.body_bytes_max)).await;
     }
+    // The clock read at the start serves the first try too, unless a body was awaited since.
+    let mut clock = Some(start);
     let mut body = if body.is_end_stream() {
         BodySource::Replayable(Bytes::new())
     } else if !upgrade && declared.is_some_and(|n| n <= retry.body_bytes_max) {
+        clock = None;
         let collect = Limited::new(body, route.body_bytes_max.min(usize::MAX as u64) as usize).collect();
         let Ok(collected) = Box::pin(tokio::time::timeout(ctx.body_timeout, collect)).await else {
             return Err(ProxyError::ClientBodyTimeout { ms: ctx.body_timeout.as_millis() });
@@ -397,7 +403,7 @@ async fn forward(
     // Whether the last failure means the server went away (rather than failed this request).
     let mut last_gone = false;
     loop {
-        let now = Instant::now();
+        let now = clock.take().unwrap_or_else(Instant::now);
         let left = deadline.saturating_duration_since(now);
         if left.is_zero() {
             return Err(last.unwrap_or(ProxyError::Deadline { ms: service.config.request_timeout.as_millis() }));
@@ -411,12 +417,14 @@ async fn forward(
             return Err(last.expect("a failure is why no recovery is awaited"));
         }
         let wait_left = left.min(wait_max.saturating_sub(out.queue_wait));
+        let mut try_start = now;
         let lease = match pool.acquire(now, key, &tried, wait_left, wait_for_recovery) {
             Acquired::Now(lease) => lease,
             Acquired::Wait(rx, limit) => {
                 let waited_from = Instant::now();
                 let got = Box::pin(tokio::time::timeout(limit, rx)).await;
-                let waited = waited_from.elapsed();
+                try_start = Instant::now();
+                let waited = try_start - waited_from;
                 out.queue_wait += waited;
                 pool.waited(waited);
                 match got {
@@ -465,7 +473,6 @@ async fn forward(
         let server = lease.server().clone();
         out.server = Some(server.clone());
         out.attempts += 1;
-        let try_start = Instant::now();
         let sender = match server.checkout(&service.settings, upgrade).await {
             Ok(sender) => sender,
             Err(e) => {
@@ -569,6 +576,7 @@ async fn forward(
             continue;
         }
         drop(tried);
+        out.answered = Some(now);
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {

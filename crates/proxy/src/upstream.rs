@@ -2,6 +2,7 @@
 //! `hyper::client::conn`, so the proxy always knows whether a request was written.
 
 use std::cell::Cell;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
@@ -342,16 +343,20 @@ impl Server {
                 let server = self.clone();
                 let idle_max = settings.idle_max;
                 let give_back = Box::new(move |conn: RawConn| server.checkin(conn, idle_max));
-                let exchange = h1up::exchange(conn, &head.method, path, &head.headers, added, body, give_back);
+                // Pinned where it is built, and polled by hand: `select!` would keep a second copy of it.
+                let mut exchange =
+                    std::pin::pin!(h1up::exchange(conn, &head.method, path, &head.headers, added, body, give_back));
                 // The caller's timer is reused: moving a registered timer's deadline later costs next to nothing,
                 // where a new timer per try is registered with the runtime and removed again.
                 let mut timer = timer;
                 timer.as_mut().reset(tokio::time::Instant::now() + response_timeout);
-                let result = tokio::select! {
-                    biased;
-                    r = exchange => Ok(r),
-                    () = timer => Err(()),
-                };
+                let result = std::future::poll_fn(|cx| {
+                    if let Poll::Ready(r) = exchange.as_mut().poll(cx) {
+                        return Poll::Ready(Ok(r));
+                    }
+                    timer.as_mut().poll(cx).map(Err)
+                })
+                .await;
                 match result {
                     Ok(Ok(resp)) => Ok(resp.map(UpBody::Raw)),
                     Ok(Err(ExchangeError::Unsent(source))) => {
