@@ -78,8 +78,9 @@ impl RawConn {
     }
 }
 
-/// Header names common in requests and responses, with their lower-case text, by length: matching one costs a
-/// lower-casing copy and a compare or two, where `HeaderName::from_bytes` searches every standard name.
+/// Header names common in requests and responses, with their lower-case text, by length: a name from the wire is
+/// lower-cased and compared a word at a time against the few of its length (`header_name`). Measured under load,
+/// this saves little over `HeaderName::from_bytes` (about 0.6 % of a request's instructions).
 const KNOWN_NAMES: [&[(&[u8], HeaderName)]; 18] = {
     use http::header::*;
     [
