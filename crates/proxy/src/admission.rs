@@ -23,6 +23,10 @@ pub struct QueueView {
     pub latency: Duration,
     /// Requests arriving per second, lately.
     pub arrival_rate: f64,
+    /// The queue may still hold requests that arrived while no server was serving: it is an outage's backlog,
+    /// which the servers, just back and warming up, work off more slowly than they will serve later. It is not
+    /// overload.
+    pub after_outage: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +71,7 @@ pub fn admit(v: &QueueView) -> Admit {
     // drains by itself: a request waits, bounded by the queue's length and the wait limit (the estimate is least
     // reliable right then, as restarted servers warm up).
     let capacity_rate = v.slots as f64 / v.latency.as_secs_f64().max(1e-6);
-    let overloaded = v.arrival_rate > capacity_rate * OVERLOAD_FACTOR;
+    let overloaded = v.arrival_rate > capacity_rate * OVERLOAD_FACTOR && !v.after_outage;
     let expected = v.latency.mul_f64((v.queued + 1) as f64 / v.slots as f64);
     if overloaded && expected > limit.min(v.overload_wait_max) {
         return Admit::Shed(ShedReason::WaitTooLong { expected_ms: expected.as_millis() as u64 });
@@ -210,6 +214,7 @@ mod tests {
             latency: Duration::from_millis(10),
             // 4 slots of 10 ms answer 400 requests/s: these tests are overloaded unless they say otherwise.
             arrival_rate: 1000.0,
+            after_outage: false,
         }
     }
 
@@ -241,6 +246,25 @@ mod tests {
         // Even past the wait limit by the estimate: the length and the wait limit bound it instead.
         let long = QueueView { queued: 4500, queue_length_max: 5000, arrival_rate: 300.0, ..view() };
         assert_eq!(admit(&long), Admit::Wait(Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn an_outage_backlog_is_not_overload() {
+        // Servers just back, slow while they warm up (40 ms for 6 slots: 150/s under 300/s arriving), with the
+        // 1,500 requests that arrived during a 5 s outage ahead: overload by the estimate, but not in fact.
+        let warming = QueueView {
+            queued: 1500,
+            queue_length_max: 5000,
+            slots: 6,
+            latency: Duration::from_millis(40),
+            arrival_rate: 300.0,
+            ..view()
+        };
+        assert_eq!(admit(&warming), Admit::Shed(ShedReason::WaitTooLong { expected_ms: 10006 }));
+        assert_eq!(admit(&QueueView { after_outage: true, ..warming }), Admit::Wait(Duration::from_secs(10)));
+        // The queue's length still bounds it.
+        let full = QueueView { queued: 5000, after_outage: true, ..warming };
+        assert_eq!(admit(&full), Admit::Shed(ShedReason::QueueFull));
     }
 
     #[test]

@@ -110,6 +110,10 @@ struct Inner {
     managed: bool,
     /// `choose`'s scratch list, kept so that a choice allocates nothing.
     candidates: Vec<Candidate>,
+    /// Until when the queue may still hold requests that arrived while no server was serving (the last such
+    /// arrival plus its longest wait): till then, a queue is an outage's backlog worked off by servers that are
+    /// still warming up, not overload.
+    after_outage_until: Option<Instant>,
 }
 
 pub struct Pool {
@@ -165,6 +169,7 @@ impl Pool {
                     .collect(),
                 balancer: Balancer::new(algorithm(&svc.balance), fastrand::u64(..)),
                 candidates: Vec::new(),
+                after_outage_until: None,
                 queue: VecDeque::new(),
                 budget: RetryBudget::new(now),
                 drain_deadline: svc.drain_deadline,
@@ -298,6 +303,10 @@ impl Pool {
                 Acquired::Shed(reason)
             }
             Admit::Wait(limit) => {
+                // No server serves (all down or restarting): the queue builds from an outage, not from overload.
+                if !g.members.iter().any(|m| m.serving(now)) {
+                    g.after_outage_until = g.after_outage_until.max(Some(now + limit));
+                }
                 let (tx, rx) = oneshot::channel();
                 let waiter = Waiter { key, tried: tried.clone(), tx };
                 if retrying {
@@ -617,6 +626,7 @@ impl Inner {
         } else {
             serving.iter().map(|m| m.server.mean_latency_ns()).sum::<f64>() / serving.len() as f64
         };
+        let after_outage = self.after_outage_until.is_some_and(|u| now < u);
         QueueView {
             queued: self.queue.len(),
             queue_length_max: self.admission.queue_length_max,
@@ -626,6 +636,7 @@ impl Inner {
             slots,
             latency: Duration::from_nanos(latency_ns as u64),
             arrival_rate: self.budget.request_rate(now),
+            after_outage,
         }
     }
 
@@ -780,6 +791,39 @@ mod tests {
         let back = p.servers()[1].addr;
         p.on_check(back, now, true);
         assert_eq!(rx.try_recv().expect("dispatched on recovery").server().addr, back);
+    }
+
+    #[test]
+    fn an_outage_backlog_waits_however_slow_the_servers_come_back() {
+        let p = pool("[services.a.health]\nrise = 1\nfall = 1\n[services.a.admission]\nserver_in_flight_max = 1\n");
+        let now = Instant::now();
+        let wait = |p: &Pool, at: Instant| match p.acquire(at, None, &Tried::default(), Duration::from_secs(60), true) {
+            Acquired::Wait(rx, _) => Ok(rx),
+            Acquired::Shed(reason) => Err(reason),
+            _ => panic!("expected a wait or a shed"),
+        };
+        for s in p.servers() {
+            p.on_check(s.addr, now, false);
+        }
+        // 300 requests arrive while every server is down; the primaries come back, at 1 s a request.
+        let backlog: Vec<_> = (0..300).map(|_| wait(&p, now).expect("waits for the servers")).collect();
+        for s in p.servers().iter().take(2) {
+            (0..200).for_each(|_| s.observe_latency(now, Duration::from_secs(1)));
+            p.on_check(s.addr, now, true);
+        }
+        // By the estimate this is overload (300/s arriving, 2/s served) with a wait of minutes, but the queue is
+        // the outage's backlog: a new arrival waits behind it.
+        assert_eq!(p.queued(), 298);
+        let behind = wait(&p, now).expect("an outage's backlog is not overload");
+        drop(backlog);
+        drop(behind);
+        // Once every request of the outage is gone (the longest wait has passed), the same estimate sheds.
+        let later = now + Duration::from_secs(11);
+        let _busy = (now_lease(&p, &Tried::default()), now_lease(&p, &Tried::default()));
+        assert_eq!(p.queued(), 0);
+        let tries: Vec<_> = (0..10).map(|_| wait(&p, later)).collect();
+        let shed = tries.iter().find_map(|t| t.as_ref().err());
+        assert!(matches!(shed, Some(ShedReason::WaitTooLong { .. })), "{shed:?}");
     }
 
     fn app_pool() -> Arc<Pool> {
