@@ -134,10 +134,6 @@ impl Rig {
         assert_no_failures(doc);
     }
 
-    fn backup_addr(&self) -> String {
-        self.backup.as_ref().map(|b| b.addr.to_string()).unwrap_or_default()
-    }
-
     fn access_log(&self) -> Vec<Value> {
         std::fs::read_to_string(self.dir.path().join("access.log"))
             .unwrap()
@@ -257,10 +253,11 @@ fn all_primaries_dead_go_to_the_backup_then_fail_back() {
     let timeline = doc["timeline"].as_array().unwrap();
     // The load's clock starts a little after the test's, so its seconds do not say when the primaries died: the
     // proxy's log does (a line is written when its request ends).
+    let backup_addr = rig.backup.as_ref().expect("the rig has a backup").addr.to_string();
     let early: Vec<Value> = rig
         .access_log()
         .into_iter()
-        .filter(|l| l["server"] == rig.backup_addr() && n(&l["ts_ms"]) < killed_ms)
+        .filter(|l| l["server"] == backup_addr && n(&l["ts_ms"]) < killed_ms)
         .take(3)
         .collect();
     assert!(early.is_empty(), "the backup served before the primaries died: {early:#?}");
