@@ -219,7 +219,6 @@ fn error_response(e: &ProxyError) -> Response<RespBody> {
 
 /// What became of one request, for stats and the access log.
 struct Outcome {
-    result: Result<Response<RespBody>, ProxyError>,
     service: Option<Arc<ServiceState>>,
     server: Option<Arc<Server>>,
     /// Tries sent to servers (connects that failed included).
@@ -237,16 +236,9 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<ClientBody>) -> Result<Respo
     let method = req.method().clone();
     let path = ctx.shared.access_log.as_ref().map(|_| req.uri().path().to_string());
     let host = request_host(&req);
-    let mut out = Outcome {
-        result: Err(ProxyError::Deadline { ms: 0 }),
-        service: None,
-        server: None,
-        attempts: 0,
-        queue_wait: Duration::ZERO,
-        answered: None,
-    };
-    out.result = forward(&ctx, &snap, req, host.as_deref(), start, &mut out).await;
-    let (resp, error) = match out.result {
+    let mut out = Outcome { service: None, server: None, attempts: 0, queue_wait: Duration::ZERO, answered: None };
+    let result = forward(&ctx, &snap, req, host.as_deref(), start, &mut out).await;
+    let (resp, error) = match result {
         Ok(resp) => (resp, None),
         Err(e) => (error_response(&e), Some(e)),
     };
