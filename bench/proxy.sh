@@ -8,6 +8,10 @@
 #   nonstop/HAProxy, for T=1 and T=2. The machine is shared and noisy: read the ratios, not the absolutes.
 #
 # Usage: bench/proxy.sh [ROUNDS=3] [DURATION=10s]
+#
+# PLACEMENT=alone|client|backend pins the processes (taskset), one thread each, to see one placement at a time:
+# the proxy on CPU 1 alone (wrk and the backend on CPU 0), sharing CPU 1 with wrk, or sharing it with the
+# backend. Unpinned, the scheduler moves between these, and that is most of the noise between runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
@@ -32,6 +36,19 @@ HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 
 B1=18101; B2=18102; P_NGINX=18201; P_HAPROXY=18202; P_NONSTOP=18203
 
+PLACEMENT=${PLACEMENT:-}
+THREADS="1 2"; WRK=(wrk)
+case $PLACEMENT in
+  "") ;;
+  alone) THREADS=1; WRK=(taskset -c 0 wrk); PROXY_CPU=1; BACKEND_CPU=0 ;;
+  client) THREADS=1; WRK=(taskset -c 1 wrk); PROXY_CPU=1; BACKEND_CPU=0 ;;
+  backend) THREADS=1; WRK=(taskset -c 0 wrk); PROXY_CPU=1; BACKEND_CPU=1 ;;
+  *) echo "PLACEMENT must be alone, client or backend, not '$PLACEMENT'" >&2; exit 2 ;;
+esac
+if [ -n "$PLACEMENT" ] && [ "$(nproc)" -lt 2 ]; then
+  echo "PLACEMENT needs two CPUs; this machine has $(nproc)" >&2; exit 2
+fi
+
 # The backend: static nginx, one worker, two server blocks.
 mkdir -p "$WORK/backend"
 cat > "$WORK/backend/nginx.conf" <<CONF
@@ -46,7 +63,7 @@ http {
   server { listen 127.0.0.1:$B2 reuseport; location / { return 200 "ok\n"; } }
 }
 CONF
-"$NGINX" -c "$WORK/backend/nginx.conf" -g 'daemon off;' & PIDS+=($!)
+"$NGINX" -c "$WORK/backend/nginx.conf" -g 'daemon off;' & BACKEND_PID=$!; PIDS+=($BACKEND_PID)
 
 start_proxies() { # threads
   local t=$1
@@ -98,6 +115,13 @@ enabled = false
 CONF
   RUST_LOG=warn "$NONSTOP" serve --config "$WORK/nonstop$t.toml" --threads "$t" > /dev/null & NONSTOP_PID=$!; PIDS+=($NONSTOP_PID)
   sleep 1
+  if [ -n "$PLACEMENT" ]; then
+    # Every thread of every process; nginx's workers are its master's children.
+    for pid in $BACKEND_PID $(pgrep -P "$BACKEND_PID"); do taskset -a -pc "$BACKEND_CPU" "$pid" >/dev/null; done
+    for pid in $NGINX_PID $(pgrep -P "$NGINX_PID") $HAPROXY_PID $NONSTOP_PID; do
+      taskset -a -pc "$PROXY_CPU" "$pid" >/dev/null
+    done
+  fi
 }
 
 stop_proxies() {
@@ -107,7 +131,7 @@ stop_proxies() {
 
 # Prints "RPS P99_MS" for one wrk run.
 measure() { # threads port
-  local out; out=$(wrk -t"$1" -c64 -d"$DURATION" --latency "http://127.0.0.1:$2/" 2>&1)
+  local out; out=$("${WRK[@]}" -t"$1" -c64 -d"$DURATION" --latency "http://127.0.0.1:$2/" 2>&1)
   local rps p99
   rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}' <<<"$out")
@@ -117,8 +141,8 @@ measure() { # threads port
 
 median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 
-echo "bench/proxy.sh: $ROUNDS rounds of wrk -c64 -d$DURATION per target, targets alternated within each round"
-for t in 1 2; do
+echo "bench/proxy.sh: $ROUNDS rounds of wrk -c64 -d$DURATION per target, targets alternated within each round${PLACEMENT:+, placement $PLACEMENT}"
+for t in $THREADS; do
   start_proxies "$t"
   declare -A RPS=() ratio_row_rps=()
   RATIO_NGINX=""; RATIO_HAPROXY=""
