@@ -207,16 +207,17 @@ enum QueueAction {
 #[derive(Args)]
 struct AppArgs {
     /// Address to listen on (port 0 picks a free port; the chosen address is printed on stdout).
-    #[arg(long, default_value = "127.0.0.1:9001")]
+    #[arg(long, env = "NONSTOP_APP_LISTEN", default_value = "127.0.0.1:9001")]
     listen: SocketAddr,
-    /// Version reported in responses and in the X-Nonstop-Version header.
-    #[arg(long, default_value = "v1")]
+    /// Version reported in responses and in the X-Nonstop-Version header (an image from scripts/image sets it
+    /// to the image's version).
+    #[arg(long, env = "NONSTOP_APP_VERSION", default_value = "v1")]
     version: String,
     /// Instance name reported in the X-Nonstop-Instance header [default: app-PORT].
     #[arg(long)]
     instance: Option<String>,
     /// Database: sqlite://PATH (several instances may share one file) or postgres://USER@HOST/DB.
-    #[arg(long, default_value = "sqlite://nonstop-app.db")]
+    #[arg(long, env = "NONSTOP_APP_DB", default_value = "sqlite://nonstop-app.db")]
     db: String,
     /// Requests that may run at once (Tomcat's maxThreads).
     #[arg(long, default_value_t = 16)]

@@ -1,6 +1,7 @@
 //! Test support shared by the integration tests: start the real `nonstop` binary on loopback with an OS-assigned
 //! port, send signals to it, and talk HTTP/1.1 to it over real sockets.
 
+pub mod docker;
 pub mod echo;
 
 use std::io::{BufRead, BufReader};
