@@ -18,6 +18,8 @@ pub enum Side {
 pub enum ProxyError {
     #[error("no route for {method} {host}{path}")]
     NoRoute { method: String, host: String, path: String },
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
     #[error("method {0} is not allowed on this route")]
     MethodNotAllowed(String),
     #[error("request body is larger than the route's body_bytes_max of {0} bytes")]
@@ -60,7 +62,8 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn side(&self) -> Side {
         match self {
-            ProxyError::MethodNotAllowed(_)
+            ProxyError::BadRequest(_)
+            | ProxyError::MethodNotAllowed(_)
             | ProxyError::BodyTooLarge(_)
             | ProxyError::ClientBody(_)
             | ProxyError::ClientBodyTimeout { .. } => Side::Downstream,
@@ -120,7 +123,7 @@ impl ProxyError {
             | ProxyError::QueueTimeout { .. }
             | ProxyError::NoServerLeft { .. }
             | ProxyError::QueueRefused { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::ClientBody(_) | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::ClientBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::ConnectTimeout { .. } | ProxyError::ResponseTimeout { .. } | ProxyError::Deadline { .. } => {
                 StatusCode::GATEWAY_TIMEOUT

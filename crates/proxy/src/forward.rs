@@ -211,7 +211,7 @@ fn error_response(e: &ProxyError) -> Response<RespBody> {
     if e.status() == StatusCode::SERVICE_UNAVAILABLE {
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
-    if let ProxyError::MethodNotAllowed(_) = e {
+    if let ProxyError::MethodNotAllowed(_) | ProxyError::BadRequest(_) = e {
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
@@ -318,6 +318,10 @@ async fn forward(
 ) -> Result<Response<RespBody>, ProxyError> {
     if let Some(id) = req.uri().path().strip_prefix(STATUS_PREFIX) {
         return request_status(ctx, req.method(), id);
+    }
+    // Which Host a server would read is anybody's guess (RFC 9110 §7.2: a request with two is invalid).
+    if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+        return Err(ProxyError::BadRequest("more than one Host header"));
     }
     let route = match snap.route(host, req.uri().path(), req.method()) {
         RouteMatch::Found(r) => r,
@@ -739,12 +743,29 @@ fn rewrite_request(
             has_fwd_host = true;
         }
     }
-    // HTTP/2 carries the authority in the URI; HTTP/1.1 servers need it as Host.
-    if !has_host {
-        if let Some(authority) = parts.uri.authority() {
+    // The authority the request was routed by is the one the server sees (RFC 9112 §3.2.2): an absolute-form
+    // target or HTTP/2's `:authority` replaces whatever Host the client also sent, and HTTP/1.1 servers need it
+    // as Host.
+    if let Some(authority) = parts.uri.authority() {
+        let differs = parts.headers.get(header::HOST).is_none_or(|h| h.as_bytes() != authority.as_str().as_bytes());
+        if differs {
             if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
                 parts.headers.insert(header::HOST, v);
                 has_host = true;
+            }
+        }
+    }
+    // The server gets a length the proxy wrote itself, whatever the client's spelling (leading zeros, a list).
+    if let Some(v) = parts.headers.get(header::CONTENT_LENGTH) {
+        let several = parts.headers.get_all(header::CONTENT_LENGTH).iter().nth(1).is_some();
+        if several || !crate::framing::is_canonical_length(v.as_bytes()) {
+            match body.size_hint().exact() {
+                Some(n) => {
+                    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+                }
+                None => {
+                    parts.headers.remove(header::CONTENT_LENGTH);
+                }
             }
         }
     }

@@ -245,6 +245,8 @@ enum Parsed {
     Partial,
     /// Not for this server: hyper's.
     Other,
+    /// Refused with this status and message, and the connection closed: nothing after it can be framed.
+    Refused(StatusCode, &'static str),
 }
 
 fn parse(buf: &[u8], limits: &Limits) -> Parsed {
@@ -263,6 +265,12 @@ fn parse(buf: &[u8], limits: &Limits) -> Parsed {
         Ok(httparse::Status::Partial) => return Parsed::Partial,
         Err(_) => return Parsed::Other,
     };
+    if len > limits.header_bytes_max {
+        return Parsed::Refused(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request head larger than header_bytes_max",
+        );
+    }
     if req.version != Some(1) {
         return Parsed::Other;
     }
@@ -278,11 +286,13 @@ fn parse(buf: &[u8], limits: &Limits) -> Parsed {
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
-            let Some(n) = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<u64>().ok()) else {
-                return Parsed::Other;
+            // Only `1*DIGIT` (RFC 9110): a sign, Unicode white space or differing values could be read otherwise
+            // by a server, and the body taken for the next request. The server gets the proxy's own spelling.
+            let Some(n) = crate::framing::content_length(h.value) else {
+                return Parsed::Refused(StatusCode::BAD_REQUEST, "Content-Length must be digits only");
             };
             if content_length.replace(n).is_some_and(|m| m != n) {
-                return Parsed::Other;
+                return Parsed::Refused(StatusCode::BAD_REQUEST, "two different Content-Length values");
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding")
             || name.eq_ignore_ascii_case(b"expect")
@@ -490,7 +500,6 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, limits: Limits, shutdow
     let conn = Arc::new(Conn { stream, body_left: AtomicU64::new(0) });
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut out = Vec::with_capacity(READ_CHUNK);
-    let head_bytes_max = limits.header_bytes_max.max(8192);
     let timer = tokio::time::sleep(limits.header_read_timeout);
     tokio::pin!(timer);
     // Ready once the proxy shuts down (or its shutdown sender is gone): an idle connection then closes.
@@ -506,7 +515,11 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, limits: Limits, shutdow
             match if buf.is_empty() { Parsed::Partial } else { parse(&buf, &limits) } {
                 Parsed::Head(h) => break h,
                 Parsed::Other => return hand_off(conn, buf, &ctx),
-                Parsed::Partial if buf.len() > head_bytes_max => return hand_off(conn, buf, &ctx),
+                Parsed::Refused(status, why) => return refuse(&conn.stream, &mut out, status, why).await,
+                Parsed::Partial if buf.len() > limits.header_bytes_max => {
+                    let why = "request head larger than header_bytes_max";
+                    return refuse(&conn.stream, &mut out, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, why).await;
+                }
                 Parsed::Partial => {}
             }
             if buf.capacity() - buf.len() < 1024 {
@@ -594,6 +607,25 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, limits: Limits, shutdow
     }
 }
 
+/// Answers a request the proxy refuses before routing it (a head it cannot frame, or too large), then closes:
+/// whatever the client sent after it cannot be told apart from a next request.
+async fn refuse(stream: &TcpStream, out: &mut Vec<u8>, status: StatusCode, why: &str) -> Ended {
+    let body = serde_json::json!({ "error": why }).to_string();
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: ");
+    out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+    out.extend_from_slice(b"\r\n\r\n");
+    out.extend_from_slice(body.as_bytes());
+    if write_all(stream, out).await.is_ok() {
+        linger(stream).await;
+    }
+    Ended::Closed
+}
+
 /// What ended the wait for more of a request head.
 enum Wake {
     Readable,
@@ -642,6 +674,14 @@ mod tests {
             Parsed::Head(h) => h,
             Parsed::Partial => panic!("partial: {text:?}"),
             Parsed::Other => panic!("other: {text:?}"),
+            Parsed::Refused(status, why) => panic!("refused with {status} ({why}): {text:?}"),
+        }
+    }
+
+    fn refused(text: &str) -> Option<StatusCode> {
+        match parse(text.as_bytes(), &limits()) {
+            Parsed::Refused(status, _) => Some(status),
+            _ => None,
         }
     }
 
@@ -679,12 +719,33 @@ mod tests {
         assert!(other("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"));
         assert!(other("POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n"));
         assert!(other("GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"));
-        assert!(other("POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"));
-        assert!(other("POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n"));
         assert!(other("GET / HTTP/1.1\r\nBad Header: x\r\n\r\n"));
         let many: String = (0..101).map(|i| format!("h{i}: v\r\n")).collect();
         assert!(other(&format!("GET / HTTP/1.1\r\n{many}\r\n")));
         assert!(matches!(parse(b"GET / HTTP/1.1\r\nHost:", &limits()), Parsed::Partial));
+    }
+
+    #[test]
+    fn lengths_another_parser_could_read_differently_are_refused() {
+        let bad = Some(StatusCode::BAD_REQUEST);
+        for cl in ["+5", "-5", "5\u{a0}", "0x5", "5 5", "5,6", "", "1e1"] {
+            assert_eq!(refused(&format!("POST / HTTP/1.1\r\nContent-Length: {cl}\r\n\r\n")), bad, "{cl:?}");
+        }
+        assert_eq!(refused("POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"), bad);
+        assert_eq!(head("POST / HTTP/1.1\r\nContent-Length: 005\r\n\r\n").content_length, 5);
+        assert_eq!(head("POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n").content_length, 5);
+    }
+
+    #[test]
+    fn a_complete_head_over_header_bytes_max_is_refused() {
+        let big = format!("GET / HTTP/1.1\r\nx-big: {}\r\n\r\n", "a".repeat(9000));
+        assert_eq!(refused(&big), Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
+        let small = Limits { header_bytes_max: 100, ..limits() };
+        let text = format!("GET / HTTP/1.1\r\nx: {}\r\n\r\n", "a".repeat(100));
+        assert!(matches!(
+            parse(text.as_bytes(), &small),
+            Parsed::Refused(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, _)
+        ));
     }
 
     #[test]

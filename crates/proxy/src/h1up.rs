@@ -13,7 +13,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::upstream::ReqBody;
@@ -70,7 +70,7 @@ impl RawConn {
         if self.buf.capacity() - self.buf.len() < 4096 {
             self.buf.reserve(READ_CHUNK);
         }
-        let n = tokio::io::AsyncReadExt::read_buf(&mut self.stream, &mut self.buf).await?;
+        let n = self.stream.read_buf(&mut self.buf).await?;
         if n == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "server closed the connection before answering"));
         }
@@ -205,10 +205,12 @@ enum RequestFraming {
 enum Framing {
     None,
     Length(u64),
-    /// Chunked: bytes left in the current chunk (0 = a size line is next), and whether the last chunk was seen.
+    /// Chunked: bytes left in the current chunk (0 = a line is next), whether the last chunk was seen, and
+    /// whether the next line is the empty one that ends a chunk's data.
     Chunked {
         left: u64,
         last: bool,
+        crlf: bool,
     },
     UntilClose,
 }
@@ -248,33 +250,11 @@ pub async fn exchange(
         conn.out = out;
     }
     written.map_err(ExchangeError::Unsent)?;
-    if !matches!(framing, RequestFraming::Empty) && !body_sent {
-        while let Some(frame) = body.frame().await {
-            let frame = match frame {
-                Ok(f) => f,
-                Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-                    return Err(ExchangeError::BodyTooLarge)
-                }
-                Err(e) => return Err(ExchangeError::ClientBody(io::Error::other(e.to_string()))),
-            };
-            if let Ok(data) = frame.into_data() {
-                if data.is_empty() {
-                    continue;
-                }
-                if chunked {
-                    let size = format!("{:x}\r\n", data.len());
-                    conn.stream.write_all(size.as_bytes()).await.map_err(ExchangeError::Failed)?;
-                    conn.stream.write_all(&data).await.map_err(ExchangeError::Failed)?;
-                    conn.stream.write_all(b"\r\n").await.map_err(ExchangeError::Failed)?;
-                } else {
-                    conn.stream.write_all(&data).await.map_err(ExchangeError::Failed)?;
-                }
-            }
-        }
-        if chunked {
-            conn.stream.write_all(b"0\r\n\r\n").await.map_err(ExchangeError::Failed)?;
-        }
-    }
+    let body_done = if !matches!(framing, RequestFraming::Empty) && !body_sent {
+        send_body(&mut conn, &mut body, chunked, method).await?
+    } else {
+        true
+    };
 
     loop {
         match parse_head(&conn.buf, method).map_err(ExchangeError::Failed)? {
@@ -293,7 +273,8 @@ pub async fn exchange(
                 let mut out = Response::new(RawBody {
                     conn: Some(conn),
                     framing: head.framing,
-                    reusable: !head.close,
+                    // Unless the whole request went out, the server may still be reading it: never reused.
+                    reusable: !head.close && body_done,
                     done: Some(done),
                 });
                 *out.status_mut() = head.status;
@@ -316,6 +297,99 @@ pub async fn exchange(
                     }
                 })?;
             }
+        }
+    }
+}
+
+/// Writes the request body while watching the connection for an early answer. `Ok(true)`: the body went out in
+/// full. `Ok(false)`: the server answered before it read the whole body, and its final response head is in
+/// `conn.buf`; the rest is not sent. A server that refuses a body (a 413 before reading it) and closes is
+/// answering, not failing: its answer goes to the client, and a write error after a complete response head is
+/// not a failure of the server. An early answer below 400 (a server streaming its answer while it reads) lets the
+/// body go on.
+async fn send_body(
+    conn: &mut RawConn,
+    body: &mut ReqBody,
+    chunked: bool,
+    method: &Method,
+) -> Result<bool, ExchangeError> {
+    let RawConn { stream, buf, .. } = conn;
+    let (mut rd, mut wr) = stream.split();
+    let pump = async {
+        while let Some(frame) = body.frame().await {
+            let frame = match frame {
+                Ok(f) => f,
+                Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+                    return Err(ExchangeError::BodyTooLarge)
+                }
+                Err(e) => return Err(ExchangeError::ClientBody(io::Error::other(e.to_string()))),
+            };
+            if let Ok(data) = frame.into_data() {
+                if data.is_empty() {
+                    continue;
+                }
+                if chunked {
+                    let size = format!("{:x}\r\n", data.len());
+                    wr.write_all(size.as_bytes()).await.map_err(ExchangeError::Failed)?;
+                    wr.write_all(&data).await.map_err(ExchangeError::Failed)?;
+                    wr.write_all(b"\r\n").await.map_err(ExchangeError::Failed)?;
+                } else {
+                    wr.write_all(&data).await.map_err(ExchangeError::Failed)?;
+                }
+            }
+        }
+        if chunked {
+            wr.write_all(b"0\r\n\r\n").await.map_err(ExchangeError::Failed)?;
+        }
+        Ok(())
+    };
+    tokio::pin!(pump);
+    let mut watching = true;
+    loop {
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(READ_CHUNK);
+        }
+        tokio::select! {
+            sent = &mut pump => return match sent {
+                Ok(()) => Ok(true),
+                Err(ExchangeError::Failed(e)) => {
+                    // The server may have answered, then closed: what it said is read to the end of its head.
+                    loop {
+                        if early_answer(buf, method).is_some() {
+                            return Ok(false);
+                        }
+                        match rd.read_buf(buf).await {
+                            Ok(n) if n > 0 && buf.len() <= HEAD_BYTES_MAX => {}
+                            _ => return Err(ExchangeError::Failed(e)),
+                        }
+                    }
+                }
+                Err(e) => Err(e),
+            },
+            read = rd.read_buf(buf), if watching => match read {
+                // Closed or failed: the body's next write tells, and a head already read still counts.
+                Ok(0) | Err(_) => watching = false,
+                Ok(_) => match early_answer(buf, method) {
+                    Some(status) if status.as_u16() >= 400 => return Ok(false),
+                    Some(_) => watching = false,
+                    None if buf.len() > HEAD_BYTES_MAX => watching = false,
+                    None => {}
+                },
+            },
+        }
+    }
+}
+
+/// The status of the final response head at the start of `buf` (after any 1xx), once it is complete; a head
+/// that does not parse counts too, for the exchange to report.
+fn early_answer(buf: &[u8], method: &Method) -> Option<StatusCode> {
+    let mut at = 0;
+    loop {
+        match parse_head(&buf[at..], method) {
+            Ok(Some(Head::Informational(len))) => at += len,
+            Ok(Some(Head::Final(head))) => return Some(head.status),
+            Ok(None) => return None,
+            Err(_) => return Some(StatusCode::BAD_GATEWAY),
         }
     }
 }
@@ -352,13 +426,30 @@ fn parse_head(buf: &[u8], method: &Method) -> io::Result<Option<Head>> {
     }
     let base = buf.as_ptr() as usize;
     let mut headers = Vec::with_capacity(resp.headers.len());
-    let (mut length, mut chunked, mut close) = (None, false, resp.version == Some(0));
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        // Upgrades go through hyper's client: this client never asks for one, so a 101 here would turn the rest
+        // of the connection into bytes nobody framed.
+        return Err(bad("101 Switching Protocols to a request that asked for no upgrade"));
+    }
+    let (mut length, mut close) = (None, resp.version == Some(0));
+    let mut codings: Vec<&[u8]> = Vec::new();
+    let mut length_at = None;
     for h in resp.headers.iter() {
         let name = header_name(h.name.as_bytes()).map_err(|_| bad("bad header name"))?;
         if name == http::header::CONTENT_LENGTH {
-            length = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<u64>().ok());
+            let n = crate::framing::content_length(h.value).ok_or_else(|| bad("bad Content-Length"))?;
+            if length.replace(n).is_some_and(|m| m != n) {
+                return Err(bad("two different Content-Length values"));
+            }
+            // The proxy writes the client's framing itself, from the body's length; only a response without a
+            // body (to HEAD, a 304) passes its length on, canonical.
+            if crate::framing::is_canonical_length(h.value) {
+                let start = h.value.as_ptr() as usize - base;
+                length_at = Some((start, start + h.value.len()));
+            }
+            continue;
         } else if name == http::header::TRANSFER_ENCODING {
-            chunked = h.value.windows(7).any(|w| w.eq_ignore_ascii_case(b"chunked"));
+            codings.push(h.value);
             continue;
         } else if name == http::header::CONNECTION {
             let mut only_own = true;
@@ -379,11 +470,23 @@ fn parse_head(buf: &[u8], method: &Method) -> io::Result<Option<Head>> {
         let start = h.value.as_ptr() as usize - base;
         headers.push((name, (start, start + h.value.len())));
     }
+    let chunked = !codings.is_empty();
+    if chunked {
+        if length.is_some() {
+            return Err(bad("both Content-Length and Transfer-Encoding"));
+        }
+        if crate::framing::transfer_coding(codings.iter().copied()) != crate::framing::TransferCoding::Chunked {
+            return Err(bad("a Transfer-Encoding that does not end in chunked"));
+        }
+    }
     let no_body = *method == Method::HEAD || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    if let (true, Some(at)) = (no_body && status != StatusCode::NO_CONTENT, length_at) {
+        headers.push((http::header::CONTENT_LENGTH, at));
+    }
     let framing = if no_body {
         Framing::None
     } else if chunked {
-        Framing::Chunked { left: 0, last: false }
+        Framing::Chunked { left: 0, last: false, crlf: false }
     } else if let Some(n) = length {
         Framing::Length(n)
     } else {
@@ -482,15 +585,15 @@ impl Body for RawBody {
                         Err(e) => return Poll::Ready(Some(Err(e))),
                     }
                 }
-                Framing::Chunked { left, last } => {
+                Framing::Chunked { left, last, crlf } => {
                     let conn = this.conn.as_mut().expect("body has its connection");
                     if left > 0 {
                         if let Some((data, rest)) = take_data(conn, left) {
-                            this.framing = Framing::Chunked { left: rest, last };
+                            this.framing = Framing::Chunked { left: rest, last, crlf: rest == 0 };
                             return Poll::Ready(Some(Ok(Frame::data(data))));
                         }
                     } else if let Some(i) = conn.buf.windows(2).position(|w| w == b"\r\n") {
-                        // A line: either the CRLF ending a chunk, a size line, or (after the last chunk) trailers.
+                        // A line: the CRLF ending a chunk's data, a size line, or (after the last chunk) trailers.
                         let line = conn.buf.split_to(i + 2);
                         let text = &line[..i];
                         if last {
@@ -500,17 +603,17 @@ impl Body for RawBody {
                             }
                             continue; // a trailer line: dropped
                         }
-                        if text.is_empty() {
-                            continue; // the CRLF after a chunk's data
+                        if crlf {
+                            if !text.is_empty() {
+                                return Poll::Ready(Some(Err(bad("chunk data longer than its size"))));
+                            }
+                            this.framing = Framing::Chunked { left: 0, last, crlf: false };
+                            continue;
                         }
-                        let size = std::str::from_utf8(text)
-                            .ok()
-                            .and_then(|t| u64::from_str_radix(t.split(';').next().unwrap_or("").trim(), 16).ok())
-                            .ok_or_else(|| bad("bad chunk size"));
-                        match size {
-                            Ok(0) => this.framing = Framing::Chunked { left: 0, last: true },
-                            Ok(n) => this.framing = Framing::Chunked { left: n, last: false },
-                            Err(e) => return Poll::Ready(Some(Err(e))),
+                        match crate::framing::chunk_size(text) {
+                            Some(0) => this.framing = Framing::Chunked { left: 0, last: true, crlf: false },
+                            Some(n) => this.framing = Framing::Chunked { left: n, last: false, crlf: false },
+                            None => return Poll::Ready(Some(Err(bad("bad chunk size")))),
                         }
                         continue;
                     } else if conn.buf.len() > HEAD_BYTES_MAX {
@@ -616,8 +719,12 @@ mod tests {
         let text = b"HTTP/1.1 200 OK\r\nServer: x\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nContent-Length: 3\r\n\r\nok\n";
         let Some(Head::Final(head)) = parse_head(text, &Method::GET).unwrap() else { panic!("no final head") };
         let names: Vec<&str> = head.headers.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["server", "content-length"]);
+        assert_eq!(names, ["server"], "the length is written by the proxy, from the body");
         assert!(matches!(head.framing, Framing::Length(3)));
+        let text = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n";
+        let Some(Head::Final(head)) = parse_head(text, &Method::HEAD).unwrap() else { panic!("no final head") };
+        let names: Vec<&str> = head.headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["content-length"], "a HEAD response keeps the length of what GET would send");
         assert!(!head.close);
         let text = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close, x-secret\r\n\r\n";
         let Some(Head::Final(head)) = parse_head(text, &Method::GET).unwrap() else { panic!("no final head") };
@@ -625,5 +732,24 @@ mod tests {
         assert_eq!(names, ["connection"], "a Connection header naming others stays, for the proxy to strip those");
         assert!(matches!(head.framing, Framing::Chunked { .. }));
         assert!(head.close);
+    }
+
+    #[test]
+    fn response_framing_another_parser_could_read_differently_is_refused() {
+        for (text, why) in [
+            ("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", "two different"),
+            ("HTTP/1.1 200 OK\r\nContent-Length: 3, 4\r\n\r\n", "bad Content-Length"),
+            ("HTTP/1.1 200 OK\r\nContent-Length: +3\r\n\r\n", "bad Content-Length"),
+            ("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", "both"),
+            ("HTTP/1.1 200 OK\r\nTransfer-Encoding: xchunked\r\n\r\n", "does not end in chunked"),
+            ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", "does not end in chunked"),
+            ("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n", "asked for no upgrade"),
+        ] {
+            let e = parse_head(text.as_bytes(), &Method::GET).err().unwrap_or_else(|| panic!("accepted {text:?}"));
+            assert!(e.to_string().contains(why), "{text:?}: {e}");
+        }
+        let same = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n";
+        let Some(Head::Final(head)) = parse_head(same, &Method::GET).unwrap() else { panic!("no final head") };
+        assert!(matches!(head.framing, Framing::Length(3)), "equal lengths are merged");
     }
 }

@@ -10,7 +10,6 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::{watch, Semaphore};
 
@@ -20,6 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::forward::{handle, ConnCtx, RespBody};
 use crate::h1down::{self, ClientBody, Ended, Limits};
+use crate::idle::{self, Activity, End, Watched};
 use crate::io::{duplicate, write_last, TrackedIo, REQUEST_TIMEOUT_RESPONSE};
 use crate::Shared;
 
@@ -80,16 +80,27 @@ fn client_builder(cfg: &nonstop_config::Listener) -> auto::Builder<TokioExecutor
     builder
 }
 
-/// hyper's side of a client connection: each request goes to [`handle`] with hyper's body.
+/// hyper's side of a client connection: each request goes to [`handle`] with hyper's body, counted in
+/// `activity` until its response body is sent.
 fn hyper_service(
     ctx: Arc<ConnCtx>,
+    activity: Arc<Activity>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
-    Response = http::Response<RespBody>,
+    Response = http::Response<Watched<RespBody>>,
     Error = std::convert::Infallible,
-    Future = impl std::future::Future<Output = Result<http::Response<RespBody>, std::convert::Infallible>> + Send + 'static,
+    Future = impl std::future::Future<Output = Result<http::Response<Watched<RespBody>>, std::convert::Infallible>>
+                 + Send
+                 + 'static,
 > + Clone {
-    service_fn(move |req: Request<Incoming>| handle(ctx.clone(), req.map(ClientBody::Hyper)))
+    service_fn(move |req: Request<Incoming>| {
+        let open = activity.enter();
+        let answer = handle(ctx.clone(), req.map(ClientBody::Hyper));
+        async move {
+            let Ok(resp) = answer.await;
+            Ok(resp.map(|body| Watched { body, _open: open }))
+        }
+    })
 }
 
 async fn accept_loop(shared: Arc<Shared>, b: Bound, mut shutdown: watch::Receiver<bool>, drain: Duration) {
@@ -100,8 +111,7 @@ async fn accept_loop(shared: Arc<Shared>, b: Bound, mut shutdown: watch::Receive
             return;
         }
     };
-    let graceful = GracefulShutdown::new();
-    // Every connection's task, to wait for on drain (hyper's connections are also watched by `graceful`).
+    // Every connection's task, to wait for on drain (each connection watches `shutdown` itself).
     let tracker = TaskTracker::new();
     loop {
         let permit = tokio::select! {
@@ -133,8 +143,8 @@ async fn accept_loop(shared: Arc<Shared>, b: Bound, mut shutdown: watch::Receive
         let tls = snap.tls.get(b.index).cloned().flatten();
         drop(snap);
         let shared = shared.clone();
-        let watcher = graceful.watcher();
         let shutdown = shutdown.clone();
+        let stop = shutdown.clone();
         tracker.spawn(async move {
             let _permit = permit;
             let ctx = Arc::new(ConnCtx::new(shared, listener_name, peer, tls.is_some(), limits.header_read_timeout));
@@ -146,14 +156,18 @@ async fn accept_loop(shared: Arc<Shared>, b: Bound, mut shutdown: watch::Receive
                     };
                     let last_word = duplicate(io.stream());
                     let head_pending = ctx.head_pending.clone();
-                    let service = hyper_service(ctx);
+                    let activity = Activity::new();
+                    let service = hyper_service(ctx, activity.clone());
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-                    if let Err(e) = watcher.watch(conn.into_owned()).await {
-                        // hyper closes a connection whose head did not arrive in time without a word; say why.
-                        let timed_out = e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout);
-                        if let (true, true, Some(fd)) = (timed_out, head_pending.load(Ordering::Relaxed), &last_word) {
-                            write_last(fd, REQUEST_TIMEOUT_RESPONSE);
-                        }
+                    let end = idle::drive(conn.into_owned(), &activity, limits.header_read_timeout, stop).await;
+                    // hyper closes a connection whose head did not arrive in time without a word; say why.
+                    let timed_out = match &end {
+                        End::Done(Err(e)) => e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout),
+                        End::Idle => true,
+                        _ => false,
+                    };
+                    if let (true, true, Some(fd)) = (timed_out, head_pending.load(Ordering::Relaxed), &last_word) {
+                        write_last(fd, REQUEST_TIMEOUT_RESPONSE);
                     }
                 }
                 Some(acceptor) => {
@@ -164,19 +178,17 @@ async fn accept_loop(shared: Arc<Shared>, b: Bound, mut shutdown: watch::Receive
                         return;
                     };
                     let io = TrackedIo { stream, head_pending: ctx.head_pending.clone() };
-                    let service = hyper_service(ctx);
+                    let activity = Activity::new();
+                    let service = hyper_service(ctx, activity.clone());
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-                    let _ = watcher.watch(conn.into_owned()).await;
+                    idle::drive(conn.into_owned(), &activity, limits.header_read_timeout, stop).await;
                 }
             }
         });
     }
     drop(listener);
     tracker.close();
-    let drained = async {
-        graceful.shutdown().await;
-        tracker.wait().await;
-    };
+    let drained = tracker.wait();
     if tokio::time::timeout(drain, drained).await.is_err() {
         tracing::warn!("drain timeout: closing the remaining client connections");
     }

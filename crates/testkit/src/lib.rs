@@ -3,6 +3,7 @@
 
 pub mod docker;
 pub mod echo;
+pub mod raw;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
