@@ -20,6 +20,8 @@ pub enum ProxyError {
     NoRoute { method: String, host: String, path: String },
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    #[error("request head is larger than the listener's header_bytes_max of {0} bytes")]
+    HeadTooLarge(usize),
     #[error("method {0} is not allowed on this route")]
     MethodNotAllowed(String),
     #[error("request body is larger than the route's body_bytes_max of {0} bytes")]
@@ -63,6 +65,7 @@ impl ProxyError {
     pub fn side(&self) -> Side {
         match self {
             ProxyError::BadRequest(_)
+            | ProxyError::HeadTooLarge(_)
             | ProxyError::MethodNotAllowed(_)
             | ProxyError::BodyTooLarge(_)
             | ProxyError::ClientBody(_)
@@ -117,6 +120,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::NoServer(_)
             | ProxyError::Shed { .. }

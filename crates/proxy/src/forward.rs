@@ -202,7 +202,7 @@ fn hash_of(req: &Request<ClientBody>, on: &HashOn, peer: SocketAddr) -> Option<u
     }
 }
 
-fn error_response(e: &ProxyError) -> Response<RespBody> {
+pub(crate) fn error_response(e: &ProxyError) -> Response<RespBody> {
     let body = json!({ "error": e.to_string() }).to_string();
     let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body))));
     *resp.status_mut() = e.status();
@@ -211,7 +211,7 @@ fn error_response(e: &ProxyError) -> Response<RespBody> {
     if e.status() == StatusCode::SERVICE_UNAVAILABLE {
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
-    if let ProxyError::MethodNotAllowed(_) | ProxyError::BadRequest(_) = e {
+    if let ProxyError::MethodNotAllowed(_) | ProxyError::BadRequest(_) | ProxyError::HeadTooLarge(_) = e {
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp

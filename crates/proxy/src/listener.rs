@@ -17,7 +17,8 @@ use http::Request;
 use hyper::body::Incoming;
 use tokio_util::task::TaskTracker;
 
-use crate::forward::{handle, ConnCtx, RespBody};
+use crate::error::ProxyError;
+use crate::forward::{error_response, handle, ConnCtx, RespBody};
 use crate::h1down::{self, ClientBody, Ended, Limits};
 use crate::idle::{self, Activity, End, Watched};
 use crate::io::{duplicate, write_last, TrackedIo, REQUEST_TIMEOUT_RESPONSE};
@@ -80,11 +81,19 @@ fn client_builder(cfg: &nonstop_config::Listener) -> auto::Builder<TokioExecutor
     builder
 }
 
+/// The size of an HTTP/1.x request head as it came on the wire, near enough (hyper's own limit, its read buffer,
+/// cannot go below 8 KiB).
+fn head_bytes(req: &Request<Incoming>) -> usize {
+    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    line + req.headers().iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum::<usize>() + 2
+}
+
 /// hyper's side of a client connection: each request goes to [`handle`] with hyper's body, counted in
-/// `activity` until its response body is sent.
+/// `activity` until its response body is sent. An HTTP/1.x head over `header_bytes_max` gets 431.
 fn hyper_service(
     ctx: Arc<ConnCtx>,
     activity: Arc<Activity>,
+    header_bytes_max: usize,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = http::Response<Watched<RespBody>>,
@@ -95,9 +104,16 @@ fn hyper_service(
 > + Clone {
     service_fn(move |req: Request<Incoming>| {
         let open = activity.enter();
-        let answer = handle(ctx.clone(), req.map(ClientBody::Hyper));
+        let too_large = req.version() < http::Version::HTTP_2 && head_bytes(&req) > header_bytes_max;
+        let answer = (!too_large).then(|| handle(ctx.clone(), req.map(ClientBody::Hyper)));
         async move {
-            let Ok(resp) = answer.await;
+            let resp = match answer {
+                Some(answer) => {
+                    let Ok(resp) = answer.await;
+                    resp
+                }
+                None => error_response(&ProxyError::HeadTooLarge(header_bytes_max)),
+            };
             Ok(resp.map(|body| Watched { body, _open: open }))
         }
     })
@@ -157,7 +173,7 @@ async fn accept_loop(shared: Arc<Shared>, b: Bound, mut shutdown: watch::Receive
                     let last_word = duplicate(io.stream());
                     let head_pending = ctx.head_pending.clone();
                     let activity = Activity::new();
-                    let service = hyper_service(ctx, activity.clone());
+                    let service = hyper_service(ctx, activity.clone(), limits.header_bytes_max);
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
                     let end = idle::drive(conn.into_owned(), &activity, limits.header_read_timeout, stop).await;
                     // hyper closes a connection whose head did not arrive in time without a word; say why.
@@ -179,7 +195,7 @@ async fn accept_loop(shared: Arc<Shared>, b: Bound, mut shutdown: watch::Receive
                     };
                     let io = TrackedIo { stream, head_pending: ctx.head_pending.clone() };
                     let activity = Activity::new();
-                    let service = hyper_service(ctx, activity.clone());
+                    let service = hyper_service(ctx, activity.clone(), limits.header_bytes_max);
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
                     idle::drive(conn.into_owned(), &activity, limits.header_read_timeout, stop).await;
                 }
