@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nonstop_testkit::{echo, get, Proc};
+use nonstop_testkit::{echo, get, Proc, TempDir};
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_nonstop"))
@@ -103,4 +103,105 @@ async fn a_second_serve_on_a_wildcard_address_refuses_and_port_zero_still_works(
     let second = Proc::start(bin(), &["serve", "--listen", "127.0.0.1:0", "--to", &backend]);
     assert_ne!(second.addr, first.addr);
     assert_eq!(get(second.addr, "/").await.status, 200);
+}
+
+/// Parses one sample line of the Prometheus text format: the metric name and its label values, unescaped.
+fn parse_sample(line: &str) -> Result<(String, Vec<(String, String)>), String> {
+    let name_end = line.find(['{', ' ']).ok_or("no value")?;
+    let name = &line[..name_end];
+    let name_ok = name
+        .chars()
+        .enumerate()
+        .all(|(i, c)| c == '_' || c == ':' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit()));
+    if name.is_empty() || !name_ok {
+        return Err(format!("bad metric name {name:?}"));
+    }
+    let mut rest = &line[name_end..];
+    let mut labels = Vec::new();
+    if let Some(inner) = rest.strip_prefix('{') {
+        let mut chars = inner.char_indices();
+        loop {
+            let key_start = chars.clone().next().ok_or("unterminated labels")?.0;
+            let mut key_end = key_start;
+            let mut closed = false;
+            for (i, c) in chars.by_ref() {
+                if c == '=' {
+                    key_end = i;
+                    break;
+                }
+                if c == '}' && i == key_start {
+                    closed = true;
+                    key_end = i;
+                    break;
+                }
+            }
+            if closed {
+                rest = &inner[key_end + 1..];
+                break;
+            }
+            let key = &inner[key_start..key_end];
+            if chars.next().map(|c| c.1) != Some('"') {
+                return Err(format!("label {key:?} has no opening quote"));
+            }
+            let mut value = String::new();
+            loop {
+                match chars.next().ok_or("unterminated label value")?.1 {
+                    '"' => break,
+                    '\\' => match chars.next().ok_or("dangling escape")?.1 {
+                        '\\' => value.push('\\'),
+                        '"' => value.push('"'),
+                        'n' => value.push('\n'),
+                        c => return Err(format!("bad escape \\{c}")),
+                    },
+                    '\n' => return Err("raw newline in a label value".into()),
+                    c => value.push(c),
+                }
+            }
+            labels.push((key.to_string(), value));
+            match chars.next().ok_or("unterminated labels")? {
+                (_, ',') => continue,
+                (i, '}') => {
+                    rest = &inner[i + 1..];
+                    break;
+                }
+                (_, c) => return Err(format!("unexpected {c:?} after a label value")),
+            }
+        }
+    }
+    let value = rest.strip_prefix(' ').ok_or("no space before the value")?;
+    if value.parse::<f64>().is_err() && !["+Inf", "-Inf", "NaN"].contains(&value) {
+        return Err(format!("bad value {value:?}"));
+    }
+    Ok((name.to_string(), labels))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_service_names_are_escaped_in_metrics() {
+    let backend = echo::start("a").await;
+    let dir = TempDir::new("admin-metrics");
+    let path = dir.path().join("nonstop.toml");
+    // A TOML quoted key may carry a quote, a backslash and a newline; the name is then a label value.
+    let key = r#""we\"ird\\name\nfake_metric{x=\"1\"} 666""#;
+    let hostile = "we\"ird\\name\nfake_metric{x=\"1\"} 666";
+    std::fs::write(
+        &path,
+        format!(
+            "[[listeners]]\nlisten = \"127.0.0.1:0\"\n[[routes]]\nservice = {key}\n[services.{key}]\n\
+             servers = [{{ addr = \"{backend}\" }}]\n[admin]\nlisten = \"127.0.0.1:0\"\n"
+        ),
+    )
+    .unwrap();
+    let p = Proc::start(bin(), &["serve", "--config", path.to_str().unwrap()]);
+    assert_eq!(get(p.addr, "/").await.status, 200);
+    let admin = p.addr_after("admin").unwrap();
+    assert_eq!(get(admin, "/services").await.json()["services"][0]["name"], hostile);
+    let text = String::from_utf8(get(admin, "/metrics").await.body.to_vec()).unwrap();
+    let mut seen = 0;
+    for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let (name, labels) = parse_sample(line).unwrap_or_else(|e| panic!("{e}: {line:?}\n{text}"));
+        assert_ne!(name, "fake_metric", "a service name injected a sample: {text}");
+        seen += labels.iter().filter(|(k, v)| k == "service" && v == hostile).count();
+    }
+    assert!(seen > 0, "no sample carries the service name: {text}");
+    assert!(text.contains(r#"service="we\"ird\\name\nfake_metric{x=\"1\"} 666""#), "{text}");
 }

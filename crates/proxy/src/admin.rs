@@ -15,6 +15,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
+use crate::metrics::Escaped;
 use crate::pool::MemberView;
 use crate::queued::Queue;
 
@@ -163,7 +164,7 @@ fn deploy_metrics(shared: &Shared, out: &mut String) {
     let mut running = String::new();
     for d in shared.apps.deployers.values() {
         let s = d.status();
-        let svc = &d.service;
+        let svc = Escaped(&d.service);
         let mut by: std::collections::BTreeMap<(String, String), u64> = std::collections::BTreeMap::new();
         for i in s["instances"].as_array().into_iter().flatten() {
             let key = (i["version"].as_str().unwrap_or("").to_string(), i["state"].as_str().unwrap_or("").to_string());
@@ -171,13 +172,16 @@ fn deploy_metrics(shared: &Shared, out: &mut String) {
             let _ = writeln!(
                 restarts,
                 "nonstop_app_restarts_total{{service=\"{svc}\",instance=\"{}\"}} {}",
-                i["id"], i["restarts"]
+                Escaped(&i["id"]),
+                i["restarts"]
             );
         }
         for ((version, state), n) in by {
             let _ = writeln!(
                 instances,
-                "nonstop_app_instances{{service=\"{svc}\",version=\"{version}\",state=\"{state}\"}} {n}"
+                "nonstop_app_instances{{service=\"{svc}\",version=\"{}\",state=\"{}\"}} {n}",
+                Escaped(version),
+                Escaped(state)
             );
         }
         let _ = writeln!(running, "nonstop_deploy_running{{service=\"{svc}\"}} {}", u8::from(!s["deploy"].is_null()));
@@ -197,6 +201,7 @@ fn deploy_metrics(shared: &Shared, out: &mut String) {
         "# HELP nonstop_deploys_total Finished deploys and rollbacks by result.\n# TYPE nonstop_deploys_total counter"
     );
     for ((svc, result), n) in results {
+        let (svc, result) = (Escaped(svc), Escaped(result));
         let _ = writeln!(out, "nonstop_deploys_total{{service=\"{svc}\",result=\"{result}\"}} {n}");
     }
 }
@@ -534,9 +539,15 @@ fn metrics(shared: &Shared) -> Resp {
             let servers = svc.servers();
             let mut rows: Vec<(String, Option<Arc<Server>>, &ServiceState)> = servers
                 .into_iter()
-                .map(|s| (format!("service=\"{}\",server=\"{}\"", svc.name, s.addr), Some(s), svc.as_ref()))
+                .map(|s| {
+                    (
+                        format!("service=\"{}\",server=\"{}\"", Escaped(&svc.name), Escaped(s.addr)),
+                        Some(s),
+                        svc.as_ref(),
+                    )
+                })
                 .collect();
-            rows.push((format!("service=\"{}\",server=\"none\"", svc.name), None, svc.as_ref()));
+            rows.push((format!("service=\"{}\",server=\"none\"", Escaped(&svc.name)), None, svc.as_ref()));
             rows
         })
         .collect();
@@ -605,7 +616,7 @@ fn metrics(shared: &Shared) -> Resp {
     for (name, kind, help, value) in pool_series {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for svc in &services {
-            let _ = writeln!(out, "{name}{{service=\"{}\"}} {}", svc.name, value(&svc.pool));
+            let _ = writeln!(out, "{name}{{service=\"{}\"}} {}", Escaped(&svc.name), value(&svc.pool));
         }
     }
     let _ =
@@ -617,8 +628,8 @@ fn metrics(shared: &Shared) -> Resp {
             let _ = writeln!(
                 out,
                 "nonstop_server_healthy{{service=\"{}\",server=\"{}\"}} {}",
-                svc.name,
-                m.server.addr,
+                Escaped(&svc.name),
+                Escaped(m.server.addr),
                 u8::from(ok)
             );
         }
@@ -657,7 +668,7 @@ fn metrics(shared: &Shared) -> Resp {
     for (name, kind, help, value) in queue_series {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for q in shared.queues.values() {
-            let _ = writeln!(out, "{name}{{queue=\"{}\"}} {}", q.name, value(q));
+            let _ = writeln!(out, "{name}{{queue=\"{}\"}} {}", Escaped(&q.name), value(q));
         }
     }
     deploy_metrics(shared, &mut out);
