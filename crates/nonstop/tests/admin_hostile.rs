@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nonstop_testkit::{echo, get, Proc, TempDir};
+use nonstop_testkit::{echo, get, post_json, send, Method, Proc, TempDir};
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_nonstop"))
@@ -103,6 +103,147 @@ async fn a_second_serve_on_a_wildcard_address_refuses_and_port_zero_still_works(
     let second = Proc::start(bin(), &["serve", "--listen", "127.0.0.1:0", "--to", &backend]);
     assert_ne!(second.addr, first.addr);
     assert_eq!(get(second.addr, "/").await.status, 200);
+}
+
+/// The servers of the only service: address → state.
+async fn pool(admin: SocketAddr) -> BTreeMap<String, String> {
+    let v = get(admin, "/services").await.json();
+    v["services"][0]["servers"]
+        .as_array()
+        .expect("servers")
+        .iter()
+        .map(|s| (s["addr"].as_str().unwrap().to_string(), s["state"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_origin_rebinding_and_non_json_admin_requests_are_refused_and_change_nothing() {
+    let (a, b) = (echo::start("a").await, echo::start("b").await);
+    let p = Proc::start(bin(), &["serve", "--listen", "127.0.0.1:0", "--to", &a.to_string(), "--admin", "127.0.0.1:0"]);
+    let admin = p.addr_after("admin").unwrap();
+    let own_host = admin.to_string();
+    let rebound = format!("attacker.example:{}", admin.port());
+    let add = format!(r#"{{"addr":"{b}","weight":1}}"#);
+    let drain = format!("/services/default/servers/{a}/drain");
+    let server_a = format!("/services/default/servers/{a}");
+    let rebound_origin = format!("http://{rebound}");
+    let start = pool(admin).await;
+    assert_eq!(start, BTreeMap::from([(a.to_string(), "active".to_string())]));
+
+    // (method, path, headers, body, expected status, what the error must mention)
+    let hostile: Vec<(Method, &str, Vec<(&str, &str)>, &str, u16, &str)> = vec![
+        // A web page's simple request: no preflight for text/plain or a form.
+        (
+            Method::POST,
+            "/services/default/servers",
+            vec![("content-type", "text/plain")],
+            &add,
+            415,
+            "application/json",
+        ),
+        (Method::POST, "/services/default/servers", vec![], &add, 415, "application/json"),
+        (Method::PUT, &server_a, vec![("content-type", "text/plain")], r#"{"weight":0}"#, 415, "application/json"),
+        (
+            Method::POST,
+            &drain,
+            vec![("content-type", "application/x-www-form-urlencoded")],
+            "x=1",
+            415,
+            "application/json",
+        ),
+        // A page on another origin (CSRF), even with the JSON type a browser would preflight.
+        (
+            Method::POST,
+            "/services/default/servers",
+            vec![("origin", "http://evil.example"), ("content-type", "text/plain")],
+            &add,
+            403,
+            "Origin",
+        ),
+        (Method::POST, &drain, vec![("origin", "http://evil.example")], "", 403, "Origin"),
+        (Method::POST, &drain, vec![("origin", "null")], "", 403, "Origin"),
+        (Method::GET, "/services", vec![("origin", "http://evil.example")], "", 403, "Origin"),
+        // DNS rebinding: the attacker's name now resolves to 127.0.0.1; the page is same-origin with itself.
+        (
+            Method::POST,
+            "/services/default/servers",
+            vec![("host", &rebound), ("content-type", "application/json")],
+            &add,
+            421,
+            "Host",
+        ),
+        (Method::POST, &drain, vec![("host", &rebound), ("origin", &rebound_origin)], "", 421, "Host"),
+        (Method::GET, "/services", vec![("host", &rebound)], "", 421, "Host"),
+        (Method::DELETE, &server_a, vec![("host", &rebound)], "", 421, "Host"),
+    ];
+    for (method, path, headers, body, status, mention) in &hostile {
+        let r = send(admin, method.clone(), path, headers, body.to_string()).await.expect("an answer");
+        assert_eq!(r.status, *status, "{method} {path} {headers:?}: {}", String::from_utf8_lossy(&r.body));
+        let error = r.json()["error"].as_str().map(String::from).unwrap_or_default();
+        assert!(error.contains(mention), "{method} {path} {headers:?}: the error does not name {mention}: {error}");
+    }
+    assert_eq!(pool(admin).await, start, "a refused request changed the pool");
+
+    // The operator's own requests still work: JSON, by loopback name or address, same-origin Origin included.
+    let localhost = format!("localhost:{}", admin.port());
+    let r = post_json(admin, "/services/default/servers", &[("host", &localhost)], &add).await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let same_origin = format!("http://{own_host}");
+    let r = send(admin, Method::POST, &drain, &[("origin", &same_origin)], "").await.unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = send(
+        admin,
+        Method::PUT,
+        &format!("/services/default/servers/{b}"),
+        &[("content-type", "application/json; charset=utf-8")],
+        r#"{"weight":3}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.status, r.json()["weight"].as_u64()), (200, Some(3)));
+    assert_eq!(
+        pool(admin).await,
+        BTreeMap::from([(a.to_string(), "draining".to_string()), (b.to_string(), "active".to_string())])
+    );
+    assert_eq!(get(admin, "/metrics").await.status, 200);
+
+    // The CLI clients pass the checks: a rollback with no app section is refused for that reason, not for its
+    // Host or Content-Type; status and queue list answer.
+    let out = Command::new(bin()).args(["rollback", "--admin", &own_host]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("(409)") && err.contains("no service has an app section"), "{err}");
+    let out = Command::new(bin()).args(["status", "--admin", &own_host]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(bin()).args(["queue", "--admin", &own_host, "list"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_token_the_host_may_be_any_name_but_the_origin_is_still_checked() {
+    let backend = echo::start("a").await;
+    let dir = TempDir::new("admin-token");
+    let path = dir.path().join("nonstop.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[listeners]]\nlisten = \"127.0.0.1:0\"\n[[routes]]\nservice = \"s\"\n[services.s]\n\
+             servers = [{{ addr = \"{backend}\" }}]\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"s3cret\"\n"
+        ),
+    )
+    .unwrap();
+    let p = Proc::start(bin(), &["serve", "--config", path.to_str().unwrap()]);
+    let admin = p.addr_after("admin").unwrap();
+    let name = format!("proxy.internal:{}", admin.port());
+    let auth = ("authorization", "Bearer s3cret");
+    let r = send(admin, Method::GET, "/services", &[auth, ("host", &name)], "").await.unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = send(admin, Method::GET, "/services", &[auth, ("host", &name), ("origin", "http://evil.example")], "")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+    let r =
+        send(admin, Method::POST, "/services/s/servers", &[auth, ("content-type", "text/plain")], "{}").await.unwrap();
+    assert_eq!(r.status, 415, "{}", String::from_utf8_lossy(&r.body));
 }
 
 /// Parses one sample line of the Prometheus text format: the metric name and its label values, unescaped.

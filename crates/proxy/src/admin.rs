@@ -77,6 +77,10 @@ pub async fn serve(shared: Arc<Shared>, socket: std::net::TcpListener, mut shutd
         Ok(l) => l,
         Err(e) => return tracing::error!(error = %e, "cannot register the admin listener"),
     };
+    let own = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => return tracing::error!(error = %e, "cannot read the admin listener's address"),
+    };
     loop {
         let (stream, _) = tokio::select! {
             a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
@@ -84,15 +88,41 @@ pub async fn serve(shared: Arc<Shared>, socket: std::net::TcpListener, mut shutd
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| handle(shared.clone(), req));
+            let service = service_fn(move |req| handle(shared.clone(), own, req));
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });
     }
 }
 
-async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Resp, Infallible> {
+/// The Host, Origin and Content-Type checks of `admin_guard` on one request.
+fn guard(req: &Request<Incoming>, own: SocketAddr, token: bool) -> Result<(), crate::admin_guard::Refusal> {
+    use hyper::body::Body;
+    let one = |name: header::HeaderName| {
+        let mut values = req.headers().get_all(name).iter();
+        // A value that is not text, or a second one, can match nothing.
+        match (values.next(), values.next()) {
+            (Some(v), None) => Some(v.to_str().unwrap_or("\u{fffd}")),
+            (Some(_), Some(_)) => Some("\u{fffd}"),
+            (None, _) => None,
+        }
+    };
+    let asked = crate::admin_guard::Asked {
+        method: req.method(),
+        host: req.uri().authority().map(|a| a.as_str()).or_else(|| one(header::HOST)),
+        origin: one(header::ORIGIN),
+        content_type: one(header::CONTENT_TYPE),
+        has_body: req.body().size_hint().exact() != Some(0),
+    };
+    crate::admin_guard::check(&asked, own, token)
+}
+
+async fn handle(shared: Arc<Shared>, own: SocketAddr, req: Request<Incoming>) -> Result<Resp, Infallible> {
     let snap = shared.snapshot.load_full();
-    if let Some(token) = snap.config.admin.as_ref().and_then(|a| a.token.as_ref()) {
+    let token = snap.config.admin.as_ref().and_then(|a| a.token.as_ref());
+    if let Err(refused) = guard(&req, own, token.is_some()) {
+        return Ok(fail(refused.status(), refused.message()));
+    }
+    if let Some(token) = token {
         let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
         if given != Some(format!("Bearer {token}").as_str()) {
             return Ok(fail(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"));

@@ -3,6 +3,7 @@
 
 mod access_log;
 mod admin;
+mod admin_guard;
 pub mod admission;
 mod apps;
 pub mod balance;
