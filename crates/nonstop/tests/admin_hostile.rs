@@ -105,6 +105,9 @@ async fn a_second_serve_on_a_wildcard_address_refuses_and_port_zero_still_works(
     assert_eq!(get(second.addr, "/").await.status, 200);
 }
 
+/// A request a web page could send: method, path, headers, body, the status it must get, what its error names.
+type Hostile<'a> = (Method, &'a str, Vec<(&'a str, &'a str)>, &'a str, u16, &'a str);
+
 /// The servers of the only service: address → state.
 async fn pool(admin: SocketAddr) -> BTreeMap<String, String> {
     let v = get(admin, "/services").await.json();
@@ -130,8 +133,7 @@ async fn cross_origin_rebinding_and_non_json_admin_requests_are_refused_and_chan
     let start = pool(admin).await;
     assert_eq!(start, BTreeMap::from([(a.to_string(), "active".to_string())]));
 
-    // (method, path, headers, body, expected status, what the error must mention)
-    let hostile: Vec<(Method, &str, Vec<(&str, &str)>, &str, u16, &str)> = vec![
+    let hostile: Vec<Hostile> = vec![
         // A web page's simple request: no preflight for text/plain or a form.
         (
             Method::POST,
