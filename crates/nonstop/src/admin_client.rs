@@ -20,10 +20,13 @@ fn send(
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     let body = body.unwrap_or("");
+    // The admin API refuses a body of any other type (a web page could send it one), and a Host that is not its
+    // own address (DNS rebinding): name the address actually reached, 127.0.0.1 rather than 0.0.0.0.
     let kind = if body.is_empty() { "" } else { "Content-Type: application/json\r\n" };
+    let host = s.peer_addr().unwrap_or(addr);
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}{kind}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\n{auth}{kind}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )?;
     Ok(s)

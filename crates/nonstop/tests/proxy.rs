@@ -243,7 +243,7 @@ async fn admin_api_lists_changes_and_drains_servers() {
     assert_eq!(listed["services"][0]["servers"][0]["addr"], a.to_string());
 
     let body = format!(r#"{{"addr":"{b}","weight":1,"slow_start":false}}"#);
-    let added = send(admin, Method::POST, "/services/default/servers", &[], body);
+    let added = send(admin, Method::POST, "/services/default/servers", &[("content-type", "application/json")], body);
     assert_eq!(added.await.unwrap().status, 201);
     let counts = instance_counts(p.addr, 10, &[]).await;
     assert_eq!((counts["a"], counts["b"]), (5, 5));
@@ -270,10 +270,16 @@ async fn admin_api_lists_changes_and_drains_servers() {
         200
     );
     assert_eq!(
-        send(admin, Method::PUT, &format!("/services/default/servers/{a}"), &[], r#"{"weight":7}"#)
-            .await
-            .unwrap()
-            .json()["weight"],
+        send(
+            admin,
+            Method::PUT,
+            &format!("/services/default/servers/{a}"),
+            &[("content-type", "application/json")],
+            r#"{"weight":7}"#
+        )
+        .await
+        .unwrap()
+        .json()["weight"],
         7
     );
     assert_eq!(get(admin, "/services/nope").await.status, 404);

@@ -15,6 +15,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
+use crate::metrics::Escaped;
 use crate::pool::MemberView;
 use crate::queued::Queue;
 
@@ -76,6 +77,10 @@ pub async fn serve(shared: Arc<Shared>, socket: std::net::TcpListener, mut shutd
         Ok(l) => l,
         Err(e) => return tracing::error!(error = %e, "cannot register the admin listener"),
     };
+    let own = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => return tracing::error!(error = %e, "cannot read the admin listener's address"),
+    };
     loop {
         let (stream, _) = tokio::select! {
             a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
@@ -83,15 +88,41 @@ pub async fn serve(shared: Arc<Shared>, socket: std::net::TcpListener, mut shutd
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| handle(shared.clone(), req));
+            let service = service_fn(move |req| handle(shared.clone(), own, req));
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });
     }
 }
 
-async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Resp, Infallible> {
+/// The Host, Origin and Content-Type checks of `admin_guard` on one request.
+fn guard(req: &Request<Incoming>, own: SocketAddr, token: bool) -> Result<(), crate::admin_guard::Refusal> {
+    use hyper::body::Body;
+    let one = |name: header::HeaderName| {
+        let mut values = req.headers().get_all(name).iter();
+        // A value that is not text, or a second one, can match nothing.
+        match (values.next(), values.next()) {
+            (Some(v), None) => Some(v.to_str().unwrap_or("\u{fffd}")),
+            (Some(_), Some(_)) => Some("\u{fffd}"),
+            (None, _) => None,
+        }
+    };
+    let asked = crate::admin_guard::Asked {
+        method: req.method(),
+        host: req.uri().authority().map(|a| a.as_str()).or_else(|| one(header::HOST)),
+        origin: one(header::ORIGIN),
+        content_type: one(header::CONTENT_TYPE),
+        has_body: req.body().size_hint().exact() != Some(0),
+    };
+    crate::admin_guard::check(&asked, own, token)
+}
+
+async fn handle(shared: Arc<Shared>, own: SocketAddr, req: Request<Incoming>) -> Result<Resp, Infallible> {
     let snap = shared.snapshot.load_full();
-    if let Some(token) = snap.config.admin.as_ref().and_then(|a| a.token.as_ref()) {
+    let token = snap.config.admin.as_ref().and_then(|a| a.token.as_ref());
+    if let Err(refused) = guard(&req, own, token.is_some()) {
+        return Ok(fail(refused.status(), refused.message()));
+    }
+    if let Some(token) = token {
         let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
         if given != Some(format!("Bearer {token}").as_str()) {
             return Ok(fail(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"));
@@ -163,7 +194,7 @@ fn deploy_metrics(shared: &Shared, out: &mut String) {
     let mut running = String::new();
     for d in shared.apps.deployers.values() {
         let s = d.status();
-        let svc = &d.service;
+        let svc = Escaped(&d.service);
         let mut by: std::collections::BTreeMap<(String, String), u64> = std::collections::BTreeMap::new();
         for i in s["instances"].as_array().into_iter().flatten() {
             let key = (i["version"].as_str().unwrap_or("").to_string(), i["state"].as_str().unwrap_or("").to_string());
@@ -171,13 +202,16 @@ fn deploy_metrics(shared: &Shared, out: &mut String) {
             let _ = writeln!(
                 restarts,
                 "nonstop_app_restarts_total{{service=\"{svc}\",instance=\"{}\"}} {}",
-                i["id"], i["restarts"]
+                Escaped(&i["id"]),
+                i["restarts"]
             );
         }
         for ((version, state), n) in by {
             let _ = writeln!(
                 instances,
-                "nonstop_app_instances{{service=\"{svc}\",version=\"{version}\",state=\"{state}\"}} {n}"
+                "nonstop_app_instances{{service=\"{svc}\",version=\"{}\",state=\"{}\"}} {n}",
+                Escaped(version),
+                Escaped(state)
             );
         }
         let _ = writeln!(running, "nonstop_deploy_running{{service=\"{svc}\"}} {}", u8::from(!s["deploy"].is_null()));
@@ -197,6 +231,7 @@ fn deploy_metrics(shared: &Shared, out: &mut String) {
         "# HELP nonstop_deploys_total Finished deploys and rollbacks by result.\n# TYPE nonstop_deploys_total counter"
     );
     for ((svc, result), n) in results {
+        let (svc, result) = (Escaped(svc), Escaped(result));
         let _ = writeln!(out, "nonstop_deploys_total{{service=\"{svc}\",result=\"{result}\"}} {n}");
     }
 }
@@ -534,9 +569,15 @@ fn metrics(shared: &Shared) -> Resp {
             let servers = svc.servers();
             let mut rows: Vec<(String, Option<Arc<Server>>, &ServiceState)> = servers
                 .into_iter()
-                .map(|s| (format!("service=\"{}\",server=\"{}\"", svc.name, s.addr), Some(s), svc.as_ref()))
+                .map(|s| {
+                    (
+                        format!("service=\"{}\",server=\"{}\"", Escaped(&svc.name), Escaped(s.addr)),
+                        Some(s),
+                        svc.as_ref(),
+                    )
+                })
                 .collect();
-            rows.push((format!("service=\"{}\",server=\"none\"", svc.name), None, svc.as_ref()));
+            rows.push((format!("service=\"{}\",server=\"none\"", Escaped(&svc.name)), None, svc.as_ref()));
             rows
         })
         .collect();
@@ -605,7 +646,7 @@ fn metrics(shared: &Shared) -> Resp {
     for (name, kind, help, value) in pool_series {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for svc in &services {
-            let _ = writeln!(out, "{name}{{service=\"{}\"}} {}", svc.name, value(&svc.pool));
+            let _ = writeln!(out, "{name}{{service=\"{}\"}} {}", Escaped(&svc.name), value(&svc.pool));
         }
     }
     let _ =
@@ -617,8 +658,8 @@ fn metrics(shared: &Shared) -> Resp {
             let _ = writeln!(
                 out,
                 "nonstop_server_healthy{{service=\"{}\",server=\"{}\"}} {}",
-                svc.name,
-                m.server.addr,
+                Escaped(&svc.name),
+                Escaped(m.server.addr),
                 u8::from(ok)
             );
         }
@@ -657,7 +698,7 @@ fn metrics(shared: &Shared) -> Resp {
     for (name, kind, help, value) in queue_series {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for q in shared.queues.values() {
-            let _ = writeln!(out, "{name}{{queue=\"{}\"}} {}", q.name, value(q));
+            let _ = writeln!(out, "{name}{{queue=\"{}\"}} {}", Escaped(&q.name), value(q));
         }
     }
     deploy_metrics(shared, &mut out);

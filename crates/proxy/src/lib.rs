@@ -3,6 +3,7 @@
 
 mod access_log;
 mod admin;
+mod admin_guard;
 pub mod admission;
 mod apps;
 pub mod balance;
@@ -14,6 +15,7 @@ pub mod framing;
 mod h1down;
 mod h1up;
 pub mod health;
+mod holder;
 mod idle;
 mod io;
 mod listener;
@@ -66,6 +68,9 @@ pub enum StartError {
     Config(ConfigErrors),
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
+    /// Someone already has the address: binding beside it with `SO_REUSEPORT` would share its traffic.
+    #[error("cannot listen on {addr}: the address is in use, {holder}")]
+    Held { addr: SocketAddr, holder: String },
     #[error("cannot start: {0}")]
     Io(std::io::Error),
     #[error("{0}")]
@@ -130,6 +135,35 @@ pub struct Options {
     pub drain_timeout: Duration,
 }
 
+/// Refuses to start on an address that anything already holds (checked before the proxy binds its own
+/// `SO_REUSEPORT` sockets, which the kernel would let share a port with another proxy of the same user). This is
+/// the one place of the check: a start that takes over the sockets of the process it upgrades would skip it.
+fn refuse_held_addresses(config: &Config) -> Result<(), StartError> {
+    let admin = config.admin.as_ref().map(|a| a.listen);
+    let mut addrs: Vec<SocketAddr> = config.listeners.iter().map(|l| l.listen).collect();
+    if let Some(admin) = admin.filter(|a| a.port() != 0) {
+        if addrs.contains(&admin) {
+            let e = std::io::Error::new(std::io::ErrorKind::AddrInUse, "a listener and the admin API both ask for it");
+            return Err(StartError::Bind(admin, e));
+        }
+    }
+    addrs.extend(admin);
+    for addr in addrs {
+        if !holder::is_free(addr).map_err(|e| bind_error(addr, e))? {
+            return Err(bind_error(addr, std::io::ErrorKind::AddrInUse.into()));
+        }
+    }
+    Ok(())
+}
+
+/// A failed bind; an address in use names its holder.
+fn bind_error(addr: SocketAddr, e: std::io::Error) -> StartError {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => StartError::Held { addr, holder: holder::describe(&holder::find(addr)) },
+        _ => StartError::Bind(addr, e),
+    }
+}
+
 /// A running proxy.
 pub struct Proxy {
     shared: Arc<Shared>,
@@ -152,11 +186,12 @@ impl Proxy {
             None
         };
         let threads = opts.threads.max(1);
+        refuse_held_addresses(&config)?;
         // One SO_REUSEPORT socket per listener and thread; the first fixes the port when port 0 was asked for.
         let mut per_thread: Vec<Vec<listener::Bound>> = (0..threads).map(|_| Vec::new()).collect();
         let mut listen_addrs = Vec::new();
         for (index, l) in config.listeners.iter().enumerate() {
-            let first = listener::bind(l.listen).map_err(|e| StartError::Bind(l.listen, e))?;
+            let first = listener::bind(l.listen).map_err(|e| bind_error(l.listen, e))?;
             let addr = first.local_addr().map_err(StartError::Io)?;
             listen_addrs.push(addr);
             // Each thread accepts only from its own socket, so each gets its own share of the connection limit
@@ -167,13 +202,13 @@ impl Proxy {
                 let connections = Arc::new(Semaphore::new(share));
                 let s = match socket.take() {
                     Some(s) => s,
-                    None => listener::bind(addr).map_err(|e| StartError::Bind(addr, e))?,
+                    None => listener::bind(addr).map_err(|e| bind_error(addr, e))?,
                 };
                 bound.push(listener::Bound { index, socket: s, connections });
             }
         }
         let admin_socket = match &config.admin {
-            Some(a) => Some(listener::bind(a.listen).map_err(|e| StartError::Bind(a.listen, e))?),
+            Some(a) => Some(listener::bind_exclusive(a.listen).map_err(|e| bind_error(a.listen, e))?),
             None => None,
         };
         let admin_addr = admin_socket.as_ref().map(|s| s.local_addr()).transpose().map_err(StartError::Io)?;

@@ -32,9 +32,19 @@ pub const BACKLOG: i32 = 4096;
 
 /// Binds one listening socket with `SO_REUSEPORT`, so several may share the address.
 pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    bind_with(addr, true)
+}
+
+/// Binds one listening socket without `SO_REUSEPORT`: nobody else can bind the address while it is open (the admin
+/// API has one socket, so it needs no sharing).
+pub fn bind_exclusive(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    bind_with(addr, false)
+}
+
+fn bind_with(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
+    socket.set_reuse_port(reuse_port)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;

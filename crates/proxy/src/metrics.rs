@@ -11,6 +11,34 @@ pub const BUCKETS_S: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 const STATUS_MIN: usize = 100;
 const STATUS_SLOTS: usize = 500;
 
+/// A label value as the Prometheus text format writes it: `\` as `\\`, `"` as `\"` and a newline as `\n`, so
+/// that a name from the config or a request (a service, server, queue, version) cannot end its label or its line.
+pub struct Escaped<T>(pub T);
+
+impl<T: std::fmt::Display> std::fmt::Display for Escaped<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        struct Escaping<'a, 'b>(&'a mut std::fmt::Formatter<'b>);
+        impl Write for Escaping<'_, '_> {
+            fn write_str(&mut self, s: &str) -> std::fmt::Result {
+                let mut plain = 0;
+                for (i, b) in s.bytes().enumerate() {
+                    let escaped = match b {
+                        b'\\' => "\\\\",
+                        b'"' => "\\\"",
+                        b'\n' => "\\n",
+                        _ => continue,
+                    };
+                    self.0.write_str(&s[plain..i])?;
+                    self.0.write_str(escaped)?;
+                    plain = i + 1;
+                }
+                self.0.write_str(&s[plain..])
+            }
+        }
+        write!(Escaping(f), "{}", self.0)
+    }
+}
+
 /// Requests by status, and a latency histogram.
 pub struct Stats {
     by_status: Box<[AtomicU64]>,
@@ -92,6 +120,20 @@ impl Stats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(Escaped("plain-name_1").to_string(), "plain-name_1");
+        assert_eq!(Escaped(r#"a"b"#).to_string(), r#"a\"b"#);
+        assert_eq!(Escaped(r"a\b").to_string(), r"a\\b");
+        assert_eq!(Escaped("a\nb").to_string(), r"a\nb");
+        assert_eq!(Escaped("\"}\n x{a=\"\\").to_string(), r#"\"}\n x{a=\"\\"#);
+        assert_eq!(Escaped("ünï\"").to_string(), "ünï\\\"");
+        assert_eq!(Escaped("").to_string(), "");
+        let addr: std::net::SocketAddr = "[::1]:80".parse().unwrap();
+        assert_eq!(Escaped(addr).to_string(), "[::1]:80");
+        assert_eq!(format!("x{{a=\"{}\"}}", Escaped("q\"")), r#"x{a="q\""}"#);
+    }
 
     #[test]
     fn records_status_and_cumulative_buckets() {
