@@ -202,7 +202,7 @@ enum RequestFraming {
 
 /// What the response body is framed by.
 #[derive(Debug, Clone, Copy)]
-enum Framing {
+pub(crate) enum Framing {
     None,
     Length(u64),
     /// Chunked: bytes left in the current chunk (0 = a line is next), whether the last chunk was seen, and
@@ -496,6 +496,64 @@ fn parse_head(buf: &[u8], method: &Method) -> io::Result<Option<Head>> {
     Ok(Some(Head::Final(FinalHead { len, status, headers, framing, close })))
 }
 
+/// What one step of the chunked decoder gave.
+#[derive(Debug)]
+pub(crate) enum Chunk {
+    /// Body bytes.
+    Data(Bytes),
+    /// A line was consumed (a size line, the CRLF after a chunk, a trailer): step again.
+    Line,
+    /// The body ended (the last chunk and its trailers).
+    End,
+    /// More bytes are needed from the connection.
+    More,
+}
+
+/// One step of the chunked decoder over the buffered bytes, a pure state machine: `framing` (which must be
+/// `Framing::Chunked`) says where in the body it is, and is updated. Strict: a chunk's data must be followed by
+/// exactly CRLF, a size line is hex digits with optional extensions (`framing::chunk_size`), and no line may be
+/// longer than a response head.
+pub(crate) fn chunked_step(buf: &mut BytesMut, framing: &mut Framing) -> io::Result<Chunk> {
+    let Framing::Chunked { left, last, crlf } = *framing else {
+        return Err(io::Error::other("not a chunked body"));
+    };
+    if left > 0 {
+        if buf.is_empty() {
+            return Ok(Chunk::More);
+        }
+        let n = (buf.len() as u64).min(left);
+        let rest = left - n;
+        *framing = Framing::Chunked { left: rest, last, crlf: rest == 0 };
+        return Ok(Chunk::Data(buf.split_to(n as usize).freeze()));
+    }
+    let Some(i) = buf.windows(2).position(|w| w == b"\r\n") else {
+        if buf.len() > HEAD_BYTES_MAX {
+            return Err(bad("chunk line too long"));
+        }
+        return Ok(Chunk::More);
+    };
+    // A line: the CRLF ending a chunk's data, a size line, or (after the last chunk) trailers.
+    let line = buf.split_to(i + 2);
+    let text = &line[..i];
+    if last {
+        // A trailer line is dropped; the empty line ends the body.
+        return Ok(if text.is_empty() { Chunk::End } else { Chunk::Line });
+    }
+    if crlf {
+        if !text.is_empty() {
+            return Err(bad("chunk data longer than its size"));
+        }
+        *framing = Framing::Chunked { left: 0, last, crlf: false };
+        return Ok(Chunk::Line);
+    }
+    *framing = match crate::framing::chunk_size(text) {
+        Some(0) => Framing::Chunked { left: 0, last: true, crlf: false },
+        Some(n) => Framing::Chunked { left: n, last: false, crlf: false },
+        None => return Err(bad("bad chunk size")),
+    };
+    Ok(Chunk::Line)
+}
+
 /// Up to `left` buffered body bytes, without copying, and how many remain after them; `None` when none are buffered.
 fn take_data(conn: &mut RawConn, left: u64) -> Option<(Bytes, u64)> {
     if conn.buf.is_empty() {
@@ -585,39 +643,17 @@ impl Body for RawBody {
                         Err(e) => return Poll::Ready(Some(Err(e))),
                     }
                 }
-                Framing::Chunked { left, last, crlf } => {
+                Framing::Chunked { .. } => {
                     let conn = this.conn.as_mut().expect("body has its connection");
-                    if left > 0 {
-                        if let Some((data, rest)) = take_data(conn, left) {
-                            this.framing = Framing::Chunked { left: rest, last, crlf: rest == 0 };
-                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                    match chunked_step(&mut conn.buf, &mut this.framing) {
+                        Ok(Chunk::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                        Ok(Chunk::Line) => continue,
+                        Ok(Chunk::End) => {
+                            this.finish();
+                            return Poll::Ready(None);
                         }
-                    } else if let Some(i) = conn.buf.windows(2).position(|w| w == b"\r\n") {
-                        // A line: the CRLF ending a chunk's data, a size line, or (after the last chunk) trailers.
-                        let line = conn.buf.split_to(i + 2);
-                        let text = &line[..i];
-                        if last {
-                            if text.is_empty() {
-                                this.finish();
-                                return Poll::Ready(None);
-                            }
-                            continue; // a trailer line: dropped
-                        }
-                        if crlf {
-                            if !text.is_empty() {
-                                return Poll::Ready(Some(Err(bad("chunk data longer than its size"))));
-                            }
-                            this.framing = Framing::Chunked { left: 0, last, crlf: false };
-                            continue;
-                        }
-                        match crate::framing::chunk_size(text) {
-                            Some(0) => this.framing = Framing::Chunked { left: 0, last: true, crlf: false },
-                            Some(n) => this.framing = Framing::Chunked { left: n, last: false, crlf: false },
-                            None => return Poll::Ready(Some(Err(bad("bad chunk size")))),
-                        }
-                        continue;
-                    } else if conn.buf.len() > HEAD_BYTES_MAX {
-                        return Poll::Ready(Some(Err(bad("chunk line too long"))));
+                        Ok(Chunk::More) => {}
+                        Err(e) => return Poll::Ready(Some(Err(e))),
                     }
                     if let Some(e) = std::task::ready!(this.poll_more(cx)) {
                         return Poll::Ready(Some(Err(e)));
