@@ -1,7 +1,8 @@
 //! The embedded store: queued requests and their status in one redb file. Every write goes through one writer
 //! thread that takes all the operations waiting, applies them in one transaction and commits it; redb's commit
 //! returns only after the fsync, so an append is acknowledged (and its client answered 202) only once it is on
-//! disk, and one fsync serves many requests (group commit).
+//! disk, and one fsync serves many requests (group commit). The directory is created 0700 and the file 0600: it
+//! holds pending requests' headers (`Authorization`, `Cookie`) as they came.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -100,11 +101,10 @@ impl Drop for Store {
 }
 
 impl Store {
-    /// Opens (or creates) the store at `path` and starts its writer thread.
+    /// Opens (or creates) the store at `path` and starts its writer thread. Its directory is made (or left)
+    /// owner-only (0700) and its file 0600.
     pub fn open(path: &Path, limits: Limits) -> Result<Store, StoreError> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(format!("{}: {e}", dir.display())))?;
-        }
+        private_file(path).map_err(|e| StoreError::Io(format!("{}: {e}", path.display())))?;
         let db = Database::create(path).map_err(|e| StoreError::Io(format!("{}: {e}", path.display())))?;
         let db = Arc::new(db);
         let counts = Arc::new(Counts::default());
@@ -306,6 +306,23 @@ enum Reply {
     Append(oneshot::Sender<Result<u64, StoreError>>, Result<u64, StoreError>),
     Unit(oneshot::Sender<Result<(), StoreError>>, Result<(), StoreError>),
     Count(oneshot::Sender<Result<u64, StoreError>>, Result<u64, StoreError>),
+}
+
+/// Creates the store's directory owner-only (0700), or makes an existing one so, and creates (or restricts) the
+/// file 0600, before redb opens it.
+fn private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        if std::fs::metadata(dir)?.permissions().mode() & 0o077 != 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)?;
+    if file.metadata()?.permissions().mode() & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
 }
 
 fn random_u64() -> u64 {
@@ -576,6 +593,22 @@ mod tests {
         assert!(matches!(store.append(req(3), 0).await, Err(StoreError::Full(_))));
         let small = Store::open(&d.join("b.redb"), Limits { bytes_max: 10, ..LIMITS }).unwrap();
         assert!(matches!(small.append(req(1), 0).await, Err(StoreError::Full(_))));
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[tokio::test]
+    async fn the_store_is_private_to_its_owner() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = dir("modes");
+        let path = d.join("q.redb");
+        drop(Store::open(&path, LIMITS).unwrap());
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode(&d), mode(&path)), (0o700, 0o600));
+        // A store left readable by an older version is restricted when it is opened.
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(Store::open(&path, LIMITS).unwrap());
+        assert_eq!((mode(&d), mode(&path)), (0o700, 0o600));
         let _ = std::fs::remove_dir_all(d);
     }
 }
