@@ -666,8 +666,8 @@ async fn enqueue(
         Err(e) => return Err(ProxyError::ClientBody(std::io::Error::other(e.to_string()))),
     };
     match q.accept(&head, body).await {
-        Ok(n) => {
-            let id = q.public_id(n);
+        Ok((_, key)) => {
+            let id = q.client_id(key);
             let mut resp =
                 json_response(StatusCode::ACCEPTED, json!({ "id": id, "queue": q.name, "status": "queued" }));
             if let Ok(v) = HeaderValue::from_str(&format!("{STATUS_PREFIX}{id}")) {
@@ -679,15 +679,15 @@ async fn enqueue(
     }
 }
 
-/// `GET /_nonstop/requests/QUEUE.N`: a queued request's status.
+/// `GET /_nonstop/requests/QUEUE.KEY`: a queued request's public status.
 fn request_status(ctx: &ConnCtx, method: &Method, id: &str) -> Result<Response<RespBody>, ProxyError> {
     if *method != Method::GET && *method != Method::HEAD {
         return Err(ProxyError::MethodNotAllowed(method.to_string()));
     }
     let not_found = || json_response(StatusCode::NOT_FOUND, json!({ "error": format!("no queued request {id:?}") }));
-    let Some((name, n)) = id.rsplit_once('.') else { return Ok(not_found()) };
-    let (Some(q), Ok(n)) = (ctx.shared.queues.get(name), n.parse::<u64>()) else { return Ok(not_found()) };
-    match q.status_json(n) {
+    let Some((name, key)) = id.rsplit_once('.') else { return Ok(not_found()) };
+    let Some(q) = ctx.shared.queues.get(name) else { return Ok(not_found()) };
+    match q.public_status(key) {
         Ok(Some(v)) => Ok(json_response(StatusCode::OK, v)),
         Ok(None) => Ok(not_found()),
         Err(e) => Err(ProxyError::QueueRefused { queue: name.to_string(), why: e.to_string() }),
