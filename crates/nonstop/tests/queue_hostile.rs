@@ -1,6 +1,7 @@
 //! Integration tests of the durable queue against the findings of a security review (issue 17): delivery keys
-//! that repeat across nodes and wiped stores, guessable status ids that hand out other clients' answers, store
-//! files readable by anyone, and queue names that leave the data directory. Real `nonstop serve`, `nonstop app` and `nonstop check` processes on loopback, the embedded store,
+//! that repeat across nodes and wiped stores, guessable status ids that hand out other clients' answers, request
+//! bodies read with no deadline and no bound, store files readable by anyone, and queue names that leave the data
+//! directory. Real `nonstop serve`, `nonstop app` and `nonstop check` processes on loopback, the embedded store,
 //! the app's SQLite file as the database.
 
 use std::net::SocketAddr;
@@ -10,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use nonstop_testkit::{get, post_json, Proc, TempDir};
 use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_nonstop"))
@@ -248,4 +251,110 @@ fn a_queue_name_that_leaves_the_data_directory_is_a_config_error() {
     std::fs::write(&cfg, good).unwrap();
     let out = Command::new(bin()).args(["check", "--config", cfg.to_str().unwrap()]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Opens a connection and sends a POST head declaring `length` body bytes, and `sent` of them.
+async fn stalled_post(proxy: SocketAddr, length: usize, sent: usize) -> TcpStream {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    let head = format!(
+        "POST /orders HTTP/1.1\r\nhost: {proxy}\r\ncontent-type: application/json\r\ncontent-length: {length}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&vec![b' '; sent]).await.unwrap();
+    s
+}
+
+/// Reads an answer's status and body off a raw connection, within `limit` (None: no answer in time).
+async fn answer(s: &mut TcpStream, limit: Duration) -> Option<(u16, String)> {
+    let mut buf = Vec::new();
+    let deadline = Instant::now() + limit;
+    loop {
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+                .and_then(|v| v.parse::<usize>().ok());
+            if length.is_some_and(|n| body.len() >= n) {
+                let status = head.split_whitespace().nth(1)?.parse().ok()?;
+                return Some((status, body.to_string()));
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let left = deadline.checked_duration_since(Instant::now())?;
+        match tokio::time::timeout(left, s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_queue_body_gets_408() {
+    let dir = TempDir::new("hostile-stall");
+    let db = dir.path().join("orders.db");
+    let app = app(&db);
+    let (p, _) = serve(&config(dir.path(), "p", app.addr, "header_read_timeout_ms = 1000", &[]));
+    let mut s = stalled_post(p.addr, 100_000, 10).await;
+    let (status, body) = answer(&mut s, Duration::from_secs(10)).await.expect("an answer to a stalled body");
+    assert_eq!(status, 408, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert!(v["error"].as_str().unwrap().contains("1000 ms"), "{v}");
+    // The proxy still takes whole requests.
+    accept(p.addr, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_bodies_in_flight_are_bounded_across_connections() {
+    let dir = TempDir::new("hostile-in-flight");
+    let db = dir.path().join("orders.db");
+    let app = app(&db);
+    let cfg = config(
+        dir.path(),
+        "p",
+        app.addr,
+        "header_read_timeout_ms = 5000",
+        &["body_bytes_in_flight_max = 300000", "body_bytes_max = 100000"],
+    );
+    let (p, _) = serve(&cfg);
+    // Three bodies of 100,000 bytes take the whole bound while they trickle in.
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        stalled.push(stalled_post(p.addr, 100_000, 1000).await);
+    }
+    let mut refused = None;
+    for _ in 0..100 {
+        let r = post_json(p.addr, "/orders", &[], r#"{"item":"book","qty":1}"#).await;
+        if r.status == 503 {
+            refused = Some(r);
+            break;
+        }
+        assert_eq!(r.status, 202, "{:?}", r.body);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = refused.expect("a 503 while the bound is taken");
+    assert!(r.header("retry-after").is_some());
+    let error = r.json()["error"].as_str().unwrap().to_string();
+    assert!(error.contains("body_bytes_in_flight_max") && error.contains("300000"), "{error}");
+    // A body of unknown length (chunked) is counted as it arrives: its first chunk finds the bound taken.
+    let mut chunked = TcpStream::connect(p.addr).await.unwrap();
+    let order = r#"{"item":"book","qty":1}"#;
+    let req = format!(
+        "POST /orders HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n\
+         {:x}\r\n{order}\r\n0\r\n\r\n",
+        p.addr,
+        order.len()
+    );
+    chunked.write_all(req.as_bytes()).await.unwrap();
+    let (status, body) = answer(&mut chunked, Duration::from_secs(10)).await.expect("an answer to a chunked body");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("body_bytes_in_flight_max"), "{body}");
+    // Once the stalled bodies are given up (408), their bytes are free again.
+    for s in &mut stalled {
+        let (status, body) = answer(s, Duration::from_secs(15)).await.expect("an answer to a stalled body");
+        assert_eq!(status, 408, "{body}");
+    }
+    drop(stalled);
+    let r = post_json(p.addr, "/orders", &[], r#"{"item":"book","qty":2}"#).await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
 }

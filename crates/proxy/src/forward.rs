@@ -359,7 +359,7 @@ async fn forward(
         for (name, value) in added {
             head.headers.append(name, value);
         }
-        return Box::pin(enqueue(ctx, queue, head, body, route.body_bytes_max)).await;
+        return Box::pin(enqueue(ctx, queue, head, body, declared, route.body_bytes_max)).await;
     }
     // The clock read at the start serves the first try too, unless a body was awaited since.
     let mut clock = Some(start);
@@ -647,24 +647,20 @@ fn json_response(status: StatusCode, v: serde_json::Value) -> Response<RespBody>
     resp
 }
 
-/// Persists the request in its route's queue and answers 202 once it is on disk.
+/// Persists the request in its route's queue and answers 202 once it is on disk. The body is read within the
+/// listener's body deadline (408), holding its bytes of the queue's `body_bytes_in_flight_max` (503) until then.
 async fn enqueue(
     ctx: &ConnCtx,
     queue: &str,
     head: http::request::Parts,
     body: ClientBody,
+    declared: Option<u64>,
     body_bytes_max: u64,
 ) -> Result<Response<RespBody>, ProxyError> {
     let Some(q) = ctx.shared.queues.get(queue) else {
         return Err(ProxyError::QueueRefused { queue: queue.to_string(), why: "it is not running".into() });
     };
-    let body = match Limited::new(body, body_bytes_max.min(usize::MAX as u64) as usize).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            return Err(ProxyError::BodyTooLarge(body_bytes_max))
-        }
-        Err(e) => return Err(ProxyError::ClientBody(std::io::Error::other(e.to_string()))),
-    };
+    let (body, _held) = q.receive(body, declared, body_bytes_max, ctx.body_timeout).await?;
     match q.accept(&head, body).await {
         Ok((_, key)) => {
             let id = q.client_id(key);

@@ -1,7 +1,8 @@
-//! Durable queues at the proxy: accepting a request into its route's queue (202 only once it is on disk), its
-//! public status, and the dispatcher that delivers queued requests to the service through the same pool,
-//! balancer and admission control as live traffic. The decisions are in `nonstop_queue::ledger`; this is the I/O
-//! shell around them.
+//! Durable queues at the proxy: receiving a request's body (within the body deadline, and within the queue's
+//! bound on body bytes in flight), accepting it into its route's queue (202 only once it is on disk), its public
+//! status, and the dispatcher that delivers queued requests to the service through the same pool, balancer and
+//! admission control as live traffic. The decisions are in `nonstop_queue::ledger`; this is the I/O shell around
+//! them.
 //!
 //! A request has two ids. The client's, `QUEUE.KEY` (KEY: 128 random bits in hex), is in the 202 and its
 //! Location, reads the public status, and is the Idempotency-Key of every delivery: it is unguessable, and unique
@@ -23,6 +24,8 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::admission::Tried;
+use crate::error::ProxyError;
+use crate::h1down::ClientBody;
 use crate::pool::Acquired;
 use crate::upstream::{Outgoing, ReqBody};
 use crate::Shared;
@@ -94,6 +97,46 @@ pub struct Queue {
     pub counters: QueueCounters,
     /// Whether the public status shows the service's answer body.
     status_body: bool,
+    /// Bytes of request bodies being received (or committed) at once, across connections, at most.
+    body_bytes_in_flight_max: u64,
+    body_bytes_in_flight: AtomicU64,
+}
+
+/// Body bytes a request holds of its queue's `body_bytes_in_flight_max`, given back when it is dropped.
+pub struct BodyBytes<'a> {
+    queue: &'a Queue,
+    bytes: u64,
+}
+
+impl BodyBytes<'_> {
+    /// Takes `more` bytes of the bound, or refuses (503) when they are not free.
+    fn take(&mut self, more: u64) -> Result<(), ProxyError> {
+        let q = self.queue;
+        let max = q.body_bytes_in_flight_max;
+        match q
+            .body_bytes_in_flight
+            .fetch_update(Relaxed, Relaxed, |held| held.checked_add(more).filter(|&total| total <= max))
+        {
+            Ok(_) => {
+                self.bytes += more;
+                Ok(())
+            }
+            Err(held) => Err(ProxyError::QueueRefused {
+                queue: q.name.clone(),
+                why: format!(
+                    "the request bodies it is receiving hold {held} bytes ({} of them this request's), and {more} \
+                     more would pass its body_bytes_in_flight_max of {max} bytes",
+                    self.bytes
+                ),
+            }),
+        }
+    }
+}
+
+impl Drop for BodyBytes<'_> {
+    fn drop(&mut self) {
+        self.queue.body_bytes_in_flight.fetch_sub(self.bytes, Relaxed);
+    }
 }
 
 impl Queue {
@@ -135,6 +178,8 @@ impl Queue {
             wake: Notify::new(),
             counters: QueueCounters::default(),
             status_body: cfg.status_body,
+            body_bytes_in_flight_max: cfg.body_bytes_in_flight_max,
+            body_bytes_in_flight: AtomicU64::new(0),
         }))
     }
 
@@ -170,6 +215,55 @@ impl Queue {
         }
     }
 
+    /// Reads a request body to its end for the queue, within `deadline` (else 408) and `body_bytes_max` (else
+    /// 413), holding its bytes of the queue's `body_bytes_in_flight_max` (else 503) until the returned guard is
+    /// dropped. A declared length is held at once, before any byte is read; a body of unknown length as it comes.
+    pub async fn receive(
+        &self,
+        body: ClientBody,
+        declared: Option<u64>,
+        body_bytes_max: u64,
+        deadline: Duration,
+    ) -> Result<(Bytes, BodyBytes<'_>), ProxyError> {
+        let mut held = BodyBytes { queue: self, bytes: 0 };
+        if let Some(n) = declared {
+            held.take(n)?;
+        }
+        let read = async {
+            let mut body = std::pin::pin!(body);
+            let mut chunks: Vec<Bytes> = Vec::new();
+            let mut len = 0u64;
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| ProxyError::ClientBody(std::io::Error::other(e.to_string())))?;
+                let Ok(data) = frame.into_data() else { continue };
+                len += data.len() as u64;
+                if len > body_bytes_max {
+                    return Err(ProxyError::BodyTooLarge(body_bytes_max));
+                }
+                if len > held.bytes {
+                    held.take(len - held.bytes)?;
+                }
+                chunks.push(data);
+            }
+            Ok(match chunks.len() {
+                0 => Bytes::new(),
+                1 => chunks.pop().expect("one chunk"),
+                _ => {
+                    let mut all = Vec::with_capacity(len as usize);
+                    for c in chunks.drain(..) {
+                        all.extend_from_slice(&c);
+                    }
+                    Bytes::from(all)
+                }
+            })
+        };
+        match tokio::time::timeout(deadline, read).await {
+            Ok(Ok(bytes)) => Ok((bytes, held)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ProxyError::ClientBodyTimeout { ms: deadline.as_millis() }),
+        }
+    }
+
     pub fn delivering(&self, n: u64) -> bool {
         self.delivering.lock().expect("delivering lock").contains(&n)
     }
@@ -192,7 +286,7 @@ impl Queue {
             .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
             .collect();
         let path = head.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
-        let req = QueuedRequest { method: head.method.to_string(), path, headers, body: body.to_vec() };
+        let req = QueuedRequest { method: head.method.to_string(), path, headers, body: Vec::from(body) };
         let result = match &self.rabbit {
             None => self.store.append(req, now_ms()).await,
             Some(r) => {
