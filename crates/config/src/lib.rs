@@ -70,6 +70,20 @@ pub struct Queue {
     pub attempts_max: u32,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// Whether the public status of a request shows the service's answer body.
+    pub status_body: bool,
+    /// Bytes of request bodies being received at once for this queue, across connections, at most.
+    pub body_bytes_in_flight_max: u64,
+}
+
+/// Longest queue name.
+pub const QUEUE_NAME_CHARS_MAX: usize = 64;
+
+/// Whether `name` may name a queue: 1 to [`QUEUE_NAME_CHARS_MAX`] ASCII letters, digits, `_` and `-`. It names
+/// the store's file (`NAME.redb`) and the broker's queues, so it must not be a path.
+pub fn valid_queue_name(name: &str) -> bool {
+    (1..=QUEUE_NAME_CHARS_MAX).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -374,14 +388,27 @@ fn parse_root(cx: &Cx, t: Table<'_, '_>) -> Option<Config> {
     }
     let mut queues = BTreeMap::new();
     let mut queue_lines = BTreeMap::new();
+    let mut in_flight_lines = BTreeMap::new();
     for (name, table) in t.table_of_tables("queues", "queues.NAME") {
         queue_lines.insert(name.clone(), table.line());
+        in_flight_lines.insert(name.clone(), table.line_of_key("body_bytes_in_flight_max"));
+        if !valid_queue_name(&name) {
+            cx.error(
+                table.line(),
+                &format!("queues.{name}"),
+                format!(
+                    "{name:?} is not a queue name: 1 to {QUEUE_NAME_CHARS_MAX} characters of [A-Za-z0-9_-] (it \
+                     names the store's file, NAME.redb)"
+                ),
+            );
+        }
         if let Some(q) = parse_queue(name.clone(), table) {
             queues.insert(name, q);
         }
     }
     let queue_names: BTreeSet<String> = queue_lines.keys().cloned().collect();
     let mut routes_of_queue: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut body_max_of_queue: BTreeMap<String, u64> = BTreeMap::new();
     let routes: Vec<Route> = t
         .array_of_tables("routes", "routes[]")
         .into_iter()
@@ -389,6 +416,8 @@ fn parse_root(cx: &Cx, t: Table<'_, '_>) -> Option<Config> {
             let route = parse_route(r, t.has("services").then_some(&service_names), &queue_names)?;
             if let Some(q) = &route.queue {
                 routes_of_queue.entry(q.clone()).or_default().insert(route.service.clone());
+                let max = body_max_of_queue.entry(q.clone()).or_default();
+                *max = (*max).max(route.body_bytes_max);
             }
             Some(route)
         })
@@ -407,6 +436,18 @@ fn parse_root(cx: &Cx, t: Table<'_, '_>) -> Option<Config> {
                     q.service = services[0].clone();
                 }
             }
+        }
+        let route_max = body_max_of_queue.get(name).copied().unwrap_or(0);
+        if let Some(q) = queues.get(name).filter(|q| q.body_bytes_in_flight_max < route_max) {
+            cx.error(
+                in_flight_lines[name],
+                &format!("{path}.body_bytes_in_flight_max"),
+                format!(
+                    "{} bytes is less than the body_bytes_max of a route using this queue ({route_max} bytes): such \
+                     a body could never be received",
+                    q.body_bytes_in_flight_max
+                ),
+            );
         }
     }
     let admin = t.table("admin", "admin").map(parse_admin);
@@ -876,6 +917,8 @@ fn parse_queue(name: String, t: Table<'_, '_>) -> Option<Queue> {
     let attempts_max = t.int_in("attempts_max", 1, 1000);
     let backoff_base = t.ms_in("backoff_base_ms", 1, 86_400_000);
     let backoff_max = t.ms_in("backoff_max_ms", 1, 86_400_000);
+    let status_body = t.bool("status_body");
+    let body_bytes_in_flight_max = t.int_in("body_bytes_in_flight_max", 1, 1 << 40);
     t.finish();
     let rabbitmq = match store.as_deref() {
         Some("embedded") => None,
@@ -894,6 +937,8 @@ fn parse_queue(name: String, t: Table<'_, '_>) -> Option<Queue> {
         attempts_max: attempts_max? as u32,
         backoff_base: backoff_base?,
         backoff_max: backoff_max?,
+        status_body: status_body?,
+        body_bytes_in_flight_max: body_bytes_in_flight_max?,
     })
 }
 

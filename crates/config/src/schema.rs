@@ -45,7 +45,7 @@ keys! {
     "routes[]" "path_prefix": "string" = "\"/\"", "Match paths that start with this prefix.";
     "routes[]" "methods": "array of strings" = "", "Match only these methods. Absent: any method.";
     "routes[]" "body_bytes_max": "integer" = "10485760", "Largest request body in bytes; larger gets 413.";
-    "routes[]" "queue": "string" = "", "Persist matching requests durably in this queue and answer 202 Accepted with {id} and Location: /_nonstop/requests/{id}; the queue delivers them to the route's service. Absent: forward at once.";
+    "routes[]" "queue": "string" = "", "Persist matching requests durably in this queue and answer 202 Accepted with {id} and Location: /_nonstop/requests/{id}; the queue delivers them to the route's service, with Idempotency-Key: {id}. The id is QUEUE.KEY, KEY being 128 random bits in hex: unguessable, and unique across nodes and restarts. Absent: forward at once.";
 
     "services.NAME" "servers": "array of tables" = "", "The servers of the pool. At least one, unless the service has an app section (then the proxy's own instances are the servers).";
     "services.NAME" "app": "table" = "", "Run the service's servers as supervised local processes, and deploy new versions of them through the proxy (nonstop deploy). Replaces servers.";
@@ -123,7 +123,7 @@ keys! {
 
     "queues.NAME" "store": "string" = "\"embedded\"", "Where requests are kept: \"embedded\" (a redb file, fsynced before each 202, many requests per fsync) or \"rabbitmq\" (a quorum queue several nonstop nodes can share; each 202 after the broker's publisher confirm; statuses stay in the embedded store at path).";
     "queues.NAME" "rabbitmq_url": "string" = "\"amqp://guest:guest@127.0.0.1:5672/%2f\"", "With store = \"rabbitmq\": the broker. The queues are nonstop.NAME (quorum), nonstop.NAME.retry (back-off) and nonstop.NAME.dead (dead letters).";
-    "queues.NAME" "path": "string" = "\"./nonstop-data\"", "Directory of the embedded store; the queue's file is NAME.redb in it.";
+    "queues.NAME" "path": "string" = "\"./nonstop-data\"", "Directory of the embedded store, created owner-only (0700); the queue's file is NAME.redb in it, 0600 (it holds pending requests' headers, Authorization and Cookie included). NAME is 1 to 64 characters of [A-Za-z0-9_-].";
     "queues.NAME" "length_max": "integer" = "100000", "Requests waiting for delivery at most; past it, 503 with Retry-After.";
     "queues.NAME" "bytes_max": "integer" = "1073741824", "Bytes of requests waiting for delivery at most; past it, 503 with Retry-After.";
     "queues.NAME" "batch_max": "integer" = "1024", "Group commit: store operations written per commit (one fsync) at most.";
@@ -131,6 +131,8 @@ keys! {
     "queues.NAME" "attempts_max": "integer" = "10", "Deliveries of one request at most; after the last failure it is a dead letter.";
     "queues.NAME" "backoff_base_ms": "integer" = "500", "Wait after the first failed delivery; it doubles with each failure (half of it random).";
     "queues.NAME" "backoff_max_ms": "integer" = "60000", "Longest wait between two deliveries of one request.";
+    "queues.NAME" "status_body": "boolean" = "false", "Whether the public status (GET /_nonstop/requests/{id}) shows the service's answer body. Off: only its status code; the whole record is on the admin API (nonstop queue show QUEUE.N).";
+    "queues.NAME" "body_bytes_in_flight_max": "integer" = "67108864", "Bytes of request bodies being received for this queue at once, across all connections, at most (a declared Content-Length is counted before any byte is read); past it, 503 with Retry-After. At least the body_bytes_max of every route using the queue. A body must arrive within its listener's header_read_timeout_ms, or 408.";
 
     "admin" "listen": "address" = "\"127.0.0.1:9900\"", "Address of the admin API.";
     "admin" "token": "string" = "", "Bearer token the admin API requires. Required when listen is not a loopback address.";

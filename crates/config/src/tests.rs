@@ -284,3 +284,46 @@ fn app_sections_are_parsed_and_every_error_is_reported() {
     let errs = Config::parse(&overlap).unwrap_err().to_string();
     assert!(errs.contains("services.b.app.ports: overlaps the ports of service \"a\""), "{errs}");
 }
+
+#[test]
+fn queue_names_are_plain_words_and_errors_name_the_key_with_its_line() {
+    for good in ["orders", "Orders_2-b", &"q".repeat(64)] {
+        assert!(valid_queue_name(good), "{good:?}");
+    }
+    for bad in ["", "../x", "a/b", "x.y", "a b", "é", &"q".repeat(65)] {
+        assert!(!valid_queue_name(bad), "{bad:?}");
+    }
+    let text = r#"[[listeners]]
+listen = "127.0.0.1:8080"
+[[routes]]
+service = "a"
+queue = "../escape"
+[services.a]
+servers = [{ addr = "127.0.0.1:1" }]
+[queues."../escape"]
+path = "./data"
+"#;
+    let errs = Config::parse(text).unwrap_err().0;
+    let got: Vec<(usize, &str)> = errs.iter().map(|e| (e.line, e.path.as_str())).collect();
+    assert_eq!(got, [(8, "queues.../escape")], "{errs:#?}");
+    assert!(errs[0].message.contains("[A-Za-z0-9_-]"), "{errs:#?}");
+}
+
+#[test]
+fn queue_status_body_and_body_bytes_in_flight_have_defaults_and_are_checked() {
+    let base = "[[listeners]]\nlisten = \"127.0.0.1:8080\"\n[[routes]]\nservice = \"a\"\nqueue = \"q\"\n\
+                body_bytes_max = 2000\n[services.a]\nservers = [{ addr = \"127.0.0.1:1\" }]\n[queues.q]\n";
+    let c = Config::parse(base).unwrap();
+    assert_eq!((c.queues["q"].status_body, c.queues["q"].body_bytes_in_flight_max), (false, 64 << 20));
+    let c = Config::parse(&format!("{base}status_body = true\nbody_bytes_in_flight_max = 2000\n")).unwrap();
+    assert_eq!((c.queues["q"].status_body, c.queues["q"].body_bytes_in_flight_max), (true, 2000));
+    let errs = Config::parse(&format!("{base}status_body = 1\n")).unwrap_err().0;
+    let got: Vec<(usize, &str)> = errs.iter().map(|e| (e.line, e.path.as_str())).collect();
+    assert_eq!(got, [(10, "queues.q.status_body")], "{errs:#?}");
+    let errs = Config::parse(&format!("{base}\nbody_bytes_in_flight_max = 1999\n")).unwrap_err().0;
+    let got: Vec<(usize, &str)> = errs.iter().map(|e| (e.line, e.path.as_str())).collect();
+    assert_eq!(got, [(11, "queues.q.body_bytes_in_flight_max")], "{errs:#?}");
+    assert!(errs[0].message.contains("body_bytes_max of a route"), "{errs:#?}");
+    let errs = Config::parse(&format!("{base}body_bytes_in_flight_max = 0\n")).unwrap_err().0;
+    assert_eq!(errs[0].path, "queues.q.body_bytes_in_flight_max", "{errs:#?}");
+}

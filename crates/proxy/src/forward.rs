@@ -363,7 +363,7 @@ async fn forward(
         for (name, value) in added {
             head.headers.append(name, value);
         }
-        return Box::pin(enqueue(ctx, queue, head, body, route.body_bytes_max)).await;
+        return Box::pin(enqueue(ctx, queue, head, body, declared, route.body_bytes_max)).await;
     }
     // The clock read at the start serves the first try too, unless a body was awaited since.
     let mut clock = Some(start);
@@ -651,27 +651,23 @@ fn json_response(status: StatusCode, v: serde_json::Value) -> Response<RespBody>
     resp
 }
 
-/// Persists the request in its route's queue and answers 202 once it is on disk.
+/// Persists the request in its route's queue and answers 202 once it is on disk. The body is read within the
+/// listener's body deadline (408), holding its bytes of the queue's `body_bytes_in_flight_max` (503) until then.
 async fn enqueue(
     ctx: &ConnCtx,
     queue: &str,
     head: http::request::Parts,
     body: ClientBody,
+    declared: Option<u64>,
     body_bytes_max: u64,
 ) -> Result<Response<RespBody>, ProxyError> {
     let Some(q) = ctx.shared.queues.get(queue) else {
         return Err(ProxyError::QueueRefused { queue: queue.to_string(), why: "it is not running".into() });
     };
-    let body = match Limited::new(body, body_bytes_max.min(usize::MAX as u64) as usize).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            return Err(ProxyError::BodyTooLarge(body_bytes_max))
-        }
-        Err(e) => return Err(ProxyError::ClientBody(std::io::Error::other(e.to_string()))),
-    };
+    let (body, _held) = q.receive(body, declared, body_bytes_max, ctx.body_timeout).await?;
     match q.accept(&head, body).await {
-        Ok(n) => {
-            let id = q.public_id(n);
+        Ok((_, key)) => {
+            let id = q.client_id(key);
             let mut resp =
                 json_response(StatusCode::ACCEPTED, json!({ "id": id, "queue": q.name, "status": "queued" }));
             if let Ok(v) = HeaderValue::from_str(&format!("{STATUS_PREFIX}{id}")) {
@@ -683,15 +679,15 @@ async fn enqueue(
     }
 }
 
-/// `GET /_nonstop/requests/QUEUE.N`: a queued request's status.
+/// `GET /_nonstop/requests/QUEUE.KEY`: a queued request's public status.
 fn request_status(ctx: &ConnCtx, method: &Method, id: &str) -> Result<Response<RespBody>, ProxyError> {
     if *method != Method::GET && *method != Method::HEAD {
         return Err(ProxyError::MethodNotAllowed(method.to_string()));
     }
     let not_found = || json_response(StatusCode::NOT_FOUND, json!({ "error": format!("no queued request {id:?}") }));
-    let Some((name, n)) = id.rsplit_once('.') else { return Ok(not_found()) };
-    let (Some(q), Ok(n)) = (ctx.shared.queues.get(name), n.parse::<u64>()) else { return Ok(not_found()) };
-    match q.status_json(n) {
+    let Some((name, key)) = id.rsplit_once('.') else { return Ok(not_found()) };
+    let Some(q) = ctx.shared.queues.get(name) else { return Ok(not_found()) };
+    match q.public_status(key) {
         Ok(Some(v)) => Ok(json_response(StatusCode::OK, v)),
         Ok(None) => Ok(not_found()),
         Err(e) => Err(ProxyError::QueueRefused { queue: name.to_string(), why: e.to_string() }),

@@ -1,7 +1,13 @@
-//! Durable queues at the proxy: accepting a request into its route's queue (202 only once it is on disk), its
-//! public status, and the dispatcher that delivers queued requests to the service through the same pool,
-//! balancer and admission control as live traffic. The decisions are in `nonstop_queue::ledger`; this is the I/O
-//! shell around them.
+//! Durable queues at the proxy: receiving a request's body (within the body deadline, and within the queue's
+//! bound on body bytes in flight), accepting it into its route's queue (202 only once it is on disk), its public
+//! status, and the dispatcher that delivers queued requests to the service through the same pool, balancer and
+//! admission control as live traffic. The decisions are in `nonstop_queue::ledger`; this is the I/O shell around
+//! them.
+//!
+//! A request has two ids. The client's, `QUEUE.KEY` (KEY: 128 random bits in hex), is in the 202 and its
+//! Location, reads the public status, and is the Idempotency-Key of every delivery: it is unguessable, and unique
+//! across nodes and wiped stores. The operator's, `QUEUE.N` (the store's sequence number), addresses the request
+//! on the admin API and `nonstop queue`, whose records show both.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -13,11 +19,13 @@ use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request};
 use http_body_util::{BodyExt, Limited};
 use nonstop_queue::broker::{self, Link, Names};
-use nonstop_queue::{Limits, Outcome, Policy, QueuedRequest, State, Status, Store, StoreError};
+use nonstop_queue::{Key, Limits, Outcome, Policy, QueuedRequest, State, Status, Store, StoreError};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::admission::Tried;
+use crate::error::ProxyError;
+use crate::h1down::ClientBody;
 use crate::pool::Acquired;
 use crate::upstream::{Outgoing, ReqBody};
 use crate::Shared;
@@ -87,6 +95,48 @@ pub struct Queue {
     in_flight: AtomicUsize,
     wake: Notify,
     pub counters: QueueCounters,
+    /// Whether the public status shows the service's answer body.
+    status_body: bool,
+    /// Bytes of request bodies being received (or committed) at once, across connections, at most.
+    body_bytes_in_flight_max: u64,
+    body_bytes_in_flight: AtomicU64,
+}
+
+/// Body bytes a request holds of its queue's `body_bytes_in_flight_max`, given back when it is dropped.
+pub struct BodyBytes<'a> {
+    queue: &'a Queue,
+    bytes: u64,
+}
+
+impl BodyBytes<'_> {
+    /// Takes `more` bytes of the bound, or refuses (503) when they are not free.
+    fn take(&mut self, more: u64) -> Result<(), ProxyError> {
+        let q = self.queue;
+        let max = q.body_bytes_in_flight_max;
+        match q
+            .body_bytes_in_flight
+            .fetch_update(Relaxed, Relaxed, |held| held.checked_add(more).filter(|&total| total <= max))
+        {
+            Ok(_) => {
+                self.bytes += more;
+                Ok(())
+            }
+            Err(held) => Err(ProxyError::QueueRefused {
+                queue: q.name.clone(),
+                why: format!(
+                    "the request bodies it is receiving hold {held} bytes ({} of them this request's), and {more} \
+                     more would pass its body_bytes_in_flight_max of {max} bytes",
+                    self.bytes
+                ),
+            }),
+        }
+    }
+}
+
+impl Drop for BodyBytes<'_> {
+    fn drop(&mut self) {
+        self.queue.body_bytes_in_flight.fetch_sub(self.bytes, Relaxed);
+    }
 }
 
 impl Queue {
@@ -127,12 +177,91 @@ impl Queue {
             in_flight: AtomicUsize::new(0),
             wake: Notify::new(),
             counters: QueueCounters::default(),
+            status_body: cfg.status_body,
+            body_bytes_in_flight_max: cfg.body_bytes_in_flight_max,
+            body_bytes_in_flight: AtomicU64::new(0),
         }))
     }
 
-    /// The public id of request `n`: `QUEUE.N`.
+    /// The operator's id of request `n`, `QUEUE.N`: what the admin API and `nonstop queue` take. Sequential, so
+    /// never given to clients.
     pub fn public_id(&self, n: u64) -> String {
         format!("{}.{n}", self.name)
+    }
+
+    /// The client's id of the request with `key`, `QUEUE.KEY`: the 202's id, and the Idempotency-Key of its
+    /// deliveries.
+    pub fn client_id(&self, key: Key) -> String {
+        format!("{}.{key}", self.name)
+    }
+
+    /// The client's id of request `n`. A request stored before requests had keys keeps the id it was delivered
+    /// with then (`QUEUE.N`, or `QUEUE.N@NODE` with RabbitMQ), so that its deliveries are still deduplicated.
+    fn key_id(&self, n: u64) -> String {
+        match self.store.key(n) {
+            Ok(Some(key)) => self.client_id(key),
+            Ok(None) | Err(_) => match self.rabbit {
+                None => self.public_id(n),
+                Some(_) => format!("{}.{n}@{:016x}", self.name, self.store.node_id),
+            },
+        }
+    }
+
+    /// The number of the request whose client id ends in `key` (the part after `QUEUE.`).
+    fn number_of_key(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        match Key::parse(key) {
+            Some(key) => self.store.number(key),
+            None => Ok(None),
+        }
+    }
+
+    /// Reads a request body to its end for the queue, within `deadline` (else 408) and `body_bytes_max` (else
+    /// 413), holding its bytes of the queue's `body_bytes_in_flight_max` (else 503) until the returned guard is
+    /// dropped. A declared length is held at once, before any byte is read; a body of unknown length as it comes.
+    pub async fn receive(
+        &self,
+        body: ClientBody,
+        declared: Option<u64>,
+        body_bytes_max: u64,
+        deadline: Duration,
+    ) -> Result<(Bytes, BodyBytes<'_>), ProxyError> {
+        let mut held = BodyBytes { queue: self, bytes: 0 };
+        if let Some(n) = declared {
+            held.take(n)?;
+        }
+        let read = async {
+            let mut body = std::pin::pin!(body);
+            let mut chunks: Vec<Bytes> = Vec::new();
+            let mut len = 0u64;
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| ProxyError::ClientBody(std::io::Error::other(e.to_string())))?;
+                let Ok(data) = frame.into_data() else { continue };
+                len += data.len() as u64;
+                if len > body_bytes_max {
+                    return Err(ProxyError::BodyTooLarge(body_bytes_max));
+                }
+                if len > held.bytes {
+                    held.take(len - held.bytes)?;
+                }
+                chunks.push(data);
+            }
+            Ok(match chunks.len() {
+                0 => Bytes::new(),
+                1 => chunks.pop().expect("one chunk"),
+                _ => {
+                    let mut all = Vec::with_capacity(len as usize);
+                    for c in chunks.drain(..) {
+                        all.extend_from_slice(&c);
+                    }
+                    Bytes::from(all)
+                }
+            })
+        };
+        match tokio::time::timeout(deadline, read).await {
+            Ok(Ok(bytes)) => Ok((bytes, held)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ProxyError::ClientBodyTimeout { ms: deadline.as_millis() }),
+        }
     }
 
     pub fn delivering(&self, n: u64) -> bool {
@@ -148,8 +277,8 @@ impl Queue {
         self.in_flight.load(Relaxed)
     }
 
-    /// Persists a request (its rewritten head and its whole body); returns its number once it is on disk.
-    pub async fn accept(&self, head: &http::request::Parts, body: Bytes) -> Result<u64, StoreError> {
+    /// Persists a request (its rewritten head and its whole body); returns its number and key once it is on disk.
+    pub async fn accept(&self, head: &http::request::Parts, body: Bytes) -> Result<(u64, Key), StoreError> {
         let headers = head
             .headers
             .iter()
@@ -157,14 +286,14 @@ impl Queue {
             .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
             .collect();
         let path = head.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
-        let req = QueuedRequest { method: head.method.to_string(), path, headers, body: body.to_vec() };
+        let req = QueuedRequest { method: head.method.to_string(), path, headers, body: Vec::from(body) };
         let result = match &self.rabbit {
             None => self.store.append(req, now_ms()).await,
             Some(r) => {
                 let encoded = req.encode();
-                let n = self.store.append(req, now_ms()).await?;
-                match self.publish(r, &r.names.main, &self.message_id(n), 0, encoded, None).await {
-                    Ok(()) => Ok(n),
+                let (n, key) = self.store.append(req, now_ms()).await?;
+                match self.publish(r, &r.names.main, &self.client_id(key), 0, encoded, None).await {
+                    Ok(()) => Ok((n, key)),
                     Err(e) => {
                         // Not confirmed: no 202, and no status left behind.
                         let _ = self.store.forget(n).await;
@@ -185,18 +314,10 @@ impl Queue {
         result
     }
 
-    /// The broker's message id of request `n`: unique across nodes (the store's node id), and the Idempotency-Key
-    /// of its deliveries.
+    /// The broker's message id of request `n`: its client id, unique across nodes, and the Idempotency-Key of its
+    /// deliveries.
     pub fn message_id(&self, n: u64) -> String {
-        format!("{}.{n}@{:016x}", self.name, self.store.node_id)
-    }
-
-    /// The Idempotency-Key a delivery of request `n` carries.
-    fn delivery_key(&self, n: u64) -> String {
-        match self.rabbit {
-            None => self.public_id(n),
-            Some(_) => self.message_id(n),
-        }
+        self.key_id(n)
     }
 
     /// Publishes through the queue thread's link and waits for the confirm.
@@ -256,10 +377,28 @@ impl Queue {
         Ok(n)
     }
 
-    /// The public view of request `n`.
+    /// The operator's view of request `n` (admin API): the whole record, the answer's body included, with the
+    /// client's id as `key`.
     pub fn status_json(&self, n: u64) -> Result<Option<Value>, StoreError> {
         let Some(s) = self.store.status(n)? else { return Ok(None) };
-        Ok(Some(status_json(&self.public_id(n), &self.name, &s, self.delivering(n))))
+        let mut v = status_json(&self.public_id(n), &self.name, &s, self.delivering(n));
+        v["key"] = self.key_id(n).into();
+        Ok(Some(v))
+    }
+
+    /// The client's view of the request whose client id is `QUEUE.KEY` (`key` is the part after the dot): without
+    /// the answer's body unless the queue has `status_body = true`. `None` for anything that is not the key of a
+    /// request of this queue (sequence numbers included).
+    pub fn public_status(&self, key: &str) -> Result<Option<Value>, StoreError> {
+        let Some(n) = self.number_of_key(key)? else { return Ok(None) };
+        let Some(s) = self.store.status(n)? else { return Ok(None) };
+        let mut v = status_json(&format!("{}.{key}", self.name), &self.name, &s, self.delivering(n));
+        if !self.status_body {
+            if let Some(response) = v.get_mut("response").and_then(Value::as_object_mut) {
+                response.remove("body");
+            }
+        }
+        Ok(Some(v))
     }
 }
 
@@ -318,7 +457,7 @@ async fn deliver(queue: Arc<Queue>, shared: Arc<Shared>, n: u64, req: QueuedRequ
     if status.attempts > 0 {
         queue.counters.retries.fetch_add(1, Relaxed);
     }
-    let outcome = send_once(&shared, &queue, &queue.delivery_key(n), req).await;
+    let outcome = send_once(&shared, &queue, &queue.key_id(n), req).await;
     status.after_delivery(outcome, now_ms(), &queue.policy, fastrand::f64());
     match status.state {
         State::Done => queue.counters.done.fetch_add(1, Relaxed),
@@ -571,11 +710,15 @@ async fn rabbit_deliver(queue: Arc<Queue>, shared: Arc<Shared>, delivery: nonsto
         let _ = delivery.nack(broker::dead_letter_options()).await;
         return;
     };
-    // This node's own requests have a status here; other nodes' are delivered all the same.
-    let own = message_id
-        .strip_suffix(&format!("@{:016x}", queue.store.node_id))
-        .and_then(|s| s.rsplit_once('.'))
-        .and_then(|(_, n)| n.parse::<u64>().ok());
+    // This node's own requests have a status here (found by key, or by number for a message published before
+    // requests had keys); other nodes' are delivered all the same.
+    let own = match message_id.strip_prefix(&format!("{}.", queue.name)) {
+        Some(rest) => match rest.strip_suffix(&format!("@{:016x}", queue.store.node_id)) {
+            Some(n) => n.parse::<u64>().ok(),
+            None => queue.number_of_key(rest).ok().flatten(),
+        },
+        None => None,
+    };
     let mut status = own.and_then(|n| queue.store.status(n).ok().flatten()).unwrap_or_else(|| Status::new(now_ms()));
     status.attempts = attempts;
     if let Some(n) = own {

@@ -1,7 +1,10 @@
 //! The embedded store: queued requests and their status in one redb file. Every write goes through one writer
 //! thread that takes all the operations waiting, applies them in one transaction and commits it; redb's commit
 //! returns only after the fsync, so an append is acknowledged (and its client answered 202) only once it is on
-//! disk, and one fsync serves many requests (group commit).
+//! disk, and one fsync serves many requests (group commit). Each request has a sequence number (the order of
+//! the store's tables, and the admin API's `QUEUE.N`) and a random [`Key`] (its client-facing id and delivery
+//! Idempotency-Key), with an index from key to number. The directory is created 0700 and the file 0600: it holds
+//! pending requests' headers (`Authorization`, `Cookie`) as they came.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -11,6 +14,7 @@ use std::sync::{mpsc, Arc};
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::oneshot;
 
+use crate::key::Key;
 use crate::ledger::{State, Status};
 use crate::record::QueuedRequest;
 
@@ -20,6 +24,9 @@ const STATUS: TableDefinition<u64, &[u8]> = TableDefinition::new("status");
 const DUE: TableDefinition<(u64, u64), ()> = TableDefinition::new("due");
 const DEAD: TableDefinition<u64, ()> = TableDefinition::new("dead");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Request numbers by key, and keys by number.
+const KEYS: TableDefinition<u128, u64> = TableDefinition::new("keys");
+const KEY_OF: TableDefinition<u64, u128> = TableDefinition::new("key_of");
 const NEXT_ID: &str = "next_id";
 const NODE_ID: &str = "node_id";
 
@@ -72,7 +79,7 @@ pub struct Counts {
 }
 
 enum Op {
-    Append(QueuedRequest, u64, oneshot::Sender<Result<u64, StoreError>>),
+    Append(QueuedRequest, u64, oneshot::Sender<Result<(u64, Key), StoreError>>),
     Update(u64, Status, oneshot::Sender<Result<(), StoreError>>),
     Replay(u64, u64, oneshot::Sender<Result<(), StoreError>>),
     Purge(oneshot::Sender<Result<u64, StoreError>>),
@@ -100,11 +107,10 @@ impl Drop for Store {
 }
 
 impl Store {
-    /// Opens (or creates) the store at `path` and starts its writer thread.
+    /// Opens (or creates) the store at `path` and starts its writer thread. Its directory is made (or left)
+    /// owner-only (0700) and its file 0600.
     pub fn open(path: &Path, limits: Limits) -> Result<Store, StoreError> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(format!("{}: {e}", dir.display())))?;
-        }
+        private_file(path).map_err(|e| StoreError::Io(format!("{}: {e}", path.display())))?;
         let db = Database::create(path).map_err(|e| StoreError::Io(format!("{}: {e}", path.display())))?;
         let db = Arc::new(db);
         let counts = Arc::new(Counts::default());
@@ -130,6 +136,8 @@ impl Store {
                 let due = w.open_table(DUE).map_err(StoreError::io)?;
                 let dead = w.open_table(DEAD).map_err(StoreError::io)?;
                 w.open_table(META).map_err(StoreError::io)?;
+                w.open_table(KEYS).map_err(StoreError::io)?;
+                w.open_table(KEY_OF).map_err(StoreError::io)?;
                 let mut bytes = 0u64;
                 for entry in requests.iter().map_err(StoreError::io)? {
                     let (_, v) = entry.map_err(StoreError::io)?;
@@ -162,8 +170,8 @@ impl Store {
         self.ops.as_ref().ok_or(StoreError::Closed)
     }
 
-    /// Persists a request; returns its id once it is on disk.
-    pub async fn append(&self, req: QueuedRequest, now_ms: u64) -> Result<u64, StoreError> {
+    /// Persists a request; returns its number and its key once it is on disk.
+    pub async fn append(&self, req: QueuedRequest, now_ms: u64) -> Result<(u64, Key), StoreError> {
         let (tx, rx) = oneshot::channel();
         self.sender()?.send(Op::Append(req, now_ms, tx)).map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
@@ -242,6 +250,20 @@ impl Store {
         Ok(v.and_then(|v| Status::decode(v.value())))
     }
 
+    /// The key of request `id`; `None` for an unknown request, or one stored before requests had keys.
+    pub fn key(&self, id: u64) -> Result<Option<Key>, StoreError> {
+        let r = self.db.begin_read().map_err(StoreError::io)?;
+        let key_of = r.open_table(KEY_OF).map_err(StoreError::io)?;
+        Ok(key_of.get(id).map_err(StoreError::io)?.map(|v| Key(v.value())))
+    }
+
+    /// The number of the request with `key`.
+    pub fn number(&self, key: Key) -> Result<Option<u64>, StoreError> {
+        let r = self.db.begin_read().map_err(StoreError::io)?;
+        let keys = r.open_table(KEYS).map_err(StoreError::io)?;
+        Ok(keys.get(key.0).map_err(StoreError::io)?.map(|v| v.value()))
+    }
+
     pub fn request(&self, id: u64) -> Result<Option<QueuedRequest>, StoreError> {
         let r = self.db.begin_read().map_err(StoreError::io)?;
         let requests = r.open_table(REQUESTS).map_err(StoreError::io)?;
@@ -303,9 +325,38 @@ impl Store {
 
 /// The reply each operation of a batch gets once the batch is committed (or failed).
 enum Reply {
-    Append(oneshot::Sender<Result<u64, StoreError>>, Result<u64, StoreError>),
+    Append(oneshot::Sender<Result<(u64, Key), StoreError>>, Result<(u64, Key), StoreError>),
     Unit(oneshot::Sender<Result<(), StoreError>>, Result<(), StoreError>),
     Count(oneshot::Sender<Result<u64, StoreError>>, Result<u64, StoreError>),
+}
+
+/// Creates the store's directory owner-only (0700), or makes an existing one so, and creates (or restricts) the
+/// file 0600, before redb opens it.
+fn private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        if std::fs::metadata(dir)?.permissions().mode() & 0o077 != 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    let file =
+        std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)?;
+    if file.metadata()?.permissions().mode() & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
+/// A key no request of the store has yet (a collision of 128 random bits is not expected, but is not trusted
+/// never to happen either).
+fn fresh_key(keys: &redb::Table<u128, u64>) -> Result<Key, StoreError> {
+    loop {
+        let key = Key::random().map_err(|e| StoreError::Io(format!("no random key: {e}")))?;
+        if keys.get(key.0).map_err(StoreError::io)?.is_none() {
+            return Ok(key);
+        }
+    }
 }
 
 fn random_u64() -> u64 {
@@ -338,6 +389,8 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Op>, limits: Limits, counts: Arc
                 let mut due = w.open_table(DUE).map_err(StoreError::io)?;
                 let mut dead_t = w.open_table(DEAD).map_err(StoreError::io)?;
                 let mut meta = w.open_table(META).map_err(StoreError::io)?;
+                let mut keys = w.open_table(KEYS).map_err(StoreError::io)?;
+                let mut key_of = w.open_table(KEY_OF).map_err(StoreError::io)?;
                 let mut next_id = meta.get(NEXT_ID).map_err(StoreError::io)?.map_or(1, |v| v.value());
                 for op in batch {
                     match op {
@@ -355,6 +408,9 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Op>, limits: Limits, counts: Arc
                             }
                             let id = next_id;
                             next_id += 1;
+                            let key = fresh_key(&keys)?;
+                            keys.insert(key.0, id).map_err(StoreError::io)?;
+                            key_of.insert(id, key.0).map_err(StoreError::io)?;
                             let st = Status::new(now_ms);
                             requests.insert(id, size.as_slice()).map_err(StoreError::io)?;
                             status.insert(id, st.encode().as_slice()).map_err(StoreError::io)?;
@@ -363,7 +419,7 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Op>, limits: Limits, counts: Arc
                             }
                             depth += 1;
                             bytes += size.len() as u64;
-                            replies.push(Reply::Append(tx, Ok(id)));
+                            replies.push(Reply::Append(tx, Ok((id, key))));
                         }
                         Op::Update(id, new, tx) => {
                             let old = status.get(id).map_err(StoreError::io)?.and_then(|v| Status::decode(v.value()));
@@ -430,6 +486,9 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Op>, limits: Limits, counts: Arc
                             if let Some(v) = requests.remove(id).map_err(StoreError::io)? {
                                 bytes = bytes.saturating_sub(v.value().len() as u64);
                             }
+                            if let Some(k) = key_of.remove(id).map_err(StoreError::io)?.map(|v| v.value()) {
+                                keys.remove(k).map_err(StoreError::io)?;
+                            }
                             replies.push(Reply::Unit(tx, Ok(())));
                         }
                         Op::Purge(tx) => {
@@ -443,6 +502,9 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Op>, limits: Limits, counts: Arc
                                 status.remove(*id).map_err(StoreError::io)?;
                                 if let Some(v) = requests.remove(*id).map_err(StoreError::io)? {
                                     bytes = bytes.saturating_sub(v.value().len() as u64);
+                                }
+                                if let Some(k) = key_of.remove(*id).map_err(StoreError::io)?.map(|v| v.value()) {
+                                    keys.remove(k).map_err(StoreError::io)?;
                                 }
                             }
                             dead = dead.saturating_sub(ids.len() as u64);
@@ -522,11 +584,17 @@ mod tests {
                 tasks.push(tokio::spawn(async move { s.append(req(n), 1000).await.unwrap() }));
             }
             let mut ids = Vec::new();
+            let mut keys = HashSet::new();
             for t in tasks {
-                ids.push(t.await.unwrap());
+                let (id, key) = t.await.unwrap();
+                ids.push(id);
+                keys.insert(key);
+                assert_eq!(store.number(key).unwrap(), Some(id), "indexed by key");
+                assert_eq!(store.key(id).unwrap(), Some(key));
             }
             ids.sort();
             assert_eq!(ids, (1..=200).collect::<Vec<u64>>());
+            assert_eq!(keys.len(), 200, "every request has a key of its own");
             let c = &store.counts;
             assert!(c.commits.load(Relaxed) < 200, "several appends per commit");
             assert_eq!(c.depth.load(Relaxed), 200);
@@ -536,7 +604,7 @@ mod tests {
         let due = store.due(1000, 10, &HashSet::from([1])).unwrap();
         assert_eq!(due.iter().map(|d| d.0).collect::<Vec<_>>(), (2..=11).collect::<Vec<u64>>());
         assert_eq!(due[0].1, req(1));
-        assert_eq!(store.append(req(0), 2000).await.unwrap(), 201, "ids continue after a reopen");
+        assert_eq!(store.append(req(0), 2000).await.unwrap().0, 201, "ids continue after a reopen");
         let _ = std::fs::remove_dir_all(d);
     }
 
@@ -544,8 +612,8 @@ mod tests {
     async fn delivery_updates_move_requests_through_their_states() {
         let d = dir("states");
         let store = Store::open(&d.join("q.redb"), LIMITS).unwrap();
-        let a = store.append(req(1), 0).await.unwrap();
-        let b = store.append(req(2), 0).await.unwrap();
+        let a = store.append(req(1), 0).await.unwrap().0;
+        let b = store.append(req(2), 0).await.unwrap().0;
         let mut sa = store.status(a).unwrap().unwrap();
         sa.after_delivery(Outcome::Answered { status: 201, body: b"ok".to_vec() }, 10, &P, 0.0);
         store.update(a, sa).await.unwrap();
@@ -576,6 +644,38 @@ mod tests {
         assert!(matches!(store.append(req(3), 0).await, Err(StoreError::Full(_))));
         let small = Store::open(&d.join("b.redb"), Limits { bytes_max: 10, ..LIMITS }).unwrap();
         assert!(matches!(small.append(req(1), 0).await, Err(StoreError::Full(_))));
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[tokio::test]
+    async fn keys_are_new_after_the_store_is_wiped_and_go_with_their_request() {
+        let d = dir("wiped");
+        let path = d.join("q.redb");
+        let (first, first_key) = Store::open(&path, LIMITS).unwrap().append(req(1), 0).await.unwrap();
+        std::fs::remove_dir_all(&d).unwrap();
+        let store = Store::open(&path, LIMITS).unwrap();
+        let (again, key) = store.append(req(1), 0).await.unwrap();
+        assert_eq!(again, first, "numbers start over in a wiped store");
+        assert_ne!(key, first_key, "keys do not");
+        assert_eq!(store.number(first_key).unwrap(), None);
+        store.forget(again).await.unwrap();
+        assert_eq!((store.number(key).unwrap(), store.key(again).unwrap()), (None, None), "forgotten with it");
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[tokio::test]
+    async fn the_store_is_private_to_its_owner() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = dir("modes");
+        let path = d.join("q.redb");
+        drop(Store::open(&path, LIMITS).unwrap());
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode(&d), mode(&path)), (0o700, 0o600));
+        // A store left readable by an older version is restricted when it is opened.
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(Store::open(&path, LIMITS).unwrap());
+        assert_eq!((mode(&d), mode(&path)), (0o700, 0o600));
         let _ = std::fs::remove_dir_all(d);
     }
 }
