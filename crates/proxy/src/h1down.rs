@@ -307,6 +307,19 @@ fn parse(buf: &[u8], limits: &Limits) -> Parsed {
     Parsed::Head(Head { method, target, headers, len, content_length: content_length.unwrap_or(0), close })
 }
 
+/// For `fuzzing`: the head's length and body length when this server takes `buf` as a request head (and builds
+/// the request from it).
+pub(crate) fn parse_for_fuzzing(buf: &[u8], limits: &Limits) -> Option<(usize, u64)> {
+    match parse(buf, limits) {
+        Parsed::Head(h) => {
+            let bytes = Bytes::copy_from_slice(&buf[..h.len]);
+            let _ = request(&h, &bytes);
+            Some((h.len, h.content_length))
+        }
+        _ => None,
+    }
+}
+
 /// Builds the request from its head; `head` is the head's bytes, which the header values share.
 fn request(parsed: &Head, head: &Bytes) -> Option<Request<()>> {
     let uri = Uri::from_maybe_shared(head.slice(parsed.target.0..parsed.target.1)).ok()?;

@@ -496,6 +496,41 @@ fn parse_head(buf: &[u8], method: &Method) -> io::Result<Option<Head>> {
     Ok(Some(Head::Final(FinalHead { len, status, headers, framing, close })))
 }
 
+/// For `fuzzing`: the status and declared length of a final response head that this client accepts.
+pub(crate) fn parse_for_fuzzing(buf: &[u8], method: &Method) -> Option<(u16, Option<u64>)> {
+    match parse_head(buf, method) {
+        Ok(Some(Head::Final(h))) => {
+            let length = if let Framing::Length(n) = h.framing { Some(n) } else { None };
+            Some((h.status.as_u16(), length))
+        }
+        _ => None,
+    }
+}
+
+/// For `fuzzing`: decodes a chunked body fed `piece` bytes at a time. `Ok(Some(body))` at its end, `Ok(None)`
+/// when the bytes ran out first, `Err` when the decoder refused them.
+pub(crate) fn dechunk_for_fuzzing(data: &[u8], piece: usize) -> Result<Option<Vec<u8>>, String> {
+    let mut framing = Framing::Chunked { left: 0, last: false, crlf: false };
+    let mut buf = BytesMut::new();
+    let mut body = Vec::new();
+    let mut fed = 0;
+    // Every step consumes bytes or ends; the bound only stops a decoder that would not.
+    for _ in 0..(4 * data.len() + 16) {
+        match chunked_step(&mut buf, &mut framing).map_err(|e| e.to_string())? {
+            Chunk::Data(d) => body.extend_from_slice(&d),
+            Chunk::Line => {}
+            Chunk::End => return Ok(Some(body)),
+            Chunk::More if fed >= data.len() => return Ok(None),
+            Chunk::More => {
+                let end = (fed + piece).min(data.len());
+                buf.extend_from_slice(&data[fed..end]);
+                fed = end;
+            }
+        }
+    }
+    panic!("the chunked decoder made no progress");
+}
+
 /// What one step of the chunked decoder gave.
 #[derive(Debug)]
 pub(crate) enum Chunk {

@@ -12,6 +12,8 @@ pub mod error;
 pub mod ewma;
 mod forward;
 pub mod framing;
+#[doc(hidden)]
+pub mod fuzzing;
 mod h1down;
 mod h1up;
 pub mod health;
