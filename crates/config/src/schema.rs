@@ -33,7 +33,7 @@ keys! {
     "listeners[]" "listen": "address" = "", "Address to accept clients on, such as \"127.0.0.1:8080\". Required.";
     "listeners[]" "tls": "table" = "", "Serve TLS (HTTP/1.1 and HTTP/2 by ALPN). Absent: plain HTTP/1.1 and h2c with prior knowledge.";
     "listeners[]" "max_connections": "integer" = "10000", "Open client connections at most, split evenly among worker threads (each serves at most max_connections / threads, rounded up); past it, new connections wait in the kernel's backlog.";
-    "listeners[]" "header_read_timeout_ms": "integer" = "10000", "A client must send its whole request head within this time, or get 408 (slowloris). Also how long an HTTP/1.1 keep-alive connection may sit idle between requests, and how long a request body the proxy keeps for replay may take to arrive (408).";
+    "listeners[]" "header_read_timeout_ms": "integer" = "10000", "A client must send its whole request head within this time, or get 408 (slowloris). Also how long a connection may sit with no request in progress: an HTTP/1.1 keep-alive connection between requests, an HTTP/2 connection (then GOAWAY), a TLS connection after its handshake (which must itself finish within this time); and how long a request body the proxy keeps for replay, or a queued body, may take to arrive (408).";
     "listeners[]" "header_bytes_max": "integer" = "65536", "Largest request head in bytes; larger gets 431.";
     "listeners[]" "header_count_max": "integer" = "100", "Most request headers; more gets 431.";
 
