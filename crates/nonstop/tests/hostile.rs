@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nonstop_testkit::raw::{answers, exchange, ok, RawBackend, Reply, Seen};
@@ -415,29 +414,10 @@ async fn idle_http2_connections_cannot_hold_every_slot() {
 async fn a_tls_handshake_followed_by_nothing_is_closed() {
     let backend = RawBackend::start(|_| ok());
     let dir = TempDir::new("hostile-tls");
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    std::fs::write(dir.path().join("cert.pem"), ck.cert.pem()).unwrap();
-    std::fs::write(dir.path().join("key.pem"), ck.signing_key.serialize_pem()).unwrap();
-    let tls = format!(
-        "tls = {{ cert = \"{}\", key = \"{}\" }}",
-        dir.path().join("cert.pem").display(),
-        dir.path().join("key.pem").display()
-    );
-    let p = proxy(&dir, backend.addr, &tls, "");
+    let cert = nonstop_testkit::tls::make_cert(&dir);
+    let p = proxy(&dir, backend.addr, &nonstop_testkit::tls::listener_line(&dir), "");
     for alpn in [&b"h2"[..], b"http/1.1"] {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ck.cert.der().clone()).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![alpn.to_vec()];
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-        let tcp = TcpStream::connect(p.addr).await.unwrap();
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let mut stream = connector.connect(name, tcp).await.expect("TLS handshake");
+        let mut stream = nonstop_testkit::tls::connect(p.addr, &cert, alpn).await;
         let start = Instant::now();
         let mut chunk = [0u8; 1024];
         let limit = Duration::from_millis(IDLE_MS * 4);

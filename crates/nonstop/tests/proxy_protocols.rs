@@ -2,7 +2,6 @@
 //! HTTP/2 to servers, 100 MB bodies streamed each way without memory growth, and connect timeouts.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,34 +21,6 @@ fn serve(dir: &TempDir, toml: &str) -> Proc {
     Proc::start(bin(), &["serve", "--config", path.to_str().unwrap(), "--threads", "2"])
 }
 
-/// Writes a self-signed certificate for localhost and 127.0.0.1; returns it for the client to trust.
-fn make_cert(dir: &TempDir) -> rustls::pki_types::CertificateDer<'static> {
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    std::fs::write(dir.path().join("cert.pem"), ck.cert.pem()).unwrap();
-    std::fs::write(dir.path().join("key.pem"), ck.signing_key.serialize_pem()).unwrap();
-    ck.cert.der().clone()
-}
-
-async fn tls_connect(
-    addr: std::net::SocketAddr,
-    cert: &rustls::pki_types::CertificateDer<'static>,
-    alpn: &[u8],
-) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.clone()).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![alpn.to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    connector.connect(name, tcp).await.expect("TLS handshake")
-}
-
 async fn body_json(resp: http::Response<hyper::body::Incoming>) -> serde_json::Value {
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     serde_json::from_slice(&bytes).unwrap()
@@ -66,7 +37,7 @@ fn get_req(path: &str, authority: &str) -> http::Request<http_body_util::Empty<B
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_alpn_serves_http1_and_http2() {
     let dir = TempDir::new("tls");
-    let cert = make_cert(&dir);
+    let cert = nonstop_testkit::tls::make_cert(&dir);
     let backend = echo::start("e").await;
     let toml = format!(
         "[[listeners]]\nlisten = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n\
@@ -76,7 +47,7 @@ async fn tls_with_alpn_serves_http1_and_http2() {
     );
     let p = serve(&dir, &toml);
 
-    let tls = tls_connect(p.addr, &cert, b"http/1.1").await;
+    let tls = nonstop_testkit::tls::connect(p.addr, &cert, b"http/1.1").await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
     tokio::spawn(conn);
@@ -86,7 +57,7 @@ async fn tls_with_alpn_serves_http1_and_http2() {
     assert_eq!(seen["x-forwarded-proto"], "https");
     assert!(seen["forwarded"].as_str().unwrap().contains("proto=https"), "{seen}");
 
-    let tls = tls_connect(p.addr, &cert, b"h2").await;
+    let tls = nonstop_testkit::tls::connect(p.addr, &cert, b"h2").await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     let (mut sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await.unwrap();

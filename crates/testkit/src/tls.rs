@@ -1,0 +1,50 @@
+//! TLS for tests: a self-signed certificate for the proxy's listener, and a client that trusts it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+
+pub use rustls::pki_types::CertificateDer;
+
+use crate::TempDir;
+
+/// Writes a self-signed certificate for localhost and 127.0.0.1 to `dir/cert.pem` and its key to `dir/key.pem`;
+/// returns it for the client to trust.
+pub fn make_cert(dir: &TempDir) -> CertificateDer<'static> {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .expect("generate a certificate");
+    std::fs::write(dir.path().join("cert.pem"), ck.cert.pem()).expect("write cert.pem");
+    std::fs::write(dir.path().join("key.pem"), ck.signing_key.serialize_pem()).expect("write key.pem");
+    ck.cert.der().clone()
+}
+
+/// The listener's `tls = { cert, key }` line for the files [`make_cert`] wrote.
+pub fn listener_line(dir: &TempDir) -> String {
+    format!(
+        "tls = {{ cert = \"{}\", key = \"{}\" }}",
+        dir.path().join("cert.pem").display(),
+        dir.path().join("key.pem").display()
+    )
+}
+
+/// Connects to `addr` over TLS as `localhost`, trusting only `cert`, offering `alpn`.
+pub async fn connect(
+    addr: SocketAddr,
+    cert: &CertificateDer<'static>,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.clone()).expect("trust the certificate");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("server name");
+    connector.connect(name, tcp).await.expect("TLS handshake")
+}
