@@ -72,7 +72,8 @@ pub fn check(asked: &Asked<'_>, admin: SocketAddr, token: bool) -> Result<(), Re
         }
     }
     let mutating = [Method::POST, Method::PUT, Method::PATCH, Method::DELETE].contains(asked.method);
-    if mutating && asked.has_body && !asked.content_type.is_some_and(is_json) {
+    // An empty form POST still says what it is: any declared type but JSON is refused, body or not.
+    if mutating && (asked.has_body || asked.content_type.is_some()) && !asked.content_type.is_some_and(is_json) {
         let got = asked.content_type.map_or("none".to_string(), |c| format!("{c:?}"));
         return Err(Refusal::NotJson(format!(
             "a {} body must be Content-Type: application/json (got {got})",
@@ -265,7 +266,8 @@ mod tests {
             (&post, Some("application/json"), true, true),
             (&put, Some("application/json; charset=utf-8"), true, true),
             (&post, None, false, true),
-            (&post, Some("text/plain"), false, true),
+            (&post, Some("text/plain"), false, false),
+            (&post, Some("application/x-www-form-urlencoded"), false, false),
             (&get, Some("text/plain"), true, true),
         ] {
             let r = check(&Asked { method, host, origin: None, content_type, has_body }, a, false);
