@@ -197,7 +197,8 @@ impl Queue {
 
     /// The client's id of request `n`. A request stored before requests had keys keeps the id it was delivered
     /// with then (`QUEUE.N`, or `QUEUE.N@NODE` with RabbitMQ), so that its deliveries are still deduplicated.
-    fn key_id(&self, n: u64) -> String {
+    /// The admin API shows it as `key`.
+    pub fn key_id(&self, n: u64) -> String {
         match self.store.key(n) {
             Ok(Some(key)) => self.client_id(key),
             Ok(None) | Err(_) => match self.rabbit {
