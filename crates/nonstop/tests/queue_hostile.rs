@@ -483,3 +483,52 @@ async fn dead_letters_are_listed_with_their_key_and_replayed_by_it() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("409") && err.contains(&second), "{err}");
 }
+
+/// A server that answers its health checks and hangs up on every other request, unanswered.
+async fn hanging_up_server() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                if head.starts_with(b"GET /health") {
+                    let ok = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok";
+                    let _ = s.write_all(ok.as_bytes()).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_public_status_names_no_server_without_status_body() {
+    let dir = TempDir::new("hostile-status-error");
+    let backend = hanging_up_server().await;
+    let (plain, admin) = serve(&config(dir.path(), "plain", backend, "", &["attempts_max = 1"]));
+    let (open, _) = serve(&config(dir.path(), "open", backend, "", &["attempts_max = 1", "status_body = true"]));
+    let server = backend.to_string();
+    let (id, location) = accept(plain.addr, 1).await;
+    let s = settled(plain.addr, &location).await;
+    assert_eq!(s["status"], "dead", "{s}");
+    assert_eq!(s["error"], "no answer", "only the outcome's class: {s}");
+    assert!(!s.to_string().contains(&server) && !s.to_string().contains("127.0.0.1"), "{s}");
+    // The operator's record has the whole error, which names the server.
+    let r = get(admin, &format!("/queues/{QUEUE}/requests/{id}")).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let error = r.json()["error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains(&server), "{:?}", r.body);
+    // A queue with status_body = true shows it to the client too.
+    let (_, location) = accept(open.addr, 2).await;
+    let s = settled(open.addr, &location).await;
+    assert_eq!(s["status"], "dead", "{s}");
+    assert!(s["error"].as_str().unwrap_or_default().contains(&server), "{s}");
+}
