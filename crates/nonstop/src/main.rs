@@ -634,18 +634,33 @@ async fn terminate() {
 
 /// `nonstop queue ...`: one call to the admin API; prints its JSON. Exit status 0 on 2xx, 1 otherwise.
 fn run_queue(args: QueueArgs) -> ExitCode {
+    // A queue name as the config allows them (so it goes into the admin path as it is).
+    let queue_name = |q: &str| -> Result<String, String> {
+        let ok = (1..=64).contains(&q.len()) && q.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        ok.then(|| q.to_string()).ok_or_else(|| format!("{q:?} is not a queue name (1 to 64 of A-Za-z0-9_-)"))
+    };
+    // A request id: QUEUE.N (its number, as `dead` lists them) or QUEUE.KEY (the id its client got in the 202).
     let split = |id: &str| -> Result<(String, String), String> {
-        match id.rsplit_once('.') {
-            Some((q, n)) if !q.is_empty() && n.parse::<u64>().is_ok() => Ok((q.to_string(), n.to_string())),
-            _ => Err(format!("{id:?} is not a request id like orders.42")),
+        let number = |n: &str| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && n.parse::<u64>().is_ok();
+        let key = |k: &str| k.len() == 32 && k.bytes().all(|b| b.is_ascii_hexdigit());
+        match id.split_once('.') {
+            Some((q, rest)) if queue_name(q).is_ok() && (number(rest) || key(rest)) => {
+                Ok((q.to_string(), rest.to_string()))
+            }
+            _ => Err(format!(
+                "{id:?} is not a request id: give QUEUE.N, the request's number (like orders.42, as `nonstop queue \
+                 dead` lists them), or QUEUE.KEY, the id its client got in the 202 (orders. and 32 hex digits)"
+            )),
         }
     };
     let call = match &args.action {
         QueueAction::List => Ok(("GET", "/queues".to_string())),
-        QueueAction::Show { id } => split(id).map(|(q, n)| ("GET", format!("/queues/{q}/requests/{n}"))),
-        QueueAction::Dead { queue, limit } => Ok(("GET", format!("/queues/{queue}/dead?limit={limit}"))),
-        QueueAction::Replay { id } => split(id).map(|(q, n)| ("POST", format!("/queues/{q}/dead/{n}/replay"))),
-        QueueAction::Purge { queue } => Ok(("POST", format!("/queues/{queue}/purge"))),
+        QueueAction::Show { id } => split(id).map(|(q, n)| ("GET", format!("/queues/{q}/requests/{q}.{n}"))),
+        QueueAction::Dead { queue, limit } => {
+            queue_name(queue).map(|q| ("GET", format!("/queues/{q}/dead?limit={limit}")))
+        }
+        QueueAction::Replay { id } => split(id).map(|(q, n)| ("POST", format!("/queues/{q}/dead/{q}.{n}/replay"))),
+        QueueAction::Purge { queue } => queue_name(queue).map(|q| ("POST", format!("/queues/{q}/purge"))),
     };
     let (method, path) = match call {
         Ok(c) => c,

@@ -305,16 +305,20 @@ async fn dead_letter(store: Store) {
     };
     let (code, listed) = cli(&["dead", &queue]);
     assert_eq!(code, Some(0));
-    // The operator's id (QUEUE.N, for the admin API) is in the list; its record carries the client's id.
+    // The list shows the operator's id (QUEUE.N) and the client's (QUEUE.KEY) beside it; either reads the record.
     let listed: Value = serde_json::from_str(&listed).unwrap();
     let number = listed["dead"][0]["id"].as_str().unwrap_or_else(|| panic!("{listed}")).to_string();
-    let (code, shown) = cli(&["show", &number]);
-    assert_eq!(code, Some(0));
-    assert_eq!(serde_json::from_str::<Value>(&shown).unwrap()["key"], id.as_str(), "{shown}");
-    // The backend is fixed; the dead letter is replayed and delivered.
+    assert_eq!(listed["dead"][0]["key"], id.as_str(), "{listed}");
+    for given in [&number, &id] {
+        let (code, shown) = cli(&["show", given]);
+        assert_eq!(code, Some(0), "show {given}");
+        let shown: Value = serde_json::from_str(&shown).unwrap();
+        assert_eq!((&shown["id"], &shown["key"]), (&Value::from(&*number), &Value::from(&*id)), "{shown}");
+    }
+    // The backend is fixed; the dead letter is replayed, by the client's id, and delivered.
     drop(failing);
     let fixed = app(&dir, &backend.to_string(), &[]);
-    let (code, replayed) = cli(&["replay", &number]);
+    let (code, replayed) = cli(&["replay", &id]);
     assert_eq!(code, Some(0), "{replayed}");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

@@ -1,15 +1,16 @@
 //! Integration tests of the durable queue against the findings of a security review (issue 17): delivery keys
 //! that repeat across nodes and wiped stores, guessable status ids that hand out other clients' answers, request
 //! bodies read with no deadline and no bound, store files readable by anyone, and queue names that leave the data
-//! directory. Real `nonstop serve`, `nonstop app` and `nonstop check` processes on loopback, the embedded store,
-//! the app's SQLite file as the database.
+//! directory; and the ids an operator is given to read and replay requests by, and what the public status lets out.
+//! Real `nonstop serve`, `nonstop app`, `nonstop check` and `nonstop queue` processes on loopback, the embedded
+//! store, the app's SQLite file as the database.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nonstop_testkit::{get, post_json, Proc, TempDir};
+use nonstop_testkit::{get, post_json, send, Method, Proc, TempDir};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -21,8 +22,14 @@ fn bin() -> &'static Path {
 const QUEUE: &str = "orders";
 
 fn app(db: &Path) -> Proc {
+    app_on(db, "127.0.0.1:0", &[])
+}
+
+fn app_on(db: &Path, listen: &str, extra: &[&str]) -> Proc {
     let db = format!("sqlite://{}", db.display());
-    Proc::start(bin(), &["app", "--listen", "127.0.0.1:0", "--db", &db, "--workers", "8"])
+    let mut args = vec!["app", "--listen", listen, "--db", &db, "--workers", "8"];
+    args.extend_from_slice(extra);
+    Proc::start(bin(), &args)
 }
 
 /// A proxy config with its own data directory; `listener_extra` goes in the listener, `queue_extra` in the queue
@@ -357,4 +364,171 @@ async fn queue_bodies_in_flight_are_bounded_across_connections() {
     drop(stalled);
     let r = post_json(p.addr, "/orders", &[], r#"{"item":"book","qty":2}"#).await;
     assert_eq!(r.status, 202, "{:?}", r.body);
+}
+
+/// `nonstop queue --admin ADMIN ARGS...`: its exit code, stdout and stderr.
+fn queue_cli(admin: SocketAddr, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(bin()).arg("queue").args(args).args(["--admin", &admin.to_string()]).output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
+}
+
+async fn admin_post(admin: SocketAddr, path: &str) -> nonstop_testkit::Resp {
+    send(admin, Method::POST, path, &[], "").await.unwrap_or_else(|e| panic!("POST {path}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_and_nonstop_queue_show_read_a_request_by_the_id_its_client_got() {
+    let dir = TempDir::new("hostile-admin-key");
+    let db = dir.path().join("orders.db");
+    let app = app(&db);
+    let (p, admin) = serve(&config(dir.path(), "p", app.addr, "", &[]));
+    let (id, location) = accept(p.addr, 5).await;
+    let key = id.strip_prefix(&format!("{QUEUE}.")).unwrap().to_string();
+    settled(p.addr, &location).await;
+    // By the client's id, with or without the queue's name, in either case: the whole record, number and key.
+    for given in [id.clone(), key.clone(), id.to_ascii_uppercase().replacen(&QUEUE.to_ascii_uppercase(), QUEUE, 1)] {
+        let r = get(admin, &format!("/queues/{QUEUE}/requests/{given}")).await;
+        assert_eq!(r.status, 200, "{given}: {:?}", r.body);
+        let v = r.json();
+        assert_eq!((v["id"].as_str(), v["key"].as_str()), (Some(&*format!("{QUEUE}.1")), Some(&*id)), "{v}");
+        assert_eq!(v["status"], "done", "{v}");
+        let order: Value = serde_json::from_str(v["response"]["body"].as_str().unwrap()).unwrap();
+        assert_eq!(order["qty"], 5, "{v}");
+    }
+    // The number still reads it, bare or as QUEUE.N.
+    for given in ["1".to_string(), format!("{QUEUE}.1")] {
+        let r = get(admin, &format!("/queues/{QUEUE}/requests/{given}")).await;
+        assert_eq!((r.status, r.json()["key"].as_str()), (200, Some(&*id)), "{given}: {:?}", r.body);
+    }
+    // An unknown key is a 404 and a malformed id a 400, each naming the id.
+    let unknown = format!("{QUEUE}.{}", "ab".repeat(16));
+    let r = get(admin, &format!("/queues/{QUEUE}/requests/{unknown}")).await;
+    assert_eq!(r.status, 404, "{:?}", r.body);
+    assert!(r.json()["error"].as_str().unwrap().contains(&unknown), "{:?}", r.body);
+    for bad in
+        [format!("{QUEUE}.{}", "a".repeat(31)), format!("{QUEUE}.{}g", "a".repeat(31)), "x.1".into(), "+1".into()]
+    {
+        let r = get(admin, &format!("/queues/{QUEUE}/requests/{bad}")).await;
+        assert_eq!(r.status, 400, "{bad}: {:?}", r.body);
+        let error = r.json()["error"].as_str().unwrap().to_string();
+        assert!(error.contains(&bad) && error.contains("32 hex digits"), "{bad}: {error}");
+    }
+    // nonstop queue show takes the 202's id as well as the number.
+    for given in [&id, &format!("{QUEUE}.1")] {
+        let (code, out, err) = queue_cli(admin, &["show", given]);
+        assert_eq!(code, Some(0), "show {given}: {err}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!((v["id"].as_str(), v["key"].as_str()), (Some(&*format!("{QUEUE}.1")), Some(&*id)), "{v}");
+    }
+    let (code, _, err) = queue_cli(admin, &["show", &unknown]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("404") && err.contains(&unknown), "{err}");
+    for bad in ["nonsense", "orders.", "orders.1x", &format!("{QUEUE}.{}", "a".repeat(33)), "a/b.1"] {
+        let (code, _, err) = queue_cli(admin, &["show", bad]);
+        assert_eq!(code, Some(2), "{bad}: {err}");
+        assert!(err.contains(bad) && err.contains("QUEUE.N") && err.contains("QUEUE.KEY"), "{bad}: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_with_their_key_and_replayed_by_it() {
+    let dir = TempDir::new("hostile-dead-key");
+    let db = dir.path().join("orders.db");
+    let failing = app_on(&db, "127.0.0.1:0", &["--fail-rate", "1"]);
+    let backend = failing.addr;
+    let (p, admin) = serve(&config(dir.path(), "p", backend, "", &["attempts_max = 1"]));
+    let (first, first_at) = accept(p.addr, 1).await;
+    let (second, second_at) = accept(p.addr, 2).await;
+    for at in [&first_at, &second_at] {
+        assert_eq!(settled(p.addr, at).await["status"], "dead");
+    }
+    // The dead list shows each record's number and, beside it, the id its client got.
+    let r = get(admin, &format!("/queues/{QUEUE}/dead")).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let listed = r.json();
+    let pairs: Vec<(&str, &str)> = listed["dead"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["id"].as_str().unwrap_or("-"), d["key"].as_str().unwrap_or("-")))
+        .collect();
+    let (one, two) = (format!("{QUEUE}.1"), format!("{QUEUE}.2"));
+    assert_eq!(pairs, [(&*one, &*first), (&*two, &*second)], "{listed}");
+    let (code, out, err) = queue_cli(admin, &["dead", QUEUE]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains(&first) && out.contains(&second), "{out}");
+    // The backend is fixed; one dead letter is replayed by its key on the admin API, the other with nonstop queue.
+    drop(failing);
+    let fixed = app_on(&db, &backend.to_string(), &[]);
+    let r = admin_post(admin, &format!("/queues/{QUEUE}/dead/{first}/replay")).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!((r.json()["id"].as_str(), r.json()["key"].as_str()), (Some(&*one), Some(&*first)), "{:?}", r.body);
+    let (code, out, err) = queue_cli(admin, &["replay", &second]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    for at in [&first_at, &second_at] {
+        let s = settled(p.addr, at).await;
+        assert_eq!((s["status"].as_str(), s["response"]["status"].as_u64()), (Some("done"), Some(201)), "{s}");
+    }
+    assert_eq!(get(fixed.addr, "/orders/count").await.json()["count"], 2);
+    // A request that is no dead letter any more is a 409, and an unknown key a 404, each naming the id.
+    let r = admin_post(admin, &format!("/queues/{QUEUE}/dead/{first}/replay")).await;
+    assert_eq!(r.status, 409, "{:?}", r.body);
+    assert!(r.json()["error"].as_str().unwrap().contains(&first), "{:?}", r.body);
+    let unknown = format!("{QUEUE}.{}", "0".repeat(32));
+    let r = admin_post(admin, &format!("/queues/{QUEUE}/dead/{unknown}/replay")).await;
+    assert_eq!(r.status, 404, "{:?}", r.body);
+    assert!(r.json()["error"].as_str().unwrap().contains(&unknown), "{:?}", r.body);
+    let (code, _, err) = queue_cli(admin, &["replay", &second]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("409") && err.contains(&second), "{err}");
+}
+
+/// A server that answers its health checks and hangs up on every other request, unanswered.
+async fn hanging_up_server() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                if head.starts_with(b"GET /health") {
+                    let ok = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok";
+                    let _ = s.write_all(ok.as_bytes()).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_public_status_names_no_server_without_status_body() {
+    let dir = TempDir::new("hostile-status-error");
+    let backend = hanging_up_server().await;
+    let (plain, admin) = serve(&config(dir.path(), "plain", backend, "", &["attempts_max = 1"]));
+    let (open, _) = serve(&config(dir.path(), "open", backend, "", &["attempts_max = 1", "status_body = true"]));
+    let server = backend.to_string();
+    let (id, location) = accept(plain.addr, 1).await;
+    let s = settled(plain.addr, &location).await;
+    assert_eq!(s["status"], "dead", "{s}");
+    assert_eq!(s["error"], "no answer", "only the outcome's class: {s}");
+    assert!(!s.to_string().contains(&server) && !s.to_string().contains("127.0.0.1"), "{s}");
+    // The operator's record has the whole error, which names the server.
+    let r = get(admin, &format!("/queues/{QUEUE}/requests/{id}")).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let error = r.json()["error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains(&server), "{:?}", r.body);
+    // A queue with status_body = true shows it to the client too.
+    let (_, location) = accept(open.addr, 2).await;
+    let s = settled(open.addr, &location).await;
+    assert_eq!(s["status"], "dead", "{s}");
+    assert!(s["error"].as_str().unwrap_or_default().contains(&server), "{s}");
 }

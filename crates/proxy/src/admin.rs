@@ -511,9 +511,33 @@ fn queue_json(q: &Queue) -> Value {
     })
 }
 
+/// The number of the request an admin id names: its number (`QUEUE.N` or `N`, as the dead list shows it), or the
+/// id its client got (`QUEUE.KEY` or `KEY`, KEY being 32 hex digits), looked up by key. An unknown key is a 404, and
+/// anything else a 400, each naming the id.
 fn number_of(q: &Queue, raw: &str) -> Result<u64, AdminError> {
-    let n = raw.strip_prefix(&format!("{}.", q.name)).unwrap_or(raw);
-    n.parse().map_err(|_| err(StatusCode::BAD_REQUEST, format!("{raw:?} is not a request id like {}.42", q.name)))
+    let rest = raw.strip_prefix(&format!("{}.", q.name)).unwrap_or(raw);
+    if let Some(key) = nonstop_queue::Key::parse(&rest.to_ascii_lowercase()) {
+        return match q.store.number(key) {
+            Ok(Some(n)) => Ok(n),
+            Ok(None) => Err(missing(q, raw)),
+            Err(e) => Err(err(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+        };
+    }
+    match rest.parse() {
+        Ok(n) if rest.bytes().all(|b| b.is_ascii_digit()) => Ok(n),
+        _ => Err(err(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{raw:?} is not a request id of queue {name:?}: give its number ({name}.42, as the dead list shows \
+                 it) or the id its client got ({name}.KEY, KEY being 32 hex digits)",
+                name = q.name
+            ),
+        )),
+    }
+}
+
+fn missing(q: &Queue, id: &str) -> AdminError {
+    err(StatusCode::NOT_FOUND, format!("no request {id:?} in queue {:?}", q.name))
 }
 
 fn limit_of(query: &str) -> usize {
@@ -532,19 +556,31 @@ async fn queue_call(q: &Queue, m: Method, rest: &[&str], query: &str) -> Result<
             let n = number_of(q, id)?;
             match q.status_json(n).map_err(store_err)? {
                 Some(v) => reply(StatusCode::OK, v),
-                None => fail(StatusCode::NOT_FOUND, format!("no request {id} in queue {:?}", q.name)),
+                None => return Err(missing(q, id)),
             }
         }
         (Method::GET, ["dead"]) => {
             let dead = q.store.dead(limit_of(query)).map_err(store_err)?;
-            let items: Vec<Value> =
-                dead.iter().map(|(n, s)| crate::queued::status_json(&q.public_id(*n), &q.name, s, false)).collect();
+            let items: Vec<Value> = dead
+                .iter()
+                .map(|(n, s)| {
+                    let mut v = crate::queued::status_json(&q.public_id(*n), &q.name, s, false);
+                    v["key"] = q.key_id(*n).into();
+                    v
+                })
+                .collect();
             reply(StatusCode::OK, json!({ "queue": q.name, "dead": items }))
         }
         (Method::POST, ["dead", id, "replay"]) => {
             let n = number_of(q, id)?;
-            q.replay(n).await.map_err(store_err)?;
-            reply(StatusCode::OK, json!({ "id": q.public_id(n), "status": "queued" }))
+            q.replay(n).await.map_err(|e| match e {
+                nonstop_queue::StoreError::Missing(_) => missing(q, id),
+                nonstop_queue::StoreError::NotDead(_) => {
+                    err(StatusCode::CONFLICT, format!("request {id:?} of queue {:?} is not a dead letter", q.name))
+                }
+                e => store_err(e),
+            })?;
+            reply(StatusCode::OK, json!({ "id": q.public_id(n), "key": q.key_id(n), "status": "queued" }))
         }
         (Method::POST, ["purge"]) => {
             let purged = q.purge().await.map_err(store_err)?;

@@ -197,7 +197,8 @@ impl Queue {
 
     /// The client's id of request `n`. A request stored before requests had keys keeps the id it was delivered
     /// with then (`QUEUE.N`, or `QUEUE.N@NODE` with RabbitMQ), so that its deliveries are still deduplicated.
-    fn key_id(&self, n: u64) -> String {
+    /// The admin API shows it as `key`.
+    pub fn key_id(&self, n: u64) -> String {
         match self.store.key(n) {
             Ok(Some(key)) => self.client_id(key),
             Ok(None) | Err(_) => match self.rabbit {
@@ -387,8 +388,9 @@ impl Queue {
     }
 
     /// The client's view of the request whose client id is `QUEUE.KEY` (`key` is the part after the dot): without
-    /// the answer's body unless the queue has `status_body = true`. `None` for anything that is not the key of a
-    /// request of this queue (sequence numbers included).
+    /// the answer's body, and with [`NO_ANSWER`] for the last delivery's error (whose text can name a server's
+    /// address), unless the queue has `status_body = true`. `None` for anything that is not the key of a request
+    /// of this queue (sequence numbers included).
     pub fn public_status(&self, key: &str) -> Result<Option<Value>, StoreError> {
         let Some(n) = self.number_of_key(key)? else { return Ok(None) };
         let Some(s) = self.store.status(n)? else { return Ok(None) };
@@ -397,10 +399,17 @@ impl Queue {
             if let Some(response) = v.get_mut("response").and_then(Value::as_object_mut) {
                 response.remove("body");
             }
+            if let Some(error) = v.get_mut("error") {
+                *error = NO_ANSWER.into();
+            }
         }
         Ok(Some(v))
     }
 }
+
+/// The public status's `error` without `status_body`: the class of the last delivery's outcome (no answer from
+/// the service: a connect error, a timeout, a reset, or no server to send it to), for its text names servers.
+pub const NO_ANSWER: &str = "no answer";
 
 pub fn status_json(id: &str, queue: &str, s: &Status, delivering: bool) -> Value {
     let state = if s.state == State::Queued && delivering { "delivering" } else { s.state.name() };
