@@ -131,7 +131,7 @@ keys! {
     "queues.NAME" "attempts_max": "integer" = "10", "Deliveries of one request at most; after the last failure it is a dead letter.";
     "queues.NAME" "backoff_base_ms": "integer" = "500", "Wait after the first failed delivery; it doubles with each failure (half of it random).";
     "queues.NAME" "backoff_max_ms": "integer" = "60000", "Longest wait between two deliveries of one request.";
-    "queues.NAME" "status_body": "boolean" = "false", "Whether the public status (GET /_nonstop/requests/{id}) shows the service's answer body. Off: only its status code; the whole record is on the admin API (nonstop queue show QUEUE.N).";
+    "queues.NAME" "status_body": "boolean" = "false", "Whether the public status (GET /_nonstop/requests/{id}) shows the service's answer body and the last delivery's error text (which can name a server). Off: only its status code, and \"no answer\" for an error; the whole record is on the admin API (nonstop queue show QUEUE.KEY or QUEUE.N).";
     "queues.NAME" "body_bytes_in_flight_max": "integer" = "67108864", "Bytes of request bodies being received for this queue at once, across all connections, at most (a declared Content-Length is counted before any byte is read); past it, 503 with Retry-After. At least the body_bytes_max of every route using the queue. A body must arrive within its listener's header_read_timeout_ms, or 408.";
 
     "admin" "listen": "address" = "\"127.0.0.1:9900\"", "Address of the admin API.";

@@ -190,7 +190,8 @@ struct QueueArgs {
 enum QueueAction {
     /// Every queue: depth, age of the oldest request, deliveries, retries, dead letters, commits.
     List,
-    /// One request's status, by its id (QUEUE.N, as in the 202's Location).
+    /// One request's whole record, by the id its client got (QUEUE.KEY, as in the 202's Location) or its number
+    /// (QUEUE.N).
     Show { id: String },
     /// The dead letters of a queue.
     Dead {
@@ -198,7 +199,7 @@ enum QueueAction {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
-    /// Queue a dead letter again, by its id (QUEUE.N).
+    /// Queue a dead letter again, by its client's id (QUEUE.KEY) or its number (QUEUE.N).
     Replay { id: String },
     /// Delete every dead letter of a queue.
     Purge { queue: String },
