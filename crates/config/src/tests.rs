@@ -373,3 +373,11 @@ fn a_docker_app_section_is_typed_and_its_errors_carry_lines() {
     let errs = Config::parse(&process_with_image).unwrap_err().to_string();
     assert!(errs.contains("line 8: services.a.app.image: only the docker driver takes this key"), "{errs}");
 }
+
+#[test]
+fn the_docker_example_is_accepted() {
+    let c = Config::parse(include_str!("../../../examples/docker.toml")).unwrap();
+    let app = c.services["app"].app.as_ref().unwrap();
+    let AppDriver::Docker(d) = &app.driver else { panic!("examples/docker.toml uses the docker driver") };
+    assert_eq!((d.image.as_str(), d.container_port, app.count), ("nonstop-app:{version}", 9001, 3));
+}

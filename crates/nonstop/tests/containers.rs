@@ -127,6 +127,7 @@ struct Rig {
     admin: String,
     _leftovers: Leftovers,
     dir: nonstop_testkit::TempDir,
+    config: std::path::PathBuf,
 }
 
 impl Rig {
@@ -158,9 +159,8 @@ impl Rig {
         std::fs::write(dir.path().join("orders.toml"), ORDERS).unwrap();
         let check = std::process::Command::new(bin()).args(["check", "--config"]).arg(&path).output().unwrap();
         assert!(check.status.success(), "nonstop check: {}", text(&check));
-        let proxy = nonstop_testkit::Proc::start(bin(), &["serve", "--config", path.to_str().unwrap()]);
-        let admin = proxy.addr_after("admin").expect("serve names its admin address").to_string();
-        let rig = Rig { proxy, admin, _leftovers: leftovers, dir };
+        let (proxy, admin) = serve(&path);
+        let rig = Rig { proxy, admin, _leftovers: leftovers, dir, config: path };
         rig.wait_serving(3, first);
         rig
     }
@@ -265,6 +265,12 @@ impl Rig {
     }
 }
 
+fn serve(config: &Path) -> (nonstop_testkit::Proc, String) {
+    let proxy = nonstop_testkit::Proc::start(bin(), &["serve", "--config", config.to_str().unwrap()]);
+    let admin = proxy.addr_after("admin").expect("serve names its admin address").to_string();
+    (proxy, admin)
+}
+
 fn n(v: &serde_json::Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
 }
@@ -351,6 +357,20 @@ fn docker_kill_of_a_serving_container_under_load_fails_nothing_and_it_is_restart
     rig.assert_no_failures(&orders);
     rig.assert_orders_stored_once(&orders);
     rig.wait_serving(3, &v1);
+
+    // A proxy killed with SIGKILL cannot stop its containers; the next one with the same state directory removes
+    // them before it starts its own.
+    let before = rig._leftovers.ids();
+    assert_eq!(before.len(), 3, "three containers run: {before:?}");
+    rig.proxy.signal(libc::SIGKILL);
+    assert!(rig.proxy.wait_exit(Duration::from_secs(10)).is_some(), "the proxy died");
+    assert_eq!(rig._leftovers.ids().len(), 3, "its containers outlive it");
+    let (proxy, admin) = serve(&rig.config);
+    (rig.proxy, rig.admin) = (proxy, admin);
+    rig.wait_serving(3, &v1);
+    let after = rig._leftovers.ids();
+    assert_eq!(after.len(), 3, "three containers, not six: {after:?}");
+    assert!(after.iter().all(|id| !before.contains(id)), "the old ones were removed: {before:?} -> {after:?}");
     rig.shut_down();
 }
 
