@@ -404,5 +404,24 @@ fn an_image_whose_app_exits_at_start_rolls_back_with_no_failed_request_and_v1_se
     // The failed version's container is removed, not kept.
     assert_eq!(docker(&["ps", "-a", "-q", "--filter", &format!("label=nonstop.version={bad}")]), "");
     rig.assert_orders_stored_once(&orders);
+
+    // A reload cannot switch the service to the process driver under its running containers.
+    let config = std::fs::read_to_string(&rig.config).unwrap();
+    let start = config.find("driver = \"docker\"").unwrap();
+    let end = start + config[start..].find("ports = ").unwrap();
+    let process = format!("{}command = \"true\"\n{}", &config[..start], &config[end..]);
+    std::fs::write(&rig.config, process).unwrap();
+    let admin: std::net::SocketAddr = rig.admin.parse().unwrap();
+    let r = tokio::runtime::Runtime::new().unwrap().block_on(nonstop_testkit::send(
+        admin,
+        nonstop_testkit::Method::POST,
+        "/config/reload",
+        &[],
+        "",
+    ));
+    let r = r.unwrap();
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    assert!(r.json()["error"].as_str().unwrap_or("").contains("change their driver"), "{:?}", r.body);
+    rig.wait_serving(3, &v1);
     rig.shut_down();
 }
