@@ -111,6 +111,9 @@ pub struct Service {
 /// How to run and deploy the instances of a service (`[services.NAME.app]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct App {
+    /// How instances run.
+    pub driver: AppDriver,
+    /// The process driver's command (empty with the docker driver).
     pub command: String,
     pub version: String,
     pub env: Vec<(String, String)>,
@@ -137,6 +140,53 @@ pub struct App {
     pub stop_grace: Duration,
     pub restart_backoff_base: Duration,
     pub restart_backoff_max: Duration,
+}
+
+/// How the instances of an app service run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppDriver {
+    /// Child processes of the proxy, from `command`.
+    Process,
+    /// Containers on the local Docker engine.
+    Docker(DockerApp),
+}
+
+impl AppDriver {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            AppDriver::Process => "process",
+            AppDriver::Docker(_) => "docker",
+        }
+    }
+}
+
+/// The docker driver's part of an app section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DockerApp {
+    /// With `{version}` still in it.
+    pub image: String,
+    pub args: Vec<String>,
+    pub container_port: u16,
+    /// `HOST:CONTAINER[:ro]`, both absolute.
+    pub volumes: Vec<String>,
+    pub labels: Vec<(String, String)>,
+    /// Replaced versions whose stopped containers are kept (at least 1).
+    pub keep_versions: u32,
+}
+
+/// Checks a bind mount: `HOST:CONTAINER` or `HOST:CONTAINER:ro`/`:rw`, both absolute paths.
+pub fn check_volume(v: &str) -> Result<(), String> {
+    let parts: Vec<&str> = v.split(':').collect();
+    let ok = match parts.as_slice() {
+        [h, c] => h.starts_with('/') && c.starts_with('/'),
+        [h, c, mode] => h.starts_with('/') && c.starts_with('/') && (*mode == "ro" || *mode == "rw"),
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{v:?}: expected \"/host/dir:/container/dir\" (absolute paths), optionally with \":ro\""))
+    }
 }
 
 /// How a deploy moves traffic from the old version to the new one.
@@ -695,13 +745,39 @@ fn parse_service(cx: &Cx, name: String, t: Table<'_, '_>) -> Option<Service> {
 }
 
 fn parse_app(t: Table<'_, '_>) -> Option<App> {
-    let command = t.string("command");
-    if command.is_none() && !t.has("command") {
-        t.required("command");
-    }
-    if command.as_deref().is_some_and(|c| c.trim().is_empty()) {
-        t.invalid("command", "must not be empty");
-    }
+    let driver = t.string("driver").and_then(|d| match d.as_str() {
+        "process" | "docker" => Some(d),
+        other => {
+            t.invalid("driver", format!("{other:?}: expected \"process\" or \"docker\""));
+            None
+        }
+    });
+    let docker_only = ["image", "args", "container_port", "volumes", "labels", "keep_versions"];
+    let (command, driver) = match driver.as_deref() {
+        Some("docker") => {
+            for k in ["command", "dir"] {
+                if t.has(k) {
+                    t.invalid(k, "the docker driver runs image with args; command and dir are the process driver's");
+                }
+            }
+            (Some(String::new()), parse_docker(&t).map(AppDriver::Docker))
+        }
+        d => {
+            for k in docker_only {
+                if t.has(k) {
+                    t.invalid(k, "only the docker driver takes this key (set driver = \"docker\")");
+                }
+            }
+            let command = t.string("command");
+            if command.is_none() && !t.has("command") {
+                t.required("command");
+            }
+            if command.as_deref().is_some_and(|c| c.trim().is_empty()) {
+                t.invalid("command", "must not be empty");
+            }
+            (command, d.map(|_| AppDriver::Process))
+        }
+    };
     let version = t.string("version").and_then(|v| match check_version(&v) {
         Ok(()) => Some(v),
         Err(e) => {
@@ -768,6 +844,7 @@ fn parse_app(t: Table<'_, '_>) -> Option<App> {
     }
     t.finish();
     Some(App {
+        driver: driver?,
         command: command?,
         version: version?,
         env: env?,
@@ -792,6 +869,45 @@ fn parse_app(t: Table<'_, '_>) -> Option<App> {
         stop_grace: stop_grace?,
         restart_backoff_base: restart_backoff_base?,
         restart_backoff_max: restart_backoff_max?,
+    })
+}
+
+/// The docker driver's keys of an app section.
+fn parse_docker(t: &Table<'_, '_>) -> Option<DockerApp> {
+    let image = t.string("image");
+    if image.is_none() && !t.has("image") {
+        t.required("image");
+    }
+    let image = image.and_then(|i| {
+        // The image reference once {version} is filled: Docker's own check does the rest at the first start.
+        let sample = i.replace("{version}", "v1");
+        if sample.is_empty() || sample.chars().any(|c| c.is_whitespace() || c.is_control()) || sample.starts_with('-') {
+            t.invalid("image", format!("{i:?} is not an image reference such as \"nonstop-app:{{version}}\""));
+            None
+        } else {
+            Some(i)
+        }
+    });
+    let args = t.strings("args");
+    let container_port = t.int_in("container_port", 1, 65535);
+    let volumes = t.strings("volumes").and_then(|vs| {
+        let bad: Vec<String> = vs.iter().filter_map(|v| check_volume(v).err()).collect();
+        if bad.is_empty() {
+            Some(vs)
+        } else {
+            t.invalid("volumes", bad.join("; "));
+            None
+        }
+    });
+    let labels = t.string_map("labels");
+    let keep_versions = t.int_in("keep_versions", 1, 100);
+    Some(DockerApp {
+        labels: labels?,
+        image: image?,
+        args: args?,
+        container_port: container_port? as u16,
+        volumes: volumes?,
+        keep_versions: keep_versions? as u32,
     })
 }
 

@@ -327,3 +327,57 @@ fn queue_status_body_and_body_bytes_in_flight_have_defaults_and_are_checked() {
     let errs = Config::parse(&format!("{base}body_bytes_in_flight_max = 0\n")).unwrap_err().0;
     assert_eq!(errs[0].path, "queues.q.body_bytes_in_flight_max", "{errs:#?}");
 }
+
+#[test]
+fn a_docker_app_section_is_typed_and_its_errors_carry_lines() {
+    let base = "[[listeners]]\nlisten = \"127.0.0.1:1\"\n[[routes]]\nservice = \"a\"\n[services.a.app]\n";
+    let ok = format!(
+        "{base}driver = \"docker\"\nimage = \"nonstop-app:{{version}}\"\nports = \"9101-9106\"\n\
+         volumes = [\"/srv/data:/data\"]\nargs = [\"app\", \"--workers\", \"8\"]\n"
+    );
+    let c = Config::parse(&ok).unwrap();
+    let app = c.services["a"].app.as_ref().unwrap();
+    assert_eq!(app.driver.as_str(), "docker");
+    let AppDriver::Docker(d) = &app.driver else { panic!("a docker driver: {:?}", app.driver) };
+    assert_eq!(d.image, "nonstop-app:{version}");
+    assert_eq!((d.container_port, d.keep_versions), (9001, 2));
+    assert_eq!(d.volumes, ["/srv/data:/data"]);
+    assert_eq!(d.args, ["app", "--workers", "8"]);
+    assert!(app.command.is_empty());
+
+    // Defaults: the process driver.
+    let plain = format!("{base}command = \"x\"\nports = \"9101-9106\"\n");
+    assert_eq!(Config::parse(&plain).unwrap().services["a"].app.as_ref().unwrap().driver, AppDriver::Process);
+
+    let bad = format!(
+        "{base}driver = \"docker\"\nports = \"9101-9106\"\ncommand = \"x\"\ncontainer_port = 0\n\
+         volumes = [\"data:/data\"]\nkeep_versions = 0\nimage_tag = \"v1\"\n"
+    );
+    let errs = Config::parse(&bad).unwrap_err().to_string();
+    for want in [
+        "line 5: services.a.app.image: is required",
+        "line 8: services.a.app.command: the docker driver runs image with args",
+        "line 9: services.a.app.container_port: 0 is out of range 1..=65535",
+        "line 10: services.a.app.volumes: \"data:/data\": expected",
+        "line 11: services.a.app.keep_versions: 0 is out of range",
+        "line 12: services.a.app.image_tag: unknown key",
+    ] {
+        assert!(errs.contains(want), "missing {want:?} in:\n{errs}");
+    }
+
+    let wrong =
+        format!("{base}driver = \"podman\"\ncommand = \"x\"\nports = \"9101-9106\"\nimage = \"nonstop-app:v1\"\n");
+    let errs = Config::parse(&wrong).unwrap_err().to_string();
+    assert!(errs.contains("line 6: services.a.app.driver: \"podman\": expected \"process\" or \"docker\""), "{errs}");
+    let process_with_image = format!("{base}command = \"x\"\nports = \"9101-9106\"\nimage = \"nonstop-app:v1\"\n");
+    let errs = Config::parse(&process_with_image).unwrap_err().to_string();
+    assert!(errs.contains("line 8: services.a.app.image: only the docker driver takes this key"), "{errs}");
+}
+
+#[test]
+fn the_docker_example_is_accepted() {
+    let c = Config::parse(include_str!("../../../examples/docker.toml")).unwrap();
+    let app = c.services["app"].app.as_ref().unwrap();
+    let AppDriver::Docker(d) = &app.driver else { panic!("examples/docker.toml uses the docker driver") };
+    assert_eq!((d.image.as_str(), d.container_port, app.count), ("nonstop-app:{version}", 9001, 3));
+}

@@ -1,9 +1,16 @@
 //! Drivers start and stop one instance of an app. The local-process driver runs the command with `sh -c exec`;
-//! SSH hosts and Docker containers are further implementations of the same trait.
+//! the Docker driver ([`crate::docker`]) runs a container; SSH hosts would be a further implementation.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::time::Duration;
+
+use nonstop_config::DockerApp;
+
+/// A future a driver returns, boxed (the trait is object safe).
+pub type Pending<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 /// What one instance runs: the command with its placeholders already replaced.
 #[derive(Debug, Clone)]
@@ -13,6 +20,16 @@ pub struct Launch {
     pub dir: Option<PathBuf>,
     /// Where its standard output and error go (appended); `None` discards them.
     pub log: Option<PathBuf>,
+    /// Who it is: the docker driver names, labels and publishes the container from these.
+    pub service: String,
+    pub version: String,
+    pub instance: u64,
+    /// Where the proxy reaches it (127.0.0.1 and the port the deployer chose).
+    pub addr: SocketAddr,
+    /// How long a stop may take before SIGKILL.
+    pub stop_grace: Duration,
+    /// The docker driver's part of the app section, with `{version}` and `{instance}` filled in.
+    pub container: Option<DockerApp>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +38,8 @@ pub enum DriverError {
     Log(PathBuf, std::io::Error),
     #[error("cannot start {command:?}: {source}")]
     Spawn { command: String, source: std::io::Error },
+    #[error("the docker driver needs the app section's image")]
+    NoImage,
 }
 
 /// A running instance.
@@ -33,10 +52,26 @@ pub trait Process: Send {
     fn kill(&self);
     /// Resolves when it exited, with how (for example "exit status 1" or "killed by signal 9").
     fn wait(&mut self) -> Pin<Box<dyn Future<Output = String> + Send + '_>>;
+    /// The container's name, for a driver that runs containers.
+    fn container(&self) -> Option<String> {
+        None
+    }
 }
 
 pub trait Driver: Send + Sync {
+    /// "process", "docker": shown by `nonstop status`.
+    fn kind(&self) -> &'static str;
     fn start(&self, launch: &Launch) -> Result<Box<dyn Process>, DriverError>;
+    /// Instances of `version` were stopped for good; `containers` are their [`Process::container`] names.
+    /// `replaced_by`: the version a successful deploy put in its place, so what they leave behind may be kept
+    /// (within the driver's limit); `None` (a failed deploy's instances, a shutdown): it is removed.
+    fn retired(&self, _version: &str, _containers: Vec<String>, _replaced_by: Option<&str>) -> Pending<'_> {
+        Box::pin(async {})
+    }
+    /// The proxy shuts down, every instance is stopped: remove whatever is left.
+    fn shutdown(&self) -> Pending<'_> {
+        Box::pin(async {})
+    }
 }
 
 /// Runs instances as child processes of the proxy.
@@ -48,6 +83,10 @@ struct LocalProcess {
 }
 
 impl Driver for LocalDriver {
+    fn kind(&self) -> &'static str {
+        "process"
+    }
+
     fn start(&self, launch: &Launch) -> Result<Box<dyn Process>, DriverError> {
         let mut cmd = tokio::process::Command::new("sh");
         cmd.arg("-c").arg(format!("exec {}", launch.command));
@@ -56,17 +95,8 @@ impl Driver for LocalDriver {
             cmd.current_dir(d);
         }
         cmd.stdin(std::process::Stdio::null());
-        match &launch.log {
-            Some(path) => {
-                let open = || std::fs::OpenOptions::new().create(true).append(true).open(path);
-                let out = open().map_err(|e| DriverError::Log(path.clone(), e))?;
-                let err = out.try_clone().map_err(|e| DriverError::Log(path.clone(), e))?;
-                cmd.stdout(out).stderr(err);
-            }
-            None => {
-                cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
-            }
-        }
+        let (out, err) = output(&launch.log)?;
+        cmd.stdout(out).stderr(err);
         cmd.kill_on_drop(true);
         // SAFETY: prctl and getppid are async-signal-safe; the closure allocates nothing.
         unsafe {
@@ -105,6 +135,23 @@ impl Process for LocalProcess {
     }
 }
 
+/// Standard output and error for an instance: appended to its log, or discarded.
+pub(crate) fn output(log: &Option<PathBuf>) -> Result<(std::process::Stdio, std::process::Stdio), DriverError> {
+    use std::process::Stdio;
+    match log {
+        Some(path) => {
+            let out = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| DriverError::Log(path.clone(), e))?;
+            let err = out.try_clone().map_err(|e| DriverError::Log(path.clone(), e))?;
+            Ok((Stdio::from(out), Stdio::from(err)))
+        }
+        None => Ok((Stdio::null(), Stdio::null())),
+    }
+}
+
 fn signal(pid: u32, sig: libc::c_int) {
     if pid > 0 {
         // SAFETY: kill has no memory effects; the pid is our own child's (reaped only by wait).
@@ -114,7 +161,7 @@ fn signal(pid: u32, sig: libc::c_int) {
     }
 }
 
-fn describe(status: std::process::ExitStatus) -> String {
+pub(crate) fn describe(status: std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exit status {code}"),

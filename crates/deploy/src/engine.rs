@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use nonstop_config::{App, Strategy};
+use nonstop_config::{App, AppDriver, DockerApp, Strategy};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, watch};
@@ -62,6 +62,8 @@ pub struct Instance {
     /// Its role: starting, serving, trial, standby, draining, stopping, stopped.
     state: Mutex<&'static str>,
     pid: AtomicU32,
+    /// The container it runs in, for a driver that runs containers.
+    container: Mutex<Option<String>>,
     alive: AtomicBool,
     restarts: AtomicU32,
     /// Counts exits that were not asked for.
@@ -189,6 +191,11 @@ fn addrs(list: &[Arc<Instance>]) -> Vec<SocketAddr> {
     list.iter().map(|i| i.addr).collect()
 }
 
+/// The containers of these instances (none for the process driver).
+fn containers(list: &[Arc<Instance>]) -> Vec<String> {
+    list.iter().filter_map(|i| i.container.lock().expect("instance lock").clone()).collect()
+}
+
 impl Deployer {
     /// A deployer for `service`, whose tasks run on `rt`. It starts nothing until [`Deployer::boot`].
     pub fn new(
@@ -290,6 +297,7 @@ impl Deployer {
             env: env.to_vec(),
             state: Mutex::new("starting"),
             pid: AtomicU32::new(0),
+            container: Mutex::new(None),
             alive: AtomicBool::new(false),
             restarts: AtomicU32::new(0),
             crashes: watch::channel(0).0,
@@ -311,8 +319,18 @@ impl Deployer {
                 .replace("{version}", &inst.version)
                 .replace("{instance}", &format!("{}-{}", self.service, inst.id))
         };
+        let container = match &spec.driver {
+            AppDriver::Process => None,
+            AppDriver::Docker(d) => Some(DockerApp {
+                image: d.image.replace("{version}", &inst.version),
+                args: d.args.iter().map(|a| fill(a)).collect(),
+                ..d.clone()
+            }),
+        };
+        // Inside a container the app listens on the container port; the instance's port is the host's side.
+        let port = container.as_ref().map_or(inst.addr.port(), |c| c.container_port);
         let mut env: Vec<(String, String)> = vec![
-            ("PORT".into(), inst.addr.port().to_string()),
+            ("PORT".into(), port.to_string()),
             ("NONSTOP_VERSION".into(), inst.version.clone()),
             ("NONSTOP_INSTANCE".into(), format!("{}-{}", self.service, inst.id)),
         ];
@@ -322,6 +340,12 @@ impl Deployer {
             env,
             dir: spec.dir.clone(),
             log: Some(self.log_dir.join(format!("{}-{}.log", self.service, inst.id))),
+            service: self.service.clone(),
+            version: inst.version.clone(),
+            instance: inst.id,
+            addr: inst.addr,
+            stop_grace: spec.stop_grace,
+            container,
         }
     }
 
@@ -339,6 +363,7 @@ impl Deployer {
                 Err(e) => e.to_string(),
                 Ok(mut proc) => {
                     inst.pid.store(proc.id(), Relaxed);
+                    *inst.container.lock().expect("instance lock") = proc.container();
                     inst.alive.store(true, Relaxed);
                     tracing::info!(service = %self.service, instance = inst.id, version = %inst.version, addr = %inst.addr, pid = proc.id(), "instance started");
                     let outcome = tokio::select! {
@@ -416,6 +441,9 @@ impl Deployer {
             abort.send_replace(Some("the proxy is shutting down".into()));
         }
         self.stop_instances(&all).await;
+        let version = self.lock().version.clone();
+        self.driver.retired(&version, containers(&all), None).await;
+        self.driver.shutdown().await;
     }
 
     /// Starts a deploy; its progress follows on the returned receiver.
@@ -789,6 +817,7 @@ impl Deployer {
             g.env = ctx.env.clone();
         }
         self.retire(ctx, ctx.old.clone()).await;
+        self.driver.retired(&ctx.from_version, containers(&ctx.old), Some(&ctx.version)).await;
     }
 
     /// The new version failed: traffic goes back to the old instances (warm), and the new ones are stopped.
@@ -806,6 +835,7 @@ impl Deployer {
             format!("traffic is back on the {} old instances of {}", ctx.old.len(), ctx.from_version),
         );
         self.retire(ctx, ctx.new.clone()).await;
+        self.driver.retired(&ctx.version, containers(&ctx.new), None).await;
     }
 
     /// Drains instances (bounded by drain_timeout), stops them and takes them out of the pool.
@@ -840,6 +870,8 @@ impl Deployer {
                     "addr": i.addr.to_string(),
                     "state": i.state(),
                     "pid": i.pid.load(Relaxed),
+                    "driver": self.driver.kind(),
+                    "container": i.container.lock().expect("instance lock").clone(),
                     "running": i.alive.load(Relaxed),
                     "healthy": self.traffic.healthy(i.addr),
                     "in_flight": self.traffic.in_flight(i.addr),

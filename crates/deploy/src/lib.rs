@@ -5,6 +5,7 @@
 //! The decisions are pure ([`plan`], [`analysis`], [`restart`]); [`Deployer`] is the I/O shell around them.
 
 pub mod analysis;
+pub mod docker;
 pub mod driver;
 mod engine;
 pub mod history;

@@ -157,8 +157,8 @@ pub fn status(a: StatusArgs) -> ExitCode {
     for s in services {
         println!("service {}  version {}", s["service"].as_str().unwrap_or("?"), s["version"].as_str().unwrap_or("?"));
         println!(
-            "  {:>4}  {:<10} {:<16} {:<9} {:<8} {:>9} {:>8} {:>8}",
-            "id", "version", "addr", "state", "healthy", "in_flight", "restarts", "pid"
+            "  {:>4}  {:<10} {:<16} {:<9} {:<8} {:>9} {:>8} {:>8}  {:<8} container",
+            "id", "version", "addr", "state", "healthy", "in_flight", "restarts", "pid", "driver"
         );
         for i in s["instances"].as_array().cloned().unwrap_or_default() {
             let healthy = match i["healthy"].as_bool() {
@@ -167,7 +167,7 @@ pub fn status(a: StatusArgs) -> ExitCode {
                 None => "-",
             };
             println!(
-                "  {:>4}  {:<10} {:<16} {:<9} {:<8} {:>9} {:>8} {:>8}",
+                "  {:>4}  {:<10} {:<16} {:<9} {:<8} {:>9} {:>8} {:>8}  {:<8} {}",
                 i["id"].to_string(),
                 i["version"].as_str().unwrap_or(""),
                 i["addr"].as_str().unwrap_or(""),
@@ -175,7 +175,9 @@ pub fn status(a: StatusArgs) -> ExitCode {
                 healthy,
                 i["in_flight"].to_string(),
                 i["restarts"].to_string(),
-                i["pid"].to_string()
+                i["pid"].to_string(),
+                i["driver"].as_str().unwrap_or("-"),
+                i["container"].as_str().unwrap_or("-")
             );
         }
         match s["deploy"].as_object() {

@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use nonstop_config::Config;
+use nonstop_config::{AppDriver, Config};
 use nonstop_deploy::analysis::Sample;
-use nonstop_deploy::driver::LocalDriver;
+use nonstop_deploy::docker::DockerDriver;
+use nonstop_deploy::driver::{Driver, LocalDriver};
 use nonstop_deploy::history::History;
 use nonstop_deploy::{Change, Deployer, Traffic};
 
@@ -55,11 +56,16 @@ impl Apps {
         let mut deployers = BTreeMap::new();
         for svc in apps {
             let pool = snapshot.services[&svc.name].pool.clone();
+            let app = svc.app.clone().expect("an app service");
+            let driver: Arc<dyn Driver> = match app.driver {
+                AppDriver::Process => Arc::new(LocalDriver),
+                AppDriver::Docker(_) => Arc::new(DockerDriver::new(&svc.name, &config.state_dir)),
+            };
             let d = Deployer::new(
                 &svc.name,
-                svc.app.clone().expect("an app service"),
+                app,
                 Arc::new(PoolTraffic(pool)),
-                Arc::new(LocalDriver),
+                driver,
                 history.clone(),
                 config.state_dir.join("logs"),
                 rt.clone(),
@@ -82,8 +88,12 @@ impl Apps {
         }
     }
 
-    /// The names of the app services of a config (a reload may not change them).
-    pub fn names(config: &Config) -> Vec<&str> {
-        config.services.values().filter(|s| s.app.is_some()).map(|s| s.name.as_str()).collect()
+    /// The names of the app services of a config, each with its driver (a reload may not change them).
+    pub fn names(config: &Config) -> Vec<String> {
+        config
+            .services
+            .values()
+            .filter_map(|s| Some(format!("{} ({})", s.name, s.app.as_ref()?.driver.as_str())))
+            .collect()
     }
 }

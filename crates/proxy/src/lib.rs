@@ -85,7 +85,7 @@ pub enum StartError {
     Queue(String, nonstop_queue::StoreError),
     #[error("{0}")]
     State(nonstop_deploy::history::HistoryError),
-    #[error("reload cannot add or remove app sections (restart instead): {0:?} -> {1:?}")]
+    #[error("reload cannot add or remove app sections or change their driver (restart instead): {0:?} -> {1:?}")]
     AppsChanged(Vec<String>, Vec<String>),
 }
 
@@ -119,8 +119,7 @@ impl Shared {
         }
         let (was, now) = (apps::Apps::names(&old.config), apps::Apps::names(&config));
         if was != now {
-            let own = |v: Vec<&str>| v.into_iter().map(String::from).collect();
-            return Err(StartError::AppsChanged(own(was), own(now)));
+            return Err(StartError::AppsChanged(was, now));
         }
         self.apps.reconfigure(&config);
         self.snapshot.store(Arc::new(Snapshot::build(config, Some(&old))?));
