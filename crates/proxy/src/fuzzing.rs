@@ -82,11 +82,14 @@ pub fn chunked_body(data: &[u8]) {
 
 #[cfg(test)]
 mod tests {
+    /// A fuzz target's name and its check.
+    type Target = (&'static str, fn(&[u8]));
+
     /// The committed fuzz corpus (fuzz/corpus) passes the same checks in every test run, not only when fuzzing.
     #[test]
     fn the_fuzz_corpus_passes_its_checks() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus");
-        let targets: [(&str, fn(&[u8])); 3] = [
+        let targets: [Target; 3] = [
             ("h1_request", super::request_head),
             ("h1_response", super::response_head),
             ("chunked", super::chunked_body),
