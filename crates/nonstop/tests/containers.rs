@@ -200,24 +200,11 @@ impl Rig {
 
     /// `nonstop load` at `rate` requests/s for `seconds` of one scenario, on a thread; `join` gives its JSON.
     fn load(&self, scenario: &str, rate: u32, seconds: u32) -> std::thread::JoinHandle<serde_json::Value> {
-        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let k = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let json = self.dir.path().join(format!("load-{scenario}-{k}.json"));
-        let mut cmd = std::process::Command::new(bin());
-        cmd.arg("load")
-            .arg(format!("http://{}", self.proxy.addr))
-            .arg("--scenario")
-            .arg(self.dir.path().join(format!("{scenario}.toml")))
-            .args(["--rate", &rate.to_string(), "--duration", &format!("{seconds}s"), "--connections", "2000"])
-            .args(["--timeout", "30s", "--track-header", "X-Nonstop-Version", "--json"])
-            .arg(&json)
-            .env("RUST_LOG", "warn");
-        std::thread::spawn(move || {
-            let out = cmd.output().expect("run nonstop load");
-            let text = std::fs::read_to_string(&json)
-                .unwrap_or_else(|_| panic!("no JSON from nonstop load: {}", String::from_utf8_lossy(&out.stderr)));
-            serde_json::from_str(&text).expect("valid JSON")
-        })
+        let (rate, duration) = (rate.to_string(), format!("{seconds}s"));
+        let args = ["--rate", &rate, "--duration", &duration, "--connections", "2000", "--timeout", "30s"];
+        let scenario = self.dir.path().join(format!("{scenario}.toml"));
+        let args = [&args[..], &["--track-header", "X-Nonstop-Version"]].concat();
+        nonstop_testkit::run_load(bin(), self.proxy.addr, &scenario, &args, self.dir.path())
     }
 
     /// The versions that answered 100 GETs.

@@ -7,7 +7,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -94,24 +93,8 @@ impl Rig {
 
     /// Starts `nonstop load` against the proxy on a thread; `join` gives its JSON result.
     fn load(&self, args: &[&str]) -> std::thread::JoinHandle<Value> {
-        static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let json = self.dir.path().join(format!("load-{run}.json"));
-        let mut cmd = Command::new(bin());
-        cmd.arg("load")
-            .arg(format!("http://{}", self.proxy.addr))
-            .arg("--scenario")
-            .arg(self.dir.path().join("mix.toml"))
-            .args(["--timeout", "30s", "--json"])
-            .arg(&json)
-            .args(args)
-            .env("RUST_LOG", "warn");
-        std::thread::spawn(move || {
-            let out = cmd.output().expect("run nonstop load");
-            let text = std::fs::read_to_string(&json)
-                .unwrap_or_else(|_| panic!("no JSON from nonstop load: {}", String::from_utf8_lossy(&out.stderr)));
-            serde_json::from_str(&text).expect("valid JSON")
-        })
+        let args = [&["--timeout", "30s"][..], args].concat();
+        nonstop_testkit::run_load(bin(), self.proxy.addr, &self.dir.path().join("mix.toml"), &args, self.dir.path())
     }
 
     fn steady(&self, seconds: u64) -> std::thread::JoinHandle<Value> {

@@ -274,3 +274,29 @@ pub fn headless(dir: &TempDir, extra: &[&str], page: &Path) -> std::process::Out
         .output()
         .expect("run chromium")
 }
+
+/// Runs `BIN load http://ADDR --scenario SCENARIO ARGS --json FILE` on a thread (FILE: a fresh name in `dir`); `join`
+/// gives its JSON result. Lines of its log about timeouts are passed on, to explain a failure; a run that wrote no
+/// JSON panics with its log.
+pub fn run_load(
+    bin: &Path,
+    addr: SocketAddr,
+    scenario: &Path,
+    args: &[&str],
+    dir: &Path,
+) -> std::thread::JoinHandle<serde_json::Value> {
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
+    let json = dir.join(format!("load-{}.json", RUNS.fetch_add(1, Ordering::Relaxed)));
+    let mut cmd = Command::new(bin);
+    cmd.arg("load").arg(format!("http://{addr}")).arg("--scenario").arg(scenario).args(args);
+    cmd.arg("--json").arg(&json).env("RUST_LOG", "warn");
+    std::thread::spawn(move || {
+        let out = cmd.output().expect("run nonstop load");
+        let log = String::from_utf8_lossy(&out.stderr);
+        for line in log.lines().filter(|l| l.contains("timed out") || l.contains("timeout")) {
+            eprintln!("DIAG load: {line}");
+        }
+        let text = std::fs::read_to_string(&json).unwrap_or_else(|_| panic!("no JSON from nonstop load: {log}"));
+        serde_json::from_str(&text).expect("valid JSON")
+    })
+}
