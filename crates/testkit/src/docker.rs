@@ -52,6 +52,10 @@ pub struct Image {
 impl Image {
     pub fn build(bin: &Path, version: &str) -> Image {
         require_engine();
+        // One build at a time: two at once each make their own copy of a layer the other would have found in the
+        // build cache, and later builds then pick either copy as their parent.
+        static BUILDS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = BUILDS.lock().unwrap_or_else(|e| e.into_inner());
         let out = Command::new(repo_root().join("scripts/image"))
             .arg(version)
             .env("NONSTOP", bin)
