@@ -595,10 +595,10 @@ fn check(path: &std::path::Path) -> ExitCode {
 fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let source = match (&args.config, &args.listen) {
         (Some(path), _) => nonstop_proxy::ConfigSource::File(path.clone()),
-        (None, Some(listen)) => nonstop_proxy::ConfigSource::Fixed(
+        (None, Some(listen)) => nonstop_proxy::ConfigSource::Fixed(Box::new(
             nonstop_config::Config::quick(listen, &args.to, &args.balance, args.admin.as_deref())
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
-        ),
+        )),
         (None, None) => anyhow::bail!("give --config FILE, or quick mode: --listen ADDR --to ADDR [--to ADDR ...]"),
     };
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
