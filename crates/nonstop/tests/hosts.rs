@@ -173,3 +173,26 @@ fn hosts_are_checked_in_parallel_and_a_cut_link_costs_one_connect_timeout() {
     assert!(report.contains("1 of 3 hosts ok"), "{report}");
     assert!(elapsed < Duration::from_millis(2 * TIMEOUT_MS), "two dead hosts took {elapsed:?}:\n{report}");
 }
+
+#[test]
+fn a_host_that_does_not_authorize_nonstops_key_fails_the_check_and_an_unknown_name_is_refused() {
+    let dir = TempDir::new("hosts-auth");
+    let config = write_config(&dir, &[], 3000);
+    keys_init(&config);
+    // The host authorizes another key, not nonstop's.
+    let other = dir.path().join("other");
+    nonstop_testkit::sshd::run("ssh-keygen", &["-q", "-t", "ed25519", "-N", "", "-f", &other.display().to_string()]);
+    let host = SshHost::start(std::fs::read_to_string(other.with_extension("pub")).unwrap().trim());
+    let config = write_config(&dir, &[("web1", &host)], 3000);
+    let out = nonstop(&["hosts", "trust", "--all", "--config", &config]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = nonstop(&["hosts", "check", "--config", &config]);
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert!(head(&report, "web1").contains("authentication refused for user root"), "{report}");
+    assert!(report.contains("(pinned)"), "the key was pinned, so the handshake got to authentication: {report}");
+
+    let out = nonstop(&["hosts", "trust", "web9", "--config", &config]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("no host \"web9\"") && text(&out).contains("web1"), "{}", text(&out));
+}
