@@ -22,6 +22,62 @@ pub struct Config {
     pub admin: Option<Admin>,
     pub access_log: AccessLog,
     pub state_dir: PathBuf,
+    /// SSH hosts by name (`[hosts.NAME]`).
+    pub hosts: BTreeMap<String, Host>,
+}
+
+/// One SSH host (`[hosts.NAME]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    pub name: String,
+    /// The IP or name, without brackets.
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    /// The private key; `state_dir/ssh/id_ed25519` unless configured.
+    pub identity: PathBuf,
+    /// The release directory on the host, possibly starting with `~/`.
+    pub dir: String,
+    pub connect_timeout: Duration,
+    pub max_startups: u32,
+    pub max_sessions: u32,
+}
+
+/// The default SSH port.
+pub const SSH_PORT: u16 = 22;
+
+/// Splits `"IP or name:port"` into host and port (22 when absent). IPv6 with a port is bracketed: `[::1]:2222`.
+pub fn parse_host_address(raw: &str) -> Result<(String, u16), String> {
+    let bad = || format!("{raw:?}: expected \"IP or name:port\", such as \"10.0.0.5:22\" or \"web1.example.com\"");
+    let port_of = |p: &str| p.parse::<u16>().ok().filter(|&p| p > 0);
+    let (host, port) = if let Some(rest) = raw.strip_prefix('[') {
+        let (h, tail) = rest.split_once(']').ok_or_else(bad)?;
+        let port = match tail {
+            "" => SSH_PORT,
+            t => port_of(t.strip_prefix(':').ok_or_else(bad)?).ok_or_else(bad)?,
+        };
+        if h.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(bad());
+        }
+        (h.to_string(), port)
+    } else if raw.parse::<std::net::Ipv6Addr>().is_ok() {
+        (raw.to_string(), SSH_PORT)
+    } else {
+        match raw.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), port_of(p).ok_or_else(bad)?),
+            None => (raw.to_string(), SSH_PORT),
+        }
+    };
+    let name_ok = |h: &str| {
+        !h.is_empty()
+            && h.len() <= 253
+            && !h.starts_with('-')
+            && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_' || b == b':')
+    };
+    if !name_ok(&host) {
+        return Err(bad());
+    }
+    Ok((host, port))
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -503,6 +559,12 @@ fn parse_root(cx: &Cx, t: Table<'_, '_>) -> Option<Config> {
     let admin = t.table("admin", "admin").map(parse_admin);
     let access_log = parse_access_log(t.table("access_log", "access_log"));
     let state_dir = t.string("state_dir").map(PathBuf::from);
+    let mut hosts = BTreeMap::new();
+    for (name, table) in t.table_of_tables("hosts", "hosts.NAME") {
+        if let Some(h) = parse_host(name.clone(), table, state_dir.as_deref()) {
+            hosts.insert(name, h);
+        }
+    }
     let root_line = t.line();
     t.finish();
 
@@ -546,7 +608,64 @@ fn parse_root(cx: &Cx, t: Table<'_, '_>) -> Option<Config> {
             );
         }
     }
-    Some(Config { listeners, routes, services, queues, admin, access_log: access_log?, state_dir: state_dir? })
+    Some(Config { listeners, routes, services, queues, admin, access_log: access_log?, state_dir: state_dir?, hosts })
+}
+
+/// Whether `name` may name a host: 1 to 64 ASCII letters, digits, `_`, `-` and `.` (it is printed and typed on
+/// command lines).
+pub fn valid_host_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+}
+
+fn parse_host(name: String, t: Table<'_, '_>, state_dir: Option<&std::path::Path>) -> Option<Host> {
+    if !valid_host_name(&name) {
+        t.invalid_table(format!("{name:?} is not a host name: 1 to 64 characters of [A-Za-z0-9_.-]"));
+    }
+    if !t.has("address") {
+        t.required("address");
+    }
+    let address = t.string("address").and_then(|a| parse_host_address(&a).map_err(|e| t.invalid("address", e)).ok());
+    let user = t.string("user").and_then(|u| {
+        let ok = !u.is_empty() && u.len() <= 32 && u.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+        if ok {
+            Some(u)
+        } else {
+            t.invalid("user", format!("{u:?} is not a user name (letters, digits, '_', '-', '.')"));
+            None
+        }
+    });
+    let identity = t.string("identity").map(PathBuf::from);
+    if identity.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+        t.invalid("identity", "must not be empty");
+    }
+    let dir = t.string("dir").and_then(|d| {
+        if d.is_empty() || d.chars().any(|c| c.is_control()) {
+            t.invalid("dir", format!("{d:?} is not a directory path"));
+            None
+        } else {
+            Some(d)
+        }
+    });
+    let connect_timeout = t.ms_in("connect_timeout_ms", 1, 600_000);
+    let max_startups = t.int_in("max_startups", 1, 10_000);
+    let max_sessions = t.int_in("max_sessions", 1, 10_000);
+    t.finish();
+    let (host, port) = address?;
+    let identity = match identity {
+        Some(p) => p,
+        None => state_dir?.join("ssh").join("id_ed25519"),
+    };
+    Some(Host {
+        name,
+        host,
+        port,
+        user: user?,
+        identity,
+        dir: dir?,
+        connect_timeout: connect_timeout?,
+        max_startups: max_startups? as u32,
+        max_sessions: max_sessions? as u32,
+    })
 }
 
 fn parse_listener(t: Table<'_, '_>) -> Option<Listener> {

@@ -28,6 +28,7 @@ keys! {
     "" "admin": "table" = "", "The admin API. Absent: no admin API.";
     "" "state_dir": "path" = "\"./nonstop-state\"", "Where the proxy keeps what must outlive it: the deploy history (deploys.jsonl), each app service's current version, and the app instances' logs.";
     "" "access_log": "table" = "", "The JSON-lines access log.";
+    "" "hosts": "table of tables" = "", "SSH hosts by name, the machines the deployers reach over SSH (see docs/hosts.md). Their keys are pinned in state_dir/ssh/known_hosts by nonstop hosts trust; nonstop hosts check checks them all.";
 
     "listeners[]" "name" : "string" = "", "A name for logs and metrics [default: the address].";
     "listeners[]" "listen": "address" = "", "Address to accept clients on, such as \"127.0.0.1:8080\". Required.";
@@ -140,6 +141,14 @@ keys! {
     "queues.NAME" "backoff_max_ms": "integer" = "60000", "Longest wait between two deliveries of one request.";
     "queues.NAME" "status_body": "boolean" = "false", "Whether the public status (GET /_nonstop/requests/{id}) shows the service's answer body and the last delivery's error text (which can name a server). Off: only its status code, and \"no answer\" for an error; the whole record is on the admin API (nonstop queue show QUEUE.KEY or QUEUE.N).";
     "queues.NAME" "body_bytes_in_flight_max": "integer" = "67108864", "Bytes of request bodies being received for this queue at once, across all connections, at most (a declared Content-Length is counted before any byte is read); past it, 503 with Retry-After. At least the body_bytes_max of every route using the queue. A body must arrive within its listener's header_read_timeout_ms, or 408.";
+
+    "hosts.NAME" "address": "string" = "", "\"IP or name:port\", such as \"10.0.0.5:22\" or \"web1.example.com\" (port 22 when absent; an IPv6 address with a port in brackets, \"[2001:db8::5]:2222\"). Required.";
+    "hosts.NAME" "user": "string" = "\"root\"", "The user nonstop logs in as (root, as Kamal's default; set a deploy user that may run docker and write dir).";
+    "hosts.NAME" "identity": "path" = "", "The private key nonstop authenticates with [default: state_dir/ssh/id_ed25519, made by nonstop keys init].";
+    "hosts.NAME" "dir": "string" = "\"~/nonstop\"", "The release directory on the host; it must be writable by user (~/ is the user's home).";
+    "hosts.NAME" "connect_timeout_ms": "integer" = "5000", "Connecting, the SSH handshake and authentication together take at most this long; a dead host costs this, not the other hosts' time.";
+    "hosts.NAME" "max_startups": "integer" = "10", "SSH handshakes nonstop starts to this host at once (sshd's MaxStartups defaults to 10). nonstop hosts check starts at most the smallest max_startups of all hosts at once.";
+    "hosts.NAME" "max_sessions": "integer" = "10", "Channels (commands) open at once on the one connection to this host (sshd's MaxSessions defaults to 10).";
 
     "admin" "listen": "address" = "\"127.0.0.1:9900\"", "Address of the admin API.";
     "admin" "token": "string" = "", "Bearer token the admin API requires. Required when listen is not a loopback address.";

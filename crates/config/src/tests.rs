@@ -381,3 +381,67 @@ fn the_docker_example_is_accepted() {
     let AppDriver::Docker(d) = &app.driver else { panic!("examples/docker.toml uses the docker driver") };
     assert_eq!((d.image.as_str(), d.container_port, app.count), ("nonstop-app:{version}", 9001, 3));
 }
+
+const HOSTS_EXAMPLE: &str = include_str!("../../../examples/hosts.toml");
+
+#[test]
+fn the_hosts_example_is_accepted_with_its_defaults() {
+    let c = Config::parse(HOSTS_EXAMPLE).unwrap();
+    assert_eq!(c.hosts.len(), 3);
+    let web1 = &c.hosts["web1"];
+    assert_eq!((web1.host.as_str(), web1.port, web1.user.as_str()), ("10.0.0.11", 22, "deploy"));
+    assert_eq!(web1.identity, PathBuf::from("./nonstop-state/ssh/id_ed25519"));
+    assert_eq!(web1.dir, "~/nonstop");
+    assert_eq!(web1.connect_timeout, Duration::from_millis(5000));
+    assert_eq!((web1.max_startups, web1.max_sessions), (10, 10));
+    let web2 = &c.hosts["web2"];
+    assert_eq!((web2.port, web2.dir.as_str()), (2222, "/srv/nonstop"));
+    assert_eq!(web2.connect_timeout, Duration::from_millis(3000));
+    assert_eq!(c.hosts["db1"].user, "root");
+}
+
+#[test]
+fn host_addresses_take_a_default_port_and_brackets_for_ipv6() {
+    assert_eq!(parse_host_address("10.0.0.5").unwrap(), ("10.0.0.5".into(), 22));
+    assert_eq!(parse_host_address("web1.example.com:2222").unwrap(), ("web1.example.com".into(), 2222));
+    assert_eq!(parse_host_address("[2001:db8::5]:2200").unwrap(), ("2001:db8::5".into(), 2200));
+    assert_eq!(parse_host_address("2001:db8::5").unwrap(), ("2001:db8::5".into(), 22));
+    for bad in ["", ":22", "web1:0", "web1:x", "[web1]:22", "a b", "-oProxyCommand=x", "web1:70000"] {
+        assert!(parse_host_address(bad).is_err(), "{bad:?} accepted");
+    }
+}
+
+#[test]
+fn host_errors_name_the_host_and_carry_their_lines() {
+    let text = r#"
+[[listeners]]
+listen = "127.0.0.1:8080"
+[[routes]]
+service = "app"
+[services.app]
+servers = [{ addr = "127.0.0.1:9001" }]
+
+[hosts.web1]
+address = "web1:99999"
+user = "no spaces"
+colour = "blue"
+
+[hosts.web2]
+connect_timeout_ms = 0
+identity = "/keys/web2"
+
+[hosts."bad name"]
+address = "10.0.0.1"
+"#;
+    let errors = Config::parse(text).unwrap_err().0;
+    let find = |path: &str| {
+        errors.iter().find(|e| e.path == path).unwrap_or_else(|| panic!("no error at {path}: {errors:?}")).line
+    };
+    assert_eq!(find("hosts.web1.address"), 10);
+    assert_eq!(find("hosts.web1.user"), 11);
+    assert_eq!(find("hosts.web1.colour"), 12);
+    assert_eq!(find("hosts.web2.address"), 14);
+    assert_eq!(find("hosts.web2.connect_timeout_ms"), 15);
+    assert_eq!(find("hosts.bad name"), 18);
+    assert_eq!(errors.len(), 6, "{errors:?}");
+}

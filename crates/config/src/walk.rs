@@ -168,6 +168,11 @@ impl<'a, 'i> Table<'a, 'i> {
         self.cx.error(self.line_of_key(key), &self.key_path(key), message);
     }
 
+    /// A problem with the table as a whole (such as its name), at its line.
+    pub fn invalid_table(&self, message: impl Into<String>) {
+        self.cx.error(self.line, &self.path, message);
+    }
+
     pub fn required(&self, key: &str) {
         self.cx.error(self.line, &self.key_path(key), "is required");
     }

@@ -9,6 +9,7 @@ mod admin_client;
 mod alloc;
 mod demo;
 mod deploy_cli;
+mod hosts_cli;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -64,6 +65,11 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// nonstop's SSH key pair for the hosts (keys init).
+    Keys(hosts_cli::KeysArgs),
+    /// SSH hosts ([hosts.NAME]): pin their keys (trust), and check that nonstop can log in and deploy there
+    /// (check). Host keys are always checked against state_dir/ssh/known_hosts; nothing is trusted on first use.
+    Hosts(hosts_cli::HostsArgs),
     /// Print the config reference (docs/config.md) generated from the key schema.
     #[command(hide = true)]
     ConfigReference,
@@ -287,6 +293,8 @@ fn main() -> ExitCode {
         Command::Status(args) => return deploy_cli::status(args),
         Command::Demo(args) => return demo::run(args),
         Command::Check { config } => return check(&config),
+        Command::Keys(args) => hosts_cli::keys(args),
+        Command::Hosts(args) => return hosts_cli::hosts(args),
         Command::ConfigReference => {
             print!("{}", nonstop_config::schema::reference_markdown());
             Ok(())
@@ -587,10 +595,10 @@ fn check(path: &std::path::Path) -> ExitCode {
 fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let source = match (&args.config, &args.listen) {
         (Some(path), _) => nonstop_proxy::ConfigSource::File(path.clone()),
-        (None, Some(listen)) => nonstop_proxy::ConfigSource::Fixed(
+        (None, Some(listen)) => nonstop_proxy::ConfigSource::Fixed(Box::new(
             nonstop_config::Config::quick(listen, &args.to, &args.balance, args.admin.as_deref())
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
-        ),
+        )),
         (None, None) => anyhow::bail!("give --config FILE, or quick mode: --listen ADDR --to ADDR [--to ADDR ...]"),
     };
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));

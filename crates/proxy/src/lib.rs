@@ -47,13 +47,13 @@ use crate::state::Snapshot;
 pub enum ConfigSource {
     File(PathBuf),
     /// Quick mode: a config built from flags; a reload re-applies it.
-    Fixed(Config),
+    Fixed(Box<Config>),
 }
 
 impl ConfigSource {
     pub fn load(&self) -> Result<Config, StartError> {
         match self {
-            ConfigSource::Fixed(c) => Ok(c.clone()),
+            ConfigSource::Fixed(c) => Ok((**c).clone()),
             ConfigSource::File(path) => {
                 let text = std::fs::read_to_string(path).map_err(|e| StartError::Read(path.clone(), e))?;
                 Config::parse(&text).map_err(StartError::Config)

@@ -4,6 +4,7 @@
 pub mod docker;
 pub mod echo;
 pub mod raw;
+pub mod sshd;
 pub mod tls;
 
 use std::io::{BufRead, BufReader};
