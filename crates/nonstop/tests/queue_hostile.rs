@@ -331,6 +331,14 @@ async fn queue_bodies_in_flight_are_bounded_across_connections() {
     }
     let mut refused = None;
     for _ in 0..100 {
+        // A small POST held for a moment can make a stalled body that arrives just then find the bound taken (a
+        // 503 for it): such a stalled request is sent again, until the three hold the whole bound.
+        for s in stalled.iter_mut() {
+            let mut probe = [0u8; 1];
+            if !matches!(s.try_read(&mut probe), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock) {
+                *s = stalled_post(p.addr, 100_000, 1000).await;
+            }
+        }
         let r = post_json(p.addr, "/orders", &[], r#"{"item":"book","qty":1}"#).await;
         if r.status == 503 {
             refused = Some(r);
