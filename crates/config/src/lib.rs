@@ -205,6 +205,8 @@ pub enum AppDriver {
     Process,
     /// Containers on the local Docker engine.
     Docker(DockerApp),
+    /// Processes on SSH hosts, `count` on each.
+    Ssh(SshApp),
 }
 
 impl AppDriver {
@@ -212,6 +214,7 @@ impl AppDriver {
         match self {
             AppDriver::Process => "process",
             AppDriver::Docker(_) => "docker",
+            AppDriver::Ssh(_) => "ssh",
         }
     }
 }
@@ -228,6 +231,18 @@ pub struct DockerApp {
     pub labels: Vec<(String, String)>,
     /// Replaced versions whose stopped containers are kept (at least 1).
     pub keep_versions: u32,
+}
+
+/// The ssh driver's part of an app section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshApp {
+    /// Names of `[hosts.NAME]` tables, in order; every one runs `count` instances.
+    pub hosts: Vec<String>,
+    /// The file or directory shipped to each host once per version (`{version}` still in it); `None`: nothing is
+    /// shipped and instances run in the host's dir.
+    pub release: Option<PathBuf>,
+    /// Releases kept on each host (at least 2: the one serving and the one before it).
+    pub keep_releases: u32,
 }
 
 /// Checks a bind mount: `HOST:CONTAINER` or `HOST:CONTAINER:ro`/`:rw`, both absolute paths.
@@ -483,12 +498,21 @@ fn toml_quote(s: &str) -> String {
 fn parse_root(cx: &Cx, t: Table<'_, '_>) -> Option<Config> {
     let listeners: Vec<Listener> =
         t.array_of_tables("listeners", "listeners[]").into_iter().filter_map(parse_listener).collect();
+    let state_dir = t.string("state_dir").map(PathBuf::from);
+    let mut hosts = BTreeMap::new();
+    let mut host_names = BTreeSet::new();
+    for (name, table) in t.table_of_tables("hosts", "hosts.NAME") {
+        host_names.insert(name.clone());
+        if let Some(h) = parse_host(name.clone(), table, state_dir.as_deref()) {
+            hosts.insert(name, h);
+        }
+    }
     let mut services = BTreeMap::new();
     let mut service_names = BTreeSet::new();
     let services_line = t.line_of_key("services");
     for (name, table) in t.table_of_tables("services", "services.NAME") {
         service_names.insert(name.clone());
-        if let Some(s) = parse_service(cx, name.clone(), table) {
+        if let Some(s) = parse_service(cx, name.clone(), table, &host_names) {
             services.insert(name, s);
         }
     }
@@ -558,13 +582,6 @@ fn parse_root(cx: &Cx, t: Table<'_, '_>) -> Option<Config> {
     }
     let admin = t.table("admin", "admin").map(parse_admin);
     let access_log = parse_access_log(t.table("access_log", "access_log"));
-    let state_dir = t.string("state_dir").map(PathBuf::from);
-    let mut hosts = BTreeMap::new();
-    for (name, table) in t.table_of_tables("hosts", "hosts.NAME") {
-        if let Some(h) = parse_host(name.clone(), table, state_dir.as_deref()) {
-            hosts.insert(name, h);
-        }
-    }
     let root_line = t.line();
     t.finish();
 
@@ -749,11 +766,11 @@ fn parse_route(t: Table<'_, '_>, services: Option<&BTreeSet<String>>, queues: &B
     Some(Route { service: service?, host, path_prefix: path_prefix?, methods, body_bytes_max: body_bytes_max?, queue })
 }
 
-fn parse_service(cx: &Cx, name: String, t: Table<'_, '_>) -> Option<Service> {
+fn parse_service(cx: &Cx, name: String, t: Table<'_, '_>, hosts: &BTreeSet<String>) -> Option<Service> {
     let mut servers = Vec::new();
     let mut addrs = BTreeSet::new();
     let tables = t.array_of_tables("servers", "services.NAME.servers[]");
-    let app = t.table("app", "services.NAME.app").map(parse_app);
+    let app = t.table("app", "services.NAME.app").map(|a| parse_app(a, hosts));
     if app.is_some() && t.has("servers") {
         t.invalid("servers", "a service with an app section has no servers list: its instances are the servers");
     }
@@ -863,15 +880,23 @@ fn parse_service(cx: &Cx, name: String, t: Table<'_, '_>) -> Option<Service> {
     })
 }
 
-fn parse_app(t: Table<'_, '_>) -> Option<App> {
+fn parse_app(t: Table<'_, '_>, hosts: &BTreeSet<String>) -> Option<App> {
     let driver = t.string("driver").and_then(|d| match d.as_str() {
-        "process" | "docker" => Some(d),
+        "process" | "docker" | "ssh" => Some(d),
         other => {
-            t.invalid("driver", format!("{other:?}: expected \"process\" or \"docker\""));
+            t.invalid("driver", format!("{other:?}: expected \"process\", \"docker\" or \"ssh\""));
             None
         }
     });
     let docker_only = ["image", "args", "container_port", "volumes", "labels", "keep_versions"];
+    let ssh_only = ["hosts", "release", "keep_releases"];
+    if driver.as_deref() != Some("ssh") {
+        for k in ssh_only {
+            if t.has(k) {
+                t.invalid(k, "only the ssh driver takes this key (set driver = \"ssh\")");
+            }
+        }
+    }
     let (command, driver) = match driver.as_deref() {
         Some("docker") => {
             for k in ["command", "dir"] {
@@ -880,6 +905,24 @@ fn parse_app(t: Table<'_, '_>) -> Option<App> {
                 }
             }
             (Some(String::new()), parse_docker(&t).map(AppDriver::Docker))
+        }
+        Some("ssh") => {
+            for k in docker_only.iter().chain(&["dir"]) {
+                if t.has(k) {
+                    t.invalid(
+                        k,
+                        "not an ssh driver key: instances run command in the release directory on each host",
+                    );
+                }
+            }
+            let command = t.string("command");
+            if command.is_none() && !t.has("command") {
+                t.required("command");
+            }
+            if command.as_deref().is_some_and(|c| c.trim().is_empty()) {
+                t.invalid("command", "must not be empty");
+            }
+            (command, parse_ssh(&t, hosts).map(AppDriver::Ssh))
         }
         d => {
             for k in docker_only {
@@ -989,6 +1032,48 @@ fn parse_app(t: Table<'_, '_>) -> Option<App> {
         restart_backoff_base: restart_backoff_base?,
         restart_backoff_max: restart_backoff_max?,
     })
+}
+
+/// The ssh driver's keys of an app section; every host named must be a `[hosts.NAME]`.
+fn parse_ssh(t: &Table<'_, '_>, known: &BTreeSet<String>) -> Option<SshApp> {
+    if !t.has("hosts") {
+        t.required("hosts");
+    }
+    let hosts = t.strings("hosts").and_then(|hs| {
+        let mut problems = Vec::new();
+        if hs.is_empty() {
+            problems.push("names no host".to_string());
+        }
+        let mut seen = BTreeSet::new();
+        for h in &hs {
+            if !known.contains(h) {
+                let defined: Vec<&str> = known.iter().map(String::as_str).collect();
+                problems.push(format!(
+                    "{h:?} is not a [hosts.NAME] table (defined: {})",
+                    if defined.is_empty() { "none".to_string() } else { defined.join(", ") }
+                ));
+            }
+            if !seen.insert(h) {
+                problems.push(format!("{h:?} is named twice (count is per host)"));
+            }
+        }
+        if problems.is_empty() {
+            Some(hs)
+        } else {
+            t.invalid("hosts", problems.join("; "));
+            None
+        }
+    });
+    let release = t.string("release").and_then(|r| {
+        if r.is_empty() || r.chars().any(|c| c.is_control()) {
+            t.invalid("release", format!("{r:?} is not a path"));
+            None
+        } else {
+            Some(PathBuf::from(r))
+        }
+    });
+    let keep_releases = t.int_in("keep_releases", 2, 100);
+    Some(SshApp { hosts: hosts?, release, keep_releases: keep_releases? as u32 })
 }
 
 /// The docker driver's keys of an app section.

@@ -368,7 +368,10 @@ fn a_docker_app_section_is_typed_and_its_errors_carry_lines() {
     let wrong =
         format!("{base}driver = \"podman\"\ncommand = \"x\"\nports = \"9101-9106\"\nimage = \"nonstop-app:v1\"\n");
     let errs = Config::parse(&wrong).unwrap_err().to_string();
-    assert!(errs.contains("line 6: services.a.app.driver: \"podman\": expected \"process\" or \"docker\""), "{errs}");
+    assert!(
+        errs.contains("line 6: services.a.app.driver: \"podman\": expected \"process\", \"docker\" or \"ssh\""),
+        "{errs}"
+    );
     let process_with_image = format!("{base}command = \"x\"\nports = \"9101-9106\"\nimage = \"nonstop-app:v1\"\n");
     let errs = Config::parse(&process_with_image).unwrap_err().to_string();
     assert!(errs.contains("line 8: services.a.app.image: only the docker driver takes this key"), "{errs}");
@@ -444,4 +447,40 @@ address = "10.0.0.1"
     assert_eq!(find("hosts.web2.connect_timeout_ms"), 15);
     assert_eq!(find("hosts.bad name"), 18);
     assert_eq!(errors.len(), 6, "{errors:?}");
+}
+
+#[test]
+fn an_ssh_app_section_names_defined_hosts_and_its_errors_carry_lines() {
+    let base = "[[listeners]]\nlisten = \"127.0.0.1:0\"\n[[routes]]\nservice = \"a\"\n[services.a.app]\n";
+    let hosts = "\n[hosts.web1]\naddress = \"10.0.0.1\"\n[hosts.web2]\naddress = \"10.0.0.2:2222\"\n";
+    let good = format!(
+        "state_dir = \"/s\"\n{base}driver = \"ssh\"\nhosts = [\"web1\", \"web2\"]\ncount = 2\nrelease = \"/build/{{version}}\"\n\
+         command = \"./app --listen {{addr}}\"\nports = \"9101-9106\"\n{hosts}"
+    );
+    let c = Config::parse(&good).unwrap_or_else(|e| panic!("{e}"));
+    let app = c.services["a"].app.as_ref().unwrap();
+    assert_eq!(app.driver.as_str(), "ssh");
+    let AppDriver::Ssh(ssh) = &app.driver else { panic!("{:?}", app.driver) };
+    assert_eq!(ssh.hosts, ["web1", "web2"]);
+    assert_eq!(ssh.release.as_deref(), Some(std::path::Path::new("/build/{version}")));
+    assert_eq!(ssh.keep_releases, 3);
+    assert_eq!(app.count, 2);
+
+    let bad = format!(
+        "state_dir = \"/s\"\n{base}driver = \"ssh\"\nhosts = [\"web1\", \"web9\", \"web1\"]\nimage = \"x\"\n\
+         keep_releases = 1\nports = \"9101-9106\"\n{hosts}"
+    );
+    let errs = Config::parse(&bad).unwrap_err().to_string();
+    for want in [
+        "line 6: services.a.app.command: is required",
+        "line 8: services.a.app.hosts: \"web9\" is not a [hosts.NAME] table (defined: web1, web2); \"web1\" is named twice",
+        "line 9: services.a.app.image: not an ssh driver key",
+        "line 10: services.a.app.keep_releases:",
+    ] {
+        assert!(errs.contains(want), "missing {want:?} in:\n{errs}");
+    }
+    let process_with_hosts =
+        format!("state_dir = \"/s\"\n{base}command = \"x\"\nports = \"9101-9106\"\nhosts = [\"web1\"]\n{hosts}");
+    let errs = Config::parse(&process_with_hosts).unwrap_err().to_string();
+    assert!(errs.contains("line 9: services.a.app.hosts: only the ssh driver takes this key"), "{errs}");
 }

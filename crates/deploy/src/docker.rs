@@ -290,6 +290,8 @@ mod tests {
             addr: "127.0.0.1:9105".parse().unwrap(),
             stop_grace: Duration::from_millis(2500),
             container: None,
+            host: None,
+            pid: Default::default(),
         };
         let c = DockerApp {
             image: "nonstop-app:v2".into(),

@@ -1,16 +1,58 @@
 //! Drivers start and stop one instance of an app. The local-process driver runs the command with `sh -c exec`;
-//! the Docker driver ([`crate::docker`]) runs a container; SSH hosts would be a further implementation.
+//! the Docker driver ([`crate::docker`]) runs a container; the SSH driver (in `nonstop-hosts`) runs processes on
+//! other machines. A driver also says where instances may run ([`Driver::places`]), prepares a version there
+//! before a deploy starts it ([`Driver::prepare`], the release shipped to SSH hosts) and fetches an instance's log.
 
 use std::future::Future;
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::AtomicU32;
+use std::sync::Arc;
 use std::time::Duration;
 
 use nonstop_config::DockerApp;
 
 /// A future a driver returns, boxed (the trait is object safe).
 pub type Pending<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// A boxed future with a result.
+pub type Boxed<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A machine the instances of a service run on, `count` of them on each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Place {
+    /// `None`: this machine (the process and docker drivers); otherwise the `[hosts.NAME]` name.
+    pub host: Option<String>,
+    /// The address instances listen on there, which the proxy connects to.
+    pub ip: IpAddr,
+}
+
+impl Place {
+    /// This machine, at 127.0.0.1.
+    pub fn local() -> Place {
+        Place { host: None, ip: IpAddr::V4(Ipv4Addr::LOCALHOST) }
+    }
+}
+
+/// How a version was made ready on one place before its instances start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prepared {
+    pub host: Option<String>,
+    /// `Ok(None)`: nothing to do (already there); `Ok(Some(bytes))`: shipped; `Err`: why not, the host named.
+    pub result: Result<Option<u64>, String>,
+    pub ms: u64,
+}
+
+/// An instance's log, as the deployer names it.
+#[derive(Debug, Clone)]
+pub struct LogRef {
+    pub service: String,
+    pub instance: u64,
+    pub host: Option<String>,
+    /// The log on this machine (process and docker drivers).
+    pub local: PathBuf,
+}
 
 /// What one instance runs: the command with its placeholders already replaced.
 #[derive(Debug, Clone)]
@@ -30,6 +72,10 @@ pub struct Launch {
     pub stop_grace: Duration,
     /// The docker driver's part of the app section, with `{version}` and `{instance}` filled in.
     pub container: Option<DockerApp>,
+    /// The `[hosts.NAME]` it runs on (the ssh driver).
+    pub host: Option<String>,
+    /// Where a driver that learns the process id later (the ssh driver) puts it, for `nonstop status`.
+    pub pid: Arc<AtomicU32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,8 +105,21 @@ pub trait Process: Send {
 }
 
 pub trait Driver: Send + Sync {
-    /// "process", "docker": shown by `nonstop status`.
+    /// "process", "docker", "ssh": shown by `nonstop status`.
     fn kind(&self) -> &'static str;
+    /// Where instances run: `count` on each place, in this order. The local drivers run on this machine only.
+    fn places(&self) -> Vec<Place> {
+        vec![Place::local()]
+    }
+    /// Makes `version` ready on every place, all at once (the ssh driver ships its release); one result per place.
+    fn prepare(&self, _version: &str) -> Boxed<'_, Vec<Prepared>> {
+        Box::pin(async { Vec::new() })
+    }
+    /// The last `bytes_max` bytes of an instance's output.
+    fn logs(&self, log: &LogRef, bytes_max: u64) -> Boxed<'_, Result<Vec<u8>, String>> {
+        let path = log.local.clone();
+        Box::pin(async move { tail_file(&path, bytes_max) })
+    }
     fn start(&self, launch: &Launch) -> Result<Box<dyn Process>, DriverError>;
     /// Instances of `version` were stopped for good; `containers` are their [`Process::container`] names.
     /// `replaced_by`: the version a successful deploy put in its place, so what they leave behind may be kept
@@ -133,6 +192,17 @@ impl Process for LocalProcess {
             }
         })
     }
+}
+
+/// The last `bytes_max` bytes of a file.
+pub fn tail_file(path: &Path, bytes_max: u64) -> Result<Vec<u8>, String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let len = f.metadata().map_err(|e| format!("{}: {e}", path.display()))?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(bytes_max))).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    f.take(bytes_max).read_to_end(&mut out).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(out)
 }
 
 /// Standard output and error for an instance: appended to its log, or discarded.

@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, watch};
 
 use crate::analysis::{self, Sample, Thresholds, Verdict};
-use crate::driver::{Driver, Launch};
+use crate::driver::{Driver, Launch, LogRef, Place};
 use crate::history::{History, Record};
 use crate::restart::Backoff;
 use crate::{plan, Change, Role, Traffic};
@@ -58,10 +58,12 @@ pub struct Instance {
     pub id: u64,
     pub version: String,
     pub addr: SocketAddr,
+    /// The `[hosts.NAME]` it runs on; `None`: this machine.
+    pub host: Option<String>,
     env: Vec<(String, String)>,
     /// Its role: starting, serving, trial, standby, draining, stopping, stopped.
     state: Mutex<&'static str>,
-    pid: AtomicU32,
+    pid: Arc<AtomicU32>,
     /// The container it runs in, for a driver that runs containers.
     container: Mutex<Option<String>>,
     alive: AtomicBool,
@@ -78,6 +80,14 @@ pub struct Instance {
 }
 
 impl Instance {
+    /// "instance 4" or "instance 4 on web2", for messages.
+    fn named(&self) -> String {
+        match &self.host {
+            Some(h) => format!("instance {} on host {h}", self.id),
+            None => format!("instance {}", self.id),
+        }
+    }
+
     fn set_state(&self, s: &'static str) {
         *self.state.lock().expect("instance lock") = s;
     }
@@ -181,6 +191,8 @@ pub struct Deployer {
     state: Mutex<State>,
     next_instance: AtomicU64,
     stopping: AtomicBool,
+    /// The driver's places, fixed for the deployer's life.
+    places: Vec<Place>,
 }
 
 fn now_ms() -> u64 {
@@ -211,7 +223,6 @@ impl Deployer {
         Arc::new(Deployer {
             service: service.to_string(),
             traffic,
-            driver,
             history,
             log_dir,
             rt,
@@ -219,6 +230,8 @@ impl Deployer {
             state: Mutex::new(State { version, env, instances: Vec::new(), running: None }),
             next_instance: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
+            places: driver.places(),
+            driver,
         })
     }
 
@@ -228,6 +241,11 @@ impl Deployer {
 
     fn spec(&self) -> App {
         self.spec.lock().expect("spec lock").clone()
+    }
+
+    /// Instances that serve at once: `count` on each of the driver's places.
+    fn total(&self, spec: &App) -> u32 {
+        spec.count.saturating_mul(self.places.len().max(1) as u32)
     }
 
     /// Applies a reloaded app section; it takes effect with the next instance started.
@@ -242,8 +260,8 @@ impl Deployer {
             let g = self.lock();
             (g.version.clone(), g.env.clone())
         };
-        tracing::info!(service = %self.service, %version, count = spec.count, "starting instances");
-        for _ in 0..spec.count {
+        tracing::info!(service = %self.service, %version, count = self.total(&spec), "starting instances");
+        for _ in 0..self.total(&spec) {
             let inst = match self.start_instance(&spec, &version, &env, true) {
                 Ok(i) => i,
                 Err(e) => {
@@ -281,22 +299,38 @@ impl Deployer {
         env: &[(String, String)],
         supervised: bool,
     ) -> Result<Arc<Instance>, String> {
-        let addr = {
+        let (addr, host) = {
             let g = self.lock();
-            let used: Vec<u16> = g.instances.iter().map(|i| i.addr.port()).collect();
-            (spec.ports.0..=spec.ports.1)
+            let placed: Vec<plan::Placed> = g
+                .instances
+                .iter()
+                .map(|i| plan::Placed {
+                    place: self.places.iter().position(|p| p.host == i.host).unwrap_or(0),
+                    same_version: i.version == version,
+                    active: matches!(i.state(), "starting" | "serving" | "trial"),
+                })
+                .collect();
+            let place = self.places.get(plan::place(self.places.len(), &placed)).cloned().unwrap_or_else(Place::local);
+            let used: Vec<u16> = g.instances.iter().filter(|i| i.host == place.host).map(|i| i.addr.port()).collect();
+            let addr = (spec.ports.0..=spec.ports.1)
                 .filter(|p| !used.contains(p))
-                .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
-                .find(|a| std::net::TcpListener::bind(a).is_ok())
-                .ok_or_else(|| format!("no free port left in {}-{}", spec.ports.0, spec.ports.1))?
+                .map(|p| SocketAddr::new(place.ip, p))
+                // On this machine a port someone else holds is skipped; a host's ports are its own business.
+                .find(|a| place.host.is_some() || std::net::TcpListener::bind(a).is_ok())
+                .ok_or_else(|| {
+                    let on = place.host.as_ref().map_or(String::new(), |h| format!(" on host {h}"));
+                    format!("no free port left in {}-{}{on}", spec.ports.0, spec.ports.1)
+                })?;
+            (addr, place.host)
         };
         let inst = Arc::new(Instance {
             id: self.next_instance.fetch_add(1, Relaxed),
             version: version.to_string(),
             addr,
+            host,
             env: env.to_vec(),
             state: Mutex::new("starting"),
-            pid: AtomicU32::new(0),
+            pid: Arc::new(AtomicU32::new(0)),
             container: Mutex::new(None),
             alive: AtomicBool::new(false),
             restarts: AtomicU32::new(0),
@@ -320,7 +354,7 @@ impl Deployer {
                 .replace("{instance}", &format!("{}-{}", self.service, inst.id))
         };
         let container = match &spec.driver {
-            AppDriver::Process => None,
+            AppDriver::Process | AppDriver::Ssh(_) => None,
             AppDriver::Docker(d) => Some(DockerApp {
                 image: d.image.replace("{version}", &inst.version),
                 args: d.args.iter().map(|a| fill(a)).collect(),
@@ -346,6 +380,8 @@ impl Deployer {
             addr: inst.addr,
             stop_grace: spec.stop_grace,
             container,
+            host: inst.host.clone(),
+            pid: inst.pid.clone(),
         }
     }
 
@@ -362,7 +398,9 @@ impl Deployer {
             let exit = match self.driver.start(&self.launch(&spec, &inst)) {
                 Err(e) => e.to_string(),
                 Ok(mut proc) => {
-                    inst.pid.store(proc.id(), Relaxed);
+                    if proc.id() != 0 {
+                        inst.pid.store(proc.id(), Relaxed);
+                    }
                     *inst.container.lock().expect("instance lock") = proc.container();
                     inst.alive.store(true, Relaxed);
                     tracing::info!(service = %self.service, instance = inst.id, version = %inst.version, addr = %inst.addr, pid = proc.id(), "instance started");
@@ -541,11 +579,14 @@ impl Deployer {
             "message": format!("{} of {} from {} to {} ({}, {} old instances)", ctx.kind, self.service, ctx.from_version, ctx.version, ctx.strategy.as_str(), ctx.old.len()),
             "service": self.service, "version": ctx.version, "from_version": ctx.from_version, "strategy": ctx.strategy.as_str(),
         }));
-        let mut result = match ctx.strategy {
+        let mut result = self.prepare(&ctx).await;
+        if result.is_ok() {
+            result = match ctx.strategy {
             Strategy::Rolling => self.rolling(&mut ctx).await,
             Strategy::BlueGreen => self.blue_green(&mut ctx).await,
             Strategy::Canary => self.canary(&mut ctx).await,
-        };
+            };
+        }
         if result.is_ok() {
             result = self.soak(&mut ctx).await;
         }
@@ -594,7 +635,7 @@ impl Deployer {
         }
         for i in &ctx.new {
             if let Some(how) = i.crashed() {
-                return Err(format!("instance {} ({}, {}) exited: {how}", i.id, i.addr, i.version));
+                return Err(format!("{} ({}, {}) exited: {how}", i.named(), i.addr, i.version));
             }
         }
         if ctx.in_service.is_empty() {
@@ -625,14 +666,48 @@ impl Deployer {
         }
     }
 
+    /// Makes the new version ready on every place at once (the release shipped to each host), before any of its
+    /// instances starts; a place that fails fails the deploy.
+    async fn prepare(&self, ctx: &Ctx) -> Result<(), String> {
+        let prepared = tokio::select! {
+            p = self.driver.prepare(&ctx.version) => p,
+            _ = async { let mut a = ctx.abort.clone(); let _ = a.wait_for(|a| a.is_some()).await; } => {
+                return Err(ctx.abort.borrow().clone().unwrap_or_default());
+            }
+        };
+        let mut failed = Vec::new();
+        for p in prepared {
+            let on = p.host.clone().unwrap_or_else(|| "this machine".into());
+            match &p.result {
+                Ok(Some(bytes)) => ctx.events.send_value(json!({
+                    "step": "shipped", "host": p.host, "ms": p.ms, "bytes": bytes,
+                    "message": format!("release of {} shipped to {on} in {} ms ({:.1} MB, SHA-256 checked)", ctx.version, p.ms, *bytes as f64 / 1e6),
+                })),
+                Ok(None) => ctx.events.send_value(json!({
+                    "step": "shipped", "host": p.host, "ms": p.ms, "bytes": 0,
+                    "message": format!("release of {} already on {on} ({} ms)", ctx.version, p.ms),
+                })),
+                Err(e) => failed.push(e.clone()),
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failed.join("; "))
+        }
+    }
+
     /// Starts `n` instances of the new version.
     fn start_new(self: &Arc<Self>, ctx: &mut Ctx, n: u32) -> Result<Vec<Arc<Instance>>, String> {
         let mut out = Vec::new();
         for _ in 0..n {
             let i = self.start_instance(&ctx.spec, &ctx.version, &ctx.env, false)?;
             ctx.events.send_value(json!({
-                "step": "started", "instance": i.id, "addr": i.addr.to_string(), "version": i.version,
-                "message": format!("instance {} of {} started on {}", i.id, i.version, i.addr),
+                "step": "started", "instance": i.id, "addr": i.addr.to_string(), "version": i.version, "host": i.host,
+                "message": match &i.host {
+                    Some(h) => format!("instance {} of {} started on {h} ({})", i.id, i.version, i.addr),
+                    None => format!("instance {} of {} started on {}", i.id, i.version, i.addr),
+                },
             }));
             ctx.new.push(i.clone());
             out.push(i);
@@ -677,8 +752,8 @@ impl Deployer {
             if Instant::now() >= deadline {
                 let k = passes.iter().position(|&p| p < spec.ready_passes).expect("one is not ready");
                 return Err(format!(
-                    "instance {} ({}) not ready after {} ms: GET {} gave {}",
-                    list[k].id,
+                    "{} ({}) not ready after {} ms: GET {} gave {}",
+                    list[k].named(),
                     list[k].addr,
                     spec.ready_timeout.as_millis(),
                     spec.health_path,
@@ -734,12 +809,14 @@ impl Deployer {
 
     async fn rolling(self: &Arc<Self>, ctx: &mut Ctx) -> Result<(), String> {
         let mut old_left: Vec<Arc<Instance>> = ctx.old.clone();
-        for w in plan::rolling_waves(ctx.spec.count, ctx.spec.max_surge, ctx.spec.max_unavailable) {
+        for w in plan::rolling_waves(self.total(&ctx.spec), ctx.spec.max_surge, ctx.spec.max_unavailable) {
             let first: Vec<_> = old_left.drain(..(w.drain_first as usize).min(old_left.len())).collect();
             self.standby(ctx, first).await?;
             let news = self.start_new(ctx, w.start)?;
             self.await_ready(ctx, &news).await?;
             self.cut_over(ctx, &news, false, Vec::new());
+            // Drain the old instances of the hosts the new ones run on first: each host keeps its share.
+            old_left.sort_by_key(|o| !news.iter().any(|n| n.host == o.host));
             let after: Vec<_> = old_left.drain(..(w.drain_after as usize).min(old_left.len())).collect();
             self.standby(ctx, after).await?;
             self.check(ctx)?;
@@ -749,7 +826,7 @@ impl Deployer {
     }
 
     async fn blue_green(self: &Arc<Self>, ctx: &mut Ctx) -> Result<(), String> {
-        let news = self.start_new(ctx, ctx.spec.count)?;
+        let news = self.start_new(ctx, self.total(&ctx.spec))?;
         self.await_ready(ctx, &news).await?;
         let old = ctx.old.clone();
         let drain: Vec<Change> = old.iter().map(|i| Change::Role { addr: i.addr, role: Role::Standby }).collect();
@@ -760,7 +837,7 @@ impl Deployer {
     }
 
     async fn canary(self: &Arc<Self>, ctx: &mut Ctx) -> Result<(), String> {
-        let news = self.start_new(ctx, ctx.spec.count)?;
+        let news = self.start_new(ctx, self.total(&ctx.spec))?;
         self.await_ready(ctx, &news).await?;
         let steps = ctx.steps.clone();
         for (k, &percent) in steps.iter().enumerate() {
@@ -868,6 +945,7 @@ impl Deployer {
                     "id": i.id,
                     "version": i.version,
                     "addr": i.addr.to_string(),
+                    "host": i.host,
                     "state": i.state(),
                     "pid": i.pid.load(Relaxed),
                     "driver": self.driver.kind(),
@@ -897,6 +975,42 @@ impl Deployer {
             "deploy": running,
             "last_deploy": last,
         })
+    }
+
+    /// The last `bytes_max` bytes of the output of one instance, or of every current one, each under a header
+    /// line naming it and its host.
+    pub async fn logs(&self, instance: Option<u64>, bytes_max: u64) -> Result<String, DeployError> {
+        let list: Vec<Arc<Instance>> = {
+            let g = self.lock();
+            g.instances.iter().filter(|i| instance.is_none_or(|id| i.id == id)).cloned().collect()
+        };
+        if list.is_empty() {
+            return Err(DeployError::Invalid(match instance {
+                Some(id) => format!("service {:?} has no instance {id}", self.service),
+                None => format!("service {:?} has no instances", self.service),
+            }));
+        }
+        let mut out = String::new();
+        for i in list {
+            let r = LogRef {
+                service: self.service.clone(),
+                instance: i.id,
+                host: i.host.clone(),
+                local: self.log_dir.join(format!("{}-{}.log", self.service, i.id)),
+            };
+            let on = i.host.as_ref().map_or(String::new(), |h| format!(" on host {h}"));
+            out.push_str(&format!("==> instance {}{on} ({}, {}, {}) <==\n", i.id, i.version, i.addr, i.state()));
+            match self.driver.logs(&r, bytes_max).await {
+                Ok(bytes) => {
+                    out.push_str(&String::from_utf8_lossy(&bytes));
+                    if !out.ends_with('\n') {
+                        out.push('\n');
+                    }
+                }
+                Err(e) => out.push_str(&format!("(no log: {e})\n")),
+            }
+        }
+        Ok(out)
     }
 
     pub fn history(&self) -> Vec<Record> {

@@ -27,9 +27,57 @@ pub fn rolling_waves(count: u32, max_surge: u32, max_unavailable: u32) -> Vec<Wa
     waves
 }
 
+/// One instance as placement sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placed {
+    /// Index of its place (host).
+    pub place: usize,
+    /// Of the version being placed.
+    pub same_version: bool,
+    /// Starting or taking traffic (not drained, not stopping).
+    pub active: bool,
+}
+
+/// The place (of `places`) for the next instance of a version: the one with the fewest instances of that
+/// version, then the fewest active instances, then the first. So a service's count spreads evenly over its
+/// hosts, and a rolling deploy replaces instances host by host, on the host an old instance was just drained from.
+pub fn place(places: usize, instances: &[Placed]) -> usize {
+    (0..places.max(1))
+        .min_by_key(|&p| {
+            let on = instances.iter().filter(|i| i.place == p);
+            let same = on.clone().filter(|i| i.same_version).count();
+            let active = on.filter(|i| i.active).count();
+            (same, active, p)
+        })
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn instances_spread_over_places_and_a_new_version_follows_the_drained_host() {
+        // Boot: 2 per host on 3 hosts, round robin.
+        let mut booted = Vec::new();
+        for _ in 0..6 {
+            let p = place(3, &booted);
+            booted.push(Placed { place: p, same_version: true, active: true });
+        }
+        assert_eq!(booted.iter().map(|i| i.place).collect::<Vec<_>>(), [0, 1, 2, 0, 1, 2]);
+        // A deploy: the old ones are of another version. With nothing drained the first host takes the first new one.
+        let mut all: Vec<Placed> = booted.iter().map(|i| Placed { same_version: false, ..*i }).collect();
+        assert_eq!(place(3, &all), 0);
+        // max_unavailable: one old instance on host 2 is drained first, so the new one goes there.
+        all[2].active = false;
+        assert_eq!(place(3, &all), 2);
+        all.push(Placed { place: 2, same_version: true, active: true });
+        // Then host 0 (fewest of the new version, then fewest active, then order).
+        assert_eq!(place(3, &all), 0);
+        // One place only: always it.
+        assert_eq!(place(1, &all), 0);
+        assert_eq!(place(0, &[]), 0);
+    }
 
     fn totals(w: &[Wave]) -> (u32, u32) {
         (w.iter().map(|w| w.start).sum(), w.iter().map(|w| w.drain_first + w.drain_after).sum())

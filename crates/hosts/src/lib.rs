@@ -1,10 +1,15 @@
 //! SSH hosts for nonstop's deployers: the key pair (`keys`), strict host-key trust against nonstop's own
-//! known_hosts file (`known`, no trust on first use), and `hosts check`, which logs in to every host in parallel
-//! over one connection each (`session`) and judges what it found (`check`, pure).
+//! known_hosts file (`known`, no trust on first use), `hosts check`, which logs in to every host in parallel
+//! over one connection each (`session`) and judges what it found (`check`, pure), and the SSH process driver
+//! (`driver`), which runs a service's instances on hosts over one kept connection each (`link`) with the shell
+//! scripts of `remote` (pure).
 
 pub mod check;
+pub mod driver;
 pub mod keys;
 pub mod known;
+pub mod link;
+pub mod remote;
 pub mod session;
 
 use std::collections::BTreeMap;

@@ -46,8 +46,24 @@ fn offered(key: &PublicKey) -> OfferedKey {
     OfferedKey { algorithm: key.algorithm().to_string(), fingerprint: fingerprint(key) }
 }
 
+/// Keepalives of a connection kept open (the SSH driver's): a dead link closes it instead of hanging commands.
+#[derive(Debug, Clone, Copy)]
+pub struct Keepalive {
+    pub interval: Duration,
+    pub max: usize,
+}
+
 fn config() -> Arc<client::Config> {
-    Arc::new(client::Config { nodelay: true, ..Default::default() })
+    config_with(None)
+}
+
+fn config_with(keepalive: Option<Keepalive>) -> Arc<client::Config> {
+    Arc::new(client::Config {
+        nodelay: true,
+        keepalive_interval: keepalive.map(|k| k.interval),
+        keepalive_max: keepalive.map_or(3, |k| k.max),
+        ..Default::default()
+    })
 }
 
 /// One logged-in connection to a host.
@@ -104,11 +120,21 @@ pub async fn connect(
     known: Arc<KnownHosts>,
     identity: Arc<PrivateKey>,
 ) -> (Option<OfferedKey>, Result<Connection, Reach>) {
+    connect_with(host, known, identity, None).await
+}
+
+/// [`connect`], with keepalives on the connection.
+pub async fn connect_with(
+    host: &Host,
+    known: Arc<KnownHosts>,
+    identity: Arc<PrivateKey>,
+    keepalive: Option<Keepalive>,
+) -> (Option<OfferedKey>, Result<Connection, Reach>) {
     let seen: Seen = Arc::default();
     let judge = Judge { known, pattern: host_pattern(&host.host, host.port), seen: seen.clone(), probe_only: false };
     let attempt = async {
         let stream = tcp(host).await.map_err(Reach::Unreachable)?;
-        let mut handle = match client::connect_stream(config(), stream, judge).await {
+        let mut handle = match client::connect_stream(config_with(keepalive), stream, judge).await {
             Ok(h) => h,
             Err(e) => {
                 return Err(match seen.lock().expect("seen lock").as_ref() {
@@ -137,12 +163,40 @@ pub async fn connect(
 }
 
 impl Connection {
+    /// Whether the connection is gone (closed by either side, or by its keepalives).
+    pub fn is_closed(&self) -> bool {
+        self.handle.is_closed()
+    }
+
     /// Runs `command` (by the login user's shell) on a new channel of this connection.
     pub async fn exec(&self, command: &str) -> Result<Output, String> {
+        self.exec_input(command, None, Duration::from_millis(COMMAND_TIMEOUT_MS)).await
+    }
+
+    /// Runs `command` with `input` streamed to its standard input (then end of file), within `timeout`.
+    pub async fn exec_input(
+        &self,
+        command: &str,
+        input: Option<crate::link::Input>,
+        timeout: Duration,
+    ) -> Result<Output, String> {
         let _slot = self.sessions.acquire().await.map_err(|e| e.to_string())?;
         let run = async {
             let mut channel = self.handle.channel_open_session().await.map_err(|e| e.to_string())?;
             channel.exec(true, command).await.map_err(|e| e.to_string())?;
+            match input {
+                None => {}
+                Some(crate::link::Input::Bytes(b)) => {
+                    channel.data(&b[..]).await.map_err(|e| format!("sending input: {e}"))?;
+                }
+                Some(crate::link::Input::File(path)) => {
+                    let f = tokio::fs::File::open(&path)
+                        .await
+                        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                    channel.data(tokio::io::BufReader::with_capacity(256 * 1024, f)).await.map_err(|e| format!("sending {}: {e}", path.display()))?;
+                }
+            }
+            channel.eof().await.map_err(|e| e.to_string())?;
             let mut out = Output { status: None, stdout: Vec::new(), stderr: Vec::new() };
             while let Some(msg) = channel.wait().await {
                 match msg {
@@ -152,11 +206,15 @@ impl Connection {
                     _ => {}
                 }
             }
+            if out.status.is_none() && self.handle.is_closed() {
+                return Err("the SSH connection was lost".to_string());
+            }
             Ok(out)
         };
-        tokio::time::timeout(Duration::from_millis(COMMAND_TIMEOUT_MS), run)
-            .await
-            .unwrap_or_else(|_| Err(format!("{command:?} did not finish within {COMMAND_TIMEOUT_MS} ms")))
+        tokio::time::timeout(timeout, run).await.unwrap_or_else(|_| {
+            let first = command.lines().find(|l| !l.trim().is_empty() && l.trim() != "set -e").unwrap_or(command);
+            Err(format!("a command ({first:.60}...) did not finish within {} ms", timeout.as_millis()))
+        })
     }
 
     pub async fn close(self) {

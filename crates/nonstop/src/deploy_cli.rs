@@ -126,6 +126,43 @@ fn follow(what: &str, path: &str, a: &AdminArgs, body: &Value, json_lines: bool)
     }
 }
 
+#[derive(Args)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    pub admin: AdminArgs,
+    /// One instance (its id in nonstop status); default: every current instance of the service.
+    #[arg(long)]
+    pub instance: Option<u64>,
+    /// The last this many bytes of each instance's log.
+    #[arg(long, default_value_t = 65536)]
+    pub bytes: u64,
+}
+
+/// Prints the output logs of a service's instances (fetched over SSH for instances on hosts).
+pub fn logs(a: LogsArgs) -> ExitCode {
+    let mut path = format!("/logs?bytes_max={}", a.bytes);
+    if let Some(s) = &a.admin.service {
+        path.push_str(&format!("&service={s}"));
+    }
+    if let Some(i) = a.instance {
+        path.push_str(&format!("&instance={i}"));
+    }
+    let (code, text) = match admin_client::call(a.admin.admin, a.admin.token.as_deref(), "GET", &path, None) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("nonstop logs: cannot reach the admin API at {}: {e}", a.admin.admin);
+            return ExitCode::from(1);
+        }
+    };
+    let v = serde_json::from_str::<Value>(&text).unwrap_or(Value::Null);
+    if code != 200 {
+        eprintln!("nonstop logs: {}", v["error"].as_str().unwrap_or(&text));
+        return ExitCode::from(1);
+    }
+    print!("{}", v["text"].as_str().unwrap_or_default());
+    ExitCode::SUCCESS
+}
+
 pub fn status(a: StatusArgs) -> ExitCode {
     let path = match &a.admin.service {
         Some(s) => format!("/status?service={s}"),
@@ -157,17 +194,20 @@ pub fn status(a: StatusArgs) -> ExitCode {
     for s in services {
         println!("service {}  version {}", s["service"].as_str().unwrap_or("?"), s["version"].as_str().unwrap_or("?"));
         println!(
-            "  {:>4}  {:<10} {:<16} {:<9} {:<8} {:>9} {:>8} {:>8}  {:<8} container",
-            "id", "version", "addr", "state", "healthy", "in_flight", "restarts", "pid", "driver"
+            "  {:>4}  {:<10} {:<21} {:<9} {:<8} {:>9} {:>8} {:>8}  {:<8} {:<10} container",
+            "id", "version", "addr", "state", "healthy", "in_flight", "restarts", "pid", "driver", "host"
         );
-        for i in s["instances"].as_array().cloned().unwrap_or_default() {
+        let mut instances = s["instances"].as_array().cloned().unwrap_or_default();
+        // Per host, then by id.
+        instances.sort_by_key(|i| (i["host"].as_str().unwrap_or("").to_string(), i["id"].as_u64().unwrap_or(0)));
+        for i in instances {
             let healthy = match i["healthy"].as_bool() {
                 Some(true) => "yes",
                 Some(false) => "no",
                 None => "-",
             };
             println!(
-                "  {:>4}  {:<10} {:<16} {:<9} {:<8} {:>9} {:>8} {:>8}  {:<8} {}",
+                "  {:>4}  {:<10} {:<21} {:<9} {:<8} {:>9} {:>8} {:>8}  {:<8} {:<10} {}",
                 i["id"].to_string(),
                 i["version"].as_str().unwrap_or(""),
                 i["addr"].as_str().unwrap_or(""),
@@ -177,6 +217,7 @@ pub fn status(a: StatusArgs) -> ExitCode {
                 i["restarts"].to_string(),
                 i["pid"].to_string(),
                 i["driver"].as_str().unwrap_or("-"),
+                i["host"].as_str().unwrap_or("local"),
                 i["container"].as_str().unwrap_or("-")
             );
         }

@@ -53,8 +53,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show the app services' instances, versions, health, and any deploy in progress.
+    /// Show the app services' instances (per host and driver), versions, health, and any deploy in progress.
     Status(deploy_cli::StatusArgs),
+    /// Print the output logs of an app service's instances, or of one (--instance), through a running proxy;
+    /// the logs of instances on SSH hosts are fetched from the hosts.
+    Logs(deploy_cli::LogsArgs),
     /// Everything in one command: three supervised app instances behind the proxy, under load, through a rolling
     /// deploy, a kill -9, a 3x burst and a broken version that rolls back; prints a verdict and writes an HTML
     /// report. Exit status 0 only if no request failed and every accepted order is stored exactly once.
@@ -291,6 +294,7 @@ fn main() -> ExitCode {
         Command::Deploy(args) => return deploy_cli::deploy(args),
         Command::Rollback { admin, json } => return deploy_cli::rollback(admin, json),
         Command::Status(args) => return deploy_cli::status(args),
+        Command::Logs(args) => return deploy_cli::logs(args),
         Command::Demo(args) => return demo::run(args),
         Command::Check { config } => return check(&config),
         Command::Keys(args) => hosts_cli::keys(args),

@@ -167,6 +167,7 @@ async fn handle(shared: Arc<Shared>, own: SocketAddr, req: Request<Incoming>) ->
                 .collect();
             reply(StatusCode::OK, json!({ "services": services }))
         }
+        (Method::GET, ["logs"]) => logs_call(&shared, &query).await.unwrap_or_else(|AdminError(s, m)| fail(s, m)),
         (Method::GET, ["deploys"]) => {
             let records = shared.apps.history.as_ref().map(|h| h.records(service_in_query(&query))).unwrap_or_default();
             reply(StatusCode::OK, json!({ "deploys": records }))
@@ -256,6 +257,33 @@ fn deployer_for(shared: &Shared, v: &Value) -> Result<Arc<nonstop_deploy::Deploy
             Err(err(StatusCode::BAD_REQUEST, format!("several app services ({}): name one with \"service\"", names())))
         }
         Some(_) => Err(err(StatusCode::BAD_REQUEST, "service: must be a string")),
+    }
+}
+
+/// Log bytes per instance a `GET /logs` returns by default, and at most.
+const LOG_BYTES_DEFAULT: u64 = 64 * 1024;
+const LOG_BYTES_MAX: u64 = 4 << 20;
+
+/// GET /logs?service=S&instance=ID&bytes_max=N: the tail of the output of one instance, or of each current one
+/// (fetched over SSH for instances on hosts).
+async fn logs_call(shared: &Shared, query: &str) -> Result<Resp, AdminError> {
+    let param = |k: &str| query.split('&').find_map(|kv| kv.strip_prefix(&format!("{k}=")[..]));
+    let d = deployer_for(shared, &json!({ "service": service_in_query(query) }))?;
+    let instance = match param("instance") {
+        None => None,
+        Some(raw) => Some(raw.parse::<u64>().map_err(|_| {
+            err(StatusCode::BAD_REQUEST, format!("instance: {raw:?} is not an instance id (see nonstop status)"))
+        })?),
+    };
+    let bytes_max = match param("bytes_max") {
+        None => LOG_BYTES_DEFAULT,
+        Some(raw) => raw.parse::<u64>().ok().filter(|&n| (1..=LOG_BYTES_MAX).contains(&n)).ok_or_else(|| {
+            err(StatusCode::BAD_REQUEST, format!("bytes_max: {raw:?} is not a number of bytes from 1 to {LOG_BYTES_MAX}"))
+        })?,
+    };
+    match d.logs(instance, bytes_max).await {
+        Ok(text) => Ok(reply(StatusCode::OK, json!({ "service": d.service, "text": text }))),
+        Err(e) => Err(err(StatusCode::NOT_FOUND, e.to_string())),
     }
 }
 

@@ -11,6 +11,7 @@ use nonstop_deploy::docker::DockerDriver;
 use nonstop_deploy::driver::{Driver, LocalDriver};
 use nonstop_deploy::history::History;
 use nonstop_deploy::{Change, Deployer, Traffic};
+use nonstop_hosts::driver::SshDriver;
 
 use crate::pool::Pool;
 use crate::state::Snapshot;
@@ -57,9 +58,13 @@ impl Apps {
         for svc in apps {
             let pool = snapshot.services[&svc.name].pool.clone();
             let app = svc.app.clone().expect("an app service");
-            let driver: Arc<dyn Driver> = match app.driver {
+            let driver: Arc<dyn Driver> = match &app.driver {
                 AppDriver::Process => Arc::new(LocalDriver),
                 AppDriver::Docker(_) => Arc::new(DockerDriver::new(&svc.name, &config.state_dir)),
+                AppDriver::Ssh(ssh) => Arc::new(
+                    SshDriver::new(&svc.name, ssh, &config.hosts, &config.state_dir)
+                        .map_err(|e| crate::StartError::Hosts(e.to_string()))?,
+                ),
             };
             let d = Deployer::new(
                 &svc.name,
@@ -93,7 +98,24 @@ impl Apps {
         config
             .services
             .values()
-            .filter_map(|s| Some(format!("{} ({})", s.name, s.app.as_ref()?.driver.as_str())))
+            .filter_map(|s| {
+                let app = s.app.as_ref()?;
+                Some(match &app.driver {
+                    // The hosts, and where they are, are the driver's for its life.
+                    AppDriver::Ssh(ssh) => {
+                        let at: Vec<String> = ssh
+                            .hosts
+                            .iter()
+                            .map(|h| match config.hosts.get(h) {
+                                Some(h) => format!("{}={}@{}:{}", h.name, h.user, h.host, h.port),
+                                None => h.clone(),
+                            })
+                            .collect();
+                        format!("{} (ssh on {})", s.name, at.join(", "))
+                    }
+                    d => format!("{} ({})", s.name, d.as_str()),
+                })
+            })
             .collect()
     }
 }

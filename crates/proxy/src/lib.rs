@@ -85,6 +85,8 @@ pub enum StartError {
     Queue(String, nonstop_queue::StoreError),
     #[error("{0}")]
     State(nonstop_deploy::history::HistoryError),
+    #[error("{0}")]
+    Hosts(String),
     #[error("reload cannot add or remove app sections or change their driver (restart instead): {0:?} -> {1:?}")]
     AppsChanged(Vec<String>, Vec<String>),
 }
