@@ -400,7 +400,11 @@ fn the_hosts_example_is_accepted_with_its_defaults() {
     let web2 = &c.hosts["web2"];
     assert_eq!((web2.port, web2.dir.as_str()), (2222, "/srv/nonstop"));
     assert_eq!(web2.connect_timeout, Duration::from_millis(3000));
-    assert_eq!(c.hosts["db1"].user, "root");
+    assert_eq!(c.hosts["web3"].user, "root");
+    let app = c.services["app"].app.as_ref().unwrap();
+    let AppDriver::Ssh(ssh) = &app.driver else { panic!("examples/hosts.toml uses the ssh driver") };
+    assert_eq!(ssh.hosts, ["web1", "web2", "web3"]);
+    assert_eq!(app.count, 1);
 }
 
 #[test]
