@@ -231,6 +231,9 @@ pub struct DockerApp {
     pub labels: Vec<(String, String)>,
     /// Replaced versions whose stopped containers are kept (at least 1).
     pub keep_versions: u32,
+    /// `[hosts.NAME]` whose Docker engines run the containers, `count` on each, reached over SSH; empty: the
+    /// local engine.
+    pub hosts: Vec<String>,
 }
 
 /// The ssh driver's part of an app section.
@@ -889,12 +892,15 @@ fn parse_app(t: Table<'_, '_>, hosts: &BTreeSet<String>) -> Option<App> {
         }
     });
     let docker_only = ["image", "args", "container_port", "volumes", "labels", "keep_versions"];
-    let ssh_only = ["hosts", "release", "keep_releases"];
+    let ssh_only = ["release", "keep_releases"];
     if driver.as_deref() != Some("ssh") {
         for k in ssh_only {
             if t.has(k) {
                 t.invalid(k, "only the ssh driver takes this key (set driver = \"ssh\")");
             }
+        }
+        if driver.as_deref() != Some("docker") && t.has("hosts") {
+            t.invalid("hosts", "only the ssh and docker drivers take this key");
         }
     }
     let (command, driver) = match driver.as_deref() {
@@ -904,15 +910,12 @@ fn parse_app(t: Table<'_, '_>, hosts: &BTreeSet<String>) -> Option<App> {
                     t.invalid(k, "the docker driver runs image with args; command and dir are the process driver's");
                 }
             }
-            (Some(String::new()), parse_docker(&t).map(AppDriver::Docker))
+            (Some(String::new()), parse_docker(&t, hosts).map(AppDriver::Docker))
         }
         Some("ssh") => {
             for k in docker_only.iter().chain(&["dir"]) {
                 if t.has(k) {
-                    t.invalid(
-                        k,
-                        "not an ssh driver key: instances run command in the release directory on each host",
-                    );
+                    t.invalid(k, "not an ssh driver key: instances run command in the release directory on each host");
                 }
             }
             let command = t.string("command");
@@ -1039,7 +1042,22 @@ fn parse_ssh(t: &Table<'_, '_>, known: &BTreeSet<String>) -> Option<SshApp> {
     if !t.has("hosts") {
         t.required("hosts");
     }
-    let hosts = t.strings("hosts").and_then(|hs| {
+    let hosts = parse_host_list(t, known);
+    let release = t.string("release").and_then(|r| {
+        if r.is_empty() || r.chars().any(|c| c.is_control()) {
+            t.invalid("release", format!("{r:?} is not a path"));
+            None
+        } else {
+            Some(PathBuf::from(r))
+        }
+    });
+    let keep_releases = t.int_in("keep_releases", 2, 100);
+    Some(SshApp { hosts: hosts?, release, keep_releases: keep_releases? as u32 })
+}
+
+/// The `hosts` list of an app section: names of `[hosts.NAME]` tables, each once.
+fn parse_host_list(t: &Table<'_, '_>, known: &BTreeSet<String>) -> Option<Vec<String>> {
+    t.strings("hosts").and_then(|hs| {
         let mut problems = Vec::new();
         if hs.is_empty() {
             problems.push("names no host".to_string());
@@ -1063,21 +1081,11 @@ fn parse_ssh(t: &Table<'_, '_>, known: &BTreeSet<String>) -> Option<SshApp> {
             t.invalid("hosts", problems.join("; "));
             None
         }
-    });
-    let release = t.string("release").and_then(|r| {
-        if r.is_empty() || r.chars().any(|c| c.is_control()) {
-            t.invalid("release", format!("{r:?} is not a path"));
-            None
-        } else {
-            Some(PathBuf::from(r))
-        }
-    });
-    let keep_releases = t.int_in("keep_releases", 2, 100);
-    Some(SshApp { hosts: hosts?, release, keep_releases: keep_releases? as u32 })
+    })
 }
 
 /// The docker driver's keys of an app section.
-fn parse_docker(t: &Table<'_, '_>) -> Option<DockerApp> {
+fn parse_docker(t: &Table<'_, '_>, known: &BTreeSet<String>) -> Option<DockerApp> {
     let image = t.string("image");
     if image.is_none() && !t.has("image") {
         t.required("image");
@@ -1105,7 +1113,9 @@ fn parse_docker(t: &Table<'_, '_>) -> Option<DockerApp> {
     });
     let labels = t.string_map("labels");
     let keep_versions = t.int_in("keep_versions", 1, 100);
+    let hosts = if t.has("hosts") { parse_host_list(t, known) } else { Some(Vec::new()) };
     Some(DockerApp {
+        hosts: hosts?,
         labels: labels?,
         image: image?,
         args: args?,

@@ -74,10 +74,15 @@ pub fn container_name(service: &str, instance: u64, version: &str) -> String {
 
 /// The arguments of `docker run` for one instance (attached: it runs as long as the container does).
 pub fn run_args(launch: &Launch, c: &DockerApp, name: &str, state: &str) -> Vec<String> {
-    let mut a: Vec<String> = ["run", "--name", name, "--pull", "never", "--restart", "no", "--sig-proxy=false"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    run_args_as(launch, c, name, state, false)
+}
+
+/// The arguments of `docker run` for one instance, attached or detached (`-d`, for an engine on another host).
+/// The container port is published on the instance's address: 127.0.0.1 here, the host's address on a host.
+pub fn run_args_as(launch: &Launch, c: &DockerApp, name: &str, state: &str, detached: bool) -> Vec<String> {
+    let mut a: Vec<String> =
+        ["run", "--name", name, "--pull", "never", "--restart", "no"].iter().map(|s| s.to_string()).collect();
+    a.push(if detached { "--detach".into() } else { "--sig-proxy=false".into() });
     a.push("--stop-timeout".into());
     a.push(launch.stop_grace.as_secs_f64().ceil().to_string());
     let labels = [
@@ -91,7 +96,7 @@ pub fn run_args(launch: &Launch, c: &DockerApp, name: &str, state: &str) -> Vec<
         a.push(format!("{k}={v}"));
     }
     a.push("--publish".into());
-    a.push(format!("127.0.0.1:{}:{}/tcp", launch.addr.port(), c.container_port));
+    a.push(format!("{}:{}/tcp", launch.addr, c.container_port));
     for (k, v) in &launch.env {
         a.push("--env".into());
         a.push(format!("{k}={v}"));
@@ -246,6 +251,15 @@ impl Process for Container {
     }
 }
 
+/// How a container's exit code reads: 128 + n is a signal.
+pub fn describe_code(code: i64) -> String {
+    if code > 128 && code < 160 {
+        format!("exit status {code} (killed by signal {})", code - 128)
+    } else {
+        format!("exit status {code}")
+    }
+}
+
 /// How `docker run` ended: 125 is the engine's own failure (no such image, a port taken), 128 + n a signal.
 fn describe(status: std::process::ExitStatus) -> String {
     match status.code() {
@@ -300,12 +314,13 @@ mod tests {
             volumes: vec!["/srv:/data".into()],
             labels: vec![("nonstop.test".into(), "1".into())],
             keep_versions: 2,
+            hosts: Vec::new(),
         };
         let name = container_name(&launch.service, launch.instance, &launch.version);
         assert_eq!(name, "nonstop-web-7-v2_b");
         let a = run_args(&launch, &c, &name, "/state").join(" ");
         for want in [
-            "run --name nonstop-web-7-v2_b --pull never --restart no",
+            "run --name nonstop-web-7-v2_b --pull never --restart no --sig-proxy=false",
             "--stop-timeout 3",
             "--label nonstop.service=web --label nonstop.version=v2+b --label nonstop.instance=7 --label nonstop.state=/state --label nonstop.test=1",
             "--publish 127.0.0.1:9105:9001/tcp",

@@ -39,6 +39,8 @@ impl Place {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Prepared {
     pub host: Option<String>,
+    /// What was made ready: "release", "image".
+    pub what: &'static str,
     /// `Ok(None)`: nothing to do (already there); `Ok(Some(bytes))`: shipped; `Err`: why not, the host named.
     pub result: Result<Option<u64>, String>,
     pub ms: u64,

@@ -582,9 +582,9 @@ impl Deployer {
         let mut result = self.prepare(&ctx).await;
         if result.is_ok() {
             result = match ctx.strategy {
-            Strategy::Rolling => self.rolling(&mut ctx).await,
-            Strategy::BlueGreen => self.blue_green(&mut ctx).await,
-            Strategy::Canary => self.canary(&mut ctx).await,
+                Strategy::Rolling => self.rolling(&mut ctx).await,
+                Strategy::BlueGreen => self.blue_green(&mut ctx).await,
+                Strategy::Canary => self.canary(&mut ctx).await,
             };
         }
         if result.is_ok() {
@@ -681,11 +681,11 @@ impl Deployer {
             match &p.result {
                 Ok(Some(bytes)) => ctx.events.send_value(json!({
                     "step": "shipped", "host": p.host, "ms": p.ms, "bytes": bytes,
-                    "message": format!("release of {} shipped to {on} in {} ms ({:.1} MB, SHA-256 checked)", ctx.version, p.ms, *bytes as f64 / 1e6),
+                    "message": format!("{} of {} shipped to {on} in {} ms ({:.1} MB, {})", p.what, ctx.version, p.ms, *bytes as f64 / 1e6, if p.what == "image" { "image ID checked" } else { "SHA-256 checked" }),
                 })),
                 Ok(None) => ctx.events.send_value(json!({
                     "step": "shipped", "host": p.host, "ms": p.ms, "bytes": 0,
-                    "message": format!("release of {} already on {on} ({} ms)", ctx.version, p.ms),
+                    "message": format!("{} of {} already on {on} ({} ms)", p.what, ctx.version, p.ms),
                 })),
                 Err(e) => failed.push(e.clone()),
             }
@@ -742,7 +742,8 @@ impl Deployer {
                 if passes[k] == spec.ready_passes {
                     ctx.events.send_value(json!({
                         "step": "ready", "instance": i.id, "addr": i.addr.to_string(),
-                        "message": format!("instance {} is ready ({} health checks passed)", i.id, spec.ready_passes),
+                        "host": i.host,
+                        "message": format!("{} is ready ({} health checks passed)", i.named(), spec.ready_passes),
                     }));
                 }
             }
@@ -775,7 +776,8 @@ impl Deployer {
             ctx.in_service.push(i.clone());
             ctx.events.send_value(json!({
                 "step": "in_service", "instance": i.id, "addr": i.addr.to_string(),
-                "message": format!("instance {} takes traffic{}", i.id, if warm { "" } else { " (slow start)" }),
+                "host": i.host,
+                "message": format!("{} takes traffic{}", i.named(), if warm { "" } else { " (slow start)" }),
             }));
         }
     }
@@ -797,7 +799,8 @@ impl Deployer {
                 for i in &list {
                     ctx.events.send_value(json!({
                         "step": "drained", "instance": i.id, "addr": i.addr.to_string(),
-                        "message": format!("old instance {} drained{} (kept warm until the soak passes)", i.id, if busy > 0 { ", drain timeout" } else { "" }),
+                        "host": i.host,
+                        "message": format!("old {} drained{} (kept warm until the soak passes)", i.named(), if busy > 0 { ", drain timeout" } else { "" }),
                     }));
                 }
                 return Ok(());
@@ -929,7 +932,8 @@ impl Deployer {
         for i in &list {
             ctx.events.send_value(json!({
                 "step": "stopped", "instance": i.id, "addr": i.addr.to_string(), "version": i.version,
-                "message": format!("instance {} ({}) stopped", i.id, i.version),
+                "host": i.host,
+                "message": format!("{} ({}) stopped", i.named(), i.version),
             }));
         }
     }

@@ -80,9 +80,12 @@ struct Inner {
     hosts: Vec<Arc<HostSide>>,
     /// Where release archives are built: state_dir/releases.
     archive_dir: PathBuf,
-    archives: Mutex<BTreeMap<String, Arc<OnceCell<Result<Arc<Archive>, String>>>>>,
+    archives: Mutex<BTreeMap<String, Once<Archive>>>,
     tokens: AtomicU64,
 }
+
+/// Work done once per key (a version's archive, an image's save) and shared; a failure is forgotten.
+pub(crate) type Once<T> = Arc<OnceCell<Result<Arc<T>, String>>>;
 
 impl SshDriver {
     /// A driver for `service` on the hosts `app` names (all defined in `hosts`: config validation ensures it).
@@ -97,14 +100,7 @@ impl SshDriver {
             let h = hosts
                 .get(name)
                 .ok_or_else(|| SshDriverError::NoSuchHost { service: service.into(), host: name.clone() })?;
-            let ip = match h.host.parse::<IpAddr>() {
-                Ok(ip) => ip,
-                Err(_) => (h.host.as_str(), h.port)
-                    .to_socket_addrs()
-                    .map_err(|e| e.to_string())
-                    .and_then(|mut a| a.next().map(|a| a.ip()).ok_or_else(|| "no address".to_string()))
-                    .map_err(|why| SshDriverError::Resolve { host: name.clone(), address: h.host.clone(), why })?,
-            };
+            let ip = resolve(h)?;
             sides.push(Arc::new(HostSide {
                 link: Link::new(h.clone(), crate::known_hosts_path(state_dir)),
                 ip,
@@ -114,7 +110,8 @@ impl SshDriver {
                 poller: AtomicBool::new(false),
             }));
         }
-        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let seed =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         Ok(SshDriver(Arc::new(Inner {
             service: service.to_string(),
             app: app.clone(),
@@ -163,7 +160,10 @@ impl Inner {
             return Ok(None);
         }
         let short = Duration::from_millis(COMMAND_MS);
-        let present = side.link.run_ok("looking for the release", &remote::has_release(&side.link.host.dir, version), None, short).await?;
+        let present = side
+            .link
+            .run_ok("looking for the release", &remote::has_release(&side.link.host.dir, version), None, short)
+            .await?;
         if String::from_utf8_lossy(&present).trim() == "yes" {
             shipped.push(version.to_string());
             return Ok(None);
@@ -185,6 +185,18 @@ impl Inner {
         side.link.run_ok("removing leftovers", &script, None, Duration::from_millis(COMMAND_MS)).await?;
         side.cleaned.store(true, Relaxed);
         Ok(())
+    }
+}
+
+/// The address of a host, which its instances listen on.
+pub(crate) fn resolve(h: &Host) -> Result<IpAddr, SshDriverError> {
+    match h.host.parse::<IpAddr>() {
+        Ok(ip) => Ok(ip),
+        Err(_) => (h.host.as_str(), h.port)
+            .to_socket_addrs()
+            .map_err(|e| e.to_string())
+            .and_then(|mut a| a.next().map(|a| a.ip()).ok_or_else(|| "no address".to_string()))
+            .map_err(|why| SshDriverError::Resolve { host: h.name.clone(), address: h.host.clone(), why }),
     }
 }
 
@@ -365,7 +377,12 @@ impl Driver for SshDriver {
                 async move {
                     let started = Instant::now();
                     let result = me.ensure(&side, &v).await;
-                    Prepared { host: Some(side.link.host.name.clone()), result, ms: started.elapsed().as_millis() as u64 }
+                    Prepared {
+                        host: Some(side.link.host.name.clone()),
+                        what: "release",
+                        result,
+                        ms: started.elapsed().as_millis() as u64,
+                    }
                 }
             });
             join_all(tasks).await
@@ -383,7 +400,8 @@ impl Driver for SshDriver {
         }
         launch.pid.store(0, Relaxed);
         let (tx, rx) = watch::channel(None);
-        let shared = Arc::new(Shared { side: side.clone(), pid: launch.pid.clone(), exit: tx, asked: StdMutex::new(None) });
+        let shared =
+            Arc::new(Shared { side: side.clone(), pid: launch.pid.clone(), exit: tx, asked: StdMutex::new(None) });
         let token = format!("{:x}", me.tokens.fetch_add(1, Relaxed));
         let launch = launch.clone();
         let (release, task_shared) = (me.app.release.is_some(), shared.clone());
@@ -440,7 +458,9 @@ impl Driver for SshDriver {
             let tasks = me.hosts.clone().into_iter().map(|side| {
                 let script = remote::prune_releases(&side.link.host.dir, me.app.keep_releases, &now, &version);
                 async move {
-                    if let Err(e) = side.link.run_ok("pruning releases", &script, None, Duration::from_millis(COMMAND_MS)).await {
+                    if let Err(e) =
+                        side.link.run_ok("pruning releases", &script, None, Duration::from_millis(COMMAND_MS)).await
+                    {
                         tracing::warn!(error = %e, "old releases not pruned");
                     }
                 }
@@ -469,7 +489,7 @@ impl Driver for SshDriver {
 
 /// Runs each future as a task of its own (so each host's timeout runs beside the others') and collects their
 /// outputs in order.
-async fn join_all<T: Send + 'static>(
+pub(crate) async fn join_all<T: Send + 'static>(
     futures: impl IntoIterator<Item = impl std::future::Future<Output = T> + Send + 'static>,
 ) -> Vec<T> {
     let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();

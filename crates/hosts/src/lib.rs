@@ -2,9 +2,10 @@
 //! known_hosts file (`known`, no trust on first use), `hosts check`, which logs in to every host in parallel
 //! over one connection each (`session`) and judges what it found (`check`, pure), and the SSH process driver
 //! (`driver`), which runs a service's instances on hosts over one kept connection each (`link`) with the shell
-//! scripts of `remote` (pure).
+//! scripts of `remote` (pure), and the Docker driver on hosts (`docker`), which ships images with no registry.
 
 pub mod check;
+pub mod docker;
 pub mod driver;
 pub mod keys;
 pub mod known;

@@ -55,8 +55,7 @@ impl Link {
         })?;
         let _handshake = self.startups.acquire().await.map_err(|e| self.fail(e))?;
         let keepalive = session::Keepalive { interval: KEEPALIVE_INTERVAL, max: KEEPALIVE_MAX };
-        let (key, conn) =
-            session::connect_with(&self.host, Arc::new(known), Arc::new(identity), Some(keepalive)).await;
+        let (key, conn) = session::connect_with(&self.host, Arc::new(known), Arc::new(identity), Some(keepalive)).await;
         match conn {
             Ok(c) => {
                 let c = Arc::new(c);
@@ -99,7 +98,13 @@ impl Link {
     }
 
     /// Like [`Link::run`], but a non-zero exit status is an error too, with the command's standard error.
-    pub async fn run_ok(&self, what: &str, command: &str, input: Option<Input>, timeout: Duration) -> Result<Vec<u8>, String> {
+    pub async fn run_ok(
+        &self,
+        what: &str,
+        command: &str,
+        input: Option<Input>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, String> {
         let o = self.run(command, input, timeout).await?;
         if o.status == Some(0) {
             return Ok(o.stdout);

@@ -178,7 +178,11 @@ mod tests {
             .unwrap();
         c.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
         let o = c.wait_with_output().unwrap();
-        (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into(),
+            String::from_utf8_lossy(&o.stderr).into(),
+        )
     }
 
     #[test]

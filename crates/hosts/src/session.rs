@@ -181,9 +181,16 @@ impl Connection {
         timeout: Duration,
     ) -> Result<Output, String> {
         let _slot = self.sessions.acquire().await.map_err(|e| e.to_string())?;
+        let lost = |e: russh::Error| {
+            if self.handle.is_closed() {
+                format!("the SSH connection was lost ({e}: keepalives unanswered, or closed by the host)")
+            } else {
+                e.to_string()
+            }
+        };
         let run = async {
-            let mut channel = self.handle.channel_open_session().await.map_err(|e| e.to_string())?;
-            channel.exec(true, command).await.map_err(|e| e.to_string())?;
+            let mut channel = self.handle.channel_open_session().await.map_err(lost)?;
+            channel.exec(true, command).await.map_err(lost)?;
             match input {
                 None => {}
                 Some(crate::link::Input::Bytes(b)) => {
@@ -193,10 +200,13 @@ impl Connection {
                     let f = tokio::fs::File::open(&path)
                         .await
                         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-                    channel.data(tokio::io::BufReader::with_capacity(256 * 1024, f)).await.map_err(|e| format!("sending {}: {e}", path.display()))?;
+                    channel
+                        .data(tokio::io::BufReader::with_capacity(256 * 1024, f))
+                        .await
+                        .map_err(|e| format!("sending {}: {e}", path.display()))?;
                 }
             }
-            channel.eof().await.map_err(|e| e.to_string())?;
+            channel.eof().await.map_err(lost)?;
             let mut out = Output { status: None, stdout: Vec::new(), stderr: Vec::new() };
             while let Some(msg) = channel.wait().await {
                 match msg {
@@ -207,7 +217,7 @@ impl Connection {
                 }
             }
             if out.status.is_none() && self.handle.is_closed() {
-                return Err("the SSH connection was lost".to_string());
+                return Err("the SSH connection was lost (keepalives unanswered, or closed by the host)".to_string());
             }
             Ok(out)
         };

@@ -128,6 +128,9 @@ fn follow(what: &str, path: &str, a: &AdminArgs, body: &Value, json_lines: bool)
 
 #[derive(Args)]
 pub struct LogsArgs {
+    /// The app service (or --service; needed only when several services have an app section).
+    #[arg(value_name = "SERVICE")]
+    pub name: Option<String>,
     #[command(flatten)]
     pub admin: AdminArgs,
     /// One instance (its id in nonstop status); default: every current instance of the service.
@@ -141,7 +144,7 @@ pub struct LogsArgs {
 /// Prints the output logs of a service's instances (fetched over SSH for instances on hosts).
 pub fn logs(a: LogsArgs) -> ExitCode {
     let mut path = format!("/logs?bytes_max={}", a.bytes);
-    if let Some(s) = &a.admin.service {
+    if let Some(s) = a.name.as_ref().or(a.admin.service.as_ref()) {
         path.push_str(&format!("&service={s}"));
     }
     if let Some(i) = a.instance {

@@ -414,3 +414,212 @@ fn an_image_whose_app_exits_at_start_rolls_back_with_no_failed_request_and_v1_se
     rig.wait_serving(3, &v1);
     rig.shut_down();
 }
+
+// ---- The Docker driver on SSH hosts: each host a network namespace with its own sshd and its own Docker engine. ----
+
+/// A host with its own Docker engine: sshd's sessions talk to it (DOCKER_HOST), and it publishes ports on the host's
+/// address. Fields drop in order: sshd (and the namespace), then the engine.
+struct DockerHost {
+    ssh: nonstop_testkit::sshd::SshHost,
+    engine: nonstop_testkit::dockerd::Engine,
+}
+
+impl DockerHost {
+    fn start(authorized: &str) -> DockerHost {
+        let mut engine = None;
+        let ssh = nonstop_testkit::sshd::SshHost::start_with(authorized, |ns| {
+            let e = nonstop_testkit::dockerd::Engine::start_in(ns);
+            let line = format!("SetEnv DOCKER_HOST={}\n", e.docker_host());
+            engine = Some(e);
+            line
+        });
+        DockerHost { ssh, engine: engine.expect("the engine started") }
+    }
+}
+
+fn cli(args: &[&str], admin: Option<&str>) -> std::process::Output {
+    let mut c = std::process::Command::new(bin());
+    c.args(args).env("RUST_LOG", "warn");
+    if let Some(a) = admin {
+        c.args(["--admin", a]);
+    }
+    let out = c.output().unwrap();
+    eprintln!("$ nonstop {}\n{}", args.join(" "), text(&out));
+    out
+}
+
+#[test]
+fn docker_on_3_ssh_hosts_ships_the_image_with_no_registry_and_a_rolling_deploy_under_load_fails_nothing() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (v1, v2) = versions("rdk");
+    let (i1, i2) = (Image::build(bin(), &v1), Image::build(bin(), &v2));
+    let dir = nonstop_testkit::TempDir::new("rdocker");
+    let d = dir.path().display().to_string();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let base = 36_000 + (std::process::id() % 200) as u16 * 10;
+    let head = format!(
+        "state_dir = \"{d}/state\"\n\n[[listeners]]\nlisten = \"127.0.0.1:0\"\nheader_read_timeout_ms = 1000\n\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n\n[access_log]\npath = \"{d}/access.log\"\n\n[[routes]]\nservice = \"rdk\"\n\n\
+         [services.rdk]\nresponse_timeout_ms = 2000\n\n[services.rdk.retry]\nadd_idempotency_key = true\n\n"
+    );
+    let keys_config = dir.path().join("keys.toml");
+    std::fs::write(
+        &keys_config,
+        format!("{head}[services.rdk.app]\ncommand = \"true\"\nports = \"{base}-{}\"\n", base + 9),
+    )
+    .unwrap();
+    let out = cli(&["keys", "init", "--config", keys_config.to_str().unwrap()], None);
+    assert!(out.status.success());
+    let public = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let hosts: Vec<DockerHost> = (0..3).map(|_| DockerHost::start(&public)).collect();
+    let mut config = format!(
+        "{head}[services.rdk.app]\ndriver = \"docker\"\nhosts = [\"d1\", \"d2\", \"d3\"]\ncount = 1\n\
+         image = \"nonstop-app:{{version}}\"\nversion = \"{v1}\"\n\
+         args = [\"app\", \"--instance\", \"{{instance}}\", \"--workers\", \"8\", \"--work-ms\", \"2\"]\n\
+         volumes = [\"{data}:/data\"]\nports = \"{base}-{}\"\nready_interval_ms = 100\nsoak_ms = 3000\n\
+         ready_timeout_ms = 20000\nstop_grace_ms = 5000\nrestart_backoff_base_ms = 200\np99_slack_ms = 2000\n",
+        base + 9,
+        data = data.display(),
+    );
+    for (k, h) in hosts.iter().enumerate() {
+        config.push_str(&format!(
+            "\n[hosts.d{}]\naddress = \"{}:{}\"\nuser = \"root\"\ndir = \"{d}/hosts/d{}\"\nconnect_timeout_ms = 3000\n",
+            k + 1,
+            h.ssh.ip,
+            nonstop_testkit::sshd::SSHD_PORT,
+            k + 1
+        ));
+    }
+    let path = dir.path().join("nonstop.toml");
+    std::fs::write(&path, &config).unwrap();
+    std::fs::write(dir.path().join("reads.toml"), READS).unwrap();
+    std::fs::write(dir.path().join("orders.toml"), ORDERS).unwrap();
+    let p = path.to_str().unwrap();
+    assert!(cli(&["check", "--config", p], None).status.success());
+    assert!(cli(&["hosts", "trust", "--all", "--config", p], None).status.success());
+    // No host has the images: they are only on this machine's engine.
+    for h in &hosts {
+        let have = h.engine.docker(&["images", "-q", "nonstop-app"]);
+        assert_eq!(have, "", "a fresh engine has no image");
+    }
+
+    let (mut proxy, admin) = serve(&path);
+    let status = || {
+        let out = cli(&["status", "--json"], Some(&admin));
+        assert!(out.status.success());
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["services"][0].clone()
+    };
+    let wait_serving = |version: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let s = status();
+            let inst = s["instances"].as_array().unwrap();
+            let mut on: Vec<&str> = inst.iter().filter_map(|i| i["host"].as_str()).collect();
+            on.sort();
+            let ok = inst.len() == 3
+                && on == ["d1", "d2", "d3"]
+                && inst.iter().all(|i| {
+                    i["version"] == version
+                        && i["state"] == "serving"
+                        && i["healthy"] == true
+                        && i["driver"] == "docker"
+                });
+            if ok && s["deploy"].is_null() {
+                return s;
+            }
+            assert!(std::time::Instant::now() < deadline, "not 3 healthy containers of {version} on d1..d3: {s:#}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let s = wait_serving(&v1);
+    // Each host's engine got the image by docker load, with this machine's ID, and runs its container, published on
+    // the host's address.
+    let local_id = docker(&["image", "inspect", "-f", "{{.Id}}", &i1.tag]);
+    for (k, h) in hosts.iter().enumerate() {
+        assert_eq!(h.engine.docker(&["image", "inspect", "-f", "{{.Id}}", &i1.tag]), local_id, "host d{}", k + 1);
+        let i = s["instances"].as_array().unwrap().iter().find(|i| i["host"] == format!("d{}", k + 1)).unwrap().clone();
+        let name = i["container"].as_str().unwrap();
+        assert_eq!(h.engine.docker(&["inspect", "-f", "{{.State.Running}}", name]), "true");
+        let published = h.engine.docker(&["port", name, "9001/tcp"]);
+        assert_eq!(published, i["addr"].as_str().unwrap(), "published on the host's address");
+        assert!(published.starts_with(&h.ssh.ip), "{published} is on {}", h.ssh.ip);
+    }
+
+    let load = |scenario: &str, seconds: u32| {
+        let args = ["--rate", "150", "--duration", &format!("{seconds}s"), "--connections", "2000", "--timeout", "30s"];
+        let args = [&args[..], &["--track-header", "X-Nonstop-Version"]].concat();
+        let scenario = dir.path().join(format!("{scenario}.toml"));
+        nonstop_testkit::run_load(bin(), proxy.addr, &scenario, &args, dir.path())
+    };
+    let reads = load("reads", 20);
+    let orders = load("orders", 20);
+    std::thread::sleep(Duration::from_secs(2));
+    let started = std::time::Instant::now();
+    let out = cli(&["deploy", "--version", &v2], Some(&admin));
+    eprintln!("the rolling deploy of 3 containers on 3 hosts took {:.1} s", started.elapsed().as_secs_f64());
+    let printed = text(&out);
+    assert!(out.status.success(), "{printed}");
+    for host in ["d1", "d2", "d3"] {
+        assert!(
+            printed.contains(&format!("image of {v2} shipped to {host} in ")),
+            "the image shipped to {host}: {printed}"
+        );
+    }
+    assert_eq!(printed.matches("takes traffic (slow start)").count(), 3, "one at a time: {printed}");
+    let (reads, orders) = (reads.join().unwrap(), orders.join().unwrap());
+    let failures = |doc: &serde_json::Value| {
+        let r = &doc["requests"];
+        assert!(n(&r["scheduled"]) > 0, "{r}");
+        assert_eq!(
+            (n(&r["failed"]), n(&r["not_sent"])),
+            (0, 0),
+            "requests {r} errors {} status {}",
+            doc["errors"],
+            doc["status"]
+        );
+    };
+    failures(&reads);
+    failures(&orders);
+    assert!(reads["headers"][&v2].as_u64().unwrap_or(0) > 0, "v2 served during the load: {}", reads["headers"]);
+    wait_serving(&v2);
+    let local_id2 = docker(&["image", "inspect", "-f", "{{.Id}}", &i2.tag]);
+    for h in &hosts {
+        assert_eq!(h.engine.docker(&["image", "inspect", "-f", "{{.Id}}", &i2.tag]), local_id2);
+        // The replaced version's container is stopped but kept there (keep_versions = 2).
+        let kept = h.engine.docker(&[
+            "ps",
+            "-a",
+            "-q",
+            "--filter",
+            &format!("label=nonstop.version={v1}"),
+            "--filter",
+            "status=exited",
+        ]);
+        assert_eq!(kept.lines().count(), 1, "{v1}'s container kept, stopped");
+    }
+    // Every order that got a 2xx is in the shared database exactly once.
+    let sent = n(&orders["requests"]["ok"]);
+    let db = rusqlite::Connection::open(data.join("app.db")).unwrap();
+    let (rows, items): (i64, i64) =
+        db.query_row("SELECT COUNT(*), COUNT(DISTINCT item) FROM orders", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+    assert_eq!((rows as u64, items as u64), (sent, sent), "(rows, distinct items) against {sent} orders answered 2xx");
+    // The logs of a container come from its host's engine.
+    let logs = cli(&["logs", "rdk"], Some(&admin));
+    assert!(logs.status.success());
+    let logs = text(&logs);
+    assert!(logs.contains("==> instance ") && logs.contains(" on host d2 ("), "{logs}");
+    assert_eq!(logs.matches(&format!("(version {v2}")).count(), 3, "each container's own output: {logs}");
+    assert!(!logs.contains("(no log"), "{logs}");
+
+    // SIGTERM: serve stops and removes every container it started on every host, and exits 0.
+    proxy.signal(libc::SIGTERM);
+    assert!(proxy.wait_exit(Duration::from_secs(60)).is_some_and(|s| s.success()), "serve exits 0");
+    for h in &hosts {
+        assert_eq!(
+            h.engine.docker(&["ps", "-a", "-q", "--filter", "label=nonstop.service=rdk"]),
+            "",
+            "containers left"
+        );
+    }
+}

@@ -278,7 +278,10 @@ async fn logs_call(shared: &Shared, query: &str) -> Result<Resp, AdminError> {
     let bytes_max = match param("bytes_max") {
         None => LOG_BYTES_DEFAULT,
         Some(raw) => raw.parse::<u64>().ok().filter(|&n| (1..=LOG_BYTES_MAX).contains(&n)).ok_or_else(|| {
-            err(StatusCode::BAD_REQUEST, format!("bytes_max: {raw:?} is not a number of bytes from 1 to {LOG_BYTES_MAX}"))
+            err(
+                StatusCode::BAD_REQUEST,
+                format!("bytes_max: {raw:?} is not a number of bytes from 1 to {LOG_BYTES_MAX}"),
+            )
         })?,
     };
     match d.logs(instance, bytes_max).await {

@@ -11,6 +11,7 @@ use nonstop_deploy::docker::DockerDriver;
 use nonstop_deploy::driver::{Driver, LocalDriver};
 use nonstop_deploy::history::History;
 use nonstop_deploy::{Change, Deployer, Traffic};
+use nonstop_hosts::docker::RemoteDocker;
 use nonstop_hosts::driver::SshDriver;
 
 use crate::pool::Pool;
@@ -60,7 +61,11 @@ impl Apps {
             let app = svc.app.clone().expect("an app service");
             let driver: Arc<dyn Driver> = match &app.driver {
                 AppDriver::Process => Arc::new(LocalDriver),
-                AppDriver::Docker(_) => Arc::new(DockerDriver::new(&svc.name, &config.state_dir)),
+                AppDriver::Docker(d) if d.hosts.is_empty() => Arc::new(DockerDriver::new(&svc.name, &config.state_dir)),
+                AppDriver::Docker(d) => Arc::new(
+                    RemoteDocker::new(&svc.name, d, &config.hosts, &config.state_dir)
+                        .map_err(|e| crate::StartError::Hosts(e.to_string()))?,
+                ),
                 AppDriver::Ssh(ssh) => Arc::new(
                     SshDriver::new(&svc.name, ssh, &config.hosts, &config.state_dir)
                         .map_err(|e| crate::StartError::Hosts(e.to_string()))?,
@@ -102,16 +107,18 @@ impl Apps {
                 let app = s.app.as_ref()?;
                 Some(match &app.driver {
                     // The hosts, and where they are, are the driver's for its life.
-                    AppDriver::Ssh(ssh) => {
-                        let at: Vec<String> = ssh
-                            .hosts
+                    AppDriver::Ssh(nonstop_config::SshApp { hosts, .. })
+                    | AppDriver::Docker(nonstop_config::DockerApp { hosts, .. })
+                        if !hosts.is_empty() =>
+                    {
+                        let at: Vec<String> = hosts
                             .iter()
                             .map(|h| match config.hosts.get(h) {
                                 Some(h) => format!("{}={}@{}:{}", h.name, h.user, h.host, h.port),
                                 None => h.clone(),
                             })
                             .collect();
-                        format!("{} (ssh on {})", s.name, at.join(", "))
+                        format!("{} ({} on {})", s.name, app.driver.as_str(), at.join(", "))
                     }
                     d => format!("{} ({})", s.name, d.as_str()),
                 })

@@ -2,6 +2,7 @@
 //! port, send signals to it, and talk HTTP/1.1 to it over real sockets.
 
 pub mod docker;
+pub mod dockerd;
 pub mod echo;
 pub mod raw;
 pub mod sshd;

@@ -61,6 +61,8 @@ pub struct SshHost {
     pub ip: String,
     dir: TempDir,
     sshd: Option<Child>,
+    /// Lines appended to sshd_config (such as `SetEnv DOCKER_HOST=...` for a host with its own Docker engine).
+    extra_config: String,
 }
 
 fn subnet_free(n: usize) -> bool {
@@ -72,6 +74,12 @@ impl SshHost {
     /// Creates the namespace and veth pair and starts sshd with a new host key, `authorized` its only authorized
     /// key (for root).
     pub fn start(authorized: &str) -> SshHost {
+        SshHost::start_with(authorized, |_| String::new())
+    }
+
+    /// [`SshHost::start`], with lines that `extra_config` makes from the namespace's name appended to sshd_config
+    /// (for something the test starts in the namespace before sshd, such as a Docker engine).
+    pub fn start_with(authorized: &str, extra_config: impl FnOnce(&str) -> String) -> SshHost {
         require_tools();
         static N: AtomicUsize = AtomicUsize::new(0);
         let pid = std::process::id() as usize;
@@ -90,7 +98,15 @@ impl SshHost {
         let (veth_root, veth_host) = (format!("nsr{tag}"), format!("nsh{tag}"));
         assert!(veth_root.len() <= 15);
         let dir = TempDir::new("sshd");
-        let mut host = SshHost { ns, veth_root, veth_host, ip: format!("10.251.{n}.2"), dir, sshd: None };
+        let mut host = SshHost {
+            ns,
+            veth_root,
+            veth_host,
+            ip: format!("10.251.{n}.2"),
+            dir,
+            sshd: None,
+            extra_config: String::new(),
+        };
         run("ip", &["netns", "add", &host.ns]);
         run("ip", &["link", "add", &host.veth_root, "type", "veth", "peer", "name", &host.veth_host]);
         run("ip", &["link", "set", &host.veth_host, "netns", &host.ns]);
@@ -99,6 +115,7 @@ impl SshHost {
         host.in_ns(&["ip", "addr", "add", &format!("{}/30", host.ip), "dev", &host.veth_host]);
         host.in_ns(&["ip", "link", "set", &host.veth_host, "up"]);
         host.in_ns(&["ip", "link", "set", "lo", "up"]);
+        host.extra_config = extra_config(&host.ns);
         std::fs::write(host.dir.path().join("authorized_keys"), format!("{authorized}\n")).expect("authorized_keys");
         host.new_host_key();
         host.start_sshd();
@@ -137,8 +154,9 @@ impl SshHost {
         let config = format!(
             "ListenAddress {ip}:{SSHD_PORT}\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n\
              PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
-             StrictModes no\nPermitRootLogin prohibit-password\nPidFile {d}/sshd.pid\nLogLevel VERBOSE\n",
-            ip = self.ip
+             StrictModes no\nPermitRootLogin prohibit-password\nPidFile {d}/sshd.pid\nLogLevel VERBOSE\n{extra}",
+            ip = self.ip,
+            extra = self.extra_config
         );
         let config_path = self.dir.path().join("sshd_config");
         std::fs::write(&config_path, config).expect("sshd_config");
@@ -185,6 +203,51 @@ impl SshHost {
     /// Cuts the host's link: its side of the veth goes down, so packets to it are lost.
     pub fn cut_link(&self) {
         self.in_ns(&["ip", "link", "set", "dev", &self.veth_host, "down"]);
+    }
+
+    /// Brings a link cut by [`SshHost::cut_link`] back up: packets flow again (connections that retransmitted
+    /// meanwhile carry on).
+    pub fn restore_link(&self) {
+        self.in_ns(&["ip", "link", "set", "dev", &self.veth_host, "up"]);
+    }
+
+    /// The processes in the namespace that are alive (zombies left out): pid and command line (arguments joined
+    /// by spaces). sshd itself and its sessions are among them.
+    pub fn processes(&self) -> Vec<(i32, String)> {
+        let pids = run("ip", &["netns", "pids", &self.ns]);
+        pids.split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+            .filter_map(|pid| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+                // The state follows the command name, which is in parentheses and may hold spaces.
+                let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
+                if state == "Z" || state == "X" {
+                    return None;
+                }
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                let args: Vec<String> = cmdline
+                    .split(|&b| b == 0)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                Some((pid, args.join(" ")))
+            })
+            .collect()
+    }
+
+    /// Sends `sig` to `pid`, which must be a live process in the namespace (so that a test never signals a process
+    /// of its own machine by mistake).
+    pub fn kill(&self, pid: i32, sig: i32) {
+        let here = self.processes();
+        assert!(
+            pid > 0 && here.iter().any(|(p, _)| *p == pid),
+            "process {pid} is not in namespace {} (host {}): {here:?}",
+            self.ns,
+            self.ip
+        );
+        // SAFETY: kill(2) of a process in the namespace this guard created, checked just above.
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "kill({pid}, {sig}): {}", std::io::Error::last_os_error());
     }
 }
 
