@@ -486,5 +486,5 @@ fn an_ssh_app_section_names_defined_hosts_and_its_errors_carry_lines() {
     let process_with_hosts =
         format!("state_dir = \"/s\"\n{base}command = \"x\"\nports = \"9101-9106\"\nhosts = [\"web1\"]\n{hosts}");
     let errs = Config::parse(&process_with_hosts).unwrap_err().to_string();
-    assert!(errs.contains("line 9: services.a.app.hosts: only the ssh driver takes this key"), "{errs}");
+    assert!(errs.contains("line 9: services.a.app.hosts: only the ssh and docker drivers take this key"), "{errs}");
 }
