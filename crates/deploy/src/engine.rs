@@ -428,7 +428,8 @@ impl Deployer {
                     tracing::info!(service = %self.service, instance = inst.id, version = %inst.version, addr = %inst.addr, pid = proc.id(), "instance started");
                     let outcome = {
                         let mut wait = proc.wait();
-                        let mut tick = tokio::time::interval(LOG_CHECK_EVERY);
+                        let first = tokio::time::Instant::now() + LOG_CHECK_EVERY;
+                        let mut tick = tokio::time::interval_at(first, LOG_CHECK_EVERY);
                         loop {
                             tokio::select! {
                                 how = &mut wait => break Err(how),

@@ -184,17 +184,22 @@ fn on_signals(proxy: std::sync::Arc<std::sync::Mutex<Option<nonstop_proxy::Proxy
             });
             std::process::exit(code);
         });
+        // Taken first: the main thread, seeing its load fail, then leaves the shutdown to this one.
+        let proxy = proxy.lock().ok().and_then(|mut p| p.take());
         for pid in LOADS.lock().map(|l| l.clone()).unwrap_or_default() {
             // SAFETY: kill(2) on the pid of a child this process started and has not reaped (it is still listed).
             unsafe {
                 libc::kill(pid as libc::pid_t, libc::SIGTERM);
             }
         }
-        let proxy = proxy.lock().ok().and_then(|mut p| p.take());
-        if let Some(p) = proxy {
-            p.shutdown();
+        match proxy {
+            Some(p) => {
+                p.shutdown();
+                std::process::exit(code);
+            }
+            // The demo is past its phases and shutting the proxy down itself; it exits when done.
+            None => {}
         }
-        std::process::exit(code);
     });
     Ok(())
 }
