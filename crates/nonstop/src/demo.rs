@@ -192,13 +192,10 @@ fn on_signals(proxy: std::sync::Arc<std::sync::Mutex<Option<nonstop_proxy::Proxy
                 libc::kill(pid as libc::pid_t, libc::SIGTERM);
             }
         }
-        match proxy {
-            Some(p) => {
-                p.shutdown();
-                std::process::exit(code);
-            }
-            // The demo is past its phases and shutting the proxy down itself; it exits when done.
-            None => {}
+        // None: the demo is past its phases and shuts the proxy down itself; it exits when done.
+        if let Some(p) = proxy {
+            p.shutdown();
+            std::process::exit(code);
         }
     });
     Ok(())

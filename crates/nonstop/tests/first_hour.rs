@@ -431,10 +431,10 @@ fn sigint_to_the_demo_ends_its_children() {
         assert!(Instant::now() < until, "the demo did not exit on SIGINT");
         std::thread::sleep(Duration::from_millis(20));
     };
-    assert_eq!(status.code(), Some(130), "{status:?}");
     std::thread::sleep(Duration::from_millis(300));
     let left: Vec<u32> = kids.iter().copied().filter(|&p| alive(p)).collect();
-    assert!(left.is_empty(), "children left running after SIGINT: {left:?} of {kids:?}");
+    assert!(left.is_empty(), "children left running after SIGINT: {left:?} of {kids:?} ({status:?})");
+    assert_eq!(status.code(), Some(130), "{status:?}");
 }
 
 #[test]
