@@ -196,6 +196,10 @@ pub struct App {
     pub stop_grace: Duration,
     pub restart_backoff_base: Duration,
     pub restart_backoff_max: Duration,
+    /// An instance log larger than this is rotated.
+    pub log_bytes_max: u64,
+    /// Rotated instance logs kept (`.1` to `.N`).
+    pub log_files_max: u32,
 }
 
 /// How the instances of an app service run.
@@ -998,6 +1002,8 @@ fn parse_app(t: Table<'_, '_>, hosts: &BTreeSet<String>) -> Option<App> {
     let stop_grace = t.ms_in("stop_grace_ms", 0, 3_600_000);
     let restart_backoff_base = t.ms_in("restart_backoff_base_ms", 1, 3_600_000);
     let restart_backoff_max = t.ms_in("restart_backoff_max_ms", 1, 86_400_000);
+    let log_bytes_max = t.int_in("log_bytes_max", 1024, 1 << 40);
+    let log_files_max = t.int_in("log_files_max", 0, 1000);
     if let (Some((a, b)), Some(count), Some(surge)) = (ports, count, max_surge) {
         let need = count + surge.max(count);
         if u64::from(b - a) + 1 < need {
@@ -1034,6 +1040,8 @@ fn parse_app(t: Table<'_, '_>, hosts: &BTreeSet<String>) -> Option<App> {
         stop_grace: stop_grace?,
         restart_backoff_base: restart_backoff_base?,
         restart_backoff_max: restart_backoff_max?,
+        log_bytes_max: log_bytes_max?,
+        log_files_max: log_files_max? as u32,
     })
 }
 

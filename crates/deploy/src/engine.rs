@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -15,9 +15,14 @@ use tokio::sync::{broadcast, watch};
 use crate::analysis::{self, Sample, Thresholds, Verdict};
 use crate::driver::{Driver, Launch, LogRef, Place};
 use crate::history::{History, Record};
+use crate::logfile;
 use crate::restart::Backoff;
 use crate::{plan, Change, Role, Traffic};
 
+/// How often the supervisor looks at the size of a running instance's log.
+const LOG_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How long fetching the tail of an instance's log for a message may take.
+const TAIL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a running deploy looks at the new version's counters and processes.
 const CHECK_EVERY: Duration = Duration::from_millis(100);
 /// Progress lines kept for `nonstop status`.
@@ -178,6 +183,8 @@ struct Ctx {
     in_service: Vec<Arc<Instance>>,
     baseline: Sample,
     started_ms: u64,
+    /// The new instance that failed the deploy (exited, or not ready): its log's tail goes into the reason.
+    culprit: Mutex<Option<Arc<Instance>>>,
 }
 
 pub struct Deployer {
@@ -189,7 +196,6 @@ pub struct Deployer {
     rt: tokio::runtime::Handle,
     spec: Mutex<App>,
     state: Mutex<State>,
-    next_instance: AtomicU64,
     stopping: AtomicBool,
     /// The driver's places, fixed for the deployer's life.
     places: Vec<Place>,
@@ -228,7 +234,6 @@ impl Deployer {
             rt,
             spec: Mutex::new(spec),
             state: Mutex::new(State { version, env, instances: Vec::new(), running: None }),
-            next_instance: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
             places: driver.places(),
             driver,
@@ -324,7 +329,7 @@ impl Deployer {
             (addr, place.host)
         };
         let inst = Arc::new(Instance {
-            id: self.next_instance.fetch_add(1, Relaxed),
+            id: self.history.next_instance(&self.service),
             version: version.to_string(),
             addr,
             host,
@@ -346,7 +351,16 @@ impl Deployer {
     }
 
     fn launch(&self, spec: &App, inst: &Instance) -> Launch {
+        // {nonstop}: this binary, for the process driver (an SSH host or a container has its own path to it).
+        let exe = match spec.driver {
+            AppDriver::Process => std::env::current_exe().ok().map(|p| p.display().to_string()),
+            _ => None,
+        };
         let fill = |s: &str| {
+            let s = match &exe {
+                Some(exe) => s.replace("{nonstop}", exe),
+                None => s.to_string(),
+            };
             s.replace("{addr}", &inst.addr.to_string())
                 .replace("{host}", &inst.addr.ip().to_string())
                 .replace("{port}", &inst.addr.port().to_string())
@@ -370,10 +384,13 @@ impl Deployer {
         ];
         env.extend(spec.env.iter().chain(&inst.env).map(|(k, v)| (k.clone(), fill(v))));
         Launch {
-            command: fill(&spec.command),
+            command: match &exe {
+                Some(exe) => fill(&spec.command.replace("{nonstop}", &shell_quote(exe))),
+                None => fill(&spec.command),
+            },
             env,
             dir: spec.dir.clone(),
-            log: Some(self.log_dir.join(format!("{}-{}.log", self.service, inst.id))),
+            log: Some(self.log_path(inst.id)),
             service: self.service.clone(),
             version: inst.version.clone(),
             instance: inst.id,
@@ -392,9 +409,14 @@ impl Deployer {
         let spec = self.spec();
         let mut backoff = Backoff::new(spec.restart_backoff_base, spec.restart_backoff_max);
         let _ = std::fs::create_dir_all(&self.log_dir);
+        let log = self.log_path(inst.id);
         loop {
             let started = Instant::now();
             let spec = self.spec();
+            // Nothing writes to the log now: an oversized one is renamed away.
+            if let Err(e) = logfile::rotate(&log, spec.log_bytes_max, spec.log_files_max) {
+                tracing::warn!(service = %self.service, instance = inst.id, path = %log.display(), error = %e, "cannot rotate the instance log");
+            }
             let exit = match self.driver.start(&self.launch(&spec, &inst)) {
                 Err(e) => e.to_string(),
                 Ok(mut proc) => {
@@ -404,9 +426,22 @@ impl Deployer {
                     *inst.container.lock().expect("instance lock") = proc.container();
                     inst.alive.store(true, Relaxed);
                     tracing::info!(service = %self.service, instance = inst.id, version = %inst.version, addr = %inst.addr, pid = proc.id(), "instance started");
-                    let outcome = tokio::select! {
-                        how = proc.wait() => Err(how),
-                        _ = stop.wait_for(|s| *s) => Ok(()),
+                    let outcome = {
+                        let mut wait = proc.wait();
+                        let first = tokio::time::Instant::now() + LOG_CHECK_EVERY;
+                        let mut tick = tokio::time::interval_at(first, LOG_CHECK_EVERY);
+                        loop {
+                            tokio::select! {
+                                how = &mut wait => break Err(how),
+                                _ = stop.wait_for(|s| *s) => break Ok(()),
+                                _ = tick.tick() => {
+                                    // The instance appends to its log: copied away, then truncated.
+                                    if let Err(e) = logfile::copy_truncate(&log, spec.log_bytes_max, spec.log_files_max) {
+                                        tracing::warn!(service = %self.service, instance = inst.id, path = %log.display(), error = %e, "cannot rotate the instance log");
+                                    }
+                                }
+                            }
+                        }
                     };
                     match outcome {
                         Ok(()) => {
@@ -435,6 +470,17 @@ impl Deployer {
             self.traffic.exited(inst.addr);
             let supervised = inst.supervised.load(Relaxed) && !self.stopping.load(Relaxed) && !*stop.borrow();
             tracing::warn!(service = %self.service, instance = inst.id, addr = %inst.addr, %exit, supervised, "instance exited");
+            if inst.state() == "starting" {
+                // The usual first-hour failure (a command not found, a port taken, a bad flag): say it where the
+                // operator looks, with the cause from the log.
+                tracing::warn!(
+                    "{} of service {} ({}) exited before it was ever ready: {exit}{}",
+                    inst.named(),
+                    self.service,
+                    inst.version,
+                    self.log_tail(&inst).await
+                );
+            }
             if !supervised {
                 inst.set_state("stopped");
                 inst.done.send_replace(true);
@@ -450,6 +496,33 @@ impl Deployer {
                     return;
                 }
             }
+        }
+    }
+
+    fn log_path(&self, id: u64) -> PathBuf {
+        self.log_dir.join(format!("{}-{id}.log", self.service))
+    }
+
+    /// "; the last lines of its log PATH:" and those lines (bounded), for a message; empty when there are none.
+    async fn log_tail(&self, inst: &Instance) -> String {
+        let r = LogRef {
+            service: self.service.clone(),
+            instance: inst.id,
+            host: inst.host.clone(),
+            local: self.log_path(inst.id),
+        };
+        let where_ = match &inst.host {
+            Some(h) => format!("on host {h} (nonstop logs --instance {})", inst.id),
+            None => r.local.display().to_string(),
+        };
+        match tokio::time::timeout(TAIL_TIMEOUT, self.driver.logs(&r, logfile::TAIL_BYTES)).await {
+            Ok(Ok(bytes)) if !bytes.iter().all(|b| b.is_ascii_whitespace()) => {
+                let cut = bytes.len() as u64 >= logfile::TAIL_BYTES;
+                format!("; the last lines of its log {where_}:\n{}", logfile::tail_lines(&bytes, cut).trim_end())
+            }
+            Ok(Ok(_)) => format!("; its log {where_} is empty"),
+            Ok(Err(e)) => format!("; no log: {e}"),
+            Err(_) => String::new(),
         }
     }
 
@@ -567,6 +640,7 @@ impl Deployer {
             in_service: Vec::new(),
             baseline,
             started_ms: now_ms(),
+            culprit: Mutex::new(None),
         };
         drop(g);
         self.rt.spawn(self.clone().run(ctx));
@@ -595,7 +669,11 @@ impl Deployer {
                 self.commit(&mut ctx).await;
                 ("succeeded", None)
             }
-            Err(reason) => {
+            Err(mut reason) => {
+                let culprit = ctx.culprit.lock().expect("culprit lock").take();
+                if let Some(i) = culprit {
+                    reason.push_str(&self.log_tail(&i).await);
+                }
                 ctx.events.send("failed", reason.clone());
                 self.roll_back(&mut ctx).await;
                 ("rolled_back", Some(reason))
@@ -635,6 +713,7 @@ impl Deployer {
         }
         for i in &ctx.new {
             if let Some(how) = i.crashed() {
+                *ctx.culprit.lock().expect("culprit lock") = Some(i.clone());
                 return Err(format!("{} ({}, {}) exited: {how}", i.named(), i.addr, i.version));
             }
         }
@@ -752,6 +831,7 @@ impl Deployer {
             }
             if Instant::now() >= deadline {
                 let k = passes.iter().position(|&p| p < spec.ready_passes).expect("one is not ready");
+                *ctx.culprit.lock().expect("culprit lock") = Some(list[k].clone());
                 return Err(format!(
                     "{} ({}) not ready after {} ms: GET {} gave {}",
                     list[k].named(),
@@ -1000,7 +1080,7 @@ impl Deployer {
                 service: self.service.clone(),
                 instance: i.id,
                 host: i.host.clone(),
-                local: self.log_dir.join(format!("{}-{}.log", self.service, i.id)),
+                local: self.log_path(i.id),
             };
             let on = i.host.as_ref().map_or(String::new(), |h| format!(" on host {h}"));
             out.push_str(&format!("==> instance {}{on} ({}, {}, {}) <==\n", i.id, i.version, i.addr, i.state()));
@@ -1019,6 +1099,15 @@ impl Deployer {
 
     pub fn history(&self) -> Vec<Record> {
         self.history.records(Some(&self.service))
+    }
+}
+
+/// `s` as one shell word: as it is when it holds nothing the shell treats specially, otherwise in single quotes.
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-+:,@%".contains(&b)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
     }
 }
 
@@ -1049,4 +1138,19 @@ async fn probe(addr: SocketAddr, path: &str) -> Result<u16, String> {
             .ok_or_else(|| format!("not an HTTP answer: {head:?}"))
     };
     tokio::time::timeout(PROBE_TIMEOUT, go).await.map_err(|_| "timed out".to_string())?
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_binary_path_stays_one_shell_word() {
+        assert_eq!(super::shell_quote("/work/target/release/nonstop"), "/work/target/release/nonstop");
+        assert_eq!(super::shell_quote("/my dir/it's/nonstop"), "'/my dir/it'\\''s/nonstop'");
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf %s {}", super::shell_quote("/my dir/it's $HOME/x")))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "/my dir/it's $HOME/x");
+    }
 }

@@ -1,6 +1,9 @@
 //! The deploy history: one JSON line per finished deploy or rollback, appended and fsynced, read back at start.
-//! It also answers which version each service runs (the last one that succeeded) and which one it ran before.
+//! It also answers which version each service runs (the last one that succeeded) and which one it ran before, and
+//! hands out instance ids that never repeat, across restarts of the proxy (`instance-ids.json`, the next id of each
+//! service, replaced atomically before an id is used).
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -41,6 +44,9 @@ pub enum HistoryError {
 pub struct History {
     path: PathBuf,
     file: Mutex<(File, Vec<Record>)>,
+    /// `instance-ids.json` and the next instance id of each service.
+    ids_path: PathBuf,
+    ids: Mutex<BTreeMap<String, u64>>,
 }
 
 impl History {
@@ -76,7 +82,27 @@ impl History {
         if records.len() > RECORDS_IN_MEMORY_MAX {
             records.drain(..records.len() - RECORDS_IN_MEMORY_MAX);
         }
-        Ok(History { path, file: Mutex::new((file, records)) })
+        let ids_path = dir.join("instance-ids.json");
+        let ids = match std::fs::read(&ids_path) {
+            Ok(b) => serde_json::from_slice::<BTreeMap<String, u64>>(&b).unwrap_or_else(|e| {
+                tracing::warn!(path = %ids_path.display(), error = %e, "unreadable instance ids: starting over past the logs");
+                BTreeMap::new()
+            }),
+            Err(_) => BTreeMap::new(),
+        };
+        Ok(History { path, file: Mutex::new((file, records)), ids_path, ids: Mutex::new(ids) })
+    }
+
+    /// A new instance id of `service`, never handed out before (the next one is stored before this one is used).
+    /// When the file cannot be written, the id is still unique within this run, and the error is logged.
+    pub fn next_instance(&self, service: &str) -> u64 {
+        let mut ids = self.ids.lock().expect("ids lock");
+        let id = *ids.get(service).unwrap_or(&1);
+        ids.insert(service.to_string(), id + 1);
+        if let Err(e) = write_atomically(&self.ids_path, &serde_json::to_vec(&*ids).expect("ids serialize")) {
+            tracing::error!(path = %self.ids_path.display(), error = %e, "instance ids not stored: they may repeat after a restart");
+        }
+        id
     }
 
     pub fn path(&self) -> &Path {
@@ -128,6 +154,19 @@ impl History {
     }
 }
 
+/// Writes a file whole or not at all: a temporary file, fsynced, renamed over it, the directory fsynced.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +209,18 @@ mod tests {
         assert_eq!(h.next_id(), 3);
         h.append(&rec(3, "v4", "v2", "succeeded")).unwrap();
         assert_eq!(h.previous("app"), Some(("v2".to_string(), vec![("K".to_string(), "v2".to_string())])));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn instance_ids_do_not_restart_when_the_history_is_opened_again() {
+        let dir = std::env::temp_dir().join(format!("nonstop-history-ids-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let h = History::open(&dir).unwrap();
+        assert_eq!([h.next_instance("app"), h.next_instance("app"), h.next_instance("web")], [1, 2, 1]);
+        drop(h);
+        let h = History::open(&dir).unwrap();
+        assert_eq!([h.next_instance("app"), h.next_instance("web")], [3, 2]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

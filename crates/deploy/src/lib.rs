@@ -9,6 +9,7 @@ pub mod docker;
 pub mod driver;
 mod engine;
 pub mod history;
+pub mod logfile;
 pub mod plan;
 pub mod restart;
 

@@ -18,7 +18,8 @@ use crate::admin_client;
 
 #[derive(Args)]
 pub struct DemoArgs {
-    /// Directory for the demo's config, state, database, logs and report (emptied first).
+    /// Directory for the demo's config, state, database, logs and report: created, or emptied first when it holds a
+    /// previous demo's (its .nonstop-demo marker); any other non-empty directory is refused.
     #[arg(long, default_value = "nonstop-demo")]
     out: PathBuf,
     /// The port range of the app instances.
@@ -124,14 +125,87 @@ soak_ms = 3000
     )
 }
 
+/// The file that says a directory is a demo's own, which the next demo may empty.
+const MARKER: &str = ".nonstop-demo";
+
+/// Makes `dir` the demo's: created when absent, used when empty, emptied when a previous demo's; anything else is
+/// refused, so that `--out` never deletes what the demo did not create.
+fn claim(dir: &Path) -> anyhow::Result<()> {
+    if dir.exists() {
+        let mut entries = std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+        if entries.next().is_some() {
+            if !dir.join(MARKER).is_file() {
+                bail!(
+                    "{} is not empty and not a previous demo's (it has no {MARKER} file): refusing to delete it;                      choose another --out",
+                    dir.display()
+                );
+            }
+            std::fs::remove_dir_all(dir).with_context(|| format!("cannot empty {}", dir.display()))?;
+        }
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::write(
+        dir.join(MARKER),
+        "Written by `nonstop demo`: the next demo with this --out empties this directory.\n",
+    )
+    .with_context(|| format!("cannot write {}", dir.join(MARKER).display()))?;
+    Ok(())
+}
+
+/// The `nonstop load` children running now, ended on SIGINT or SIGTERM.
+static LOADS: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// On the first SIGINT or SIGTERM: the load children are stopped, the proxy shuts down (its instances stopped),
+/// and the demo exits 130 (SIGINT) or 143 (SIGTERM). A second signal exits at once.
+fn on_signals(proxy: std::sync::Arc<std::sync::Mutex<Option<nonstop_proxy::Proxy>>>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (mut int, mut term) = {
+        let _g = rt.enter();
+        (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?)
+    };
+    std::thread::spawn(move || {
+        let code = rt.block_on(async {
+            tokio::select! {
+                _ = int.recv() => 130,
+                _ = term.recv() => 143,
+            }
+        });
+        eprintln!(
+            "\nnonstop demo: {}: stopping the load, the proxy and its instances",
+            if code == 130 { "SIGINT" } else { "SIGTERM" }
+        );
+        std::thread::spawn(move || {
+            rt.block_on(async {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            });
+            std::process::exit(code);
+        });
+        // Taken first: the main thread, seeing its load fail, then leaves the shutdown to this one.
+        let proxy = proxy.lock().ok().and_then(|mut p| p.take());
+        for pid in LOADS.lock().map(|l| l.clone()).unwrap_or_default() {
+            // SAFETY: kill(2) on the pid of a child this process started and has not reaped (it is still listed).
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGTERM);
+            }
+        }
+        // None: the demo is past its phases and shuts the proxy down itself; it exits when done.
+        if let Some(p) = proxy {
+            p.shutdown();
+            std::process::exit(code);
+        }
+    });
+    Ok(())
+}
+
 fn demo(args: DemoArgs) -> anyhow::Result<bool> {
     let started = Instant::now();
     let exe = std::env::current_exe().context("cannot find this binary")?;
     let dir = std::path::absolute(&args.out).context("bad --out")?;
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot empty {}", dir.display()))?;
-    }
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    claim(&dir)?;
     let config_path = dir.join("nonstop.toml");
     std::fs::write(&config_path, config(&dir, &exe, &args.ports))?;
     std::fs::write(dir.join("scenario.toml"), SCENARIO)?;
@@ -150,8 +224,18 @@ fn demo(args: DemoArgs) -> anyhow::Result<bool> {
         admin: proxy.admin_addr().context("the demo config has an admin API")?,
         phases: Vec::new(),
     };
+    let proxy = std::sync::Arc::new(std::sync::Mutex::new(Some(proxy)));
+    on_signals(proxy.clone())?;
     let result = d.phases_run();
-    proxy.shutdown();
+    // Taken under the lock: a signal that arrived meanwhile shuts it down instead (and exits).
+    let taken = proxy.lock().ok().and_then(|mut p| p.take());
+    match taken {
+        Some(p) => p.shutdown(),
+        // The signal thread has it: it ends the instances and exits the process.
+        None => loop {
+            std::thread::sleep(Duration::from_secs(1));
+        },
+    }
     result?;
     let ok = d.verdict(started.elapsed())?;
     Ok(ok)
@@ -199,7 +283,17 @@ impl Demo {
             .arg(self.dir.join(&html))
             .env("RUST_LOG", "warn");
         std::thread::spawn(move || {
-            let out = cmd.output().context("cannot run nonstop load")?;
+            cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+            let child = cmd.spawn().context("cannot run nonstop load")?;
+            let pid = child.id();
+            if let Ok(mut l) = LOADS.lock() {
+                l.push(pid);
+            }
+            let out = child.wait_with_output();
+            if let Ok(mut l) = LOADS.lock() {
+                l.retain(|&p| p != pid);
+            }
+            let out = out.context("cannot run nonstop load")?;
             let text = std::fs::read_to_string(&json)
                 .with_context(|| format!("nonstop load wrote no JSON: {}", String::from_utf8_lossy(&out.stderr)))?;
             Ok((serde_json::from_str(&text)?, html))

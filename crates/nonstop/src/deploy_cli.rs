@@ -197,8 +197,8 @@ pub fn status(a: StatusArgs) -> ExitCode {
     for s in services {
         println!("service {}  version {}", s["service"].as_str().unwrap_or("?"), s["version"].as_str().unwrap_or("?"));
         println!(
-            "  {:>4}  {:<10} {:<21} {:<9} {:<8} {:>9} {:>8} {:>8}  {:<8} {:<10} container",
-            "id", "version", "addr", "state", "healthy", "in_flight", "restarts", "pid", "driver", "host"
+            "  {:>4}  {:<10} {:<21} {:<9} {:<8} {:>9} {:>8} {:>8}  {:<8} {:<10} {:<12} last exit",
+            "id", "version", "addr", "state", "healthy", "in_flight", "restarts", "pid", "driver", "host", "container"
         );
         let mut instances = s["instances"].as_array().cloned().unwrap_or_default();
         // Per host, then by id.
@@ -210,7 +210,7 @@ pub fn status(a: StatusArgs) -> ExitCode {
                 None => "-",
             };
             println!(
-                "  {:>4}  {:<10} {:<21} {:<9} {:<8} {:>9} {:>8} {:>8}  {:<8} {:<10} {}",
+                "  {:>4}  {:<10} {:<21} {:<9} {:<8} {:>9} {:>8} {:>8}  {:<8} {:<10} {:<12} {}",
                 i["id"].to_string(),
                 i["version"].as_str().unwrap_or(""),
                 i["addr"].as_str().unwrap_or(""),
@@ -221,7 +221,8 @@ pub fn status(a: StatusArgs) -> ExitCode {
                 i["pid"].to_string(),
                 i["driver"].as_str().unwrap_or("-"),
                 i["host"].as_str().unwrap_or("local"),
-                i["container"].as_str().unwrap_or("-")
+                i["container"].as_str().unwrap_or("-"),
+                i["last_exit"].as_str().unwrap_or("-")
             );
         }
         match s["deploy"].as_object() {
