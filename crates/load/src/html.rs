@@ -189,7 +189,8 @@ pub fn page(s: &Summary, info: &RunInfo, title: &str) -> String {
         "<table id=\"summary\"><tr><th>model</th><td>{}</td></tr><tr><th>duration</th><td>{:.1} s</td></tr>\
          <tr><th>scheduled</th><td>{}</td></tr><tr><th>ok</th><td>{}</td></tr><tr><th>failed</th><td>{}</td></tr>\
          <tr><th>4xx / 5xx</th><td>{} / {}</td></tr><tr><th>connect / reset / timeout</th><td>{} / {} / {}</td></tr>\
-         <tr><th>not sent</th><td>{}</td></tr><tr><th>rate achieved</th><td>{:.1}/s{}</td></tr>\
+         <tr><th>not sent</th><td>{}</td></tr><tr><th>retried on a fresh connection</th><td id=\"retried\">{}</td></tr>\
+         <tr><th>rate achieved</th><td>{:.1}/s{}</td></tr>\
          <tr><th>latency p50 / p90 / p99 / p99.9 / max</th><td>{p50:.2} / {p90:.2} / {p99:.2} / {p999:.2} / {:.2} ms</td></tr>\
          <tr><th>longest stretch without a success</th><td>{} ms</td></tr></table>",
         info.model,
@@ -203,6 +204,7 @@ pub fn page(s: &Summary, info: &RunInfo, title: &str) -> String {
         c.reset,
         c.timeout,
         c.not_sent,
+        s.retried,
         achieved_rate(s, info),
         info.target_rate.map_or(String::new(), |r| format!(" (target {r:.0})")),
         s.corrected_max_ms,

@@ -58,7 +58,7 @@ pub fn json(s: &Summary, info: &RunInfo) -> Value {
         "model": info.model,
         "duration_s": info.duration_s,
         "valid": valid(s),
-        "requests": { "scheduled": c.total(), "ok": c.ok, "failed": c.failed(), "not_sent": c.not_sent },
+        "requests": { "scheduled": c.total(), "ok": c.ok, "failed": c.failed(), "not_sent": c.not_sent, "retried": s.retried },
         "status": status,
         "errors": { "connect": c.connect, "reset": c.reset, "timeout": c.timeout, "check": c.check },
         "latency_ms": { "p50": p50, "p90": p90, "p99": p99, "p999": p999, "max": s.corrected_max_ms },
@@ -78,6 +78,12 @@ pub fn text(s: &Summary, info: &RunInfo) -> String {
         "{} model, {:.1} s: {} scheduled, {} ok, {} failed ({} 4xx, {} 5xx, {} connect, {} reset, {} timeout, {} check, {} not sent)\n",
         info.model, info.duration_s, c.total(), c.ok, c.failed(), c.http_4xx, c.http_5xx, c.connect, c.reset, c.timeout, c.check, c.not_sent
     );
+    if s.retried > 0 {
+        out.push_str(&format!(
+            "retried: {} (sent again on a fresh connection: a reused one closed before one byte of answer)\n",
+            s.retried
+        ));
+    }
     let unit = if info.scenario { "flows" } else { "requests" };
     let target = info.target_rate.map_or(String::new(), |r| format!(" (target {r:.0} {unit}/s)"));
     out.push_str(&format!("rate: {:.1} requests/s achieved{target}\n", achieved_rate(s, info)));

@@ -19,6 +19,7 @@ fn app(dir: &TempDir, extra: &[&str]) -> Proc {
 /// Runs `nonstop load` with `args` plus `--json`, returning the exit code, stdout and the JSON document.
 fn load(dir: &TempDir, args: &[&str]) -> (i32, String, serde_json::Value) {
     let json = dir.path().join(format!("run-{}.json", args.len()));
+    let _ = std::fs::remove_file(&json); // a run that writes none must not be judged by an earlier one's
     let out = Command::new(bin())
         .arg("load")
         .args(args)
@@ -381,4 +382,58 @@ fn abort_on_fail_stops_the_run_at_the_first_failed_threshold() {
     assert!(stdout.contains("ABORTED: threshold failed==0"), "{stdout}");
     assert!(n(&doc["requests"]["scheduled"]) < 1000, "{stdout}");
     assert_exact_accounting(&doc);
+}
+
+/// A server that answers `answered` requests on each connection (keep-alive), then, as the next request arrives,
+/// closes the connection without reading it: the kernel resets it, as when a server's idle timeout fires at the
+/// instant the client reuses the connection. Returns its address; it serves until the test ends.
+fn closes_on_reuse(answered: usize) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                for _ in 0..answered {
+                    // Each request is one small GET: one read holds it whole.
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                }
+                // Wait for the next request to arrive, and close with it unread: a reset, no byte of answer.
+                let _ = s.peek(&mut buf);
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_reused_connection_reset_before_answering_is_retried_once_on_a_fresh_one() {
+    let dir = TempDir::new("load-keepalive-race");
+    let url = format!("http://{}/", closes_on_reuse(1));
+    // The open model, then the closed one (a run of several seconds each, so that their JSON files differ).
+    for extra in [&["--rate", "50", "--duration", "2s"][..], &["--duration", "1s"][..]] {
+        let mut args = vec![url.as_str(), "--threads", "1", "--connections", "1"];
+        args.extend_from_slice(extra);
+        let (code, stdout, doc) = load(&dir, &args);
+        assert_exact_accounting(&doc);
+        assert_eq!(n(&doc["errors"]["reset"]), 0, "every reset connection was reused: {stdout}");
+        let ok = n(&doc["requests"]["ok"]);
+        assert_eq!(ok, n(&doc["requests"]["scheduled"]), "{stdout}");
+        // Each connection serves one request: every later request found its reused connection reset.
+        assert_eq!(n(&doc["requests"]["retried"]), ok - 1, "{stdout}");
+        assert!(stdout.contains(&format!("retried: {}", ok - 1)), "{stdout}");
+        assert_eq!(code, 0, "{stdout}");
+    }
+    // A fresh connection reset before answering is not retried: the server itself refuses the request.
+    let url = format!("http://{}/", closes_on_reuse(0));
+    let (_, stdout, doc) = load(&dir, &[&url, "--rate", "20", "--duration", "1s", "--threads", "1"]);
+    assert_exact_accounting(&doc);
+    assert_eq!(n(&doc["errors"]["reset"]), 20, "{stdout}");
+    assert_eq!(n(&doc["requests"]["retried"]), 0, "{stdout}");
 }
