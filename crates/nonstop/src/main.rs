@@ -208,7 +208,13 @@ enum QueueAction {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
-    /// Queue a dead letter again, by its client's id (QUEUE.KEY) or its number (QUEUE.N).
+    /// The failed requests of a queue (the service answered a 4xx other than 408 and 429).
+    Failed {
+        queue: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Queue a dead letter or a failed request again, by its client's id (QUEUE.KEY) or its number (QUEUE.N).
     Replay { id: String },
     /// Delete every dead letter of a queue.
     Purge { queue: String },
@@ -671,6 +677,9 @@ fn run_queue(args: QueueArgs) -> ExitCode {
         QueueAction::Show { id } => split(id).map(|(q, n)| ("GET", format!("/queues/{q}/requests/{q}.{n}"))),
         QueueAction::Dead { queue, limit } => {
             queue_name(queue).map(|q| ("GET", format!("/queues/{q}/dead?limit={limit}")))
+        }
+        QueueAction::Failed { queue, limit } => {
+            queue_name(queue).map(|q| ("GET", format!("/queues/{q}/failed?limit={limit}")))
         }
         QueueAction::Replay { id } => split(id).map(|(q, n)| ("POST", format!("/queues/{q}/dead/{q}.{n}/replay"))),
         QueueAction::Purge { queue } => queue_name(queue).map(|q| ("POST", format!("/queues/{q}/purge"))),
