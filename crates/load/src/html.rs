@@ -5,6 +5,7 @@ use std::fmt::Write;
 
 use crate::ledger::Summary;
 use crate::report::{achieved_rate, valid, RunInfo};
+use crate::threshold::Verdict;
 
 const W: f64 = 900.0;
 const H: f64 = 260.0;
@@ -17,6 +18,21 @@ fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
+/// A round step (1, 2 or 5 times a power of ten) that cuts `span` into at most `parts` pieces.
+fn round_step(span: f64, parts: f64) -> f64 {
+    let raw = (span / parts).max(1e-9);
+    let power = 10f64.powf(raw.log10().floor());
+    [1.0, 2.0, 5.0, 10.0].into_iter().map(|m| m * power).find(|s| *s >= raw * (1.0 - 1e-9)).unwrap_or(10.0 * power)
+}
+
+/// A round step of seconds for the time axis: at most ten ticks.
+fn time_step(seconds: usize) -> usize {
+    [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600]
+        .into_iter()
+        .find(|s| seconds / s <= 10)
+        .unwrap_or(seconds.div_ceil(10).max(1))
+}
+
 /// Axes and labels; returns the plot's x for second `t` and y for value `v`.
 struct Frame {
     seconds: usize,
@@ -24,6 +40,13 @@ struct Frame {
 }
 
 impl Frame {
+    /// A frame whose top is a round number at or above `peak`, so that its ticks are round too.
+    fn new(seconds: usize, peak: f64) -> Frame {
+        let peak = if peak > 0.0 { peak } else { 1.0 };
+        let step = round_step(peak, 4.0);
+        Frame { seconds, max: (peak / step).ceil() * step }
+    }
+
     fn x(&self, t: f64) -> f64 {
         PAD_L + (W - PAD_L - 10.0) * t / self.seconds.max(1) as f64
     }
@@ -49,14 +72,18 @@ impl Frame {
             r##"<line class="axis" x1="{PAD_L}" y1="{PAD_T}" x2="{PAD_L}" y2="{}" stroke="#999"/>"##,
             H - PAD_B
         );
-        for i in 0..=4 {
-            let v = self.max * i as f64 / 4.0;
+        let step = round_step(self.max, 4.0);
+        let decimals = if step >= 1.0 { 0 } else { (-step.log10().floor()) as usize };
+        let mut i = 0.0;
+        while i * step <= self.max * (1.0 + 1e-9) {
+            let v = i * step;
             let _ = write!(
                 out,
-                r##"<text x="{}" y="{}" font-size="11" text-anchor="end">{v:.0}</text>"##,
+                r##"<text class="ytick" x="{}" y="{}" font-size="11" text-anchor="end">{v:.decimals$}</text>"##,
                 PAD_L - 5.0,
                 self.y(v) + 4.0
             );
+            i += 1.0;
         }
         let _ = write!(
             out,
@@ -64,11 +91,10 @@ impl Frame {
             H / 2.0,
             H / 2.0
         );
-        let step = (self.seconds / 10).max(1);
-        for t in (0..=self.seconds).step_by(step) {
+        for t in (0..=self.seconds).step_by(time_step(self.seconds)) {
             let _ = write!(
                 out,
-                r##"<text x="{}" y="{}" font-size="11" text-anchor="middle">{t}s</text>"##,
+                r##"<text class="xtick" x="{}" y="{}" font-size="11" text-anchor="middle">{t}s</text>"##,
                 self.x(t as f64),
                 H - 10.0
             );
@@ -87,7 +113,7 @@ fn legend(out: &mut String, items: &[(&str, &str)]) {
 /// Stacked bars per second: `series` are (name, color, value at second i).
 fn stacked(id: &str, title: &str, unit: &str, seconds: usize, series: &[(String, &str, Vec<f64>)]) -> String {
     let max = (0..seconds).map(|i| series.iter().map(|s| s.2[i]).sum::<f64>()).fold(0.0, f64::max);
-    let f = Frame { seconds, max: if max > 0.0 { max * 1.05 } else { 1.0 } };
+    let f = Frame::new(seconds, max);
     let mut out = format!(r#"<h2>{}</h2>"#, esc(title));
     legend(&mut out, &series.iter().map(|s| (s.0.as_str(), s.1)).collect::<Vec<_>>());
     let _ = write!(out, r#"<svg class="chart" id="{id}" viewBox="0 0 {W} {H}" width="{W}" height="{H}">"#);
@@ -118,7 +144,7 @@ fn stacked(id: &str, title: &str, unit: &str, seconds: usize, series: &[(String,
 
 fn lines(id: &str, title: &str, unit: &str, seconds: usize, series: &[(String, &str, Vec<f64>)]) -> String {
     let max = series.iter().flat_map(|s| s.2.iter().copied()).fold(0.0, f64::max);
-    let f = Frame { seconds, max: if max > 0.0 { max * 1.05 } else { 1.0 } };
+    let f = Frame::new(seconds, max);
     let mut out = format!(r#"<h2>{}</h2>"#, esc(title));
     legend(&mut out, &series.iter().map(|s| (s.0.as_str(), s.1)).collect::<Vec<_>>());
     let _ = write!(out, r#"<svg class="chart" id="{id}" viewBox="0 0 {W} {H}" width="{W}" height="{H}">"#);
@@ -138,7 +164,7 @@ fn lines(id: &str, title: &str, unit: &str, seconds: usize, series: &[(String, &
 }
 
 /// The whole page.
-pub fn page(s: &Summary, info: &RunInfo, title: &str) -> String {
+pub fn page(s: &Summary, info: &RunInfo, title: &str, verdicts: &[Verdict]) -> String {
     let seconds = s.timeline.iter().map(|t| t.t as usize + 1).max().unwrap_or(0);
     let at = |f: &dyn Fn(&crate::ledger::Second) -> f64| -> Vec<f64> {
         let mut v = vec![0.0; seconds];
@@ -210,8 +236,25 @@ pub fn page(s: &Summary, info: &RunInfo, title: &str) -> String {
         s.corrected_max_ms,
         s.max_success_gap_ms,
     );
+    if !verdicts.is_empty() {
+        out.push_str(
+            "<h2>Thresholds</h2><table id=\"thresholds\"><tr><th>threshold</th><th>measured</th><th>held</th></tr>",
+        );
+        for v in verdicts {
+            let _ = write!(
+                out,
+                "<tr class=\"{}\"><th>{}</th><td>{:.2}</td><td>{}</td></tr>",
+                if v.held { "held" } else { "failed" },
+                esc(&v.threshold),
+                v.measured,
+                if v.held { "yes" } else { "<b class=\"invalid\">no</b>" }
+            );
+        }
+        out.push_str("</table>");
+    }
     out.push_str(&stacked("throughput", "Throughput by outcome", "requests/s", seconds, &throughput));
-    out.push_str(&lines("latency", "Latency from the scheduled time", "ms", seconds, &latency));
+    let latency_title = if info.model == "closed" { "Latency" } else { "Latency from the scheduled time" };
+    out.push_str(&lines("latency", latency_title, "ms", seconds, &latency));
     if mix.is_empty() {
         out.push_str("<h2>Tracked header</h2><svg class=\"chart\" id=\"headers\" width=\"900\" height=\"40\"><text x=\"10\" y=\"25\">no header tracked (use --track-header)</text></svg>");
     } else {
@@ -219,4 +262,20 @@ pub fn page(s: &Summary, info: &RunInfo, title: &str) -> String {
     }
     out.push_str("</body></html>\n");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn axis_steps_are_round() {
+        for (span, want) in [(1.0, 0.5), (4.0, 1.0), (7.3, 2.0), (105.0, 50.0), (398.0, 100.0), (0.03, 0.01)] {
+            let got = round_step(span, 4.0);
+            assert!((got - want).abs() < 1e-9, "span {span}: step {got}, want {want}");
+        }
+        let f = Frame::new(10, 398.0);
+        assert_eq!(f.max, 400.0, "the top of the axis is a round number too");
+        assert_eq!([3, 10, 11, 45, 61, 600].map(time_step), [1, 1, 2, 5, 10, 60]);
+    }
 }

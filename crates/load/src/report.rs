@@ -3,6 +3,7 @@
 use serde_json::{json, Map, Value};
 
 use crate::ledger::Summary;
+use crate::threshold::Verdict;
 
 /// Share of not-sent requests above which a run is invalid: the generator, not the target, was the bottleneck.
 pub const NOT_SENT_INVALID_SHARE: f64 = 0.01;
@@ -25,7 +26,10 @@ pub fn valid(s: &Summary) -> bool {
     (s.counts.not_sent as f64) <= NOT_SENT_INVALID_SHARE * s.counts.total() as f64
 }
 
-pub fn json(s: &Summary, info: &RunInfo) -> Value {
+/// The JSON document of a run, with its thresholds as judged at the end (`verdicts`).
+pub fn json(s: &Summary, info: &RunInfo, verdicts: &[Verdict]) -> Value {
+    let thresholds: Vec<Value> =
+        verdicts.iter().map(|v| json!({ "threshold": v.threshold, "measured": v.measured, "held": v.held })).collect();
     let c = &s.counts;
     let status: Map<String, Value> = s.statuses.iter().map(|(k, v)| (k.to_string(), (*v).into())).collect();
     let headers: Map<String, Value> = s.headers.iter().map(|(k, v)| (k.clone(), (*v).into())).collect();
@@ -67,6 +71,8 @@ pub fn json(s: &Summary, info: &RunInfo) -> Value {
         "max_success_gap_ms": s.max_success_gap_ms,
         "timeline": timeline,
         "headers": headers,
+        "thresholds": thresholds,
+        "thresholds_held": verdicts.iter().all(|v| v.held),
     })
 }
 
@@ -87,11 +93,22 @@ pub fn text(s: &Summary, info: &RunInfo) -> String {
     let unit = if info.scenario { "flows" } else { "requests" };
     let target = info.target_rate.map_or(String::new(), |r| format!(" (target {r:.0} {unit}/s)"));
     out.push_str(&format!("rate: {:.1} requests/s achieved{target}\n", achieved_rate(s, info)));
-    out.push_str(&format!(
-        "latency from schedule (ms): p50 {p50:.2}  p90 {p90:.2}  p99 {p99:.2}  p99.9 {p999:.2}  max {:.2}\n",
-        s.corrected_max_ms
-    ));
-    out.push_str(&format!("latency from send (ms):     p50 {u50:.2}  p99 {u99:.2}  max {:.2}\n", s.uncorrected_max_ms));
+    if info.model == "closed" {
+        // Each request is sent when the previous one ends: there is no schedule, so one latency, from the send.
+        out.push_str(&format!(
+            "latency (ms): p50 {p50:.2}  p90 {p90:.2}  p99 {p99:.2}  p99.9 {p999:.2}  max {:.2}\n",
+            s.corrected_max_ms
+        ));
+    } else {
+        out.push_str(&format!(
+            "latency from schedule (ms): p50 {p50:.2}  p90 {p90:.2}  p99 {p99:.2}  p99.9 {p999:.2}  max {:.2}\n",
+            s.corrected_max_ms
+        ));
+        out.push_str(&format!(
+            "latency from send (ms):     p50 {u50:.2}  p99 {u99:.2}  max {:.2}\n",
+            s.uncorrected_max_ms
+        ));
+    }
     out.push_str(&format!("longest stretch without a success: {} ms\n", s.max_success_gap_ms));
     if !s.headers.is_empty() {
         let mix: Vec<String> = s.headers.iter().map(|(k, v)| format!("{k}={v}")).collect();

@@ -492,6 +492,7 @@ fn run_load(args: LoadArgs) -> ExitCode {
         println!("ABORTED: threshold {t} failed mid-run (--abort-on-fail)");
     }
     let rate = nonstop_load::report::achieved_rate(&summary, &info);
+    let verdicts = nonstop_load::threshold::judge(&thresholds, &summary, rate);
     let mut failed = false;
     for t in &thresholds {
         let measured = t.measure(&summary, rate);
@@ -500,7 +501,7 @@ fn run_load(args: LoadArgs) -> ExitCode {
         println!("threshold {}: {} (measured {measured:.2})", t.text(), if holds { "ok" } else { "FAILED" });
     }
     if let Some(path) = &args.json {
-        let doc = nonstop_load::report::json(&summary, &info);
+        let doc = nonstop_load::report::json(&summary, &info, &verdicts);
         if let Err(e) = std::fs::write(path, serde_json::to_string_pretty(&doc).expect("JSON")) {
             eprintln!("nonstop load: cannot write {}: {e}", path.display());
             return ExitCode::from(2);
@@ -508,7 +509,7 @@ fn run_load(args: LoadArgs) -> ExitCode {
     }
     if let Some(path) = &args.html {
         let title = format!("nonstop load {}", args.url);
-        if let Err(e) = std::fs::write(path, nonstop_load::html::page(&summary, &info, &title)) {
+        if let Err(e) = std::fs::write(path, nonstop_load::html::page(&summary, &info, &title, &verdicts)) {
             eprintln!("nonstop load: cannot write {}: {e}", path.display());
             return ExitCode::from(2);
         }

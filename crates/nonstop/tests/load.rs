@@ -437,3 +437,52 @@ fn a_reused_connection_reset_before_answering_is_retried_once_on_a_fresh_one() {
     assert_eq!(n(&doc["errors"]["reset"]), 20, "{stdout}");
     assert_eq!(n(&doc["requests"]["retried"]), 0, "{stdout}");
 }
+
+#[test]
+fn reports_carry_the_thresholds_and_the_closed_model_claims_no_schedule() {
+    let dir = TempDir::new("load-verdicts");
+    let a = app(&dir, &[]);
+    let url = a.url("/");
+    let page = dir.path().join("closed.html");
+    let (code, stdout, doc) = load(
+        &dir,
+        &[&url, "--connections", "2", "--duration", "2s", "--threshold", "failed==0", "--threshold", "p99<0.001ms"]
+            .iter()
+            .copied()
+            .chain(["--html", page.to_str().unwrap()])
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(code, 1, "p99 under a microsecond cannot hold: {stdout}");
+    let t = doc["thresholds"].as_array().unwrap_or_else(|| panic!("{doc}"));
+    assert_eq!((t[0]["threshold"].as_str(), &t[0]["held"]), (Some("failed==0"), &serde_json::json!(true)), "{doc}");
+    assert_eq!((t[1]["threshold"].as_str(), &t[1]["held"]), (Some("p99<0.001ms"), &serde_json::json!(false)), "{doc}");
+    assert!(t[1]["measured"].as_f64().unwrap() > 0.001, "{doc}");
+    assert_eq!(doc["thresholds_held"], false);
+    assert!(stdout.contains("latency (ms): p50"), "{stdout}");
+    assert!(!stdout.contains("from schedule"), "a closed model has no schedule to measure from: {stdout}");
+
+    let dom = headless(&dir, &["--dump-dom"], &page);
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    let table = dom.split("id=\"thresholds\"").nth(1).unwrap_or_else(|| panic!("no thresholds table: {dom}"));
+    let table = table.split("</table>").next().unwrap();
+    assert!(table.contains("failed==0") && table.contains("p99&lt;0.001ms"), "{table}");
+    assert_eq!((table.matches("class=\"held\"").count(), table.matches("class=\"failed\"").count()), (1, 1));
+    assert!(!dom.contains("scheduled time"), "the closed model's latency chart claims no schedule");
+    // Every chart's value ticks are round: equal steps of 1, 2 or 5 times a power of ten, from 0.
+    for chart in ["throughput", "latency"] {
+        let svg = dom.split(&format!("id=\"{chart}\"")).nth(1).unwrap().split("</svg>").next().unwrap();
+        let ticks: Vec<f64> = svg
+            .split("class=\"ytick\"")
+            .skip(1)
+            .map(|t| t.split('>').nth(1).unwrap().split('<').next().unwrap().parse().unwrap())
+            .collect();
+        assert!(ticks.len() >= 3, "{chart}: {ticks:?}");
+        let step = ticks[1] - ticks[0];
+        let mantissa = step / 10f64.powf(step.log10().floor());
+        assert!([1.0, 2.0, 5.0].iter().any(|m| (mantissa - m).abs() < 1e-6), "{chart}: step {step} of {ticks:?}");
+        assert_eq!(ticks[0], 0.0);
+        for w in ticks.windows(2) {
+            assert!((w[1] - w[0] - step).abs() < 1e-6, "{chart}: uneven ticks {ticks:?}");
+        }
+    }
+}
