@@ -264,6 +264,45 @@ pub fn page(s: &Summary, info: &RunInfo, title: &str, verdicts: &[Verdict]) -> S
     out
 }
 
+/// The page of a `--find-max` search: the rate found, every step (rate, p99 ms, error rate %, passed), and the
+/// whole report of the highest passing step.
+pub fn find_max_page(
+    title: &str,
+    best: Option<f64>,
+    steps: &[(f64, f64, f64, bool)],
+    best_run: Option<(&Summary, RunInfo, &[Verdict])>,
+) -> String {
+    let mut table = String::from("<h2>Search</h2><p id=\"max-rate\">");
+    match best {
+        Some(r) => {
+            let _ = write!(table, "max rate: {r:.0} requests/s");
+        }
+        None => table.push_str("max rate: none (even the lowest rate tried failed its bounds)"),
+    }
+    table.push_str("</p><table id=\"steps\"><tr><th>rate/s</th><th>p99 ms</th><th>errors %</th><th>passed</th></tr>");
+    for (rate, p99, errors, passed) in steps {
+        let _ = write!(
+            table,
+            "<tr class=\"{}\"><th>{rate:.0}</th><td>{p99:.2}</td><td>{errors:.2}</td><td>{}</td></tr>",
+            if *passed { "held" } else { "failed" },
+            if *passed { "yes" } else { "no" }
+        );
+    }
+    table.push_str("</table>");
+    match best_run {
+        Some((s, info, verdicts)) => {
+            let page = page(s, &info, title, verdicts);
+            let heading = format!("<h1>{}</h1>", esc(title));
+            let best_heading = format!("{table}<h2>The highest passing step, {:.0}/s</h2>", info.target_rate.unwrap_or(0.0));
+            page.replacen(&heading, &format!("{heading}{best_heading}"), 1)
+        }
+        None => format!(
+            "<!doctype html><html><head><meta charset=\"utf-8\"><title>{t}</title></head><body><h1>{t}</h1>{table}</body></html>\n",
+            t = esc(title)
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -486,3 +486,39 @@ fn reports_carry_the_thresholds_and_the_closed_model_claims_no_schedule() {
         }
     }
 }
+
+#[test]
+fn find_max_honours_thresholds_and_writes_its_html_report() {
+    let dir = TempDir::new("load-find-max-html");
+    let a = app(&dir, &[]);
+    let url = a.url("/");
+    let (json, page) = (dir.path().join("find.json"), dir.path().join("find.html"));
+    // The server takes far more than 200/s: only the threshold stops the search there.
+    let out = Command::new(bin())
+        .args(["load", &url, "--find-max", "--step", "1s", "--start-rate", "50", "--threshold", "rate<=200"])
+        .arg("--json")
+        .arg(&json)
+        .arg("--html")
+        .arg(&page)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rate = doc["find_max"]["rate"].as_f64().unwrap();
+    assert!((150.0..=200.0).contains(&rate), "found {rate}/s under rate<=200: {stdout}");
+    let steps = doc["find_max"]["steps"].as_array().unwrap();
+    let failed = steps.iter().find(|s| s["passed"] == false).unwrap_or_else(|| panic!("{stdout}"));
+    assert_eq!(failed["thresholds"][0]["held"], false, "{failed}");
+    assert!(stdout.contains("threshold rate<=200: FAILED"), "{stdout}");
+
+    let dom = headless(&dir, &["--dump-dom"], &page);
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    assert!(dom.contains(&format!("max rate: {rate:.0} requests/s")), "{dom}");
+    let table = dom.split("id=\"steps\"").nth(1).unwrap_or_else(|| panic!("no steps table: {dom}"));
+    let table = table.split("</table>").next().unwrap();
+    assert_eq!(table.matches("<tr class=").count(), steps.len(), "{table}");
+    for id in ["throughput", "latency", "thresholds"] {
+        assert!(dom.contains(&format!("id=\"{id}\"")), "the best step's {id} is on the page");
+    }
+}
