@@ -14,6 +14,26 @@ const PAD_B: f64 = 30.0;
 const PAD_T: f64 = 10.0;
 const PALETTE: [&str; 8] = ["#2b8cbe", "#e6550d", "#31a354", "#756bb1", "#d6616b", "#8c6d31", "#636363", "#17becf"];
 
+/// The colour of a tracked header's value, the same on every page whatever other values a page shows: a value
+/// with a number in it (`v3`, `1.4.2`) takes the palette's entry of its last number, any other one of a hash of it.
+pub fn value_colour(value: &str) -> &'static str {
+    let digits: String = value
+        .chars()
+        .rev()
+        .skip_while(|c| !c.is_ascii_digit())
+        .take_while(|c| c.is_ascii_digit())
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    let n = match digits.parse::<u64>() {
+        Ok(n) => n,
+        // FNV-1a: stable across runs and builds, unlike the standard library's hasher.
+        Err(_) => value.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)),
+    };
+    PALETTE[(n % PALETTE.len() as u64) as usize]
+}
+
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
@@ -193,8 +213,7 @@ pub fn page(s: &Summary, info: &RunInfo, title: &str, verdicts: &[Verdict]) -> S
     let values: Vec<&String> = s.headers.keys().collect();
     let mix: Vec<(String, &str, Vec<f64>)> = values
         .iter()
-        .enumerate()
-        .map(|(i, v)| ((*v).clone(), PALETTE[i % PALETTE.len()], at(&|t| *t.headers.get(*v).unwrap_or(&0) as f64)))
+        .map(|v| ((*v).clone(), value_colour(v), at(&|t| *t.headers.get(*v).unwrap_or(&0) as f64)))
         .collect();
     let c = &s.counts;
     let [p50, p90, p99, p999] = s.corrected_ms;
@@ -316,5 +335,32 @@ mod tests {
         let f = Frame::new(10, 398.0);
         assert_eq!(f.max, 400.0, "the top of the axis is a round number too");
         assert_eq!([3, 10, 11, 45, 61, 600].map(time_step), [1, 1, 2, 5, 10, 60]);
+    }
+
+    #[test]
+    fn a_version_keeps_its_colour_whatever_else_a_page_shows() {
+        let colours: Vec<&str> = ["v1", "v2", "v3", "v4", "v5", "v6", "v7", "v8"].map(value_colour).to_vec();
+        let mut distinct = colours.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 8, "eight versions in a row get eight colours: {colours:?}");
+        assert_eq!(value_colour("v2"), value_colour("app-2"));
+        assert_eq!(value_colour("blue"), value_colour("blue"));
+        // A page that shows only v2 colours it as a page showing v1 and v2 does.
+        let page_of = |values: &[&str]| {
+            let mut s = crate::ledger::Ledger::new(std::time::Duration::from_secs(2));
+            for v in values {
+                s.record(crate::ledger::Outcome::Ok(200), Default::default(), Default::default(), None, Some(v));
+            }
+            let s = crate::ledger::conclude(vec![s], Default::default(), std::time::Duration::from_secs(1));
+            let info = RunInfo { model: "open", scenario: false, target_rate: None, duration_s: 1.0 };
+            page(&s, &info, "t", &[])
+        };
+        let fill = |html: &str, v: &str| {
+            let chart = html.split("id=\"headers\"").nth(1).unwrap().to_string();
+            let at = chart.find(&format!("s {v}: ")).unwrap();
+            chart[..at].rsplit("fill=\"").next().unwrap().split('"').next().unwrap().to_string()
+        };
+        assert_eq!(fill(&page_of(&["v2"]), "v2"), fill(&page_of(&["v1", "v2"]), "v2"));
     }
 }
