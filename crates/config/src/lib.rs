@@ -130,6 +130,10 @@ pub struct Queue {
     pub status_body: bool,
     /// Bytes of request bodies being received at once for this queue, across connections, at most.
     pub body_bytes_in_flight_max: u64,
+    /// Statuses of finished (done or failed) requests kept at most; the oldest go first.
+    pub finished_keep_max: u64,
+    /// How long the status of a finished request is kept.
+    pub finished_keep: Duration,
 }
 
 /// Longest queue name.
@@ -1257,6 +1261,8 @@ fn parse_queue(name: String, t: Table<'_, '_>) -> Option<Queue> {
     let backoff_max = t.ms_in("backoff_max_ms", 1, 86_400_000);
     let status_body = t.bool("status_body");
     let body_bytes_in_flight_max = t.int_in("body_bytes_in_flight_max", 1, 1 << 40);
+    let finished_keep_max = t.int_in("finished_keep_max", 0, 1 << 40);
+    let finished_keep = t.ms_in("finished_keep_ms", 0, 100 * 365 * 86_400_000);
     t.finish();
     let rabbitmq = match store.as_deref() {
         Some("embedded") => None,
@@ -1277,6 +1283,8 @@ fn parse_queue(name: String, t: Table<'_, '_>) -> Option<Queue> {
         backoff_max: backoff_max?,
         status_body: status_body?,
         body_bytes_in_flight_max: body_bytes_in_flight_max?,
+        finished_keep_max: finished_keep_max?,
+        finished_keep: finished_keep?,
     })
 }
 

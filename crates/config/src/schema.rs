@@ -146,6 +146,8 @@ keys! {
     "queues.NAME" "backoff_max_ms": "integer" = "60000", "Longest wait between two deliveries of one request.";
     "queues.NAME" "status_body": "boolean" = "false", "Whether the public status (GET /_nonstop/requests/{id}) shows the service's answer body and the last delivery's error text (which can name a server). Off: only its status code, and \"no answer\" for an error; the whole record is on the admin API (nonstop queue show QUEUE.KEY or QUEUE.N).";
     "queues.NAME" "body_bytes_in_flight_max": "integer" = "67108864", "Bytes of request bodies being received for this queue at once, across all connections, at most (a declared Content-Length is counted before any byte is read); past it, 503 with Retry-After. At least the body_bytes_max of every route using the queue. A body must arrive within its listener's header_read_timeout_ms, or 408.";
+    "queues.NAME" "finished_keep_max": "integer" = "100000", "Statuses of finished requests (done, and failed with their request for replay) kept at most; past it the oldest finished are deleted, and their ids answer 404. Queued requests and dead letters are never deleted by it. 0 keeps none.";
+    "queues.NAME" "finished_keep_ms": "integer" = "604800000", "How long the status of a finished request (done or failed) is kept after it finished (default 7 days); then it is deleted, within a minute.";
 
     "hosts.NAME" "address": "string" = "", "\"IP or name:port\", such as \"10.0.0.5:22\" or \"web1.example.com\" (port 22 when absent; an IPv6 address with a port in brackets, \"[2001:db8::5]:2222\"). Required.";
     "hosts.NAME" "user": "string" = "\"root\"", "The user nonstop logs in as (root, as Kamal's default; set a deploy user that may run docker and write dir).";

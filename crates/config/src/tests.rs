@@ -488,3 +488,17 @@ fn an_ssh_app_section_names_defined_hosts_and_its_errors_carry_lines() {
     let errs = Config::parse(&process_with_hosts).unwrap_err().to_string();
     assert!(errs.contains("line 9: services.a.app.hosts: only the ssh and docker drivers take this key"), "{errs}");
 }
+
+#[test]
+fn queue_finished_retention_has_defaults_and_is_checked() {
+    let base = "[[listeners]]\nlisten = \"127.0.0.1:8080\"\n[[routes]]\nservice = \"a\"\nqueue = \"q\"\n\
+                [services.a]\nservers = [{ addr = \"127.0.0.1:1\" }]\n[queues.q]\n";
+    let c = Config::parse(base).unwrap();
+    assert_eq!(c.queues["q"].finished_keep_max, 100_000);
+    assert_eq!(c.queues["q"].finished_keep, std::time::Duration::from_secs(7 * 86_400));
+    let c = Config::parse(&format!("{base}finished_keep_max = 0\nfinished_keep_ms = 1000\n")).unwrap();
+    assert_eq!((c.queues["q"].finished_keep_max, c.queues["q"].finished_keep.as_millis()), (0, 1000));
+    let errs = Config::parse(&format!("{base}finished_keep_max = -1\n")).unwrap_err().0;
+    let got: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(got, ["queues.q.finished_keep_max"], "{errs:#?}");
+}

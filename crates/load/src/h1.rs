@@ -19,6 +19,17 @@ const HEADERS_MAX: usize = 64;
 pub enum ExchangeError {
     /// The connection broke (reset, closed early, or a malformed response).
     Broken(io::Error),
+    /// The connection broke before one byte of the answer arrived (the write failed, or the server closed or reset
+    /// it before answering): on a reused connection, the server may have closed it as idle just as the request
+    /// left, so the request can be sent again on a fresh one.
+    NoAnswer(io::Error),
+}
+
+impl ExchangeError {
+    /// True when no byte of the answer arrived.
+    pub fn no_answer(&self) -> bool {
+        matches!(self, ExchangeError::NoAnswer(_))
+    }
 }
 
 impl From<io::Error> for ExchangeError {
@@ -118,7 +129,7 @@ impl H1Conn {
         keep_body: bool,
     ) -> Result<Answer, ExchangeError> {
         let mut kept: Option<Vec<u8>> = keep_body.then(Vec::new);
-        self.stream.write_all(request).await?;
+        self.stream.write_all(request).await.map_err(ExchangeError::NoAnswer)?;
         // Parse the head.
         let (status, framing, tracked, mut reusable, head_len) = loop {
             let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
@@ -155,7 +166,12 @@ impl H1Conn {
                     if self.buf.len() - self.pos > HEAD_BYTES_MAX {
                         return Err(malformed("response head too large"));
                     }
-                    self.fill().await?;
+                    let nothing_yet = self.pos == self.buf.len();
+                    match self.fill().await {
+                        Ok(()) => {}
+                        Err(ExchangeError::Broken(e)) if nothing_yet => return Err(ExchangeError::NoAnswer(e)),
+                        Err(e) => return Err(e),
+                    }
                 }
                 Err(e) => return Err(malformed(&format!("bad response head: {e}"))),
             }
@@ -327,6 +343,34 @@ mod tests {
         let a = c.exchange(&req, false, None).await.unwrap();
         assert_eq!((a.status, a.reusable), (201, false));
         assert!(c.exchange(&req, false, None).await.is_err(), "the server has closed");
+    }
+
+    /// A reset before one byte of the answer is told apart from one after part of it: only the first may be sent
+    /// again.
+    #[tokio::test]
+    async fn a_reset_before_any_answer_byte_is_no_answer() {
+        for (partial, no_answer) in [(&b""[..], true), (&b"HTTP/1.1 200 OK\r\n"[..], false)] {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            tokio::spawn(async move {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut buf = vec![0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await.unwrap();
+                // The next request arrives and is left unread: closing then resets the connection.
+                let _ = s.peek(&mut buf).await;
+                s.write_all(partial).await.unwrap();
+                if !partial.is_empty() {
+                    // Let the client read those bytes before the reset, which would discard them.
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            });
+            let mut c = H1Conn::connect(addr).await.unwrap();
+            let req = request_bytes("GET", "/", "x", &[], b"", false);
+            assert_eq!(c.exchange(&req, false, None).await.unwrap().status, 200);
+            let e = c.exchange(&req, false, None).await.unwrap_err();
+            assert_eq!(e.no_answer(), no_answer, "{e:?} after {partial:?}");
+        }
     }
 
     #[test]

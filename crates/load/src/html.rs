@@ -5,6 +5,7 @@ use std::fmt::Write;
 
 use crate::ledger::Summary;
 use crate::report::{achieved_rate, valid, RunInfo};
+use crate::threshold::Verdict;
 
 const W: f64 = 900.0;
 const H: f64 = 260.0;
@@ -13,8 +14,43 @@ const PAD_B: f64 = 30.0;
 const PAD_T: f64 = 10.0;
 const PALETTE: [&str; 8] = ["#2b8cbe", "#e6550d", "#31a354", "#756bb1", "#d6616b", "#8c6d31", "#636363", "#17becf"];
 
+/// The colour of a tracked header's value, the same on every page whatever other values a page shows: a value
+/// with a number in it (`v3`, `1.4.2`) takes the palette's entry of its last number, any other one of a hash of it.
+pub fn value_colour(value: &str) -> &'static str {
+    let digits: String = value
+        .chars()
+        .rev()
+        .skip_while(|c| !c.is_ascii_digit())
+        .take_while(|c| c.is_ascii_digit())
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    let n = match digits.parse::<u64>() {
+        Ok(n) => n,
+        // FNV-1a: stable across runs and builds, unlike the standard library's hasher.
+        Err(_) => value.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)),
+    };
+    PALETTE[(n % PALETTE.len() as u64) as usize]
+}
+
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// A round step (1, 2 or 5 times a power of ten) that cuts `span` into at most `parts` pieces.
+fn round_step(span: f64, parts: f64) -> f64 {
+    let raw = (span / parts).max(1e-9);
+    let power = 10f64.powf(raw.log10().floor());
+    [1.0, 2.0, 5.0, 10.0].into_iter().map(|m| m * power).find(|s| *s >= raw * (1.0 - 1e-9)).unwrap_or(10.0 * power)
+}
+
+/// A round step of seconds for the time axis: at most ten ticks.
+fn time_step(seconds: usize) -> usize {
+    [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600]
+        .into_iter()
+        .find(|s| seconds / s <= 10)
+        .unwrap_or(seconds.div_ceil(10).max(1))
 }
 
 /// Axes and labels; returns the plot's x for second `t` and y for value `v`.
@@ -24,6 +60,13 @@ struct Frame {
 }
 
 impl Frame {
+    /// A frame whose top is a round number at or above `peak`, so that its ticks are round too.
+    fn new(seconds: usize, peak: f64) -> Frame {
+        let peak = if peak > 0.0 { peak } else { 1.0 };
+        let step = round_step(peak, 4.0);
+        Frame { seconds, max: (peak / step).ceil() * step }
+    }
+
     fn x(&self, t: f64) -> f64 {
         PAD_L + (W - PAD_L - 10.0) * t / self.seconds.max(1) as f64
     }
@@ -49,14 +92,18 @@ impl Frame {
             r##"<line class="axis" x1="{PAD_L}" y1="{PAD_T}" x2="{PAD_L}" y2="{}" stroke="#999"/>"##,
             H - PAD_B
         );
-        for i in 0..=4 {
-            let v = self.max * i as f64 / 4.0;
+        let step = round_step(self.max, 4.0);
+        let decimals = if step >= 1.0 { 0 } else { (-step.log10().floor()) as usize };
+        let mut i = 0.0;
+        while i * step <= self.max * (1.0 + 1e-9) {
+            let v = i * step;
             let _ = write!(
                 out,
-                r##"<text x="{}" y="{}" font-size="11" text-anchor="end">{v:.0}</text>"##,
+                r##"<text class="ytick" x="{}" y="{}" font-size="11" text-anchor="end">{v:.decimals$}</text>"##,
                 PAD_L - 5.0,
                 self.y(v) + 4.0
             );
+            i += 1.0;
         }
         let _ = write!(
             out,
@@ -64,11 +111,10 @@ impl Frame {
             H / 2.0,
             H / 2.0
         );
-        let step = (self.seconds / 10).max(1);
-        for t in (0..=self.seconds).step_by(step) {
+        for t in (0..=self.seconds).step_by(time_step(self.seconds)) {
             let _ = write!(
                 out,
-                r##"<text x="{}" y="{}" font-size="11" text-anchor="middle">{t}s</text>"##,
+                r##"<text class="xtick" x="{}" y="{}" font-size="11" text-anchor="middle">{t}s</text>"##,
                 self.x(t as f64),
                 H - 10.0
             );
@@ -87,7 +133,7 @@ fn legend(out: &mut String, items: &[(&str, &str)]) {
 /// Stacked bars per second: `series` are (name, color, value at second i).
 fn stacked(id: &str, title: &str, unit: &str, seconds: usize, series: &[(String, &str, Vec<f64>)]) -> String {
     let max = (0..seconds).map(|i| series.iter().map(|s| s.2[i]).sum::<f64>()).fold(0.0, f64::max);
-    let f = Frame { seconds, max: if max > 0.0 { max * 1.05 } else { 1.0 } };
+    let f = Frame::new(seconds, max);
     let mut out = format!(r#"<h2>{}</h2>"#, esc(title));
     legend(&mut out, &series.iter().map(|s| (s.0.as_str(), s.1)).collect::<Vec<_>>());
     let _ = write!(out, r#"<svg class="chart" id="{id}" viewBox="0 0 {W} {H}" width="{W}" height="{H}">"#);
@@ -118,7 +164,7 @@ fn stacked(id: &str, title: &str, unit: &str, seconds: usize, series: &[(String,
 
 fn lines(id: &str, title: &str, unit: &str, seconds: usize, series: &[(String, &str, Vec<f64>)]) -> String {
     let max = series.iter().flat_map(|s| s.2.iter().copied()).fold(0.0, f64::max);
-    let f = Frame { seconds, max: if max > 0.0 { max * 1.05 } else { 1.0 } };
+    let f = Frame::new(seconds, max);
     let mut out = format!(r#"<h2>{}</h2>"#, esc(title));
     legend(&mut out, &series.iter().map(|s| (s.0.as_str(), s.1)).collect::<Vec<_>>());
     let _ = write!(out, r#"<svg class="chart" id="{id}" viewBox="0 0 {W} {H}" width="{W}" height="{H}">"#);
@@ -138,7 +184,7 @@ fn lines(id: &str, title: &str, unit: &str, seconds: usize, series: &[(String, &
 }
 
 /// The whole page.
-pub fn page(s: &Summary, info: &RunInfo, title: &str) -> String {
+pub fn page(s: &Summary, info: &RunInfo, title: &str, verdicts: &[Verdict]) -> String {
     let seconds = s.timeline.iter().map(|t| t.t as usize + 1).max().unwrap_or(0);
     let at = |f: &dyn Fn(&crate::ledger::Second) -> f64| -> Vec<f64> {
         let mut v = vec![0.0; seconds];
@@ -167,8 +213,7 @@ pub fn page(s: &Summary, info: &RunInfo, title: &str) -> String {
     let values: Vec<&String> = s.headers.keys().collect();
     let mix: Vec<(String, &str, Vec<f64>)> = values
         .iter()
-        .enumerate()
-        .map(|(i, v)| ((*v).clone(), PALETTE[i % PALETTE.len()], at(&|t| *t.headers.get(*v).unwrap_or(&0) as f64)))
+        .map(|v| ((*v).clone(), value_colour(v), at(&|t| *t.headers.get(*v).unwrap_or(&0) as f64)))
         .collect();
     let c = &s.counts;
     let [p50, p90, p99, p999] = s.corrected_ms;
@@ -189,7 +234,8 @@ pub fn page(s: &Summary, info: &RunInfo, title: &str) -> String {
         "<table id=\"summary\"><tr><th>model</th><td>{}</td></tr><tr><th>duration</th><td>{:.1} s</td></tr>\
          <tr><th>scheduled</th><td>{}</td></tr><tr><th>ok</th><td>{}</td></tr><tr><th>failed</th><td>{}</td></tr>\
          <tr><th>4xx / 5xx</th><td>{} / {}</td></tr><tr><th>connect / reset / timeout</th><td>{} / {} / {}</td></tr>\
-         <tr><th>not sent</th><td>{}</td></tr><tr><th>rate achieved</th><td>{:.1}/s{}</td></tr>\
+         <tr><th>not sent</th><td>{}</td></tr><tr><th>retried on a fresh connection</th><td id=\"retried\">{}</td></tr>\
+         <tr><th>rate achieved</th><td>{:.1}/s{}</td></tr>\
          <tr><th>latency p50 / p90 / p99 / p99.9 / max</th><td>{p50:.2} / {p90:.2} / {p99:.2} / {p999:.2} / {:.2} ms</td></tr>\
          <tr><th>longest stretch without a success</th><td>{} ms</td></tr></table>",
         info.model,
@@ -203,13 +249,31 @@ pub fn page(s: &Summary, info: &RunInfo, title: &str) -> String {
         c.reset,
         c.timeout,
         c.not_sent,
+        s.retried,
         achieved_rate(s, info),
         info.target_rate.map_or(String::new(), |r| format!(" (target {r:.0})")),
         s.corrected_max_ms,
         s.max_success_gap_ms,
     );
+    if !verdicts.is_empty() {
+        out.push_str(
+            "<h2>Thresholds</h2><table id=\"thresholds\"><tr><th>threshold</th><th>measured</th><th>held</th></tr>",
+        );
+        for v in verdicts {
+            let _ = write!(
+                out,
+                "<tr class=\"{}\"><th>{}</th><td>{:.2}</td><td>{}</td></tr>",
+                if v.held { "held" } else { "failed" },
+                esc(&v.threshold),
+                v.measured,
+                if v.held { "yes" } else { "<b class=\"invalid\">no</b>" }
+            );
+        }
+        out.push_str("</table>");
+    }
     out.push_str(&stacked("throughput", "Throughput by outcome", "requests/s", seconds, &throughput));
-    out.push_str(&lines("latency", "Latency from the scheduled time", "ms", seconds, &latency));
+    let latency_title = if info.model == "closed" { "Latency" } else { "Latency from the scheduled time" };
+    out.push_str(&lines("latency", latency_title, "ms", seconds, &latency));
     if mix.is_empty() {
         out.push_str("<h2>Tracked header</h2><svg class=\"chart\" id=\"headers\" width=\"900\" height=\"40\"><text x=\"10\" y=\"25\">no header tracked (use --track-header)</text></svg>");
     } else {
@@ -217,4 +281,86 @@ pub fn page(s: &Summary, info: &RunInfo, title: &str) -> String {
     }
     out.push_str("</body></html>\n");
     out
+}
+
+/// The page of a `--find-max` search: the rate found, every step (rate, p99 ms, error rate %, passed), and the
+/// whole report of the highest passing step.
+pub fn find_max_page(
+    title: &str,
+    best: Option<f64>,
+    steps: &[(f64, f64, f64, bool)],
+    best_run: Option<(&Summary, RunInfo, &[Verdict])>,
+) -> String {
+    let mut table = String::from("<h2>Search</h2><p id=\"max-rate\">");
+    match best {
+        Some(r) => {
+            let _ = write!(table, "max rate: {r:.0} requests/s");
+        }
+        None => table.push_str("max rate: none (even the lowest rate tried failed its bounds)"),
+    }
+    table.push_str("</p><table id=\"steps\"><tr><th>rate/s</th><th>p99 ms</th><th>errors %</th><th>passed</th></tr>");
+    for (rate, p99, errors, passed) in steps {
+        let _ = write!(
+            table,
+            "<tr class=\"{}\"><th>{rate:.0}</th><td>{p99:.2}</td><td>{errors:.2}</td><td>{}</td></tr>",
+            if *passed { "held" } else { "failed" },
+            if *passed { "yes" } else { "no" }
+        );
+    }
+    table.push_str("</table>");
+    match best_run {
+        Some((s, info, verdicts)) => {
+            let page = page(s, &info, title, verdicts);
+            let heading = format!("<h1>{}</h1>", esc(title));
+            let best_heading = format!("{table}<h2>The highest passing step, {:.0}/s</h2>", info.target_rate.unwrap_or(0.0));
+            page.replacen(&heading, &format!("{heading}{best_heading}"), 1)
+        }
+        None => format!(
+            "<!doctype html><html><head><meta charset=\"utf-8\"><title>{t}</title></head><body><h1>{t}</h1>{table}</body></html>\n",
+            t = esc(title)
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn axis_steps_are_round() {
+        for (span, want) in [(1.0, 0.5), (4.0, 1.0), (7.3, 2.0), (105.0, 50.0), (398.0, 100.0), (0.03, 0.01)] {
+            let got = round_step(span, 4.0);
+            assert!((got - want).abs() < 1e-9, "span {span}: step {got}, want {want}");
+        }
+        let f = Frame::new(10, 398.0);
+        assert_eq!(f.max, 400.0, "the top of the axis is a round number too");
+        assert_eq!([3, 10, 11, 45, 61, 600].map(time_step), [1, 1, 2, 5, 10, 60]);
+    }
+
+    #[test]
+    fn a_version_keeps_its_colour_whatever_else_a_page_shows() {
+        let colours: Vec<&str> = ["v1", "v2", "v3", "v4", "v5", "v6", "v7", "v8"].map(value_colour).to_vec();
+        let mut distinct = colours.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 8, "eight versions in a row get eight colours: {colours:?}");
+        assert_eq!(value_colour("v2"), value_colour("app-2"));
+        assert_eq!(value_colour("blue"), value_colour("blue"));
+        // A page that shows only v2 colours it as a page showing v1 and v2 does.
+        let page_of = |values: &[&str]| {
+            let mut s = crate::ledger::Ledger::new(std::time::Duration::from_secs(2));
+            for v in values {
+                s.record(crate::ledger::Outcome::Ok(200), Default::default(), Default::default(), None, Some(v));
+            }
+            let s = crate::ledger::conclude(vec![s], Default::default(), std::time::Duration::from_secs(1));
+            let info = RunInfo { model: "open", scenario: false, target_rate: None, duration_s: 1.0 };
+            page(&s, &info, "t", &[])
+        };
+        let fill = |html: &str, v: &str| {
+            let chart = html.split("id=\"headers\"").nth(1).unwrap().to_string();
+            let at = chart.find(&format!("s {v}: ")).unwrap();
+            chart[..at].rsplit("fill=\"").next().unwrap().split('"').next().unwrap().to_string()
+        };
+        assert_eq!(fill(&page_of(&["v2"]), "v2"), fill(&page_of(&["v1", "v2"]), "v2"));
+    }
 }

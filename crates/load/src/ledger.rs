@@ -194,6 +194,8 @@ pub struct Ledger {
     open: BTreeMap<u64, Open>,
     /// Bit i set: a success completed during millisecond i of the run.
     success_ms: Vec<u64>,
+    /// Requests sent a second time, on a fresh connection, after a reused one closed before one byte of answer.
+    retried: u64,
 }
 
 fn ms_of(d: Duration) -> f64 {
@@ -225,6 +227,7 @@ impl Ledger {
             uncorrected: histogram(),
             open: BTreeMap::new(),
             success_ms: vec![0; bits.div_ceil(64)],
+            retried: 0,
         }
     }
 
@@ -269,6 +272,11 @@ impl Ledger {
         }
     }
 
+    /// Counts a request sent again on a fresh connection (it still ends in one outcome, recorded once).
+    pub fn record_retry(&mut self) {
+        self.retried += 1;
+    }
+
     /// The counts so far.
     pub fn counts(&self) -> Counts {
         self.counts
@@ -292,6 +300,7 @@ impl Ledger {
     /// Folds another worker's ledger into this one.
     pub fn merge(&mut self, mut other: Ledger) {
         self.counts.merge(&other.counts);
+        self.retried += other.retried;
         for (k, v) in other.statuses {
             *self.statuses.entry(k).or_default() += v;
         }
@@ -328,6 +337,7 @@ impl Ledger {
         gap = gap.max(run_ms - last.map_or(0, |l| l));
         Summary {
             counts: self.counts,
+            retried: self.retried,
             statuses: self.statuses,
             headers: self.headers,
             corrected_ms: [0.5, 0.9, 0.99, 0.999].map(|v| q(&self.corrected, v)),
@@ -345,6 +355,9 @@ impl Ledger {
 #[derive(Debug, Clone)]
 pub struct Summary {
     pub counts: Counts,
+    /// Requests sent again on a fresh connection after a reused one closed before answering (not outcomes: each
+    /// of them is also in `counts`, once).
+    pub retried: u64,
     pub statuses: BTreeMap<u16, u64>,
     pub headers: BTreeMap<String, u64>,
     /// p50, p90, p99, p99.9 in ms, from the scheduled time.
@@ -377,8 +390,11 @@ mod tests {
         b.record(Outcome::Connect, ms(1200), ms(1201), None, None);
         b.record(Outcome::Timeout, ms(1300), ms(2300), Some(ms(1000)), None);
         b.record(Outcome::NotSent, ms(4000), ms(4000), None, None);
+        a.record_retry();
+        b.record_retry();
         let s = conclude(vec![a, b], Timeline::default(), ms(5000));
         assert_eq!(s.counts.total(), 7);
+        assert_eq!(s.retried, 2, "retries merge, and are not outcomes");
         assert_eq!((s.counts.ok, s.counts.http_4xx, s.counts.http_5xx), (1, 1, 1));
         assert_eq!((s.counts.connect, s.counts.reset, s.counts.timeout, s.counts.not_sent), (1, 1, 1, 1));
         assert_eq!(s.counts.failed(), 6);

@@ -3,6 +3,7 @@
 use serde_json::{json, Map, Value};
 
 use crate::ledger::Summary;
+use crate::threshold::Verdict;
 
 /// Share of not-sent requests above which a run is invalid: the generator, not the target, was the bottleneck.
 pub const NOT_SENT_INVALID_SHARE: f64 = 0.01;
@@ -25,7 +26,10 @@ pub fn valid(s: &Summary) -> bool {
     (s.counts.not_sent as f64) <= NOT_SENT_INVALID_SHARE * s.counts.total() as f64
 }
 
-pub fn json(s: &Summary, info: &RunInfo) -> Value {
+/// The JSON document of a run, with its thresholds as judged at the end (`verdicts`).
+pub fn json(s: &Summary, info: &RunInfo, verdicts: &[Verdict]) -> Value {
+    let thresholds: Vec<Value> =
+        verdicts.iter().map(|v| json!({ "threshold": v.threshold, "measured": v.measured, "held": v.held })).collect();
     let c = &s.counts;
     let status: Map<String, Value> = s.statuses.iter().map(|(k, v)| (k.to_string(), (*v).into())).collect();
     let headers: Map<String, Value> = s.headers.iter().map(|(k, v)| (k.clone(), (*v).into())).collect();
@@ -58,7 +62,7 @@ pub fn json(s: &Summary, info: &RunInfo) -> Value {
         "model": info.model,
         "duration_s": info.duration_s,
         "valid": valid(s),
-        "requests": { "scheduled": c.total(), "ok": c.ok, "failed": c.failed(), "not_sent": c.not_sent },
+        "requests": { "scheduled": c.total(), "ok": c.ok, "failed": c.failed(), "not_sent": c.not_sent, "retried": s.retried },
         "status": status,
         "errors": { "connect": c.connect, "reset": c.reset, "timeout": c.timeout, "check": c.check },
         "latency_ms": { "p50": p50, "p90": p90, "p99": p99, "p999": p999, "max": s.corrected_max_ms },
@@ -67,6 +71,8 @@ pub fn json(s: &Summary, info: &RunInfo) -> Value {
         "max_success_gap_ms": s.max_success_gap_ms,
         "timeline": timeline,
         "headers": headers,
+        "thresholds": thresholds,
+        "thresholds_held": verdicts.iter().all(|v| v.held),
     })
 }
 
@@ -78,14 +84,31 @@ pub fn text(s: &Summary, info: &RunInfo) -> String {
         "{} model, {:.1} s: {} scheduled, {} ok, {} failed ({} 4xx, {} 5xx, {} connect, {} reset, {} timeout, {} check, {} not sent)\n",
         info.model, info.duration_s, c.total(), c.ok, c.failed(), c.http_4xx, c.http_5xx, c.connect, c.reset, c.timeout, c.check, c.not_sent
     );
+    if s.retried > 0 {
+        out.push_str(&format!(
+            "retried: {} (sent again on a fresh connection: a reused one closed before one byte of answer)\n",
+            s.retried
+        ));
+    }
     let unit = if info.scenario { "flows" } else { "requests" };
     let target = info.target_rate.map_or(String::new(), |r| format!(" (target {r:.0} {unit}/s)"));
     out.push_str(&format!("rate: {:.1} requests/s achieved{target}\n", achieved_rate(s, info)));
-    out.push_str(&format!(
-        "latency from schedule (ms): p50 {p50:.2}  p90 {p90:.2}  p99 {p99:.2}  p99.9 {p999:.2}  max {:.2}\n",
-        s.corrected_max_ms
-    ));
-    out.push_str(&format!("latency from send (ms):     p50 {u50:.2}  p99 {u99:.2}  max {:.2}\n", s.uncorrected_max_ms));
+    if info.model == "closed" {
+        // Each request is sent when the previous one ends: there is no schedule, so one latency, from the send.
+        out.push_str(&format!(
+            "latency (ms): p50 {p50:.2}  p90 {p90:.2}  p99 {p99:.2}  p99.9 {p999:.2}  max {:.2}\n",
+            s.corrected_max_ms
+        ));
+    } else {
+        out.push_str(&format!(
+            "latency from schedule (ms): p50 {p50:.2}  p90 {p90:.2}  p99 {p99:.2}  p99.9 {p999:.2}  max {:.2}\n",
+            s.corrected_max_ms
+        ));
+        out.push_str(&format!(
+            "latency from send (ms):     p50 {u50:.2}  p99 {u99:.2}  max {:.2}\n",
+            s.uncorrected_max_ms
+        ));
+    }
     out.push_str(&format!("longest stretch without a success: {} ms\n", s.max_success_gap_ms));
     if !s.headers.is_empty() {
         let mix: Vec<String> = s.headers.iter().map(|(k, v)| format!("{k}={v}")).collect();

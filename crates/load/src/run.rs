@@ -465,40 +465,56 @@ impl Worker {
         if slot.as_ref().is_some_and(H1Conn::closed_while_idle) {
             *slot = None;
         }
-        let fresh = slot.is_none();
-        if fresh {
-            match tokio::time::timeout(self.cfg.timeout, H1Conn::connect(self.cfg.target.addr)).await {
-                Ok(Ok(c)) => *slot = Some(c),
-                Ok(Err(_)) => return (Outcome::Connect, self.start.elapsed(), None, None),
-                Err(_) => {
-                    tracing::warn!(target = %self.cfg.target.addr, "connecting timed out");
-                    return (Outcome::Timeout, self.start.elapsed(), None, None);
+        let mut fresh = slot.is_none();
+        let mut retried = false;
+        loop {
+            if fresh {
+                match tokio::time::timeout(self.cfg.timeout, H1Conn::connect(self.cfg.target.addr)).await {
+                    Ok(Ok(c)) => *slot = Some(c),
+                    Ok(Err(_)) => return (Outcome::Connect, self.start.elapsed(), None, None),
+                    Err(_) => {
+                        tracing::warn!(target = %self.cfg.target.addr, "connecting timed out");
+                        return (Outcome::Timeout, self.start.elapsed(), None, None);
+                    }
                 }
             }
-        }
-        let conn = slot.as_mut().expect("connected above");
-        let local = conn.local_addr();
-        watch.fd.store(conn.raw_fd(), Relaxed);
-        watch.fired.store(false, Relaxed);
-        watch.started_ns.store(sent.duration_since(self.start).as_nanos() as u64 + 1, Relaxed);
-        let result = conn.exchange_keeping(bytes, head_only, track, keep_body).await;
-        watch.started_ns.store(0, Relaxed);
-        let now = Instant::now();
-        let (done, service) = (now.duration_since(self.start), Some(now.duration_since(sent)));
-        match result {
-            Err(_) => {
-                *slot = None;
-                let outcome = if watch.fired.load(Relaxed) { Outcome::Timeout } else { Outcome::Reset };
-                if outcome == Outcome::Timeout {
-                    tracing::warn!(fresh, ?local, "no answer within the timeout");
-                }
-                (outcome, done, service, None)
-            }
-            Ok(answer) => {
-                if !answer.reusable || !self.cfg.keep_alive {
+            let conn = slot.as_mut().expect("connected above");
+            let local = conn.local_addr();
+            watch.fd.store(conn.raw_fd(), Relaxed);
+            watch.fired.store(false, Relaxed);
+            watch.started_ns.store(sent.duration_since(self.start).as_nanos() as u64 + 1, Relaxed);
+            let result = conn.exchange_keeping(bytes, head_only, track, keep_body).await;
+            watch.started_ns.store(0, Relaxed);
+            let now = Instant::now();
+            let (done, service) = (now.duration_since(self.start), Some(now.duration_since(sent)));
+            match result {
+                // A reused connection the server closed as the request left (its idle timeout): nothing of the answer
+                // came, so the server did not take the request. Sent again once on a fresh connection, as curl does.
+                Err(e) if e.no_answer() && !fresh && !retried && !watch.fired.load(Relaxed) => {
                     *slot = None;
+                    fresh = true;
+                    retried = true;
+                    self.ledger.lock().expect("ledger lock").record_retry();
+                    tracing::debug!(
+                        ?local,
+                        "a reused connection closed before answering: sending again on a fresh one"
+                    );
+                    continue;
                 }
-                (Outcome::from_status(answer.status), done, service, Some(answer))
+                Err(_) => {
+                    *slot = None;
+                    let outcome = if watch.fired.load(Relaxed) { Outcome::Timeout } else { Outcome::Reset };
+                    if outcome == Outcome::Timeout {
+                        tracing::warn!(fresh, ?local, "no answer within the timeout");
+                    }
+                    return (outcome, done, service, None);
+                }
+                Ok(answer) => {
+                    if !answer.reusable || !self.cfg.keep_alive {
+                        *slot = None;
+                    }
+                    return (Outcome::from_status(answer.status), done, service, Some(answer));
+                }
             }
         }
     }

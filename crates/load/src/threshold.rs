@@ -110,6 +110,25 @@ impl Threshold {
     }
 }
 
+/// One threshold as judged at the end of a run, for the reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub threshold: String,
+    pub measured: f64,
+    pub held: bool,
+}
+
+/// Judges every threshold against the run.
+pub fn judge(thresholds: &[Threshold], s: &Summary, achieved_rate: f64) -> Vec<Verdict> {
+    thresholds
+        .iter()
+        .map(|t| {
+            let measured = t.measure(s, achieved_rate);
+            Verdict { threshold: t.text().to_string(), measured, held: t.holds(measured) }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

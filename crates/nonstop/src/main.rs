@@ -208,7 +208,13 @@ enum QueueAction {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
-    /// Queue a dead letter again, by its client's id (QUEUE.KEY) or its number (QUEUE.N).
+    /// The failed requests of a queue (the service answered a 4xx other than 408 and 429).
+    Failed {
+        queue: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Queue a dead letter or a failed request again, by its client's id (QUEUE.KEY) or its number (QUEUE.N).
     Replay { id: String },
     /// Delete every dead letter of a queue.
     Purge { queue: String },
@@ -486,6 +492,7 @@ fn run_load(args: LoadArgs) -> ExitCode {
         println!("ABORTED: threshold {t} failed mid-run (--abort-on-fail)");
     }
     let rate = nonstop_load::report::achieved_rate(&summary, &info);
+    let verdicts = nonstop_load::threshold::judge(&thresholds, &summary, rate);
     let mut failed = false;
     for t in &thresholds {
         let measured = t.measure(&summary, rate);
@@ -494,7 +501,7 @@ fn run_load(args: LoadArgs) -> ExitCode {
         println!("threshold {}: {} (measured {measured:.2})", t.text(), if holds { "ok" } else { "FAILED" });
     }
     if let Some(path) = &args.json {
-        let doc = nonstop_load::report::json(&summary, &info);
+        let doc = nonstop_load::report::json(&summary, &info, &verdicts);
         if let Err(e) = std::fs::write(path, serde_json::to_string_pretty(&doc).expect("JSON")) {
             eprintln!("nonstop load: cannot write {}: {e}", path.display());
             return ExitCode::from(2);
@@ -502,7 +509,7 @@ fn run_load(args: LoadArgs) -> ExitCode {
     }
     if let Some(path) = &args.html {
         let title = format!("nonstop load {}", args.url);
-        if let Err(e) = std::fs::write(path, nonstop_load::html::page(&summary, &info, &title)) {
+        if let Err(e) = std::fs::write(path, nonstop_load::html::page(&summary, &info, &title, &verdicts)) {
             eprintln!("nonstop load: cannot write {}: {e}", path.display());
             return ExitCode::from(2);
         }
@@ -528,13 +535,15 @@ fn find_max(args: LoadArgs) -> ExitCode {
     if !(args.start_rate >= 1.0 && args.rate_limit >= args.start_rate) {
         return bad("--start-rate must be at least 1 and at most --rate-limit".into());
     }
-    let (base, _, _) =
+    let (base, thresholds, info) =
         match load_config(&LoadArgs { rate: Some(args.start_rate), duration: args.step.clone(), ..args.clone() }) {
             Ok(c) => c,
             Err(errors) => return bad(errors.join("\n  ")),
         };
     let mut search = nonstop_load::find_max::Search::new(args.start_rate, args.rate_limit);
     let mut steps = Vec::new();
+    // The run of the highest rate that passed, for --html.
+    let mut best_run: Option<(f64, nonstop_load::Summary, Vec<nonstop_load::threshold::Verdict>)> = None;
     println!(
         "find-max: p99 <= {} ms and errors <= {}%, {} s per step",
         max_p99.as_millis(),
@@ -553,15 +562,30 @@ fn find_max(args: LoadArgs) -> ExitCode {
         let c = &s.counts;
         let error_rate = 100.0 * c.failed() as f64 / c.total().max(1) as f64;
         let p99 = s.corrected_ms[2];
+        let step_info =
+            nonstop_load::report::RunInfo { target_rate: Some(rate), duration_s: step.as_secs_f64(), ..info.clone() };
+        let verdicts =
+            nonstop_load::threshold::judge(&thresholds, &s, nonstop_load::report::achieved_rate(&s, &step_info));
         let passed = nonstop_load::report::valid(&s)
             && p99 <= max_p99.as_secs_f64() * 1000.0
-            && error_rate <= args.max_error_rate;
+            && error_rate <= args.max_error_rate
+            && verdicts.iter().all(|v| v.held);
         println!(
             "  {rate:>9.0}/s: p99 {p99:>9.2} ms, errors {error_rate:>6.2}%, not sent {:>6} -> {}",
             c.not_sent,
             if passed { "pass" } else { "fail" }
         );
-        steps.push(serde_json::json!({ "rate": rate, "p99_ms": p99, "error_rate": error_rate, "not_sent": c.not_sent, "passed": passed }));
+        for v in verdicts.iter().filter(|v| !v.held) {
+            println!("             threshold {}: FAILED (measured {:.2})", v.threshold, v.measured);
+        }
+        let judged: Vec<_> = verdicts
+            .iter()
+            .map(|v| serde_json::json!({ "threshold": v.threshold, "measured": v.measured, "held": v.held }))
+            .collect();
+        steps.push(serde_json::json!({ "rate": rate, "p99_ms": p99, "error_rate": error_rate, "not_sent": c.not_sent, "thresholds": judged, "passed": passed }));
+        if passed && best_run.as_ref().is_none_or(|b| b.0 < rate) {
+            best_run = Some((rate, s.clone(), verdicts));
+        }
         search.record(passed);
     }
     let best = search.best();
@@ -572,6 +596,35 @@ fn find_max(args: LoadArgs) -> ExitCode {
     if let Some(path) = &args.json {
         let doc = serde_json::json!({ "find_max": { "rate": best, "max_p99_ms": max_p99.as_secs_f64() * 1000.0, "max_error_rate": args.max_error_rate, "steps": steps } });
         if let Err(e) = std::fs::write(path, serde_json::to_string_pretty(&doc).expect("JSON")) {
+            eprintln!("nonstop load: cannot write {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    }
+    if let Some(path) = &args.html {
+        let rows: Vec<(f64, f64, f64, bool)> = steps
+            .iter()
+            .map(|s| {
+                let f = |k: &str| s[k].as_f64().unwrap_or(0.0);
+                (f("rate"), f("p99_ms"), f("error_rate"), s["passed"] == true)
+            })
+            .collect();
+        let page = nonstop_load::html::find_max_page(
+            &format!("nonstop load --find-max {}", args.url),
+            best,
+            &rows,
+            best_run.as_ref().map(|(rate, s, v)| {
+                (
+                    s,
+                    nonstop_load::report::RunInfo {
+                        target_rate: Some(*rate),
+                        duration_s: step.as_secs_f64(),
+                        ..info.clone()
+                    },
+                    v.as_slice(),
+                )
+            }),
+        );
+        if let Err(e) = std::fs::write(path, page) {
             eprintln!("nonstop load: cannot write {}: {e}", path.display());
             return ExitCode::from(2);
         }
@@ -671,6 +724,9 @@ fn run_queue(args: QueueArgs) -> ExitCode {
         QueueAction::Show { id } => split(id).map(|(q, n)| ("GET", format!("/queues/{q}/requests/{q}.{n}"))),
         QueueAction::Dead { queue, limit } => {
             queue_name(queue).map(|q| ("GET", format!("/queues/{q}/dead?limit={limit}")))
+        }
+        QueueAction::Failed { queue, limit } => {
+            queue_name(queue).map(|q| ("GET", format!("/queues/{q}/failed?limit={limit}")))
         }
         QueueAction::Replay { id } => split(id).map(|(q, n)| ("POST", format!("/queues/{q}/dead/{q}.{n}/replay"))),
         QueueAction::Purge { queue } => queue_name(queue).map(|q| ("POST", format!("/queues/{q}/purge"))),

@@ -19,6 +19,7 @@ fn app(dir: &TempDir, extra: &[&str]) -> Proc {
 /// Runs `nonstop load` with `args` plus `--json`, returning the exit code, stdout and the JSON document.
 fn load(dir: &TempDir, args: &[&str]) -> (i32, String, serde_json::Value) {
     let json = dir.path().join(format!("run-{}.json", args.len()));
+    let _ = std::fs::remove_file(&json); // a run that writes none must not be judged by an earlier one's
     let out = Command::new(bin())
         .arg("load")
         .args(args)
@@ -381,4 +382,143 @@ fn abort_on_fail_stops_the_run_at_the_first_failed_threshold() {
     assert!(stdout.contains("ABORTED: threshold failed==0"), "{stdout}");
     assert!(n(&doc["requests"]["scheduled"]) < 1000, "{stdout}");
     assert_exact_accounting(&doc);
+}
+
+/// A server that answers `answered` requests on each connection (keep-alive), then, as the next request arrives,
+/// closes the connection without reading it: the kernel resets it, as when a server's idle timeout fires at the
+/// instant the client reuses the connection. Returns its address; it serves until the test ends.
+fn closes_on_reuse(answered: usize) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                for _ in 0..answered {
+                    // Each request is one small GET: one read holds it whole.
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                }
+                // Wait for the next request to arrive, and close with it unread: a reset, no byte of answer.
+                let _ = s.peek(&mut buf);
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_reused_connection_reset_before_answering_is_retried_once_on_a_fresh_one() {
+    let dir = TempDir::new("load-keepalive-race");
+    let url = format!("http://{}/", closes_on_reuse(1));
+    // The open model, then the closed one (a run of several seconds each, so that their JSON files differ).
+    for extra in [&["--rate", "50", "--duration", "2s"][..], &["--duration", "1s"][..]] {
+        let mut args = vec![url.as_str(), "--threads", "1", "--connections", "1"];
+        args.extend_from_slice(extra);
+        let (code, stdout, doc) = load(&dir, &args);
+        assert_exact_accounting(&doc);
+        assert_eq!(n(&doc["errors"]["reset"]), 0, "every reset connection was reused: {stdout}");
+        let ok = n(&doc["requests"]["ok"]);
+        assert_eq!(ok, n(&doc["requests"]["scheduled"]), "{stdout}");
+        // Each connection serves one request: every later request found its reused connection reset.
+        assert_eq!(n(&doc["requests"]["retried"]), ok - 1, "{stdout}");
+        assert!(stdout.contains(&format!("retried: {}", ok - 1)), "{stdout}");
+        assert_eq!(code, 0, "{stdout}");
+    }
+    // A fresh connection reset before answering is not retried: the server itself refuses the request.
+    let url = format!("http://{}/", closes_on_reuse(0));
+    let (_, stdout, doc) = load(&dir, &[&url, "--rate", "20", "--duration", "1s", "--threads", "1"]);
+    assert_exact_accounting(&doc);
+    assert_eq!(n(&doc["errors"]["reset"]), 20, "{stdout}");
+    assert_eq!(n(&doc["requests"]["retried"]), 0, "{stdout}");
+}
+
+#[test]
+fn reports_carry_the_thresholds_and_the_closed_model_claims_no_schedule() {
+    let dir = TempDir::new("load-verdicts");
+    let a = app(&dir, &[]);
+    let url = a.url("/");
+    let page = dir.path().join("closed.html");
+    let (code, stdout, doc) = load(
+        &dir,
+        &[&url, "--connections", "2", "--duration", "2s", "--threshold", "failed==0", "--threshold", "p99<0.001ms"]
+            .iter()
+            .copied()
+            .chain(["--html", page.to_str().unwrap()])
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(code, 1, "p99 under a microsecond cannot hold: {stdout}");
+    let t = doc["thresholds"].as_array().unwrap_or_else(|| panic!("{doc}"));
+    assert_eq!((t[0]["threshold"].as_str(), &t[0]["held"]), (Some("failed==0"), &serde_json::json!(true)), "{doc}");
+    assert_eq!((t[1]["threshold"].as_str(), &t[1]["held"]), (Some("p99<0.001ms"), &serde_json::json!(false)), "{doc}");
+    assert!(t[1]["measured"].as_f64().unwrap() > 0.001, "{doc}");
+    assert_eq!(doc["thresholds_held"], false);
+    assert!(stdout.contains("latency (ms): p50"), "{stdout}");
+    assert!(!stdout.contains("from schedule"), "a closed model has no schedule to measure from: {stdout}");
+
+    let dom = headless(&dir, &["--dump-dom"], &page);
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    let table = dom.split("id=\"thresholds\"").nth(1).unwrap_or_else(|| panic!("no thresholds table: {dom}"));
+    let table = table.split("</table>").next().unwrap();
+    assert!(table.contains("failed==0") && table.contains("p99&lt;0.001ms"), "{table}");
+    assert_eq!((table.matches("class=\"held\"").count(), table.matches("class=\"failed\"").count()), (1, 1));
+    assert!(!dom.contains("scheduled time"), "the closed model's latency chart claims no schedule");
+    // Every chart's value ticks are round: equal steps of 1, 2 or 5 times a power of ten, from 0.
+    for chart in ["throughput", "latency"] {
+        let svg = dom.split(&format!("id=\"{chart}\"")).nth(1).unwrap().split("</svg>").next().unwrap();
+        let ticks: Vec<f64> = svg
+            .split("class=\"ytick\"")
+            .skip(1)
+            .map(|t| t.split('>').nth(1).unwrap().split('<').next().unwrap().parse().unwrap())
+            .collect();
+        assert!(ticks.len() >= 3, "{chart}: {ticks:?}");
+        let step = ticks[1] - ticks[0];
+        let mantissa = step / 10f64.powf(step.log10().floor());
+        assert!([1.0, 2.0, 5.0].iter().any(|m| (mantissa - m).abs() < 1e-6), "{chart}: step {step} of {ticks:?}");
+        assert_eq!(ticks[0], 0.0);
+        for w in ticks.windows(2) {
+            assert!((w[1] - w[0] - step).abs() < 1e-6, "{chart}: uneven ticks {ticks:?}");
+        }
+    }
+}
+
+#[test]
+fn find_max_honours_thresholds_and_writes_its_html_report() {
+    let dir = TempDir::new("load-find-max-html");
+    let a = app(&dir, &[]);
+    let url = a.url("/");
+    let (json, page) = (dir.path().join("find.json"), dir.path().join("find.html"));
+    // The server takes far more than 200/s: only the threshold stops the search there.
+    let out = Command::new(bin())
+        .args(["load", &url, "--find-max", "--step", "1s", "--start-rate", "50", "--threshold", "rate<=200"])
+        .arg("--json")
+        .arg(&json)
+        .arg("--html")
+        .arg(&page)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rate = doc["find_max"]["rate"].as_f64().unwrap();
+    assert!((150.0..=200.0).contains(&rate), "found {rate}/s under rate<=200: {stdout}");
+    let steps = doc["find_max"]["steps"].as_array().unwrap();
+    let failed = steps.iter().find(|s| s["passed"] == false).unwrap_or_else(|| panic!("{stdout}"));
+    assert_eq!(failed["thresholds"][0]["held"], false, "{failed}");
+    assert!(stdout.contains("threshold rate<=200: FAILED"), "{stdout}");
+
+    let dom = headless(&dir, &["--dump-dom"], &page);
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    assert!(dom.contains(&format!("max rate: {rate:.0} requests/s")), "{dom}");
+    let table = dom.split("id=\"steps\"").nth(1).unwrap_or_else(|| panic!("no steps table: {dom}"));
+    let table = table.split("</table>").next().unwrap();
+    assert_eq!(table.matches("<tr class=").count(), steps.len(), "{table}");
+    for id in ["throughput", "latency", "thresholds"] {
+        assert!(dom.contains(&format!("id=\"{id}\"")), "the best step's {id} is on the page");
+    }
 }

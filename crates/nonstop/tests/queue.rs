@@ -364,3 +364,109 @@ async fn full(store: Store) {
     assert_eq!(get(p.addr, &format!("/_nonstop/requests/{queue}.999")).await.status, 404);
     assert_eq!(get(p.addr, &format!("/_nonstop/requests/{queue}.1")).await.status, 404, "numbers are not ids");
 }
+
+/// A backend on a raw socket: `GET /health` is 200; each `POST` gets `first` the first time, 201 after that.
+fn backend_failing_once(first: u16) -> SocketAddr {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let posts = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { return };
+            let posts = posts.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut w = s;
+                loop {
+                    let (mut line, mut len, mut start) = (String::new(), 0usize, String::new());
+                    loop {
+                        line.clear();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if start.is_empty() {
+                            start = line.clone();
+                        } else if line == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0u8; len];
+                    if r.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let status = if !start.starts_with("POST") {
+                        200
+                    } else if posts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                        first
+                    } else {
+                        201
+                    };
+                    let answer = format!("HTTP/1.1 {status} X\r\ncontent-length: 2\r\n\r\nok");
+                    if w.write_all(answer.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_failed_requests_are_listed_and_replayed_and_finished_ones_kept_within_the_retention() {
+    let dir = TempDir::new("queue-failed");
+    let queue = queue_name("failed");
+    let backend = backend_failing_once(409);
+    let (p, admin) = serve(&config(&dir, backend, Store::Embedded, &queue, "finished_keep_max = 2\n"));
+    let settled = |location: String, want: &'static str| async move {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = get(p.addr, &location).await.json();
+            if s["status"] == want {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "never {want}: {s}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let r = post_json(p.addr, "/orders", &[], ORDER).await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let first = r.header("location").unwrap().to_string();
+    let s = settled(first.clone(), "failed").await;
+    assert_eq!(s["response"]["status"], 409, "{s}");
+
+    let cli = |args: &[&str]| {
+        let out = Command::new(bin()).args(["queue", "--admin", &admin.to_string()]).args(args).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (code, listed) = cli(&["failed", &queue]);
+    assert_eq!(code, Some(0), "{listed}");
+    let listed: Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed["failed"][0]["key"], id.as_str(), "{listed}");
+    assert_eq!(listed["failed"].as_array().unwrap().len(), 1, "{listed}");
+    // Replayed (the service would now take it), it is delivered again, from its stored request.
+    let (code, replayed) = cli(&["replay", &id]);
+    assert_eq!(code, Some(0), "{replayed}");
+    let s = settled(first.clone(), "done").await;
+    assert_eq!(s["response"]["status"], 201, "{s}");
+    let (_, listed) = cli(&["failed", &queue]);
+    assert_eq!(serde_json::from_str::<Value>(&listed).unwrap()["failed"], serde_json::json!([]), "{listed}");
+    assert_eq!(cli(&["replay", &id]).0, Some(1), "a done request is not replayed");
+
+    // Two more finish: only the newest two finished statuses are kept, so the first one is gone.
+    let mut later = Vec::new();
+    for _ in 0..2 {
+        let r = post_json(p.addr, "/orders", &[], ORDER).await;
+        assert_eq!(r.status, 202);
+        later.push(r.header("location").unwrap().to_string());
+    }
+    for l in &later {
+        settled(l.clone(), "done").await;
+    }
+    assert_eq!(get(p.addr, &first).await.status, 404, "past finished_keep_max, the oldest finished status goes");
+}

@@ -590,8 +590,9 @@ async fn queue_call(q: &Queue, m: Method, rest: &[&str], query: &str) -> Result<
                 None => return Err(missing(q, id)),
             }
         }
-        (Method::GET, ["dead"]) => {
-            let dead = q.store.dead(limit_of(query)).map_err(store_err)?;
+        (Method::GET, [list @ ("dead" | "failed")]) => {
+            let dead = if *list == "dead" { q.store.dead(limit_of(query)) } else { q.store.failed(limit_of(query)) }
+                .map_err(store_err)?;
             let items: Vec<Value> = dead
                 .iter()
                 .map(|(n, s)| {
@@ -600,15 +601,17 @@ async fn queue_call(q: &Queue, m: Method, rest: &[&str], query: &str) -> Result<
                     v
                 })
                 .collect();
-            reply(StatusCode::OK, json!({ "queue": q.name, "dead": items }))
+            reply(StatusCode::OK, json!({ "queue": q.name, *list: items }))
         }
-        (Method::POST, ["dead", id, "replay"]) => {
+        // A dead letter or a failed request (the service answered a 4xx for good), sent again from the start.
+        (Method::POST, ["dead" | "failed", id, "replay"]) => {
             let n = number_of(q, id)?;
             q.replay(n).await.map_err(|e| match e {
                 nonstop_queue::StoreError::Missing(_) => missing(q, id),
-                nonstop_queue::StoreError::NotDead(_) => {
-                    err(StatusCode::CONFLICT, format!("request {id:?} of queue {:?} is not a dead letter", q.name))
-                }
+                nonstop_queue::StoreError::NotDead(_) => err(
+                    StatusCode::CONFLICT,
+                    format!("request {id:?} of queue {:?} is neither a dead letter nor failed", q.name),
+                ),
                 e => store_err(e),
             })?;
             reply(StatusCode::OK, json!({ "id": q.public_id(n), "key": q.key_id(n), "status": "queued" }))

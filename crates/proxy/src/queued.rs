@@ -146,6 +146,8 @@ impl Queue {
             bytes_max: cfg.bytes_max,
             batch_max: cfg.batch_max,
             local_delivery: cfg.rabbitmq.is_none(),
+            finished_keep_max: cfg.finished_keep_max,
+            finished_keep_ms: cfg.finished_keep.as_millis() as u64,
         };
         let store = Store::open(&cfg.path.join(format!("{}.redb", cfg.name)), limits)?;
         let rabbit = cfg.rabbitmq.as_ref().map(|url| {
@@ -349,13 +351,14 @@ impl Queue {
         }
     }
 
-    /// Queues a dead letter again (embedded: due now; RabbitMQ: published to the main queue again).
+    /// Queues a dead letter or a failed request again (embedded: due now; RabbitMQ: published to the main queue
+    /// again).
     pub async fn replay(&self, n: u64) -> Result<(), StoreError> {
         if let Some(r) = &self.rabbit {
             let Some(req) = self.store.request(n)? else { return Err(StoreError::Missing(n)) };
             match self.store.status(n)? {
                 None => return Err(StoreError::Missing(n)),
-                Some(s) if s.state != State::Dead => return Err(StoreError::NotDead(n)),
+                Some(s) if s.state != State::Dead && s.state != State::Failed => return Err(StoreError::NotDead(n)),
                 Some(_) => {}
             }
             self.publish(r, &r.names.main, &self.message_id(n), 0, req.encode(), None).await.map_err(StoreError::Io)?;

@@ -27,7 +27,21 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Request numbers by key, and keys by number.
 const KEYS: TableDefinition<u128, u64> = TableDefinition::new("keys");
 const KEY_OF: TableDefinition<u64, u128> = TableDefinition::new("key_of");
+/// Failed requests (a 4xx the service gave for good), and their stored request kept for a replay (not counted
+/// in the queue's bytes: it is not waiting).
+const FAILED: TableDefinition<u64, ()> = TableDefinition::new("failed");
+const FAILED_REQUESTS: TableDefinition<u64, &[u8]> = TableDefinition::new("failed_requests");
+/// Finished (done or failed) requests by the time they finished: (finished_ms, id), for retention.
+const FINISHED: TableDefinition<(u64, u64), ()> = TableDefinition::new("finished");
 const NEXT_ID: &str = "next_id";
+/// The queue's depth and bytes as of the last commit, so that opening the store reads two numbers instead of
+/// scanning every status it ever kept.
+const DEPTH: &str = "depth";
+const BYTES: &str = "bytes";
+/// Finished requests deleted per commit at most, so that a long backlog of expired ones does not stall appends.
+const PRUNE_BATCH: usize = 10_000;
+/// How often an idle writer wakes to delete expired finished statuses.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 const NODE_ID: &str = "node_id";
 
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +52,7 @@ pub enum StoreError {
     Io(String),
     #[error("no request {0} in the queue")]
     Missing(u64),
-    #[error("request {0} is not a dead letter")]
+    #[error("request {0} is neither a dead letter nor failed")]
     NotDead(u64),
     #[error("the queue's store is closed")]
     Closed,
@@ -62,6 +76,10 @@ pub struct Limits {
     /// Queued requests are delivered from this store (embedded). False when a broker holds the queue and the
     /// store keeps only statuses and requests for replay: nothing is ever due here.
     pub local_delivery: bool,
+    /// Finished (done, failed) statuses kept at most; the oldest finished go first.
+    pub finished_keep_max: u64,
+    /// How long a finished status is kept, ms.
+    pub finished_keep_ms: u64,
 }
 
 /// Live figures, for metrics.
@@ -130,6 +148,9 @@ impl Store {
                 };
             }
             {
+                w.open_table(FAILED).map_err(StoreError::io)?;
+                w.open_table(FAILED_REQUESTS).map_err(StoreError::io)?;
+                w.open_table(FINISHED).map_err(StoreError::io)?;
                 // Create every table, and count what is there.
                 let requests = w.open_table(REQUESTS).map_err(StoreError::io)?;
                 let status = w.open_table(STATUS).map_err(StoreError::io)?;
@@ -138,21 +159,30 @@ impl Store {
                 w.open_table(META).map_err(StoreError::io)?;
                 w.open_table(KEYS).map_err(StoreError::io)?;
                 w.open_table(KEY_OF).map_err(StoreError::io)?;
-                let mut bytes = 0u64;
-                for entry in requests.iter().map_err(StoreError::io)? {
-                    let (_, v) = entry.map_err(StoreError::io)?;
-                    bytes += v.value().len() as u64;
-                }
-                counts.bytes.store(bytes, Relaxed);
-                let _ = &due;
-                let mut queued = 0u64;
-                for entry in status.iter().map_err(StoreError::io)? {
-                    let (_, v) = entry.map_err(StoreError::io)?;
-                    if Status::decode(v.value()).is_some_and(|s| s.state == State::Queued) {
-                        queued += 1;
+                let meta = w.open_table(META).map_err(StoreError::io)?;
+                let saved = |k: &str| meta.get(k).map(|v| v.map(|v| v.value())).map_err(StoreError::io);
+                let (depth, bytes) = match (saved(DEPTH)?, saved(BYTES)?) {
+                    (Some(depth), Some(bytes)) => (depth, bytes),
+                    _ => {
+                        // A store written before the counts were kept: counted once, then kept at every commit.
+                        let mut bytes = 0u64;
+                        for entry in requests.iter().map_err(StoreError::io)? {
+                            let (_, v) = entry.map_err(StoreError::io)?;
+                            bytes += v.value().len() as u64;
+                        }
+                        let mut queued = 0u64;
+                        for entry in status.iter().map_err(StoreError::io)? {
+                            let (_, v) = entry.map_err(StoreError::io)?;
+                            if Status::decode(v.value()).is_some_and(|s| s.state == State::Queued) {
+                                queued += 1;
+                            }
+                        }
+                        (queued, bytes)
                     }
-                }
-                counts.depth.store(queued, Relaxed);
+                };
+                let _ = &due;
+                counts.bytes.store(bytes, Relaxed);
+                counts.depth.store(depth, Relaxed);
                 counts.dead.store(dead.len().map_err(StoreError::io)?, Relaxed);
             }
             w.commit().map_err(StoreError::io)?;
@@ -184,7 +214,7 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Queues a dead letter again.
+    /// Queues a dead letter, or a failed request, again.
     pub async fn replay(&self, id: u64, now_ms: u64) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
         self.sender()?.send(Op::Replay(id, now_ms, tx)).map_err(|_| StoreError::Closed)?;
@@ -267,7 +297,11 @@ impl Store {
     pub fn request(&self, id: u64) -> Result<Option<QueuedRequest>, StoreError> {
         let r = self.db.begin_read().map_err(StoreError::io)?;
         let requests = r.open_table(REQUESTS).map_err(StoreError::io)?;
-        let v = requests.get(id).map_err(StoreError::io)?;
+        if let Some(v) = requests.get(id).map_err(StoreError::io)? {
+            return Ok(QueuedRequest::decode(v.value()));
+        }
+        let failed = r.open_table(FAILED_REQUESTS).map_err(StoreError::io)?;
+        let v = failed.get(id).map_err(StoreError::io)?;
         Ok(v.and_then(|v| QueuedRequest::decode(v.value())))
     }
 
@@ -278,13 +312,12 @@ impl Store {
         let status = r.open_table(STATUS).map_err(StoreError::io)?;
         let requests = r.open_table(REQUESTS).map_err(StoreError::io)?;
         let mut out = Vec::new();
-        for entry in status.iter().map_err(StoreError::io)? {
+        // The requests table holds only the requests not finished (queued and dead), never the whole history.
+        for entry in requests.iter().map_err(StoreError::io)? {
             let (k, v) = entry.map_err(StoreError::io)?;
-            let Some(s) = Status::decode(v.value()) else { continue };
-            if s.state == State::Queued && s.attempts == 0 {
-                let req =
-                    requests.get(k.value()).map_err(StoreError::io)?.and_then(|v| QueuedRequest::decode(v.value()));
-                if let Some(req) = req {
+            let s = status.get(k.value()).map_err(StoreError::io)?.and_then(|v| Status::decode(v.value()));
+            if s.is_some_and(|s| s.state == State::Queued && s.attempts == 0) {
+                if let Some(req) = QueuedRequest::decode(v.value()) {
                     out.push((k.value(), req));
                 }
             }
@@ -305,6 +338,27 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Up to `limit` failed requests (the service answered a 4xx for good), oldest id first.
+    pub fn failed(&self, limit: usize) -> Result<Vec<(u64, Status)>, StoreError> {
+        let r = self.db.begin_read().map_err(StoreError::io)?;
+        let failed = r.open_table(FAILED).map_err(StoreError::io)?;
+        let status = r.open_table(STATUS).map_err(StoreError::io)?;
+        let mut out = Vec::new();
+        for entry in failed.iter().map_err(StoreError::io)?.take(limit) {
+            let (k, _) = entry.map_err(StoreError::io)?;
+            if let Some(s) = status.get(k.value()).map_err(StoreError::io)?.and_then(|v| Status::decode(v.value())) {
+                out.push((k.value(), s));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Finished (done or failed) statuses kept.
+    pub fn finished(&self) -> Result<u64, StoreError> {
+        let r = self.db.begin_read().map_err(StoreError::io)?;
+        r.open_table(FINISHED).map_err(StoreError::io)?.len().map_err(StoreError::io)
     }
 
     /// Creation time of the oldest queued request.
@@ -367,9 +421,28 @@ fn random_u64() -> u64 {
     h.finish()
 }
 
+/// True when some finished status is past the retention (by count or age).
+fn prune_due(db: &Database, limits: &Limits) -> bool {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let check = || -> Result<bool, StoreError> {
+        let r = db.begin_read().map_err(StoreError::io)?;
+        let finished = r.open_table(FINISHED).map_err(StoreError::io)?;
+        let oldest = finished.first().map_err(StoreError::io)?.map(|(k, _)| k.value().0);
+        Ok(finished.len().map_err(StoreError::io)? > limits.finished_keep_max
+            || oldest.is_some_and(|at| at.saturating_add(limits.finished_keep_ms) <= now))
+    };
+    check().unwrap_or(false)
+}
+
 fn writer(db: Arc<Database>, rx: mpsc::Receiver<Op>, limits: Limits, counts: Arc<Counts>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
+    loop {
+        // Idle for a while: a commit with no operation, which deletes the finished statuses that expired.
+        let mut batch = match rx.recv_timeout(PRUNE_EVERY) {
+            Ok(first) => vec![first],
+            Err(mpsc::RecvTimeoutError::Timeout) if prune_due(&db, &limits) => Vec::new(),
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
         while batch.len() < limits.batch_max {
             match rx.try_recv() {
                 Ok(op) => batch.push(op),
@@ -391,6 +464,9 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Op>, limits: Limits, counts: Arc
                 let mut meta = w.open_table(META).map_err(StoreError::io)?;
                 let mut keys = w.open_table(KEYS).map_err(StoreError::io)?;
                 let mut key_of = w.open_table(KEY_OF).map_err(StoreError::io)?;
+                let mut failed_t = w.open_table(FAILED).map_err(StoreError::io)?;
+                let mut failed_req = w.open_table(FAILED_REQUESTS).map_err(StoreError::io)?;
+                let mut finished = w.open_table(FINISHED).map_err(StoreError::io)?;
                 let mut next_id = meta.get(NEXT_ID).map_err(StoreError::io)?.map_or(1, |v| v.value());
                 for op in batch {
                     match op {
@@ -443,7 +519,14 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Op>, limits: Limits, counts: Arc
                                 State::Done | State::Failed => {
                                     if let Some(v) = requests.remove(id).map_err(StoreError::io)? {
                                         bytes = bytes.saturating_sub(v.value().len() as u64);
+                                        if new.state == State::Failed {
+                                            failed_req.insert(id, v.value()).map_err(StoreError::io)?;
+                                        }
                                     }
+                                    if new.state == State::Failed {
+                                        failed_t.insert(id, ()).map_err(StoreError::io)?;
+                                    }
+                                    finished.insert((new.updated_ms, id), ()).map_err(StoreError::io)?;
                                 }
                                 State::Dead => {
                                     dead_t.insert(id, ()).map_err(StoreError::io)?;
@@ -457,18 +540,36 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Op>, limits: Limits, counts: Arc
                             let old = status.get(id).map_err(StoreError::io)?.and_then(|v| Status::decode(v.value()));
                             match old {
                                 None => replies.push(Reply::Unit(tx, Err(StoreError::Missing(id)))),
-                                Some(s) if s.state != State::Dead => {
+                                Some(s) if s.state != State::Dead && s.state != State::Failed => {
                                     replies.push(Reply::Unit(tx, Err(StoreError::NotDead(id))))
                                 }
+                                Some(s)
+                                    if s.state == State::Failed
+                                        && failed_req.get(id).map_err(StoreError::io)?.is_none() =>
+                                {
+                                    // Failed before failed requests were kept: nothing to send again.
+                                    replies.push(Reply::Unit(tx, Err(StoreError::Missing(id))))
+                                }
                                 Some(mut s) => {
+                                    if s.state == State::Failed {
+                                        finished.remove((s.updated_ms, id)).map_err(StoreError::io)?;
+                                        failed_t.remove(id).map_err(StoreError::io)?;
+                                        let v =
+                                            failed_req.remove(id).map_err(StoreError::io)?.map(|v| v.value().to_vec());
+                                        if let Some(v) = v {
+                                            bytes += v.len() as u64;
+                                            requests.insert(id, v.as_slice()).map_err(StoreError::io)?;
+                                        }
+                                    } else {
+                                        dead_t.remove(id).map_err(StoreError::io)?;
+                                        dead = dead.saturating_sub(1);
+                                    }
                                     s.replay(now_ms);
-                                    dead_t.remove(id).map_err(StoreError::io)?;
                                     if limits.local_delivery {
                                         due.insert((s.next_at_ms, id), ()).map_err(StoreError::io)?;
                                     }
                                     depth += 1;
                                     status.insert(id, s.encode().as_slice()).map_err(StoreError::io)?;
-                                    dead = dead.saturating_sub(1);
                                     replies.push(Reply::Unit(tx, Ok(())));
                                 }
                             }
@@ -512,7 +613,35 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Op>, limits: Limits, counts: Arc
                         }
                     }
                 }
+                // Retention of finished statuses: past the count or the age, the oldest finished go.
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                let mut kept = finished.len().map_err(StoreError::io)?;
+                let mut expired = Vec::new();
+                for entry in finished.iter().map_err(StoreError::io)? {
+                    let (k, _) = entry.map_err(StoreError::io)?;
+                    let (at, id) = k.value();
+                    if expired.len() >= PRUNE_BATCH
+                        || (kept <= limits.finished_keep_max && at.saturating_add(limits.finished_keep_ms) > now)
+                    {
+                        break;
+                    }
+                    expired.push((at, id));
+                    kept -= 1;
+                }
+                for (at, id) in expired {
+                    finished.remove((at, id)).map_err(StoreError::io)?;
+                    status.remove(id).map_err(StoreError::io)?;
+                    failed_t.remove(id).map_err(StoreError::io)?;
+                    failed_req.remove(id).map_err(StoreError::io)?;
+                    if let Some(k) = key_of.remove(id).map_err(StoreError::io)?.map(|v| v.value()) {
+                        keys.remove(k).map_err(StoreError::io)?;
+                    }
+                }
                 meta.insert(NEXT_ID, next_id).map_err(StoreError::io)?;
+                meta.insert(DEPTH, depth).map_err(StoreError::io)?;
+                meta.insert(BYTES, bytes).map_err(StoreError::io)?;
             }
             w.commit().map_err(StoreError::io)
         })();
@@ -569,7 +698,14 @@ mod tests {
         d
     }
 
-    const LIMITS: Limits = Limits { length_max: 1000, bytes_max: 1 << 20, batch_max: 256, local_delivery: true };
+    const LIMITS: Limits = Limits {
+        length_max: 1000,
+        bytes_max: 1 << 20,
+        batch_max: 256,
+        local_delivery: true,
+        finished_keep_max: 1000,
+        finished_keep_ms: u64::MAX, // these tests' clocks start at 0
+    };
     const P: Policy = Policy { attempts_max: 2, backoff_base_ms: 100, backoff_max_ms: 100 };
 
     #[tokio::test]
@@ -632,6 +768,101 @@ mod tests {
         store.replay(b, 80).await.unwrap();
         assert_eq!(store.due(80, 10, &HashSet::new()).unwrap()[0].0, b);
         assert!(store.dead(10).unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    fn epoch_ms() -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+    }
+
+    async fn finish(store: &Store, id: u64, status: u16, at: u64) {
+        let mut s = store.status(id).unwrap().unwrap();
+        s.after_delivery(Outcome::Answered { status, body: vec![] }, at, &P, 0.0);
+        store.update(id, s).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn finished_statuses_are_kept_within_a_count_and_an_age() {
+        let d = dir("retention");
+        let store = Store::open(&d.join("q.redb"), Limits { finished_keep_max: 2, ..LIMITS }).unwrap();
+        let now = epoch_ms();
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            let (id, key) = store.append(req(i), now).await.unwrap();
+            ids.push((id, key));
+        }
+        for (i, (id, _)) in ids.iter().take(4).enumerate() {
+            finish(&store, *id, if i % 2 == 0 { 200 } else { 404 }, now + i as u64).await;
+        }
+        assert_eq!(store.finished().unwrap(), 2, "only the newest two finished statuses are kept");
+        for (id, key) in &ids[..2] {
+            assert!(store.status(*id).unwrap().is_none(), "request {id} finished first and is gone");
+            assert!(store.number(*key).unwrap().is_none(), "its key goes with it");
+        }
+        for (id, _) in &ids[2..] {
+            assert!(store.status(*id).unwrap().is_some());
+        }
+        assert_eq!(store.failed(10).unwrap().iter().map(|f| f.0).collect::<Vec<_>>(), [ids[3].0]);
+        assert_eq!(store.status(ids[4].0).unwrap().unwrap().state, State::Queued, "queued ones are never pruned");
+        drop(store);
+
+        // By age: a status that finished longer ago than finished_keep_ms goes at the next commit.
+        let store =
+            Store::open(&d.join("q.redb"), Limits { finished_keep_max: 1000, finished_keep_ms: 60_000, ..LIMITS })
+                .unwrap();
+        let old = store.append(req(9), now).await.unwrap().0;
+        finish(&store, old, 200, now - 120_000).await;
+        assert!(store.status(old).unwrap().is_none(), "finished two minutes ago, kept one");
+        assert!(store.status(ids[3].0).unwrap().is_some(), "finished just now");
+        assert_eq!(store.status(ids[4].0).unwrap().unwrap().state, State::Queued);
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[tokio::test]
+    async fn failed_requests_are_listed_and_replayed_like_dead_ones() {
+        let d = dir("failed");
+        let store = Store::open(&d.join("q.redb"), LIMITS).unwrap();
+        let a = store.append(req(1), 0).await.unwrap().0;
+        let size = store.counts.bytes.load(Relaxed);
+        finish(&store, a, 422, 10).await;
+        assert_eq!(store.status(a).unwrap().unwrap().state, State::Failed);
+        assert_eq!(store.failed(10).unwrap().iter().map(|f| f.0).collect::<Vec<_>>(), [a]);
+        assert_eq!(store.request(a).unwrap(), Some(req(1)), "a failed request is kept, to be sent again");
+        assert_eq!(store.counts.bytes.load(Relaxed), 0, "it is not waiting, so it does not fill the queue");
+        store.replay(a, 20).await.unwrap();
+        assert!(store.failed(10).unwrap().is_empty());
+        assert_eq!(store.finished().unwrap(), 0);
+        let due = store.due(20, 10, &HashSet::new()).unwrap();
+        assert_eq!((due[0].0, &due[0].1, due[0].2.attempts), (a, &req(1), 0));
+        assert_eq!((store.counts.depth.load(Relaxed), store.counts.bytes.load(Relaxed)), (1, size));
+        // Done is not replayable.
+        finish(&store, a, 200, 30).await;
+        assert!(matches!(store.replay(a, 40).await, Err(StoreError::NotDead(_))));
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[tokio::test]
+    async fn opening_reads_the_kept_counts_instead_of_scanning_the_history() {
+        let d = dir("counts");
+        let path = d.join("q.redb");
+        let store = Store::open(&path, LIMITS).unwrap();
+        for i in 0..3 {
+            store.append(req(i), 0).await.unwrap();
+        }
+        let bytes = store.counts.bytes.load(Relaxed);
+        drop(store);
+        let store = Store::open(&path, LIMITS).unwrap();
+        assert_eq!((store.counts.depth.load(Relaxed), store.counts.bytes.load(Relaxed)), (3, bytes));
+        drop(store);
+        // The counts come from the meta table, not from a walk over the statuses: set them apart, and see them.
+        {
+            let db = Database::create(&path).unwrap();
+            let w = db.begin_write().unwrap();
+            w.open_table(META).unwrap().insert(DEPTH, 41u64).unwrap();
+            w.commit().unwrap();
+        }
+        let store = Store::open(&path, LIMITS).unwrap();
+        assert_eq!(store.counts.depth.load(Relaxed), 41);
         let _ = std::fs::remove_dir_all(d);
     }
 
