@@ -279,7 +279,32 @@ impl AppArgs {
     }
 }
 
+/// A write to a closed pipe (`nonstop ... | head`) ends the process quietly with status 0, as ripgrep does,
+/// instead of the panic that `println!` raises on EPIPE. SIGPIPE itself stays ignored (Rust's default): the proxy
+/// and the load tool write to sockets whose peers may close them, and must see EPIPE there, not die of a signal.
+fn exit_quietly_on_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if is_broken_pipe_panic(message) {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
+}
+
+/// Whether a panic is the standard library's on a failed `print!` to a closed pipe.
+fn is_broken_pipe_panic(message: &str) -> bool {
+    message.starts_with("failed printing to std") && message.contains(&format!("(os error {})", libc::EPIPE))
+}
+
 fn main() -> ExitCode {
+    exit_quietly_on_broken_pipe();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
