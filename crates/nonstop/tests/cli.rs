@@ -56,3 +56,68 @@ fn a_closed_pipe_on_stdout_ends_quietly() {
 
 const MINIMAL: &str = "[[listeners]]\nlisten = \"127.0.0.1:0\"\n\n[[routes]]\nservice = \"s\"\n\n\
                        [services.s]\nservers = [{ addr = \"127.0.0.1:1\" }]\n";
+
+/// A `nonstop serve` whose standard error goes to a file, to count its log lines.
+struct Served {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    stderr: PathBuf,
+}
+
+impl Served {
+    fn start(dir: &TempDir, args: &[&str]) -> Served {
+        let stderr = dir.path().join("serve.stderr");
+        let mut child = Command::new(bin())
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("run nonstop serve");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut banner = String::new();
+        std::io::BufRead::read_line(&mut stdout, &mut banner).unwrap();
+        // Keep draining stdout (the access log), so that the proxy never blocks on it.
+        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+        let addr = banner.split("listening on http://").nth(1).and_then(|r| r.split_whitespace().next());
+        let addr = addr.unwrap_or_else(|| panic!("no address in {banner:?}")).parse().unwrap();
+        Served { child, addr, stderr }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn all_servers_failing_logs_the_ejection_share_warning_once_not_per_request() {
+    let dir = TempDir::new("cli-eject");
+    let apps: Vec<nonstop_testkit::Proc> = (0..3)
+        .map(|i| {
+            let db = format!("sqlite://{}", dir.path().join(format!("app{i}.db")).display());
+            nonstop_testkit::Proc::start(bin(), &["app", "--listen", "127.0.0.1:0", "--db", &db, "--fail-rate", "1"])
+        })
+        .collect();
+    let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--threads", "2"];
+    let to: Vec<String> = apps.iter().map(|a| a.addr.to_string()).collect();
+    for t in &to {
+        args.extend(["--to", t.as_str()]);
+    }
+    let served = Served::start(&dir, &args);
+    let url = format!("http://{}/", served.addr);
+    let out = nonstop(&["load", &url, "-c", "4", "-d", "2s", "-t", "1"]);
+    let requests = text(&out);
+    assert!(requests.contains("500") || requests.contains("5xx"), "every server answers 500: {requests}");
+    std::thread::sleep(Duration::from_millis(200));
+    let log = served.stderr();
+    let lines = log.lines().filter(|l| l.contains("ejection share used up")).count();
+    assert!((1..=3).contains(&lines), "{lines} lines of the warning in 2 s of failing requests:\n{log}");
+}
