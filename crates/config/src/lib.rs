@@ -392,6 +392,9 @@ pub struct Admin {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccessLog {
     pub enabled: bool,
+    /// `enabled` is written in the config: the log goes to standard output even when that is a terminal (which
+    /// otherwise gets no access log).
+    pub enabled_explicitly: bool,
     /// `None` is standard output.
     pub path: Option<PathBuf>,
 }
@@ -1289,12 +1292,13 @@ fn parse_admin(t: Table<'_, '_>) -> Option<Admin> {
 
 fn parse_access_log(t: Option<Table<'_, '_>>) -> Option<AccessLog> {
     let Some(t) = t else {
-        return Some(AccessLog { enabled: true, path: None });
+        return Some(AccessLog { enabled: true, enabled_explicitly: false, path: None });
     };
+    let enabled_explicitly = t.has("enabled");
     let enabled = t.bool("enabled");
     let path = t.string("path");
     t.finish();
-    Some(AccessLog { enabled: enabled?, path: path.filter(|p| p != "-").map(PathBuf::from) })
+    Some(AccessLog { enabled: enabled?, enabled_explicitly, path: path.filter(|p| p != "-").map(PathBuf::from) })
 }
 
 #[cfg(test)]

@@ -156,7 +156,7 @@ keys! {
     "admin" "listen": "address" = "\"127.0.0.1:9900\"", "Address of the admin API.";
     "admin" "token": "string" = "", "Bearer token the admin API requires. Required when listen is not a loopback address.";
 
-    "access_log" "enabled": "boolean" = "true", "Write one JSON line per request.";
+    "access_log" "enabled": "boolean" = "true", "Write one JSON line per request. When path is \"-\" and standard output is a terminal, the access log is off unless enabled = true is written here: as with nginx, requests are not echoed to the terminal (set path to log to a file, or pipe standard output).";
     "access_log" "path": "string" = "\"-\"", "File to append to; \"-\" is standard output.";
 }
 

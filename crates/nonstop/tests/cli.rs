@@ -121,3 +121,79 @@ fn all_servers_failing_logs_the_ejection_share_warning_once_not_per_request() {
     let lines = log.lines().filter(|l| l.contains("ejection share used up")).count();
     assert!((1..=3).contains(&lines), "{lines} lines of the warning in 2 s of failing requests:\n{log}");
 }
+
+/// Runs `nonstop serve args...` with its standard output on a pseudo-terminal, as in a shell, sends `requests`
+/// requests through it, and returns what the terminal showed.
+fn serve_on_terminal(args: &[&str], requests: usize) -> String {
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty(3) fills in two descriptors we then own; no name, termios or window size is passed.
+    let rc =
+        unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null()) };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors are fresh and owned by nothing else.
+    let (master, slave) = unsafe {
+        use std::os::fd::FromRawFd;
+        (std::fs::File::from_raw_fd(master), std::os::fd::OwnedFd::from_raw_fd(slave))
+    };
+    let mut child = Command::new(bin())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(slave))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run nonstop serve");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    {
+        let (seen, mut master) = (seen.clone(), master);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            // Ends with EIO once the child, the last holder of the terminal's other side, is gone.
+            while let Ok(n @ 1..) = master.read(&mut buf) {
+                seen.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let addr = loop {
+        let now = seen.lock().unwrap().clone();
+        if let Some(a) = now.split("listening on http://").nth(1).and_then(|r| r.split_whitespace().next()) {
+            break a.to_string();
+        }
+        assert!(Instant::now() < deadline, "no banner on the terminal: {now:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    for _ in 0..requests {
+        use std::io::Write;
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut answer = Vec::new();
+        c.read_to_end(&mut answer).unwrap();
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = child.kill();
+    let _ = child.wait();
+    let shown = seen.lock().unwrap().clone();
+    shown
+}
+
+#[test]
+fn serve_on_a_terminal_shows_no_json_access_lines_unless_asked() {
+    let dir = TempDir::new("cli-tty");
+    let db = format!("sqlite://{}", dir.path().join("app.db").display());
+    let app = nonstop_testkit::Proc::start(bin(), &["app", "--listen", "127.0.0.1:0", "--db", &db]);
+    let to = app.addr.to_string();
+    let shown = serve_on_terminal(&["serve", "--listen", "127.0.0.1:0", "--to", &to, "--threads", "1"], 5);
+    assert!(shown.contains("nonstop serve listening on"), "{shown:?}");
+    assert!(!shown.contains("\"status\""), "no access log on the terminal by default: {shown:?}");
+
+    // Written in the config, it is shown there (and this test can see a JSON line when there is one).
+    let config = format!(
+        "[[listeners]]\nlisten = \"127.0.0.1:0\"\n\n[[routes]]\nservice = \"s\"\n\n[services.s]\n\
+         servers = [{{ addr = \"{to}\" }}]\n\n[access_log]\nenabled = true\n"
+    );
+    let config = write(&dir, "c.toml", config);
+    let shown = serve_on_terminal(&["serve", "--config", config.to_str().unwrap(), "--threads", "1"], 5);
+    assert_eq!(shown.matches("\"status\":200").count(), 5, "{shown:?}");
+}

@@ -28,6 +28,7 @@ pub mod state;
 mod tls;
 mod upstream;
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -167,6 +168,25 @@ fn bind_error(addr: SocketAddr, e: std::io::Error) -> StartError {
     }
 }
 
+/// Where the access log goes.
+#[derive(Debug, PartialEq, Eq)]
+enum AccessLogOutput {
+    Off,
+    /// Off because it would go to a terminal and the config did not ask for that.
+    OffOnTerminal,
+    On,
+}
+
+/// The access log's default, as an nginx user expects: no JSON line per request on the terminal. To a file, to
+/// a pipe or when `enabled = true` is written, it is on.
+fn access_log_output(a: &nonstop_config::AccessLog, stdout_is_terminal: bool) -> AccessLogOutput {
+    match (a.enabled, a.path.is_some() || a.enabled_explicitly || !stdout_is_terminal) {
+        (false, _) => AccessLogOutput::Off,
+        (true, false) => AccessLogOutput::OffOnTerminal,
+        (true, true) => AccessLogOutput::On,
+    }
+}
+
 /// A running proxy.
 pub struct Proxy {
     shared: Arc<Shared>,
@@ -183,10 +203,16 @@ impl Proxy {
     pub fn start(source: ConfigSource, opts: Options) -> Result<Proxy, StartError> {
         let config = source.load()?;
         let snapshot = Snapshot::build(config.clone(), None)?;
-        let access_log = if config.access_log.enabled {
-            Some(AccessLog::open(config.access_log.path.as_deref()).map_err(StartError::Io)?)
-        } else {
-            None
+        let access_log = match access_log_output(&config.access_log, std::io::stdout().is_terminal()) {
+            AccessLogOutput::Off => None,
+            AccessLogOutput::OffOnTerminal => {
+                tracing::info!(
+                    "access log off: standard output is a terminal (set access_log.path to log to a file, or \
+                     access_log.enabled = true to log here)"
+                );
+                None
+            }
+            AccessLogOutput::On => Some(AccessLog::open(config.access_log.path.as_deref()).map_err(StartError::Io)?),
         };
         let threads = opts.threads.max(1);
         refuse_held_addresses(&config)?;
