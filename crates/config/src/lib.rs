@@ -751,12 +751,17 @@ fn parse_route(t: Table<'_, '_>, services: Option<&BTreeSet<String>>, queues: &B
     });
     let methods = t.strings("methods").and_then(|ms| {
         let mut out = BTreeSet::new();
+        let mut bad = Vec::new();
         for m in ms {
             if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
-                t.invalid("methods", format!("{m:?} is not an HTTP method"));
-                return None;
+                bad.push(format!("{m:?}"));
             }
             out.insert(m.to_ascii_uppercase());
+        }
+        if !bad.is_empty() {
+            let what = if bad.len() == 1 { "is not an HTTP method" } else { "are not HTTP methods" };
+            t.invalid("methods", format!("{} {what}", bad.join(", ")));
+            return None;
         }
         Some(out)
     });
