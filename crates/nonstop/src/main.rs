@@ -610,9 +610,19 @@ fn find_max(args: LoadArgs) -> ExitCode {
 
 fn check(path: &std::path::Path) -> ExitCode {
     match nonstop_proxy::ConfigSource::File(path.to_path_buf()).load() {
-        Ok(_) => {
-            println!("{}: ok", path.display());
-            ExitCode::SUCCESS
+        Ok(config) => {
+            let problems = nonstop_proxy::check(&config);
+            if problems.is_empty() {
+                println!("{}: ok", path.display());
+                ExitCode::SUCCESS
+            } else {
+                let n = problems.len();
+                eprintln!("{}: {n} error{} that serve would stop at:", path.display(), if n == 1 { "" } else { "s" });
+                for p in problems {
+                    eprintln!("  {p}");
+                }
+                ExitCode::from(1)
+            }
         }
         Err(e) => {
             eprint!("{}: {e}", path.display());

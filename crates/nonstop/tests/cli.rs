@@ -197,3 +197,51 @@ fn serve_on_a_terminal_shows_no_json_access_lines_unless_asked() {
     let shown = serve_on_terminal(&["serve", "--config", config.to_str().unwrap(), "--threads", "1"], 5);
     assert_eq!(shown.matches("\"status\":200").count(), 5, "{shown:?}");
 }
+
+#[test]
+fn check_catches_missing_tls_files_as_serve_would() {
+    let dir = TempDir::new("cli-check-tls");
+    let (cert, key) = (dir.path().join("no-cert.pem"), dir.path().join("no-key.pem"));
+    let config = format!(
+        "[[listeners]]\nlisten = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n\n[[routes]]\n\
+         service = \"s\"\n\n[services.s]\nservers = [{{ addr = \"127.0.0.1:1\" }}]\n",
+        cert.display(),
+        key.display()
+    );
+    let config = write(&dir, "tls.toml", config);
+    let config = config.to_str().unwrap();
+    let checked = nonstop(&["check", "--config", config]);
+    let said = text(&checked);
+    assert_eq!(checked.status.code(), Some(1), "{said}");
+    assert!(said.contains("listeners[0].tls") && said.contains("no-cert.pem"), "{said}");
+    assert!(said.contains("no-key.pem"), "the key's problem too: {said}");
+    // serve stops at the same config: check said what it would hit.
+    let served = nonstop(&["serve", "--config", config]);
+    assert_ne!(served.status.code(), Some(0), "{}", text(&served));
+    assert!(text(&served).contains("no-cert.pem"), "{}", text(&served));
+}
+
+#[test]
+fn check_points_invalid_utf8_to_its_line() {
+    let dir = TempDir::new("cli-check-utf8");
+    let mut bytes = MINIMAL.as_bytes().to_vec();
+    // Line 5 is `service = "s"`: a Latin-1 é in the name.
+    let at = MINIMAL.find("service = \"s\"").unwrap() + "service = \"s".len();
+    bytes.insert(at, 0xe9);
+    let config = write(&dir, "latin1.toml", bytes);
+    let checked = nonstop(&["check", "--config", config.to_str().unwrap()]);
+    let said = text(&checked);
+    assert_eq!(checked.status.code(), Some(1), "{said}");
+    assert!(said.contains("line 5:") && said.contains("invalid UTF-8") && said.contains("0xe9"), "{said}");
+}
+
+#[test]
+fn check_lists_every_bad_value_of_an_array() {
+    let dir = TempDir::new("cli-check-array");
+    let config = MINIMAL.replace("service = \"s\"\n", "service = \"s\"\nmethods = [\"GET\", 1, \"PO ST\", false]\n");
+    let config = write(&dir, "array.toml", config);
+    let checked = nonstop(&["check", "--config", config.to_str().unwrap()]);
+    let said = text(&checked);
+    assert_eq!(checked.status.code(), Some(1), "{said}");
+    assert!(said.contains("methods[1]") && said.contains("methods[3]"), "{said}");
+}

@@ -56,11 +56,53 @@ impl ConfigSource {
         match self {
             ConfigSource::Fixed(c) => Ok((**c).clone()),
             ConfigSource::File(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| StartError::Read(path.clone(), e))?;
+                let bytes = std::fs::read(path).map_err(|e| StartError::Read(path.clone(), e))?;
+                let text = String::from_utf8(bytes).map_err(|e| StartError::Config(not_utf8(&e)))?;
                 Config::parse(&text).map_err(StartError::Config)
             }
         }
     }
+}
+
+/// A config file that is not UTF-8, pointed to the line and column of its first bad byte.
+fn not_utf8(e: &std::string::FromUtf8Error) -> ConfigErrors {
+    let (bytes, at) = (e.as_bytes(), e.utf8_error().valid_up_to());
+    let line = 1 + bytes[..at].iter().filter(|&&b| b == b'\n').count();
+    let column = 1 + at - bytes[..at].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let message = format!("invalid UTF-8 (byte 0x{:02x} at column {column}): TOML files are UTF-8", bytes[at]);
+    ConfigErrors(vec![nonstop_config::ConfigError { line, path: String::new(), message }])
+}
+
+/// What `serve` would still refuse at start in a config that parsed (for `nonstop check`), short of binding its
+/// addresses: every listener's TLS certificate and key, the access log's file, the state directory. Each
+/// problem names its key.
+pub fn check(config: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (i, l) in config.listeners.iter().enumerate() {
+        if let Some(t) = &l.tls {
+            problems.extend(tls::problems(t).into_iter().map(|p| format!("listeners[{i}].tls: {p}")));
+        }
+    }
+    if let (true, Some(path)) = (config.access_log.enabled, &config.access_log.path) {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        if path.is_dir() {
+            problems.push(format!("access_log.path: {} is a directory", path.display()));
+        } else if path.exists() {
+            if let Err(e) = std::fs::OpenOptions::new().append(true).open(path) {
+                problems.push(format!("access_log.path: cannot append to {}: {e}", path.display()));
+            }
+        } else if !dir.is_dir() {
+            problems.push(format!(
+                "access_log.path: {} does not exist, so {} cannot be made",
+                dir.display(),
+                path.display()
+            ));
+        }
+    }
+    if config.state_dir.exists() && !config.state_dir.is_dir() {
+        problems.push(format!("state_dir: {} is not a directory", config.state_dir.display()));
+    }
+    problems
 }
 
 #[derive(Debug, thiserror::Error)]
