@@ -245,3 +245,25 @@ fn check_lists_every_bad_value_of_an_array() {
     assert_eq!(checked.status.code(), Some(1), "{said}");
     assert!(said.contains("methods[1]") && said.contains("methods[3]"), "{said}");
 }
+
+#[test]
+fn status_of_an_unknown_service_exits_1() {
+    let dir = TempDir::new("cli-status");
+    let lo = 33_000 + (std::process::id() % 250) as u16 * 10;
+    let config = format!(
+        "state_dir = \"{state}\"\n\n[[listeners]]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [access_log]\nenabled = false\n\n[[routes]]\nservice = \"app\"\n\n[services.app.app]\n\
+         command = \"sleep 60\"\nports = \"{lo}-{hi}\"\n",
+        state = dir.path().join("state").display(),
+        hi = lo + 9,
+    );
+    let config = write(&dir, "apps.toml", config);
+    let served = nonstop_testkit::Proc::start(bin(), &["serve", "--config", config.to_str().unwrap()]);
+    let admin = served.addr_after("admin").expect("admin address").to_string();
+    let known = nonstop(&["status", "--admin", &admin, "--service", "app"]);
+    assert_eq!(known.status.code(), Some(0), "{}", text(&known));
+    let unknown = nonstop(&["status", "--admin", &admin, "--service", "apq"]);
+    let said = text(&unknown);
+    assert_eq!(unknown.status.code(), Some(1), "{said}");
+    assert!(said.contains("no app service \"apq\"") && said.contains("app"), "{said}");
+}
