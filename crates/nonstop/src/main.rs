@@ -64,9 +64,12 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Validate a config file and print every error with its line.
     Check {
-        /// The TOML config file.
-        #[arg(long)]
-        config: PathBuf,
+        /// The TOML config file (`nonstop check FILE` or `nonstop check --config FILE`).
+        #[arg(value_name = "FILE", required_unless_present = "config_flag", conflicts_with = "config_flag")]
+        config: Option<PathBuf>,
+        /// The TOML config file, as `serve --config` takes it.
+        #[arg(long = "config", id = "config_flag", value_name = "FILE")]
+        config_flag: Option<PathBuf>,
     },
     /// nonstop's SSH key pair for the hosts (keys init).
     Keys(hosts_cli::KeysArgs),
@@ -321,7 +324,9 @@ fn main() -> ExitCode {
         Command::Status(args) => return deploy_cli::status(args),
         Command::Logs(args) => return deploy_cli::logs(args),
         Command::Demo(args) => return demo::run(args),
-        Command::Check { config } => return check(&config),
+        Command::Check { config, config_flag } => {
+            return check(&config.or(config_flag).expect("clap requires one of them"))
+        }
         Command::Keys(args) => hosts_cli::keys(args),
         Command::Hosts(args) => return hosts_cli::hosts(args),
         Command::ConfigReference => {

@@ -267,3 +267,16 @@ fn status_of_an_unknown_service_exits_1() {
     assert_eq!(unknown.status.code(), Some(1), "{said}");
     assert!(said.contains("no app service \"apq\"") && said.contains("app"), "{said}");
 }
+
+#[test]
+fn check_takes_the_file_as_a_positional_argument_too() {
+    let dir = TempDir::new("cli-check-positional");
+    let config = write(&dir, "c.toml", MINIMAL);
+    let config = config.to_str().unwrap();
+    for args in [&["check", config][..], &["check", "--config", config]] {
+        let out = nonstop(args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", text(&out));
+        assert!(text(&out).contains(": ok"), "{args:?}: {}", text(&out));
+    }
+    assert_eq!(nonstop(&["check"]).status.code(), Some(2), "no file is a usage error");
+}
