@@ -400,6 +400,9 @@ pub struct Admin {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccessLog {
     pub enabled: bool,
+    /// `enabled` is written in the config: the log goes to standard output even when that is a terminal (which
+    /// otherwise gets no access log).
+    pub enabled_explicitly: bool,
     /// `None` is standard output.
     pub path: Option<PathBuf>,
 }
@@ -756,12 +759,17 @@ fn parse_route(t: Table<'_, '_>, services: Option<&BTreeSet<String>>, queues: &B
     });
     let methods = t.strings("methods").and_then(|ms| {
         let mut out = BTreeSet::new();
+        let mut bad = Vec::new();
         for m in ms {
             if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
-                t.invalid("methods", format!("{m:?} is not an HTTP method"));
-                return None;
+                bad.push(format!("{m:?}"));
             }
             out.insert(m.to_ascii_uppercase());
+        }
+        if !bad.is_empty() {
+            let what = if bad.len() == 1 { "is not an HTTP method" } else { "are not HTTP methods" };
+            t.invalid("methods", format!("{} {what}", bad.join(", ")));
+            return None;
         }
         Some(out)
     });
@@ -1305,12 +1313,13 @@ fn parse_admin(t: Table<'_, '_>) -> Option<Admin> {
 
 fn parse_access_log(t: Option<Table<'_, '_>>) -> Option<AccessLog> {
     let Some(t) = t else {
-        return Some(AccessLog { enabled: true, path: None });
+        return Some(AccessLog { enabled: true, enabled_explicitly: false, path: None });
     };
+    let enabled_explicitly = t.has("enabled");
     let enabled = t.bool("enabled");
     let path = t.string("path");
     t.finish();
-    Some(AccessLog { enabled: enabled?, path: path.filter(|p| p != "-").map(PathBuf::from) })
+    Some(AccessLog { enabled: enabled?, enabled_explicitly, path: path.filter(|p| p != "-").map(PathBuf::from) })
 }
 
 #[cfg(test)]

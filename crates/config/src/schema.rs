@@ -160,7 +160,7 @@ keys! {
     "admin" "listen": "address" = "\"127.0.0.1:9900\"", "Address of the admin API.";
     "admin" "token": "string" = "", "Bearer token the admin API requires. Required when listen is not a loopback address.";
 
-    "access_log" "enabled": "boolean" = "true", "Write one JSON line per request.";
+    "access_log" "enabled": "boolean" = "true", "Write one JSON line per request. When path is \"-\" and standard output is a terminal, the access log is off unless enabled = true is written here: as with nginx, requests are not echoed to the terminal (set path to log to a file, or pipe standard output).";
     "access_log" "path": "string" = "\"-\"", "File to append to; \"-\" is standard output.";
 }
 
@@ -180,7 +180,10 @@ pub fn reference_markdown() -> String {
         "# Configuration reference\n\n\
          <!-- Generated from crates/config/src/schema.rs by `nonstop config-reference`; do not edit by hand. -->\n\n\
          `nonstop serve --config FILE` reads one TOML file; `nonstop check --config FILE` validates it and prints \
-         every error with its line. Unknown keys are errors. Durations are integers in milliseconds (`_ms`), sizes \
+         every error with its line (each bad item of an array, and the first byte that is not UTF-8, too), then \
+         what `serve` would still stop at when it starts: a TLS certificate or key that is missing or invalid, an \
+         access log file that cannot be written, a state_dir that is not a directory (it binds no address, so it \
+         can check the file of a running proxy). Unknown keys are errors. Durations are integers in milliseconds (`_ms`), sizes \
          in bytes (`_bytes`).\n\n\
          Quick mode (`nonstop serve --listen ADDR --to ADDR ... [--balance ALG] [--admin ADDR]`) builds the same \
          config with one listener, one route `/` and one service `default`, so it has the same defaults.\n",

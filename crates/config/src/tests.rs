@@ -181,7 +181,7 @@ queue_wait_ms_max = 10000
             (9, "services.app.health.path"),
             (10, "services.app.health.expect_status"),
             (13, "services.app.eject.max_ms"),
-            (15, "services.app.retry.on_status"),
+            (15, "services.app.retry.on_status[1]"),
             (16, "services.app.retry.tries"),
         ],
         "{errs:#?}"
@@ -501,4 +501,24 @@ fn queue_finished_retention_has_defaults_and_is_checked() {
     let errs = Config::parse(&format!("{base}finished_keep_max = -1\n")).unwrap_err().0;
     let got: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
     assert_eq!(got, ["queues.q.finished_keep_max"], "{errs:#?}");
+}
+
+#[test]
+fn every_bad_value_of_an_array_is_reported_on_its_own_line() {
+    let text = "[[listeners]]\nlisten = \"127.0.0.1:0\"\n\n[[routes]]\nservice = \"s\"\nmethods = [\n  \"GET\",\n  \
+                \"P T\",\n  7,\n  \"\",\n  true,\n]\n\n[services.s]\nservers = [{ addr = \"127.0.0.1:1\" }]\n\n\
+                [services.s.retry]\non_status = [502, 99,\n  700, \"x\"]\n";
+    let e = Config::parse(text).unwrap_err().to_string();
+    for want in [
+        "line 9: routes[0].methods[2]: expected a string, got an integer",
+        "line 11: routes[0].methods[4]: expected a string, got a boolean",
+        "line 18: services.s.retry.on_status[1]: 99 is out of range 100..=599",
+        "line 19: services.s.retry.on_status[2]: 700 is out of range 100..=599",
+        "line 19: services.s.retry.on_status[3]: expected an integer, got a string",
+    ] {
+        assert!(e.contains(want), "{want:?} in:\n{e}");
+    }
+    let strings_only = text.replace("  7,\n", "  \"7x\",\n").replace("  true,\n", "  \"OK\",\n");
+    let e = Config::parse(&strings_only).unwrap_err().to_string();
+    assert!(e.contains("routes[0].methods: \"P T\", \"7x\", \"\" are not HTTP methods"), "{e}");
 }

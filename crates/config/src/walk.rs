@@ -245,17 +245,19 @@ impl<'a, 'i> Table<'a, 'i> {
         let (v, line) = self.value(key)?;
         match v.as_ref() {
             DeValue::Array(items) => {
-                let mut out = Vec::new();
-                for item in items.iter() {
+                // Every bad item is reported, each on its own line, not only the first.
+                let mut out = Some(Vec::new());
+                for (i, item) in items.iter().enumerate() {
                     match item.get_ref() {
-                        DeValue::String(s) => out.push(s.to_string()),
+                        DeValue::String(s) => out.iter_mut().for_each(|o| o.push(s.to_string())),
                         other => {
-                            self.wrong_type(key, line, "an array of strings", other);
-                            return None;
+                            let line = self.cx.line_of(item.span().start);
+                            self.wrong_type(&format!("{key}[{i}]"), line, "a string", other);
+                            out = None;
                         }
                     }
                 }
-                Some(out)
+                out
             }
             other => {
                 self.wrong_type(key, line, "an array of strings", other);
@@ -271,21 +273,27 @@ impl<'a, 'i> Table<'a, 'i> {
             self.wrong_type(key, line, "an array of integers", v.as_ref());
             return None;
         };
-        let mut out = Vec::new();
-        for item in items.iter() {
+        // Every bad item is reported, each on its own line, not only the first.
+        let mut out = Some(Vec::new());
+        for (index, item) in items.iter().enumerate() {
+            let (item_key, line) = (format!("{key}[{index}]"), self.cx.line_of(item.span().start));
             let DeValue::Integer(i) = item.get_ref() else {
-                self.wrong_type(key, line, "an array of integers", item.get_ref());
-                return None;
+                self.wrong_type(&item_key, line, "an integer", item.get_ref());
+                out = None;
+                continue;
             };
             match parse_int(i) {
-                Ok(n) if n >= 0 && (n as u64) >= min && (n as u64) <= max => out.push(n as u64),
+                Ok(n) if n >= 0 && (n as u64) >= min && (n as u64) <= max => {
+                    out.iter_mut().for_each(|o| o.push(n as u64))
+                }
                 _ => {
-                    self.cx.error(line, &self.key_path(key), format!("{} is out of range {min}..={max}", i.as_str()));
-                    return None;
+                    let message = format!("{} is out of range {min}..={max}", i.as_str());
+                    self.cx.error(line, &self.key_path(&item_key), message);
+                    out = None;
                 }
             }
         }
-        Some(out)
+        out
     }
 
     /// A table whose values are all strings, in file order.

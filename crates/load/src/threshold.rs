@@ -38,8 +38,21 @@ impl Threshold {
             .ok_or_else(|| bad("expected METRIC<VALUE (or <=, >, >=, ==)"))?;
         let metric = raw[..at].trim().to_ascii_lowercase();
         let value_raw = raw[at + sym.len()..].trim();
-        let number = value_raw.trim_end_matches("ms").trim_end_matches('%').trim();
-        let value: f64 = number.parse().map_err(|_| bad("the value is not a number"))?;
+        let timed = ["p50", "p90", "p99", "p999", "max", "max_success_gap"].contains(&metric.as_str());
+        let value: f64 = if timed {
+            // A latency reads as every duration of the command line does (250ms, 5s, 1.5s, 2m); a bare number is
+            // milliseconds, the unit the metric is measured in.
+            match value_raw.parse::<f64>() {
+                Ok(ms) if ms.is_finite() && ms >= 0.0 => ms,
+                _ => crate::parse_duration(value_raw)
+                    .filter(|_| value_raw.ends_with(|c: char| c.is_ascii_alphabetic()))
+                    .map(|d| d.as_secs_f64() * 1000.0)
+                    .ok_or_else(|| bad("expected a duration such as 250ms, 5s or 2m (a bare number is ms)"))?,
+            }
+        } else {
+            let number = value_raw.trim_end_matches('%').trim();
+            number.parse().map_err(|_| bad("the value is not a number"))?
+        };
         let known = [
             "p50",
             "p90",
@@ -146,5 +159,17 @@ mod tests {
         assert!(Threshold::parse("p98<1").is_err());
         assert!(Threshold::parse("p99 50").is_err());
         assert!(Threshold::parse("p99<fast").is_err());
+    }
+
+    #[test]
+    fn latencies_take_any_duration_of_the_command_line() {
+        for (raw, ms) in [("p99<5s", 5000.0), ("p99<250ms", 250.0), ("max<1.5s", 1500.0), ("p50<2m", 120_000.0)] {
+            let t = Threshold::parse(raw).unwrap_or_else(|e| panic!("{raw}: {e}"));
+            assert!(t.holds(ms - 0.5) && !t.holds(ms), "{raw}");
+        }
+        assert_eq!(Threshold::parse("max_success_gap<=2s").unwrap().value, 2000.0);
+        assert_eq!(Threshold::parse("p99<40").unwrap().value, 40.0, "a bare number is ms");
+        assert!(Threshold::parse("rate>5s").is_err(), "a rate is no duration");
+        assert!(Threshold::parse("p99<5parsecs").is_err());
     }
 }

@@ -64,9 +64,12 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Validate a config file and print every error with its line.
     Check {
-        /// The TOML config file.
-        #[arg(long)]
-        config: PathBuf,
+        /// The TOML config file (`nonstop check FILE` or `nonstop check --config FILE`).
+        #[arg(value_name = "FILE", required_unless_present = "config_flag", conflicts_with = "config_flag")]
+        config: Option<PathBuf>,
+        /// The TOML config file, as `serve --config` takes it.
+        #[arg(long = "config", id = "config_flag", value_name = "FILE")]
+        config_flag: Option<PathBuf>,
     },
     /// nonstop's SSH key pair for the hosts (keys init).
     Keys(hosts_cli::KeysArgs),
@@ -285,7 +288,32 @@ impl AppArgs {
     }
 }
 
+/// A write to a closed pipe (`nonstop ... | head`) ends the process quietly with status 0, as ripgrep does,
+/// instead of the panic that `println!` raises on EPIPE. SIGPIPE itself stays ignored (Rust's default): the proxy
+/// and the load tool write to sockets whose peers may close them, and must see EPIPE there, not die of a signal.
+fn exit_quietly_on_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if is_broken_pipe_panic(message) {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
+}
+
+/// Whether a panic is the standard library's on a failed `print!` to a closed pipe.
+fn is_broken_pipe_panic(message: &str) -> bool {
+    message.starts_with("failed printing to std") && message.contains(&format!("(os error {})", libc::EPIPE))
+}
+
 fn main() -> ExitCode {
+    exit_quietly_on_broken_pipe();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
@@ -302,7 +330,9 @@ fn main() -> ExitCode {
         Command::Status(args) => return deploy_cli::status(args),
         Command::Logs(args) => return deploy_cli::logs(args),
         Command::Demo(args) => return demo::run(args),
-        Command::Check { config } => return check(&config),
+        Command::Check { config, config_flag } => {
+            return check(&config.or(config_flag).expect("clap requires one of them"))
+        }
         Command::Keys(args) => hosts_cli::keys(args),
         Command::Hosts(args) => return hosts_cli::hosts(args),
         Command::ConfigReference => {
@@ -638,9 +668,19 @@ fn find_max(args: LoadArgs) -> ExitCode {
 
 fn check(path: &std::path::Path) -> ExitCode {
     match nonstop_proxy::ConfigSource::File(path.to_path_buf()).load() {
-        Ok(_) => {
-            println!("{}: ok", path.display());
-            ExitCode::SUCCESS
+        Ok(config) => {
+            let problems = nonstop_proxy::check(&config);
+            if problems.is_empty() {
+                println!("{}: ok", path.display());
+                ExitCode::SUCCESS
+            } else {
+                let n = problems.len();
+                eprintln!("{}: {n} error{} that serve would stop at:", path.display(), if n == 1 { "" } else { "s" });
+                for p in problems {
+                    eprintln!("  {p}");
+                }
+                ExitCode::from(1)
+            }
         }
         Err(e) => {
             eprint!("{}: {e}", path.display());

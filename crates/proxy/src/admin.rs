@@ -165,7 +165,14 @@ async fn handle(shared: Arc<Shared>, own: SocketAddr, req: Request<Incoming>) ->
                 .filter(|d| service_in_query(&query).is_none_or(|s| s == d.service))
                 .map(|d| d.status())
                 .collect();
-            reply(StatusCode::OK, json!({ "services": services }))
+            match service_in_query(&query) {
+                // A name that is no app service is an error, not an empty list (`status --service typo` exits 1).
+                Some(s) if services.is_empty() => {
+                    let known: Vec<&str> = shared.apps.deployers.values().map(|d| d.service.as_str()).collect();
+                    fail(StatusCode::NOT_FOUND, format!("no app service {s:?} (app services: {})", known.join(", ")))
+                }
+                _ => reply(StatusCode::OK, json!({ "services": services })),
+            }
         }
         (Method::GET, ["logs"]) => logs_call(&shared, &query).await.unwrap_or_else(|AdminError(s, m)| fail(s, m)),
         (Method::GET, ["deploys"]) => {

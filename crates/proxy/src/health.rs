@@ -43,6 +43,44 @@ pub enum Transition {
     EjectRefused,
 }
 
+/// Logging of a condition that a pool may meet on every request (its ejection share used up while every server
+/// fails): the condition's start is logged at once (at most once per [`Repeats::CHANGE_EVERY`], if it comes and
+/// goes), and while it lasts, one line per [`Repeats::REPEAT_EVERY`] says how many times it recurred unlogged.
+#[derive(Debug, Clone, Default)]
+pub struct Repeats {
+    active: bool,
+    logged: Option<Instant>,
+    unlogged: u64,
+}
+
+impl Repeats {
+    pub const CHANGE_EVERY: Duration = Duration::from_secs(1);
+    pub const REPEAT_EVERY: Duration = Duration::from_secs(10);
+
+    /// The condition happened now: `Some(n)` when a line is due, `n` being the times it happened since the last
+    /// line without one.
+    pub fn hit(&mut self, now: Instant) -> Option<u64> {
+        let since = self.logged.map(|t| now.saturating_duration_since(t));
+        let due = match since {
+            None => true,
+            Some(d) if !self.active => d >= Self::CHANGE_EVERY,
+            Some(d) => d >= Self::REPEAT_EVERY,
+        };
+        self.active = true;
+        if !due {
+            self.unlogged += 1;
+            return None;
+        }
+        self.logged = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
+
+    /// The condition ended; its next start is a change again.
+    pub fn end(&mut self) {
+        self.active = false;
+    }
+}
+
 /// The share of requests a ramping server starts with.
 pub const RAMP_FLOOR: f64 = 0.1;
 
@@ -213,6 +251,21 @@ mod tests {
             eject_max: Duration::from_secs(5),
             slow_start: Duration::from_secs(10),
         }
+    }
+
+    #[test]
+    fn repeats_log_a_change_once_and_repeats_at_most_every_ten_seconds() {
+        let t0 = Instant::now();
+        let mut r = Repeats::default();
+        assert_eq!(r.hit(t0), Some(0), "the first occurrence is logged");
+        let lines = (1..=473u64).filter(|i| r.hit(t0 + Duration::from_millis(2 * i)).is_some()).count();
+        assert_eq!(lines, 0, "473 repeats within a second: no line");
+        assert_eq!(r.hit(t0 + Repeats::REPEAT_EVERY), Some(473), "then one line, with the count");
+        r.end();
+        assert_eq!(r.hit(t0 + Repeats::REPEAT_EVERY + Duration::from_millis(10)), None, "flapping is rate-limited");
+        r.end();
+        let later = t0 + Repeats::REPEAT_EVERY + Repeats::CHANGE_EVERY;
+        assert_eq!(r.hit(later), Some(1), "a new start a second later is logged");
     }
 
     #[test]

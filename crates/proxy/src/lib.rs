@@ -28,6 +28,7 @@ pub mod state;
 mod tls;
 mod upstream;
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -55,11 +56,53 @@ impl ConfigSource {
         match self {
             ConfigSource::Fixed(c) => Ok((**c).clone()),
             ConfigSource::File(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| StartError::Read(path.clone(), e))?;
+                let bytes = std::fs::read(path).map_err(|e| StartError::Read(path.clone(), e))?;
+                let text = String::from_utf8(bytes).map_err(|e| StartError::Config(not_utf8(&e)))?;
                 Config::parse(&text).map_err(StartError::Config)
             }
         }
     }
+}
+
+/// A config file that is not UTF-8, pointed to the line and column of its first bad byte.
+fn not_utf8(e: &std::string::FromUtf8Error) -> ConfigErrors {
+    let (bytes, at) = (e.as_bytes(), e.utf8_error().valid_up_to());
+    let line = 1 + bytes[..at].iter().filter(|&&b| b == b'\n').count();
+    let column = 1 + at - bytes[..at].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let message = format!("invalid UTF-8 (byte 0x{:02x} at column {column}): TOML files are UTF-8", bytes[at]);
+    ConfigErrors(vec![nonstop_config::ConfigError { line, path: String::new(), message }])
+}
+
+/// What `serve` would still refuse at start in a config that parsed (for `nonstop check`), short of binding its
+/// addresses: every listener's TLS certificate and key, the access log's file, the state directory. Each
+/// problem names its key.
+pub fn check(config: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (i, l) in config.listeners.iter().enumerate() {
+        if let Some(t) = &l.tls {
+            problems.extend(tls::problems(t).into_iter().map(|p| format!("listeners[{i}].tls: {p}")));
+        }
+    }
+    if let (true, Some(path)) = (config.access_log.enabled, &config.access_log.path) {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        if path.is_dir() {
+            problems.push(format!("access_log.path: {} is a directory", path.display()));
+        } else if path.exists() {
+            if let Err(e) = std::fs::OpenOptions::new().append(true).open(path) {
+                problems.push(format!("access_log.path: cannot append to {}: {e}", path.display()));
+            }
+        } else if !dir.is_dir() {
+            problems.push(format!(
+                "access_log.path: {} does not exist, so {} cannot be made",
+                dir.display(),
+                path.display()
+            ));
+        }
+    }
+    if config.state_dir.exists() && !config.state_dir.is_dir() {
+        problems.push(format!("state_dir: {} is not a directory", config.state_dir.display()));
+    }
+    problems
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +210,25 @@ fn bind_error(addr: SocketAddr, e: std::io::Error) -> StartError {
     }
 }
 
+/// Where the access log goes.
+#[derive(Debug, PartialEq, Eq)]
+enum AccessLogOutput {
+    Off,
+    /// Off because it would go to a terminal and the config did not ask for that.
+    OffOnTerminal,
+    On,
+}
+
+/// The access log's default, as an nginx user expects: no JSON line per request on the terminal. To a file, to
+/// a pipe or when `enabled = true` is written, it is on.
+fn access_log_output(a: &nonstop_config::AccessLog, stdout_is_terminal: bool) -> AccessLogOutput {
+    match (a.enabled, a.path.is_some() || a.enabled_explicitly || !stdout_is_terminal) {
+        (false, _) => AccessLogOutput::Off,
+        (true, false) => AccessLogOutput::OffOnTerminal,
+        (true, true) => AccessLogOutput::On,
+    }
+}
+
 /// A running proxy.
 pub struct Proxy {
     shared: Arc<Shared>,
@@ -183,10 +245,16 @@ impl Proxy {
     pub fn start(source: ConfigSource, opts: Options) -> Result<Proxy, StartError> {
         let config = source.load()?;
         let snapshot = Snapshot::build(config.clone(), None)?;
-        let access_log = if config.access_log.enabled {
-            Some(AccessLog::open(config.access_log.path.as_deref()).map_err(StartError::Io)?)
-        } else {
-            None
+        let access_log = match access_log_output(&config.access_log, std::io::stdout().is_terminal()) {
+            AccessLogOutput::Off => None,
+            AccessLogOutput::OffOnTerminal => {
+                tracing::info!(
+                    "access log off: standard output is a terminal (set access_log.path to log to a file, or \
+                     access_log.enabled = true to log here)"
+                );
+                None
+            }
+            AccessLogOutput::On => Some(AccessLog::open(config.access_log.path.as_deref()).map_err(StartError::Io)?),
         };
         let threads = opts.threads.max(1);
         refuse_held_addresses(&config)?;

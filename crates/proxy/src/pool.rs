@@ -114,6 +114,9 @@ struct Inner {
     /// arrival plus its longest wait): till then, a queue is an outage's backlog worked off by servers that are
     /// still warming up, not overload.
     after_outage_until: Option<Instant>,
+    /// The warning "ejection share used up", rate-limited: with every server failing it would come on every
+    /// request.
+    fail_open_log: crate::health::Repeats,
 }
 
 pub struct Pool {
@@ -170,6 +173,7 @@ impl Pool {
                 balancer: Balancer::new(algorithm(&svc.balance), fastrand::u64(..)),
                 candidates: Vec::new(),
                 after_outage_until: None,
+                fail_open_log: Default::default(),
                 queue: VecDeque::new(),
                 budget: RetryBudget::new(now),
                 drain_deadline: svc.drain_deadline,
@@ -338,14 +342,25 @@ impl Pool {
         let t = m.health.on_result(now, failed, may_eject, &policy);
         m.server.set_wants_report(m.health.wants_success());
         let epoch = m.health.epoch(now);
+        if share {
+            g.fail_open_log.end();
+        }
         match t {
             Transition::Ejected(d) => {
                 self.counters.ejections.fetch_add(1, Relaxed);
                 tracing::warn!(service = %self.name, server = %server.addr, ms = d.as_millis() as u64, "server ejected");
             }
-            Transition::EjectRefused => {
-                tracing::warn!(service = %self.name, server = %server.addr, "ejection share used up: failing open");
-            }
+            Transition::EjectRefused => match g.fail_open_log.hit(now) {
+                Some(0) => {
+                    tracing::warn!(service = %self.name, server = %server.addr, "ejection share used up: failing open")
+                }
+                Some(n) => tracing::warn!(
+                    service = %self.name,
+                    server = %server.addr,
+                    "ejection share used up: failing open (and {n} more times since the last such line)"
+                ),
+                None => {}
+            },
             _ => {}
         }
         epoch

@@ -37,3 +37,19 @@ pub fn acceptor(tls: &nonstop_config::Tls) -> Result<TlsAcceptor, TlsError> {
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
+
+/// Every reason the listener's certificate and key could not be used (for `nonstop check`): a missing or bad
+/// certificate does not hide a missing or bad key.
+pub fn problems(tls: &nonstop_config::Tls) -> Vec<String> {
+    match acceptor(tls) {
+        Ok(_) => Vec::new(),
+        Err(e @ (TlsError::Cert { .. } | TlsError::NoCert(_))) => {
+            let mut out = vec![e.to_string()];
+            if let Err(source) = PrivateKeyDer::from_pem_file(&tls.key) {
+                out.push(TlsError::Key { path: tls.key.display().to_string(), source }.to_string());
+            }
+            out
+        }
+        Err(e) => vec![e.to_string()],
+    }
+}
