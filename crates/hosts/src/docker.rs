@@ -19,14 +19,14 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 use std::sync::{Arc, Mutex as StdMutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nonstop_config::{DockerApp, Host};
 use nonstop_deploy::docker::{container_name, describe_code, keep, run_args_as};
 use nonstop_deploy::driver::{Boxed, Driver, DriverError, Launch, LogRef, Pending, Place, Prepared, Process};
 use tokio::sync::{watch, Mutex};
 
-use crate::driver::{join_all, resolve, Once, POLL_EVERY};
+use crate::driver::{exit_once, join_all, resolve, timed, wait_exit, Once, POLL_EVERY};
 use crate::link::{Input, Link};
 use crate::remote::quote;
 
@@ -331,13 +331,7 @@ impl Shared {
             }
             if let Err(e) = me.side.link.run(&args, None, timeout).await {
                 tracing::warn!(container = %me.name, error = %e, "cannot stop a remote container");
-                me.exit.send_if_modified(|x| {
-                    let unset = x.is_none();
-                    if unset {
-                        *x = Some(format!("lost: {e}"));
-                    }
-                    unset
-                });
+                exit_once(&me.exit, format!("lost: {e}"));
             }
         });
     }
@@ -367,12 +361,7 @@ impl Process for Container {
     }
 
     fn wait(&mut self) -> Pin<Box<dyn std::future::Future<Output = String> + Send + '_>> {
-        Box::pin(async move {
-            match self.exit.wait_for(|x| x.is_some()).await {
-                Ok(x) => x.clone().unwrap_or_default(),
-                Err(_) => "the driver is gone".into(),
-            }
-        })
+        Box::pin(wait_exit(&mut self.exit))
     }
 
     fn container(&self) -> Option<String> {
@@ -396,14 +385,8 @@ impl Driver for RemoteDocker {
             let tasks = me.sides.clone().into_iter().map(|side| {
                 let (me, image) = (me.clone(), image.clone());
                 async move {
-                    let started = Instant::now();
-                    let result = me.ensure(&side, &image).await;
-                    Prepared {
-                        host: Some(side.link.host.name.clone()),
-                        what: "image",
-                        result,
-                        ms: started.elapsed().as_millis() as u64,
-                    }
+                    let host = side.link.host.name.clone();
+                    timed(host, "image", me.ensure(&side, &image)).await
                 }
             });
             join_all(tasks).await

@@ -317,13 +317,7 @@ impl Shared {
                 tracing::warn!(pid, sig, error = %e, "cannot signal a remote instance");
                 if sig == "KILL" {
                     // It cannot be reached to be stopped: the poller resolves it as lost; this resolves it now.
-                    me.exit.send_if_modified(|x| {
-                        let unset = x.is_none();
-                        if unset {
-                            *x = Some(format!("lost: {e}"));
-                        }
-                        unset
-                    });
+                    exit_once(&me.exit, format!("lost: {e}"));
                 }
             }
         });
@@ -350,12 +344,7 @@ impl Process for Remote {
     }
 
     fn wait(&mut self) -> Pin<Box<dyn std::future::Future<Output = String> + Send + '_>> {
-        Box::pin(async move {
-            match self.exit.wait_for(|x| x.is_some()).await {
-                Ok(x) => x.clone().unwrap_or_default(),
-                Err(_) => "the driver is gone".into(),
-            }
-        })
+        Box::pin(wait_exit(&mut self.exit))
     }
 }
 
@@ -375,14 +364,8 @@ impl Driver for SshDriver {
             let tasks = me.hosts.clone().into_iter().map(|side| {
                 let (v, me) = (version.clone(), me.clone());
                 async move {
-                    let started = Instant::now();
-                    let result = me.ensure(&side, &v).await;
-                    Prepared {
-                        host: Some(side.link.host.name.clone()),
-                        what: "release",
-                        result,
-                        ms: started.elapsed().as_millis() as u64,
-                    }
+                    let host = side.link.host.name.clone();
+                    timed(host, "release", me.ensure(&side, &v)).await
                 }
             });
             join_all(tasks).await
@@ -485,6 +468,36 @@ impl Driver for SshDriver {
             join_all(hosts.into_iter().map(|h| async move { h.link.close().await })).await;
         })
     }
+}
+
+/// Resolves an instance's exit with `why`, unless it already has one.
+pub(crate) fn exit_once(exit: &watch::Sender<Option<String>>, why: String) {
+    exit.send_if_modified(|x| {
+        let unset = x.is_none();
+        if unset {
+            *x = Some(why);
+        }
+        unset
+    });
+}
+
+/// Waits until an instance's exit is known, and says how it ended.
+pub(crate) async fn wait_exit(exit: &mut watch::Receiver<Option<String>>) -> String {
+    match exit.wait_for(|x| x.is_some()).await {
+        Ok(x) => x.clone().unwrap_or_default(),
+        Err(_) => "the driver is gone".into(),
+    }
+}
+
+/// How making `what` ready on `host` went, and how long it took.
+pub(crate) async fn timed(
+    host: String,
+    what: &'static str,
+    work: impl std::future::Future<Output = Result<Option<u64>, String>>,
+) -> Prepared {
+    let started = Instant::now();
+    let result = work.await;
+    Prepared { host: Some(host), what, result, ms: started.elapsed().as_millis() as u64 }
 }
 
 /// Runs each future as a task of its own (so each host's timeout runs beside the others') and collects their
