@@ -1,8 +1,14 @@
 //! The nonstop config file: TOML walked against one key schema ([`schema::SCHEMA`]) into a typed, validated
 //! [`Config`]. Every error is collected, with its line, before anything is returned.
 
+mod pipeline;
 pub mod schema;
 mod walk;
+
+pub use pipeline::{
+    valid_pipeline_name, Action, Concurrency, Pipeline, PipelineFile, PipelineKind, PostOn, PostStep, ScheduleSpec,
+    Secret, SecretSource, Source, Stage, Step, When, TRIGGERS,
+};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -24,6 +30,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// SSH hosts by name (`[hosts.NAME]`).
     pub hosts: BTreeMap<String, Host>,
+    /// Pipelines and jobs by name (`[pipelines.NAME]`, `[jobs.NAME]`: one namespace).
+    pub pipelines: BTreeMap<String, Pipeline>,
 }
 
 /// One SSH host (`[hosts.NAME]`).
@@ -134,6 +142,16 @@ pub struct Queue {
     pub finished_keep_max: u64,
     /// How long the status of a finished request is kept.
     pub finished_keep: Duration,
+    /// Deliveries happen only while this window is open; `None`: always.
+    pub deliver_window: Option<WindowSpec>,
+}
+
+/// A delivery window: opens at each fire time of a cron, open for `duration`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowSpec {
+    pub cron: String,
+    pub time_zone: String,
+    pub duration: Duration,
 }
 
 /// Longest queue name.
@@ -594,6 +612,41 @@ fn parse_root(cx: &Cx, t: Table<'_, '_>) -> Option<Config> {
             );
         }
     }
+    let mut pipelines = BTreeMap::new();
+    {
+        let parsed: BTreeSet<String> = services.keys().cloned().collect();
+        let app_services: BTreeSet<String> =
+            services.values().filter(|s| s.app.is_some()).map(|s| s.name.clone()).collect();
+        let known = pipeline::Known { services: &service_names, parsed: &parsed, app_services: &app_services };
+        let mut lines = BTreeMap::new();
+        for (name, table) in t.table_of_tables("pipelines", "pipelines.NAME") {
+            lines.insert(name.clone(), table.line());
+            if let Some(p) = pipeline::parse_pipeline(name.clone(), table, &known) {
+                pipelines.insert(name, p);
+            }
+        }
+        for (name, table) in t.table_of_tables("jobs", "jobs.NAME") {
+            if lines.contains_key(&name) {
+                table.invalid_table(format!("{name:?} names a pipeline too: pipelines and jobs share one namespace"));
+                continue;
+            }
+            lines.insert(name.clone(), table.line());
+            if let Some(p) = pipeline::parse_job(name.clone(), table, &known) {
+                pipelines.insert(name, p);
+            }
+        }
+        for p in pipelines.values() {
+            for a in &p.after {
+                if !lines.contains_key(a) || a == &p.name {
+                    cx.error(
+                        lines[&p.name],
+                        &format!("pipelines.{}.after", p.name),
+                        format!("{a:?} is no other pipeline or job"),
+                    );
+                }
+            }
+        }
+    }
     let admin = t.table("admin", "admin").map(parse_admin);
     let access_log = parse_access_log(t.table("access_log", "access_log"));
     let root_line = t.line();
@@ -639,7 +692,17 @@ fn parse_root(cx: &Cx, t: Table<'_, '_>) -> Option<Config> {
             );
         }
     }
-    Some(Config { listeners, routes, services, queues, admin, access_log: access_log?, state_dir: state_dir?, hosts })
+    Some(Config {
+        listeners,
+        routes,
+        services,
+        queues,
+        admin,
+        access_log: access_log?,
+        state_dir: state_dir?,
+        hosts,
+        pipelines,
+    })
 }
 
 /// Whether `name` may name a host: 1 to 64 ASCII letters, digits, `_`, `-` and `.` (it is printed and typed on
@@ -1271,7 +1334,32 @@ fn parse_queue(name: String, t: Table<'_, '_>) -> Option<Queue> {
     let body_bytes_in_flight_max = t.int_in("body_bytes_in_flight_max", 1, 1 << 40);
     let finished_keep_max = t.int_in("finished_keep_max", 0, 1 << 40);
     let finished_keep = t.ms_in("finished_keep_ms", 0, 100 * 365 * 86_400_000);
+    let deliver_window = if t.has("deliver_window") {
+        t.table("deliver_window", "queues.NAME.deliver_window").and_then(|w| {
+            if !w.has("schedule") {
+                w.required("schedule");
+            }
+            if !w.has("duration_ms") {
+                w.required("duration_ms");
+            }
+            let cron = w.string("schedule");
+            let tz = w.string("time_zone");
+            let duration = w.ms_in("duration_ms", 1000, 366 * 86_400_000);
+            w.finish();
+            let (cron, tz) = (cron?, tz?);
+            if let Err(e) = nonstop_schedule::Cron::parse(&cron, &name, &tz) {
+                w.invalid(if e.to_string().contains("zone") { "time_zone" } else { "schedule" }, e.to_string());
+                return None;
+            }
+            Some(Some(WindowSpec { cron, time_zone: tz, duration: duration? }))
+        })
+    } else {
+        Some(None)
+    };
     t.finish();
+    if store.as_deref() == Some("rabbitmq") && deliver_window.as_ref().is_some_and(|w| w.is_some()) {
+        t.invalid("deliver_window", "a delivery window works with the embedded store only (store = \"embedded\")");
+    }
     let rabbitmq = match store.as_deref() {
         Some("embedded") => None,
         Some("rabbitmq") => Some(url?),
@@ -1292,6 +1380,7 @@ fn parse_queue(name: String, t: Table<'_, '_>) -> Option<Queue> {
         status_body: status_body?,
         body_bytes_in_flight_max: body_bytes_in_flight_max?,
         finished_keep_max: finished_keep_max?,
+        deliver_window: deliver_window?,
         finished_keep: finished_keep?,
     })
 }

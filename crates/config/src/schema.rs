@@ -29,6 +29,8 @@ keys! {
     "" "state_dir": "path" = "\"./nonstop-state\"", "Where the proxy keeps what must outlive it: the deploy history (deploys.jsonl), each app service's current version, and the app instances' logs.";
     "" "access_log": "table" = "", "The JSON-lines access log.";
     "" "hosts": "table of tables" = "", "SSH hosts by name, the machines the deployers reach over SSH (see docs/hosts.md). Their keys are pinned in state_dir/ssh/known_hosts by nonstop hosts trust; nonstop hosts check checks them all.";
+    "" "pipelines": "table of tables" = "", "Pipelines by name: build, test, deploy and verify runs of a git repository, started by hand, by a signed push webhook, on a schedule or after another pipeline (see docs/pipelines.md).";
+    "" "jobs": "table of tables" = "", "Scheduled jobs by name: a command on a schedule, with history and logs, that never overlaps itself (see docs/pipelines.md).";
 
     "listeners[]" "name" : "string" = "", "A name for logs and metrics [default: the address].";
     "listeners[]" "listen": "address" = "", "Address to accept clients on, such as \"127.0.0.1:8080\". Required.";
@@ -148,6 +150,7 @@ keys! {
     "queues.NAME" "body_bytes_in_flight_max": "integer" = "67108864", "Bytes of request bodies being received for this queue at once, across all connections, at most (a declared Content-Length is counted before any byte is read); past it, 503 with Retry-After. At least the body_bytes_max of every route using the queue. A body must arrive within its listener's header_read_timeout_ms, or 408.";
     "queues.NAME" "finished_keep_max": "integer" = "100000", "Statuses of finished requests (done, and failed with their request for replay) kept at most; past it the oldest finished are deleted, and their ids answer 404. Queued requests and dead letters are never deleted by it. 0 keeps none.";
     "queues.NAME" "finished_keep_ms": "integer" = "604800000", "How long the status of a finished request (done or failed) is kept after it finished (default 7 days); then it is deleted, within a minute.";
+    "queues.NAME" "deliver_window": "table" = "", "Deliver only inside a window: { schedule = \"0 0 1 * * *\", duration_ms = 7200000, time_zone = \"Asia/Seoul\" }. Requests are accepted and stored at any time and delivered, each once, while the window is open; a delivery in progress when it closes finishes, retries wait for the next opening. Absent: always.";
 
     "hosts.NAME" "address": "string" = "", "\"IP or name:port\", such as \"10.0.0.5:22\" or \"web1.example.com\" (port 22 when absent; an IPv6 address with a port in brackets, \"[2001:db8::5]:2222\"). Required.";
     "hosts.NAME" "user": "string" = "\"root\"", "The user nonstop logs in as (root, as Kamal's default; set a deploy user that may run docker and write dir).";
@@ -156,6 +159,91 @@ keys! {
     "hosts.NAME" "connect_timeout_ms": "integer" = "5000", "Connecting, the SSH handshake and authentication together take at most this long; a dead host costs this, not the other hosts' time.";
     "hosts.NAME" "max_startups": "integer" = "10", "SSH handshakes nonstop starts to this host at once (sshd's MaxStartups defaults to 10). nonstop hosts check starts at most the smallest max_startups of all hosts at once.";
     "hosts.NAME" "max_sessions": "integer" = "10", "Channels (commands) open at once on the one connection to this host (sshd's MaxSessions defaults to 10).";
+
+    "pipelines.NAME" "repo": "string" = "", "The git repository: any URL or path git fetch takes. Required.";
+    "pipelines.NAME" "branch": "string" = "\"main\"", "The branch a run builds by default, and the only one whose pushes start runs.";
+    "pipelines.NAME" "file": "string" = "", "A pipeline file in the repository (its stages and post, read from the commit being built) instead of stages here.";
+    "pipelines.NAME" "stages": "array of tables" = "", "The stages, run in order (see [stages[]]). Required unless file is set.";
+    "pipelines.NAME" "post": "array of tables" = "", "Steps run after the stages, on success, failure or always (see [post[]]).";
+    "pipelines.NAME" "env": "table of strings" = "{}", "Environment variables of every step.";
+    "pipelines.NAME" "secrets": "table of tables" = "", "Secrets by the environment variable name the steps see: NAME = { file = \"PATH\" } or { env = \"VAR\" } (read when a run starts). Their values are masked as *** in every log, a multi-line value line by line, and their base64 form too.";
+    "pipelines.NAME" "keep_runs": "integer" = "50", "Runs kept with their logs; older runs are deleted, with the artifacts no kept run or deployed version uses.";
+    "pipelines.NAME" "concurrency": "string" = "\"queue\"", "A trigger while a run runs: \"queue\" (at most one waits; a newer trigger replaces it, which ends superseded), \"forbid\" (the trigger is recorded as skipped) or \"cancel\" (the running run is cancelled, the new one starts when it ended).";
+    "pipelines.NAME" "webhook": "table" = "", "The push webhook POST /hooks/NAME on the admin listener, signed with HMAC-SHA256 (GitHub, Gitea) or carrying the secret (GitLab): { secret_env = \"VAR\" } or { secret_file = \"PATH\" }. Absent: no webhook.";
+    "pipelines.NAME" "schedule": "string" = "", "Cron: 5 fields (minute hour day month weekday) or 6 (seconds first), with Jenkins' H (spread by a hash of the name: H, H(0-7), H/15) and @hourly, @daily, @midnight, @weekly, @monthly, @yearly. Absent: no schedule.";
+    "pipelines.NAME" "time_zone": "string" = "\"UTC\"", "The IANA time zone of schedule, such as \"Asia/Seoul\".";
+    "pipelines.NAME" "missed": "string" = "\"run_once\"", "Fire times missed while nonstop was not running: \"run_once\" (one run at start for all of them) or \"skip\".";
+    "pipelines.NAME" "after": "array of strings" = "[]", "Pipelines whose successful run starts a run of this one.";
+    "pipelines.NAME" "timeout_ms": "integer" = "3600000", "A whole run takes at most this long; then it is cancelled and fails.";
+    "pipelines.NAME" "log_bytes_max": "integer" = "1048576", "Stored log bytes per step at most; the rest is counted and dropped.";
+
+    "pipelines.NAME.webhook" "secret_env": "string" = "", "The environment variable of nonstop serve that holds the webhook secret.";
+    "pipelines.NAME.webhook" "secret_file": "path" = "", "A file that holds the webhook secret (one trailing newline is not part of it).";
+
+    "pipelines.NAME.secrets.NAME" "file": "path" = "", "A file that holds the secret (one trailing newline is not part of it).";
+    "pipelines.NAME.secrets.NAME" "env": "string" = "", "An environment variable of nonstop serve that holds the secret.";
+
+    "pipeline file" "stages": "array of tables" = "", "In a pipeline file kept in the repository (pipelines.NAME.file): the stages, as pipelines.NAME.stages. Required.";
+    "pipeline file" "post": "array of tables" = "", "In a pipeline file: the post steps, as pipelines.NAME.post.";
+
+    "stages[]" "name": "string" = "", "The stage's name [default: stageN].";
+    "stages[]" "steps": "array of tables" = "", "Its steps, run in order (see [stages[].steps[]]). Required.";
+
+    "stages[].steps[]" "name": "string" = "", "The step's name, unique in its stage [default: run, deploy or verify].";
+    "stages[].steps[]" "run": "string" = "", "A shell command (sh -c) run in the run's workspace, in a process group of its own. A step is one of run, deploy or verify.";
+    "stages[].steps[]" "deploy": "string" = "", "An app service to deploy through the running proxy, to version; fails the run when the deploy fails or rolls back.";
+    "stages[].steps[]" "verify": "string" = "", "A service to run nonstop load against (url, rate, duration_ms, thresholds); a failed threshold rolls it back to the version before the run's deploy and fails the run.";
+    "stages[].steps[]" "env": "table of strings" = "{}", "Environment variables of this step, on top of the pipeline's.";
+    "stages[].steps[]" "timeout_ms": "integer" = "3600000", "A try of the step takes at most this long; then its process group gets SIGTERM, and SIGKILL 5 s later.";
+    "stages[].steps[]" "retries": "integer" = "0", "Tries after a failed one (non-zero exit, timeout) at most.";
+    "stages[].steps[]" "when": "table" = "", "Run the step only for these: { branch = [\"main\"], trigger = [\"push\", \"manual\", \"schedule\", \"after\"] }; otherwise it is skipped.";
+    "stages[].steps[]" "artifacts": "array of strings" = "[]", "Files or directories (relative to the workspace) kept, by content hash, after the step succeeded.";
+    "stages[].steps[]" "version": "string" = "\"{commit}\"", "Deploy: the version, a template of {commit} (12 hex digits), {run} and {branch}.";
+    "stages[].steps[]" "artifact": "string" = "", "Deploy: an artifact of an earlier step; its kept path is NONSTOP_ARTIFACT in the new instances' environment.";
+    "stages[].steps[]" "strategy": "string" = "", "Deploy: the strategy [default: the service's].";
+    "stages[].steps[]" "url": "string" = "", "Verify: the URL to load [default: the first listener, with the path of the service's first route].";
+    "stages[].steps[]" "rate": "integer" = "20", "Verify: requests a second.";
+    "stages[].steps[]" "duration_ms": "integer" = "5000", "Verify: how long the load runs.";
+    "stages[].steps[]" "thresholds": "array of strings" = "[\"error_rate<1%\"]", "Verify: thresholds, as nonstop load --threshold takes them (p99<300ms, error_rate<1%).";
+
+    "stages[].steps[].when" "branch": "array of strings" = "[]", "Branches the step runs for; empty: all.";
+    "stages[].steps[].when" "trigger": "array of strings" = "[]", "Triggers the step runs for (push, manual, schedule, after); empty: all.";
+
+    "post[]" "on": "string" = "", "When the step runs: \"success\", \"failure\" or \"always\". Required. Its result does not change the run's.";
+    "post[]" "name": "string" = "", "The step's name [default: run].";
+    "post[]" "run": "string" = "", "A shell command, as in stages[].steps[] (deploy and verify steps may be post steps too).";
+    "post[]" "deploy": "string" = "", "As in stages[].steps[].";
+    "post[]" "verify": "string" = "", "As in stages[].steps[].";
+    "post[]" "env": "table of strings" = "{}", "As in stages[].steps[].";
+    "post[]" "timeout_ms": "integer" = "3600000", "As in stages[].steps[].";
+    "post[]" "retries": "integer" = "0", "As in stages[].steps[].";
+    "post[]" "when": "table" = "", "As in stages[].steps[].";
+    "post[]" "artifacts": "array of strings" = "[]", "As in stages[].steps[].";
+    "post[]" "version": "string" = "\"{commit}\"", "As in stages[].steps[].";
+    "post[]" "artifact": "string" = "", "As in stages[].steps[].";
+    "post[]" "strategy": "string" = "", "As in stages[].steps[].";
+    "post[]" "url": "string" = "", "As in stages[].steps[].";
+    "post[]" "rate": "integer" = "20", "As in stages[].steps[].";
+    "post[]" "duration_ms": "integer" = "5000", "As in stages[].steps[].";
+    "post[]" "thresholds": "array of strings" = "[\"error_rate<1%\"]", "As in stages[].steps[].";
+
+    "post[].when" "branch": "array of strings" = "[]", "As in stages[].steps[].when.";
+    "post[].when" "trigger": "array of strings" = "[]", "As in stages[].steps[].when.";
+
+    "jobs.NAME" "schedule": "string" = "", "When the job runs: cron, as pipelines.NAME.schedule. Absent: only by hand (nonstop run NAME).";
+    "jobs.NAME" "time_zone": "string" = "\"UTC\"", "The IANA time zone of schedule.";
+    "jobs.NAME" "missed": "string" = "\"run_once\"", "Fire times missed while nonstop was not running: \"run_once\" or \"skip\".";
+    "jobs.NAME" "command": "string" = "", "The shell command (sh -c). Required.";
+    "jobs.NAME" "dir": "path" = "", "Where the command runs [default: a fresh directory of the run's own].";
+    "jobs.NAME" "env": "table of strings" = "{}", "Environment variables of the command.";
+    "jobs.NAME" "secrets": "table of tables" = "", "Secrets, as pipelines.NAME.secrets: in the environment, masked in the log.";
+    "jobs.NAME" "timeout_ms": "integer" = "3600000", "A run takes at most this long; then its process group gets SIGTERM, and SIGKILL 5 s later.";
+    "jobs.NAME" "keep_runs": "integer" = "100", "Runs kept with their logs.";
+    "jobs.NAME" "log_bytes_max": "integer" = "1048576", "Stored log bytes per run at most.";
+
+    "queues.NAME.deliver_window" "schedule": "string" = "", "When the window opens: cron, as pipelines.NAME.schedule. Required.";
+    "queues.NAME.deliver_window" "duration_ms": "integer" = "", "How long it stays open. Required.";
+    "queues.NAME.deliver_window" "time_zone": "string" = "\"UTC\"", "The IANA time zone of schedule.";
 
     "admin" "listen": "address" = "\"127.0.0.1:9900\"", "Address of the admin API.";
     "admin" "token": "string" = "", "Bearer token the admin API requires. Required when listen is not a loopback address.";

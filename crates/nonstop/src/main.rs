@@ -10,6 +10,7 @@ mod alloc;
 mod demo;
 mod deploy_cli;
 mod hosts_cli;
+mod pipeline_cli;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -58,6 +59,11 @@ enum Command {
     /// Print the output logs of an app service's instances, or of one (--instance), through a running proxy;
     /// the logs of instances on SSH hosts are fetched from the hosts.
     Logs(deploy_cli::LogsArgs),
+    /// Start a run of a pipeline or job through a running proxy (--follow: stream its log; exit 0 when it
+    /// succeeded, 1 otherwise), or cancel one (--cancel N).
+    Run(pipeline_cli::RunArgs),
+    /// List pipelines and jobs with their last run, the runs of one, or one run's steps and logs (--run N).
+    Runs(pipeline_cli::RunsArgs),
     /// Everything in one command: three supervised app instances behind the proxy, under load, through a rolling
     /// deploy, a kill -9, a 3x burst and a broken version that rolls back; prints a verdict and writes an HTML
     /// report. Exit status 0 only if no request failed and every accepted order is stored exactly once.
@@ -329,6 +335,8 @@ fn main() -> ExitCode {
         Command::Rollback { admin, json } => return deploy_cli::rollback(admin, json),
         Command::Status(args) => return deploy_cli::status(args),
         Command::Logs(args) => return deploy_cli::logs(args),
+        Command::Run(args) => return pipeline_cli::run(args),
+        Command::Runs(args) => return pipeline_cli::runs(args),
         Command::Demo(args) => return demo::run(args),
         Command::Check { config, config_flag } => {
             return check(&config.or(config_flag).expect("clap requires one of them"))

@@ -117,6 +117,12 @@ fn guard(req: &Request<Incoming>, own: SocketAddr, token: bool) -> Result<(), cr
 }
 
 async fn handle(shared: Arc<Shared>, own: SocketAddr, req: Request<Incoming>) -> Result<Resp, Infallible> {
+    // A forge's push webhook: authenticated by its signature over the body, not by the admin token, and sent by
+    // a server, not a browser (so the guard's checks do not apply).
+    if let Some(name) = req.uri().path().strip_prefix("/hooks/") {
+        let name = name.trim_end_matches('/').to_string();
+        return Ok(hook_call(&shared, req, &name).await);
+    }
     let snap = shared.snapshot.load_full();
     let token = snap.config.admin.as_ref().and_then(|a| a.token.as_ref());
     if let Err(refused) = guard(&req, own, token.is_some()) {
@@ -179,6 +185,9 @@ async fn handle(shared: Arc<Shared>, own: SocketAddr, req: Request<Incoming>) ->
             let records = shared.apps.history.as_ref().map(|h| h.records(service_in_query(&query))).unwrap_or_default();
             reply(StatusCode::OK, json!({ "deploys": records }))
         }
+        (m, ["pipelines", rest @ ..]) => {
+            pipelines_call(&shared, m, rest, &body, &query).await.unwrap_or_else(|AdminError(s, m)| fail(s, m))
+        }
         (m, ["queues", name, rest @ ..]) => match shared.queues.get(*name) {
             None => fail(StatusCode::NOT_FOUND, format!("no queue {name:?}")),
             Some(q) => queue_call(q, m, rest, &query).await.unwrap_or_else(|AdminError(s, m)| fail(s, m)),
@@ -190,6 +199,125 @@ async fn handle(shared: Arc<Shared>, own: SocketAddr, req: Request<Incoming>) ->
         _ => fail(StatusCode::NOT_FOUND, format!("no admin endpoint {path}; see docs/admin.md")),
     };
     Ok(resp)
+}
+
+/// Largest webhook body (GitHub sends at most 25 MB; a push payload is far smaller).
+const HOOK_BODY_BYTES_MAX: usize = 5 << 20;
+
+/// POST /hooks/NAME: a push webhook, checked and recorded by the pipelines (401 for a bad signature).
+async fn hook_call(shared: &Shared, req: Request<Incoming>, name: &str) -> Resp {
+    if req.method() != Method::POST {
+        return fail(StatusCode::METHOD_NOT_ALLOWED, format!("/hooks/{name} takes POST (a forge's push webhook)"));
+    }
+    let Some(p) = &shared.pipelines else {
+        return fail(StatusCode::NOT_FOUND, "no pipelines are configured (see docs/pipelines.md)");
+    };
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+        .collect();
+    let body = match Limited::new(req.into_body(), HOOK_BODY_BYTES_MAX).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return fail(StatusCode::PAYLOAD_TOO_LARGE, format!("cannot read the webhook body: {e}")),
+    };
+    let (status, v) = p.hook(name, &headers, &body);
+    reply(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), v)
+}
+
+fn pipeline_err(e: nonstop_pipeline::PipelineError) -> AdminError {
+    err(StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), e.to_string())
+}
+
+/// /pipelines...: list, start, history, one run, its logs (stored, or followed as Server-Sent Events), cancel.
+async fn pipelines_call(
+    shared: &Shared,
+    m: Method,
+    rest: &[&str],
+    body: &Bytes,
+    query: &str,
+) -> Result<Resp, AdminError> {
+    let Some(p) = &shared.pipelines else {
+        return Err(err(StatusCode::NOT_FOUND, "no pipelines or jobs are configured (see docs/pipelines.md)"));
+    };
+    let number = |raw: &str| {
+        raw.parse::<u64>().map_err(|_| err(StatusCode::BAD_REQUEST, format!("{raw:?} is not a run number")))
+    };
+    match (m, rest) {
+        (Method::GET, []) => Ok(reply(StatusCode::OK, p.list())),
+        (Method::GET, [name, "runs"]) => {
+            Ok(reply(StatusCode::OK, json!({ "runs": p.runs(name).map_err(pipeline_err)? })))
+        }
+        (Method::POST, [name, "runs"]) => {
+            let v = if body.is_empty() { json!({}) } else { parse_body(body)? };
+            let git_ref = match v.get("ref") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(r)) if !r.is_empty() && !r.starts_with('-') && !r.contains(char::is_whitespace) => {
+                    Some(r.clone())
+                }
+                Some(_) => return Err(err(StatusCode::BAD_REQUEST, "ref: a branch, tag or commit (a string)")),
+            };
+            let t = nonstop_pipeline::Trigger { kind: "manual", git_ref, ..Default::default() };
+            match p.trigger(name, t).map_err(pipeline_err)? {
+                nonstop_pipeline::Triggered::Run(run) | nonstop_pipeline::Triggered::Duplicate(run) => {
+                    Ok(reply(StatusCode::ACCEPTED, json!({ "run": run })))
+                }
+                nonstop_pipeline::Triggered::Skipped(why) => Err(err(StatusCode::CONFLICT, why)),
+            }
+        }
+        (Method::GET, [name, "runs", n]) => {
+            Ok(reply(StatusCode::OK, json!(p.run(name, number(n)?).map_err(pipeline_err)?)))
+        }
+        (Method::POST, [name, "runs", n, "cancel"]) => {
+            Ok(reply(StatusCode::OK, json!({ "run": p.cancel(name, number(n)?).map_err(pipeline_err)? })))
+        }
+        (Method::GET, [name, "runs", n, "log"]) => {
+            let n = number(n)?;
+            let follow = query.split('&').any(|kv| kv == "follow=1" || kv == "follow=true");
+            if !follow {
+                return Ok(reply(StatusCode::OK, p.logs(name, n).map_err(pipeline_err)?));
+            }
+            let (backlog, live) = p.follow(name, n).map_err(pipeline_err)?;
+            let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
+            let event = |line: &str| {
+                if serde_json::from_str::<Value>(line).is_ok_and(|v| v["end"] == json!(true)) {
+                    Bytes::from(format!("event: end\ndata: {line}\n\n"))
+                } else {
+                    Bytes::from(format!("data: {line}\n\n"))
+                }
+            };
+            tokio::spawn(async move {
+                for line in &backlog {
+                    if tx.send(event(line)).await.is_err() {
+                        return;
+                    }
+                }
+                let Some(mut live) = live else { return };
+                loop {
+                    let line = match live.recv().await {
+                        Ok(line) => line,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(k)) => {
+                            json!({ "stage": "", "name": "", "line": format!("[nonstop: {k} lines skipped]") })
+                                .to_string()
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    };
+                    let end = serde_json::from_str::<Value>(&line).is_ok_and(|v| v["end"] == json!(true));
+                    if tx.send(event(&line)).await.is_err() || end {
+                        return;
+                    }
+                }
+            });
+            let mut r = Response::new(AdminBody::Lines(rx));
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+            r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            Ok(r)
+        }
+        (m, rest) => Err(err(
+            StatusCode::NOT_FOUND,
+            format!("no admin endpoint {m} /pipelines/{}; see docs/pipelines.md", rest.join("/")),
+        )),
+    }
 }
 
 /// Instances by version and state, restarts, deploys by result, and whether a deploy runs.
@@ -546,6 +674,17 @@ fn queue_json(q: &Queue) -> Value {
         "commits_total": n(&s.commits),
         "committed_ops_total": n(&s.committed_ops),
         "batch_max": n(&s.batch_max_seen),
+        "deliver_window": q.window.as_ref().map(|w| {
+            let now = crate::queued::now_ms();
+            json!({
+                "schedule": w.cron().resolved(),
+                "time_zone": w.cron().zone(),
+                "duration_ms": w.duration_ms(),
+                "open": w.is_open(now),
+                "next_open_ms": w.next_open_ms(now),
+                "closes_at_ms": w.closes_at_ms(now),
+            })
+        }),
     })
 }
 

@@ -22,6 +22,7 @@ mod idle;
 mod io;
 mod listener;
 pub mod metrics;
+mod pipelines;
 pub mod pool;
 pub mod queued;
 pub mod state;
@@ -132,6 +133,10 @@ pub enum StartError {
     Hosts(String),
     #[error("reload cannot add or remove app sections or change their driver (restart instead): {0:?} -> {1:?}")]
     AppsChanged(Vec<String>, Vec<String>),
+    #[error("a reload cannot add or remove pipelines or jobs (was {0:?}, now {1:?}): restart nonstop serve")]
+    PipelinesChanged(Vec<String>, Vec<String>),
+    #[error("pipelines: {0}")]
+    Pipelines(String),
 }
 
 /// State shared by every thread.
@@ -146,6 +151,8 @@ pub struct Shared {
     pub queues: std::collections::BTreeMap<String, Arc<queued::Queue>>,
     /// The deployers of the app services.
     apps: apps::Apps,
+    /// The pipelines and jobs; `None` when the config has none.
+    pub pipelines: Option<nonstop_pipeline::Runner>,
 }
 
 impl Shared {
@@ -166,7 +173,14 @@ impl Shared {
         if was != now {
             return Err(StartError::AppsChanged(was, now));
         }
+        let names = |c: &Config| c.pipelines.keys().cloned().collect::<Vec<_>>();
+        if names(&old.config) != names(&config) {
+            return Err(StartError::PipelinesChanged(names(&old.config), names(&config)));
+        }
         self.apps.reconfigure(&config);
+        if let Some(p) = &self.pipelines {
+            p.reconfigure(&config.pipelines);
+        }
         self.snapshot.store(Arc::new(Snapshot::build(config, Some(&old))?));
         tracing::info!("config reloaded");
         Ok(())
@@ -236,6 +250,8 @@ pub struct Proxy {
     threads: Vec<JoinHandle<()>>,
     /// The deploy thread, stopped last: it stops the app instances once requests have drained.
     deploy: Option<(watch::Sender<bool>, JoinHandle<()>)>,
+    /// The pipelines thread, and what stops it.
+    pipeline_thread: Option<(watch::Sender<bool>, JoinHandle<()>)>,
     listen_addrs: Vec<SocketAddr>,
     admin_addr: Option<SocketAddr>,
 }
@@ -303,6 +319,37 @@ impl Proxy {
             .map_err(StartError::Io)?;
         let rt = handle_rx.recv().map_err(|_| StartError::Io(std::io::Error::other("the deploy thread died")))?;
         let apps = apps::Apps::new(&config, &snapshot, rt)?;
+        // The pipelines thread's runtime runs the runs (their commands, deploys and loads) and the schedules.
+        let mut pipeline_thread = None;
+        let mut platform = None;
+        let runner = if config.pipelines.is_empty() {
+            None
+        } else {
+            let (stop, mut stop_rx) = watch::channel(false);
+            let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+            let thread = std::thread::Builder::new()
+                .name("pipelines".into())
+                .spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                    let _ = handle_tx.send(rt.handle().clone());
+                    rt.block_on(async move {
+                        let _ = stop_rx.wait_for(|s| *s).await;
+                    })
+                })
+                .map_err(StartError::Io)?;
+            let prt =
+                handle_rx.recv().map_err(|_| StartError::Io(std::io::Error::other("the pipelines thread died")))?;
+            pipeline_thread = Some((stop, thread));
+            let tls: Vec<(SocketAddr, bool)> =
+                listen_addrs.iter().zip(&config.listeners).map(|(a, l)| (*a, l.tls.is_some())).collect();
+            let p = Arc::new(pipelines::ProxyPlatform::new(apps.deployers.clone(), apps.history.clone(), tls));
+            platform = Some(p.clone());
+            let exe = std::env::current_exe().map_err(StartError::Io)?;
+            Some(
+                nonstop_pipeline::Runner::start(&config.pipelines, &config.state_dir, p, prt, exe)
+                    .map_err(|e| StartError::Pipelines(e.to_string()))?,
+            )
+        };
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             access_log,
@@ -311,7 +358,11 @@ impl Proxy {
             reload_lock: Mutex::new(()),
             queues,
             apps,
+            pipelines: runner,
         });
+        if let Some(p) = &platform {
+            p.attach(&shared);
+        }
         shared.apps.boot();
         let (shutdown, rx) = watch::channel(false);
         let mut handles = Vec::new();
@@ -366,6 +417,7 @@ impl Proxy {
             shutdown,
             threads: handles,
             deploy: Some((deploy_stop, deploy_thread)),
+            pipeline_thread,
             listen_addrs,
             admin_addr,
         })
@@ -394,6 +446,16 @@ impl Proxy {
 
     /// Stops the app instances (after the requests drained) and the deploy thread.
     fn stop_apps(&mut self) {
+        // Runs end first (interrupted, their commands stopped), so that no deploy step starts as instances stop.
+        if let Some(p) = self.shared.pipelines.clone() {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                rt.block_on(p.shutdown(nonstop_pipeline::exec::KILL_GRACE + Duration::from_secs(2)));
+            }
+        }
+        if let Some((stop, thread)) = self.pipeline_thread.take() {
+            let _ = stop.send(true);
+            let _ = thread.join();
+        }
         let Some((stop, thread)) = self.deploy.take() else { return };
         let deployers: Vec<_> = self.shared.apps.deployers.values().cloned().collect();
         if !deployers.is_empty() {

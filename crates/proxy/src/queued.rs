@@ -85,6 +85,8 @@ pub struct Rabbit {
 pub struct Queue {
     pub name: String,
     pub service: String,
+    /// Deliveries happen only while it is open; `None`: always.
+    pub window: Option<nonstop_schedule::Window>,
     pub store: Store,
     /// Set when RabbitMQ holds the queue (the store then keeps statuses, and requests for replay).
     pub rabbit: Option<Rabbit>,
@@ -164,9 +166,15 @@ impl Queue {
                 connected: std::sync::atomic::AtomicBool::new(false),
             }
         });
+        let window = cfg.deliver_window.as_ref().map(|w| {
+            let cron = nonstop_schedule::Cron::parse(&w.cron, &cfg.name, &w.time_zone)
+                .expect("the config checked the window's schedule");
+            nonstop_schedule::Window::new(cron, w.duration.as_millis() as u64)
+        });
         Ok(Arc::new(Queue {
             name: cfg.name.clone(),
             service: cfg.service.clone(),
+            window,
             store,
             rabbit,
             policy: Policy {
@@ -436,12 +444,29 @@ pub fn status_json(id: &str, queue: &str, s: &Status, delivering: bool) -> Value
     v
 }
 
+/// Longest sleep of a queue waiting for its delivery window (the clock is read again after it).
+const WINDOW_SLEEP_MAX: Duration = Duration::from_secs(60);
+
 /// Delivers the queue's due requests, oldest due first, at most `concurrency` at once, until shutdown.
 pub async fn dispatch(queue: Arc<Queue>, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     if queue.rabbit.is_some() {
         return rabbit_loop(queue, shared, shutdown).await;
     }
     loop {
+        // Outside its delivery window a queue only accepts: it sleeps until the window opens.
+        if let Some(w) = &queue.window {
+            let now = now_ms();
+            if !w.is_open(now) {
+                let wait = w.next_open_ms(now).map_or(WINDOW_SLEEP_MAX, |t| {
+                    Duration::from_millis(t.saturating_sub(now).max(1)).min(WINDOW_SLEEP_MAX)
+                });
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.changed() => return,
+                }
+                continue;
+            }
+        }
         let free = queue.concurrency.saturating_sub(queue.in_flight.load(Relaxed));
         if free > 0 {
             let skip = queue.delivering.lock().expect("delivering lock").clone();
