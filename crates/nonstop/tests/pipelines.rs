@@ -891,8 +891,11 @@ async fn a_run_cut_off_by_kill_9_is_marked_interrupted() {
     assert_eq!(run(server.admin, "long", first).await["state"], "interrupted");
 }
 
+/// The POSTs a backend received: (Idempotency-Key, when).
+type Deliveries = Arc<Mutex<Vec<(String, SystemTime)>>>;
+
 /// A backend on raw sockets: `GET` answers 200; each `POST` is recorded (its Idempotency-Key and when) and gets 201.
-fn counting_backend() -> (SocketAddr, Arc<Mutex<Vec<(String, SystemTime)>>>) {
+fn counting_backend() -> (SocketAddr, Deliveries) {
     use std::io::{BufRead, BufReader, Read, Write};
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
