@@ -4,6 +4,7 @@
 pub mod docker;
 pub mod dockerd;
 pub mod echo;
+pub mod git;
 pub mod raw;
 pub mod sshd;
 pub mod tls;
