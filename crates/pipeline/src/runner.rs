@@ -608,10 +608,12 @@ impl Runner {
         let mut first = Some(first);
         for (i, (_stage, step)) in stages.iter().enumerate() {
             let index = i + offset;
-            let why_not = if let Some(f) = &failure {
+            let why_not = if let Some(st) = stopped_state(&stop) {
+                // A step a timeout never reached did not fail: it was skipped.
+                let st = if st == state::FAILED { state::SKIPPED } else { st };
+                Some((st, "not run: the run was stopped".to_string()))
+            } else if let Some(f) = &failure {
                 Some((state::SKIPPED, format!("not run: {f}")))
-            } else if stopped(&stop) {
-                Some((state::CANCELLED, "not run: the run was stopped".to_string()))
             } else if !step.when.holds(&branch, &run.trigger) {
                 Some((
                     state::SKIPPED,
