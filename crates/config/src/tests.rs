@@ -522,3 +522,72 @@ fn every_bad_value_of_an_array_is_reported_on_its_own_line() {
     let e = Config::parse(&strings_only).unwrap_err().to_string();
     assert!(e.contains("routes[0].methods: \"P T\", \"7x\", \"\" are not HTTP methods"), "{e}");
 }
+
+#[test]
+fn the_pipeline_example_parses_into_a_pipeline_a_job_and_a_windowed_queue() {
+    let c = Config::parse(include_str!("../../../examples/pipeline.toml")).unwrap();
+    let web = &c.pipelines["web"];
+    assert_eq!(web.kind, crate::PipelineKind::Pipeline);
+    assert_eq!(web.source.as_ref().unwrap().branch, "main");
+    let names: Vec<(&str, &str)> = web
+        .stages
+        .iter()
+        .flat_map(|s| s.steps.iter().map(move |st| (s.name.as_str(), st.action.kind())))
+        .collect();
+    assert_eq!(names, [("build", "run"), ("test", "run"), ("ship", "deploy"), ("ship", "verify")]);
+    assert!(web.webhook.is_some());
+    assert!(c.pipelines.values().any(|p| p.kind == crate::PipelineKind::Job && p.schedule.is_some()));
+    assert!(c.queues.values().any(|q| q.deliver_window.is_some()));
+}
+
+#[test]
+fn pipeline_errors_are_all_reported_with_their_lines() {
+    let text = "[[listeners]]\nlisten = \"127.0.0.1:0\"\n[[routes]]\nservice = \"s\"\n\
+                [services.s]\nservers = [{ addr = \"127.0.0.1:1\" }]\n\
+                [pipelines.p]\nrepo = \"/r.git\"\nschedule = \"61 * * * *\"\nconcurrency = \"sometimes\"\nafter = [\"nobody\"]\n\
+                [[pipelines.p.stages]]\nname = \"b\"\nsteps = [\n  { run = \"make\", deploy = \"s\" },\n  \
+                { deploy = \"s\", artifact = \"dist\" },\n  { verify = \"ghost\", bogus = 1 },\n  { name = \"x\" },\n]\n\
+                [jobs.j]\nschedule = \"* * * * *\"\ntime_zone = \"Mars/Olympus\"\n\
+                [jobs.p]\ncommand = \"true\"\n\
+                [jobs.k]\ncommand = \"true\"\n\
+                [pipelines.q]\nrepo = \"/q.git\"\nafter = [\"nobody\"]\n[[pipelines.q.stages]]\nsteps = [{ run = \"true\" }]\n";
+    let e = Config::parse(text).unwrap_err().to_string();
+    for want in [
+        "line 9: pipelines.p.schedule: schedule: \"61 * * * *\": minute 61 is out of range 0-59",
+        "line 10: pipelines.p.concurrency: \"sometimes\": expected \"queue\", \"forbid\" or \"cancel\"",
+        "pipelines.q.after: \"nobody\" is no other pipeline or job",
+        "line 15: pipelines.p.stages[0].steps[0]: a step is one of run, deploy or verify, not run and deploy",
+        "line 16: pipelines.p.stages[0].steps[1].deploy: service \"s\" has no app section",
+        "line 17: pipelines.p.stages[0].steps[2].verify: \"ghost\" is no [services.NAME]",
+        "line 17: pipelines.p.stages[0].steps[2].bogus: unknown key",
+        "line 18: pipelines.p.stages[0].steps[3]: a step needs one of run",
+        "jobs.j.time_zone:",
+        "\"p\" names a pipeline too",
+    ] {
+        assert!(e.contains(want), "{want:?} in:\n{e}");
+    }
+}
+
+#[test]
+fn a_pipeline_file_in_a_repository_is_checked_like_the_config() {
+    let f = crate::PipelineFile::parse(
+        "[[stages]]\nname = \"build\"\nsteps = [{ run = \"make\", artifacts = [\"out\"] }]\n\
+         [[stages]]\nname = \"ship\"\nsteps = [{ deploy = \"web\", artifact = \"out\" }]\n\
+         [[post]]\non = \"failure\"\nrun = \"echo failed\"\n",
+    )
+    .unwrap();
+    assert_eq!((f.stages.len(), f.post.len()), (2, 1));
+    assert_eq!(f.post[0].on, crate::PostOn::Failure);
+    let e = crate::PipelineFile::parse(
+        "[[stages]]\nsteps = [{ run = \"make\", artifacts = [\"../x\"] }]\n[[post]]\nrun = \"x\"\nwhen = { trigger = [\"cron\"] }\n",
+    )
+    .unwrap_err()
+    .to_string();
+    for want in [
+        "line 2: stages[0].steps[0].artifacts: \"../x\": an artifact is a relative path inside the workspace",
+        "line 3: post[0].on: is required",
+        "trigger: \"cron\": expected one of push, manual, schedule, after",
+    ] {
+        assert!(e.contains(want), "{want:?} in:\n{e}");
+    }
+}
