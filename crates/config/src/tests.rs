@@ -529,11 +529,8 @@ fn the_pipeline_example_parses_into_a_pipeline_a_job_and_a_windowed_queue() {
     let web = &c.pipelines["web"];
     assert_eq!(web.kind, crate::PipelineKind::Pipeline);
     assert_eq!(web.source.as_ref().unwrap().branch, "main");
-    let names: Vec<(&str, &str)> = web
-        .stages
-        .iter()
-        .flat_map(|s| s.steps.iter().map(move |st| (s.name.as_str(), st.action.kind())))
-        .collect();
+    let names: Vec<(&str, &str)> =
+        web.stages.iter().flat_map(|s| s.steps.iter().map(move |st| (s.name.as_str(), st.action.kind()))).collect();
     assert_eq!(names, [("build", "run"), ("test", "run"), ("ship", "deploy"), ("ship", "verify")]);
     assert!(web.webhook.is_some());
     assert!(c.pipelines.values().any(|p| p.kind == crate::PipelineKind::Job && p.schedule.is_some()));

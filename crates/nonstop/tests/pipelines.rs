@@ -1020,3 +1020,51 @@ async fn a_queue_with_a_delivery_window_holds_requests_until_it_opens() {
         assert!(*at + Duration::from_millis(200) >= opens_at, "{key} delivered before the window opened");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_runs_after_another_with_the_stages_of_its_repository_file() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = TempDir::new("pipe-after");
+    let repo = Repo::new(&dir.path().join("forge"), &example_app());
+    repo.commit(
+        "the pipeline file",
+        &[(
+            "ci.toml",
+            "[[stages]]\nname = \"from-file\"\nsteps = [{ name = \"hello\", run = \"echo from the file\" }]\n",
+        )],
+    );
+    let echo = nonstop_testkit::echo::start("echo").await;
+    let text = format!(
+        "{head}[[routes]]\nservice = \"echo\"\n\n[services.echo]\nservers = [{{ addr = \"{echo}\" }}]\n\n\
+         [pipelines.first]\nrepo = {repo}\n\n[[pipelines.first.stages]]\nsteps = [{{ run = \"true\" }}]\n\n\
+         [pipelines.second]\nrepo = {repo}\nfile = \"ci.toml\"\nafter = [\"first\"]\n",
+        head = head(&dir),
+        repo = q(repo.url()),
+    );
+    let config = dir.path().join("nonstop.toml");
+    std::fs::write(&config, text).unwrap();
+    let server = Server::start(&config, &[]);
+    let admin = server.admin;
+    let first = start_run(admin, "first").await;
+    assert_eq!(wait_done(admin, "first", first, Duration::from_secs(30)).await["state"], "succeeded");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        if let Some(r) = runs(admin, "second").await.into_iter().find(|r| is_final(&r["state"])) {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "no run of second after first succeeded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!((after["trigger"].as_str(), after["state"].as_str()), (Some("after"), Some("succeeded")), "{after:#}");
+    assert_eq!(step(&after, "hello")["stage"], "from-file", "{after:#}");
+    let (log, _) = stored_log(admin, "second", number(&after["number"])).await;
+    assert!(log.contains("from the file"), "{log}");
+
+    // A broken pipeline file fails the run, naming the file and the line.
+    repo.commit("break it", &[("ci.toml", "[[stages]]\nname = \"x\"\nsteps = [{ nothing = 1 }]\n")]);
+    let broken = start_run(admin, "second").await;
+    let r = wait_done(admin, "second", broken, Duration::from_secs(30)).await;
+    assert_eq!(r["state"], "failed", "{r:#}");
+    let reason = r["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("ci.toml") && reason.contains("line 3"), "{r:#}");
+}
