@@ -487,9 +487,49 @@ impl Config {
     }
 
     /// The config that quick mode (`nonstop serve --listen ... --to ...`) runs: built as TOML text and parsed
-    /// like a file, so that both have the same defaults and checks.
-    pub fn quick(listen: &str, to: &[String], balance: &str, admin: Option<&str>) -> Result<Config, ConfigErrors> {
-        Config::parse(&quick_toml(listen, to, balance, admin))
+    /// like a file, so that both have the same defaults and checks. Its errors name the flags they come from (`--to "nothing": ...`), not lines of that text.
+    pub fn quick(listen: &str, to: &[String], balance: &str, admin: Option<&str>) -> Result<Config, QuickErrors> {
+        Config::parse(&quick_toml(listen, to, balance, admin)).map_err(|errors| {
+            QuickErrors(errors.0.iter().map(|e| quick_error(e, listen, to, balance, admin)).collect())
+        })
+    }
+}
+
+/// The problems of a quick-mode command line, each naming its flag and value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct QuickErrors(pub Vec<String>);
+
+impl std::fmt::Display for QuickErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.len();
+        writeln!(f, "{n} error{} in the quick-mode flags:", if n == 1 { "" } else { "s" })?;
+        for e in &self.0 {
+            writeln!(f, "  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// One error of the quick-mode config, told as the flag it comes from.
+fn quick_error(e: &ConfigError, listen: &str, to: &[String], balance: &str, admin: Option<&str>) -> String {
+    let flag = |name: &str, value: &str| format!("{name} {value:?}: {}", e.message);
+    let path = e.path.as_str();
+    if path.starts_with("listeners") {
+        flag("--listen", listen)
+    } else if let Some(rest) = path.strip_prefix("services.default.servers") {
+        let index = rest.strip_prefix('[').and_then(|r| r.split(']').next()).and_then(|i| i.parse::<usize>().ok());
+        match index.and_then(|i| to.get(i)) {
+            Some(value) => flag("--to", value),
+            None => format!("--to: {}", e.message),
+        }
+    } else if path == "services.default.balance" || path == "services.default.hash_on" {
+        flag("--balance", balance)
+    } else if path.starts_with("admin") {
+        flag("--admin", admin.unwrap_or(""))
+    } else if path.is_empty() {
+        e.message.clone()
+    } else {
+        format!("{path}: {}", e.message)
     }
 }
 

@@ -111,7 +111,11 @@ fn quick_mode_has_the_same_defaults_as_a_file() {
     let hashed = Config::quick("127.0.0.1:8080", &to, "hash=header:x-user", None).unwrap();
     assert_eq!(hashed.services["default"].balance, Balance::Hash(HashOn::Header("x-user".into())));
     let bad = Config::quick("nowhere", &to, "best", None).unwrap_err().to_string();
-    assert!(bad.contains("listeners[0].listen") && bad.contains("unknown balance"), "{bad}");
+    assert!(bad.contains("--listen \"nowhere\": ") && bad.contains("--balance \"best\": "), "{bad}");
+    assert!(!bad.contains("line "), "quick-mode errors name flags, not lines of the built text: {bad}");
+    let to = vec!["127.0.0.1:9101".to_string(), "nothing".to_string()];
+    let bad = Config::quick("127.0.0.1:8080", &to, "round_robin", Some("nowhere")).unwrap_err().to_string();
+    assert!(bad.contains("--to \"nothing\": ") && bad.contains("--admin \"nowhere\": "), "{bad}");
 }
 
 #[test]

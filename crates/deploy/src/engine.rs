@@ -42,6 +42,8 @@ pub enum DeployError {
     Invalid(String),
     #[error("service {0:?} has no previous version to roll back to")]
     NoPrevious(String),
+    #[error("{0}")]
+    RollbackTo(crate::history::RollbackToError),
     #[error("the proxy is shutting down")]
     ShuttingDown,
 }
@@ -577,6 +579,13 @@ impl Deployer {
         }
         let (version, env) =
             self.history.previous(&self.service).ok_or_else(|| DeployError::NoPrevious(self.service.clone()))?;
+        self.begin(DeployRequest { version, strategy: None, steps: None, env }, "rollback")
+    }
+
+    /// Rolls back to an earlier version the service ran successfully, with the env it ran with then.
+    pub fn rollback_to(self: &Arc<Self>, version: &str) -> Result<broadcast::Receiver<String>, DeployError> {
+        let (version, env) =
+            self.history.version_to_roll_back_to(&self.service, version).map_err(DeployError::RollbackTo)?;
         self.begin(DeployRequest { version, strategy: None, steps: None, env }, "rollback")
     }
 

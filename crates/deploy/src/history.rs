@@ -142,16 +142,83 @@ impl History {
             .map(|r| (r.version.clone(), r.env.clone()))
     }
 
-    /// The version a service ran before its current one (for `nonstop rollback`), with its env.
+    /// The version `nonstop rollback` returns a service to, with its env (see [`rollback_target`]).
     pub fn previous(&self, service: &str) -> Option<(String, Vec<(String, String)>)> {
-        let g = self.file.lock().expect("history lock");
-        let ok: Vec<&Record> = g.1.iter().filter(|r| r.service == service && r.result == "succeeded").collect();
-        let last = ok.last()?;
-        // The env of the version it came from: the latest success that installed it, if any.
-        let env =
-            ok.iter().rev().skip(1).find(|r| r.version == last.from_version).map(|r| r.env.clone()).unwrap_or_default();
-        Some((last.from_version.clone(), env))
+        rollback_target(&self.file.lock().expect("history lock").1, service)
     }
+
+    /// The earlier version `nonstop rollback --to VERSION` returns a service to, with its env.
+    pub fn version_to_roll_back_to(
+        &self,
+        service: &str,
+        version: &str,
+    ) -> Result<(String, Vec<(String, String)>), RollbackToError> {
+        rollback_to(&self.file.lock().expect("history lock").1, service, version)
+    }
+}
+
+/// Where a rollback goes: to the version the current one replaced when it first arrived by a deploy. Rollbacks
+/// do not count as arrivals, so repeated rollbacks walk back through the history (v1 -> v2 -> v3, rollback to v2,
+/// rollback to v1) instead of flipping between the last two versions, and every step goes to a version that
+/// first arrived earlier, so the walk ends. The env is that of the latest success that installed the version
+/// (none for the version the service started with).
+pub fn rollback_target(records: &[Record], service: &str) -> Option<(String, Vec<(String, String)>)> {
+    let ok: Vec<&Record> = records.iter().filter(|r| r.service == service && r.result == "succeeded").collect();
+    let current = &ok.last()?.version;
+    let arrival = ok.iter().find(|r| r.kind == "deploy" && &r.version == current)?;
+    let target = &arrival.from_version;
+    if target.is_empty() || target == current {
+        return None;
+    }
+    Some((target.clone(), env_of(&ok, target)))
+}
+
+/// Why `rollback --to` cannot go to a version.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RollbackToError {
+    #[error("service {service:?} never ran version {version:?} successfully; earlier versions: {}", list(.available))]
+    Unknown { service: String, version: String, available: Vec<String> },
+    #[error("service {service:?} already runs version {version:?}")]
+    Current { service: String, version: String },
+}
+
+fn list(v: &[String]) -> String {
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// `rollback --to VERSION`: a version the service ran before (installed by a successful deploy or rollback, or
+/// the one it started with), not the current one.
+pub fn rollback_to(
+    records: &[Record],
+    service: &str,
+    version: &str,
+) -> Result<(String, Vec<(String, String)>), RollbackToError> {
+    let ok: Vec<&Record> = records.iter().filter(|r| r.service == service && r.result == "succeeded").collect();
+    let current = ok.last().map(|r| r.version.as_str());
+    if current == Some(version) {
+        return Err(RollbackToError::Current { service: service.into(), version: version.into() });
+    }
+    // Every version it ran, newest first, without the current one.
+    let mut available: Vec<String> = Vec::new();
+    for r in ok.iter().rev() {
+        for v in [&r.version, &r.from_version] {
+            if !v.is_empty() && Some(v.as_str()) != current && !available.contains(v) {
+                available.push(v.clone());
+            }
+        }
+    }
+    if !available.iter().any(|v| v == version) {
+        return Err(RollbackToError::Unknown { service: service.into(), version: version.into(), available });
+    }
+    Ok((version.to_string(), env_of(&ok, version)))
+}
+
+fn env_of(ok: &[&Record], version: &str) -> Vec<(String, String)> {
+    ok.iter().rev().find(|r| r.version == version).map(|r| r.env.clone()).unwrap_or_default()
 }
 
 /// Writes a file whole or not at all: a temporary file, fsynced, renamed over it, the directory fsynced.
@@ -210,6 +277,37 @@ mod tests {
         h.append(&rec(3, "v4", "v2", "succeeded")).unwrap();
         assert_eq!(h.previous("app"), Some(("v2".to_string(), vec![("K".to_string(), "v2".to_string())])));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn rollback(id: u64, version: &str, from: &str) -> Record {
+        Record { kind: "rollback".into(), ..rec(id, version, from, "succeeded") }
+    }
+
+    #[test]
+    fn repeated_rollbacks_walk_back_through_the_history() {
+        let mut h = vec![rec(1, "v2", "v1", "succeeded"), rec(2, "v3", "v2", "succeeded")];
+        assert_eq!(rollback_target(&h, "app").unwrap().0, "v2");
+        h.push(rollback(3, "v2", "v3"));
+        let (v, env) = rollback_target(&h, "app").unwrap();
+        assert_eq!((v.as_str(), env), ("v1", vec![]), "v1 was never installed by a record: no env");
+        h.push(rollback(4, "v1", "v2"));
+        assert_eq!(rollback_target(&h, "app"), None, "v1 is where the service started");
+        assert_eq!(rollback_target(&h, "other"), None);
+        // A deploy after the rollbacks starts a new arrival: rolling back goes to where it came from.
+        h.push(rec(5, "v4", "v1", "succeeded"));
+        h.push(rec(6, "v5", "v4", "rolled_back"));
+        assert_eq!(rollback_target(&h, "app").unwrap().0, "v1", "a rolled-back deploy is no arrival");
+    }
+
+    #[test]
+    fn rollback_to_a_version_names_the_ones_there_are() {
+        let h = vec![rec(1, "v2", "v1", "succeeded"), rec(2, "v3", "v2", "succeeded"), rec(3, "v9", "v3", "failed")];
+        assert_eq!(rollback_to(&h, "app", "v2").unwrap(), ("v2".into(), vec![("K".into(), "v2".into())]));
+        assert_eq!(rollback_to(&h, "app", "v1").unwrap(), ("v1".into(), vec![]));
+        let e = rollback_to(&h, "app", "v9").unwrap_err();
+        assert_eq!(e.to_string(), "service \"app\" never ran version \"v9\" successfully; earlier versions: v2, v1");
+        assert!(matches!(rollback_to(&h, "app", "v3"), Err(RollbackToError::Current { .. })));
+        assert!(rollback_to(&[], "app", "v1").unwrap_err().to_string().ends_with("earlier versions: none"));
     }
 
     #[test]

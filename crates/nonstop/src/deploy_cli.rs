@@ -1,7 +1,6 @@
 //! `nonstop deploy`, `rollback` and `status`: clients of a running proxy's admin API. The proxy performs the
 //! deploy; these print its progress as it happens.
 
-use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::Args;
@@ -11,12 +10,8 @@ use crate::admin_client;
 
 #[derive(Args, Clone)]
 pub struct AdminArgs {
-    /// The proxy's admin API.
-    #[arg(long, default_value = "127.0.0.1:9900")]
-    pub admin: SocketAddr,
-    /// Bearer token of the admin API, if it has one.
-    #[arg(long)]
-    pub token: Option<String>,
+    #[command(flatten)]
+    pub conn: admin_client::AdminConn,
     /// The app service (needed only when several services have an app section).
     #[arg(long)]
     pub service: Option<String>,
@@ -52,6 +47,14 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
+/// The admin API of an admin command, or exit status 2 with the reason.
+pub fn resolve(what: &str, conn: &admin_client::AdminConn) -> Result<admin_client::Admin, ExitCode> {
+    conn.resolve().map_err(|e| {
+        eprintln!("nonstop {what}: {e}");
+        ExitCode::from(2)
+    })
+}
+
 /// Starts a deploy and follows it. Exit status: 0 when it succeeded, 1 when it was rolled back or could not
 /// start, 2 for bad arguments.
 pub fn deploy(a: DeployArgs) -> ExitCode {
@@ -77,31 +80,40 @@ pub fn deploy(a: DeployArgs) -> ExitCode {
     follow("deploy", "/deploy", &a.admin, &body, a.json)
 }
 
-pub fn rollback(a: AdminArgs, json_lines: bool) -> ExitCode {
-    let body = json!({ "service": a.service });
+pub fn rollback(a: AdminArgs, to: Option<String>, json_lines: bool) -> ExitCode {
+    let body = json!({ "service": a.service, "to": to });
     follow("rollback", "/rollback", &a, &body, json_lines)
 }
 
 fn follow(what: &str, path: &str, a: &AdminArgs, body: &Value, json_lines: bool) -> ExitCode {
+    let admin = match resolve(what, &a.conn) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     let mut result: Option<String> = None;
-    let outcome = admin_client::stream(a.admin, a.token.as_deref(), "POST", path, Some(&body.to_string()), |line| {
-        let Ok(v) = serde_json::from_str::<Value>(line) else {
-            println!("{line}");
-            return;
-        };
-        if json_lines {
-            println!("{line}");
-        } else {
-            let at = v["at_ms"].as_u64().unwrap_or(0) as f64 / 1000.0;
-            println!("[{at:7.2}s] {:<12} {}", v["step"].as_str().unwrap_or(""), v["message"].as_str().unwrap_or(""));
-        }
-        if v["done"] == json!(true) {
-            result = v["result"].as_str().map(String::from);
-        }
-    });
+    let outcome =
+        admin_client::stream(admin.addr, admin.token.as_deref(), "POST", path, Some(&body.to_string()), |line| {
+            let Ok(v) = serde_json::from_str::<Value>(line) else {
+                println!("{line}");
+                return;
+            };
+            if json_lines {
+                println!("{line}");
+            } else {
+                let at = v["at_ms"].as_u64().unwrap_or(0) as f64 / 1000.0;
+                println!(
+                    "[{at:7.2}s] {:<12} {}",
+                    v["step"].as_str().unwrap_or(""),
+                    v["message"].as_str().unwrap_or("")
+                );
+            }
+            if v["done"] == json!(true) {
+                result = v["result"].as_str().map(String::from);
+            }
+        });
     match outcome {
         Err(e) => {
-            eprintln!("nonstop {what}: cannot reach the admin API at {}: {e}", a.admin);
+            eprintln!("nonstop {what}: cannot reach the admin API at {}: {e}", admin.addr);
             ExitCode::from(1)
         }
         Ok(Err((status, text))) => {
@@ -150,10 +162,14 @@ pub fn logs(a: LogsArgs) -> ExitCode {
     if let Some(i) = a.instance {
         path.push_str(&format!("&instance={i}"));
     }
-    let (code, text) = match admin_client::call(a.admin.admin, a.admin.token.as_deref(), "GET", &path, None) {
+    let admin = match resolve("logs", &a.admin.conn) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let (code, text) = match admin_client::call(admin.addr, admin.token.as_deref(), "GET", &path, None) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("nonstop logs: cannot reach the admin API at {}: {e}", a.admin.admin);
+            eprintln!("nonstop logs: cannot reach the admin API at {}: {e}", admin.addr);
             return ExitCode::from(1);
         }
     };
@@ -171,10 +187,14 @@ pub fn status(a: StatusArgs) -> ExitCode {
         Some(s) => format!("/status?service={s}"),
         None => "/status".to_string(),
     };
-    let (code, text) = match admin_client::call(a.admin.admin, a.admin.token.as_deref(), "GET", &path, None) {
+    let admin = match resolve("status", &a.admin.conn) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let (code, text) = match admin_client::call(admin.addr, admin.token.as_deref(), "GET", &path, None) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("nonstop status: cannot reach the admin API at {}: {e}", a.admin.admin);
+            eprintln!("nonstop status: cannot reach the admin API at {}: {e}", admin.addr);
             return ExitCode::from(1);
         }
     };
@@ -249,4 +269,114 @@ pub fn status(a: StatusArgs) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+#[derive(Args)]
+pub struct HistoryArgs {
+    /// Only this app service's deploys.
+    #[arg(value_name = "SERVICE")]
+    pub service: Option<String>,
+    #[command(flatten)]
+    pub conn: admin_client::AdminConn,
+    /// Print the admin API's JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `nonstop history`: the deploy history from GET /deploys, as a table.
+pub fn history(a: HistoryArgs) -> ExitCode {
+    let admin = match resolve("history", &a.conn) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let path = match &a.service {
+        Some(s) => format!("/deploys?service={s}"),
+        None => "/deploys".to_string(),
+    };
+    let (code, text) = match admin_client::call(admin.addr, admin.token.as_deref(), "GET", &path, None) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("nonstop history: cannot reach the admin API at {}: {e}", admin.addr);
+            return ExitCode::from(1);
+        }
+    };
+    let v = serde_json::from_str::<Value>(&text).unwrap_or(Value::Null);
+    if code != 200 {
+        eprintln!("nonstop history: the admin API answered {code}: {}", v["error"].as_str().unwrap_or(&text));
+        return ExitCode::from(1);
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or(text));
+        return ExitCode::SUCCESS;
+    }
+    let deploys = v["deploys"].as_array().cloned().unwrap_or_default();
+    if deploys.is_empty() {
+        println!("no deploys yet");
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{:>4}  {:<12} {:<19} {:>8}  {:<8} {:<21} {:<10} {:<11} reason",
+        "id", "service", "started (UTC)", "took", "kind", "from -> to", "strategy", "result"
+    );
+    for d in deploys {
+        let started = d["started_ms"].as_u64().unwrap_or(0);
+        let took = d["ended_ms"].as_u64().unwrap_or(started).saturating_sub(started);
+        println!(
+            "{:>4}  {:<12} {:<19} {:>8}  {:<8} {:<21} {:<10} {:<11} {}",
+            d["id"].to_string(),
+            d["service"].as_str().unwrap_or(""),
+            utc(started),
+            duration(took),
+            d["kind"].as_str().unwrap_or(""),
+            format!("{} -> {}", d["from_version"].as_str().unwrap_or("?"), d["version"].as_str().unwrap_or("?")),
+            d["strategy"].as_str().unwrap_or(""),
+            d["result"].as_str().unwrap_or(""),
+            d["reason"].as_str().unwrap_or("-"),
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+/// Milliseconds since the Unix epoch as `YYYY-MM-DD HH:MM:SS`, UTC.
+pub fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}", rest / 3600, rest % 3600 / 60, rest % 60)
+}
+
+/// A duration for a table: 850ms, 12.3s, 4m05s, 2h03m.
+pub fn duration(ms: u64) -> String {
+    match ms {
+        0..1000 => format!("{ms}ms"),
+        1000..60_000 => format!("{:.1}s", ms as f64 / 1000.0),
+        60_000..3_600_000 => format!("{}m{:02}s", ms / 60_000, ms % 60_000 / 1000),
+        _ => format!("{}h{:02}m", ms / 3_600_000, ms % 3_600_000 / 60_000),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_times_and_durations_read_well() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00");
+        assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00");
+        assert_eq!(utc(1_796_212_861_999), "2026-12-02 12:01:01");
+        assert_eq!(utc(4_107_542_399_000), "2100-02-28 23:59:59");
+        assert_eq!(
+            [duration(850), duration(12_340), duration(245_000), duration(7_380_000)],
+            ["850ms", "12.3s", "4m05s", "2h03m"]
+        );
+    }
 }

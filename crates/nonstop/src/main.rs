@@ -47,13 +47,20 @@ enum Command {
     /// succeeded, 1 when it was rolled back or refused.
     Deploy(deploy_cli::DeployArgs),
     /// Return an app service to its previous version (a running deploy is aborted and rolled back instead).
+    /// Repeated rollbacks walk back through the history: each goes to the version that the current one replaced
+    /// when it first arrived by a deploy (v1, v2, v3: rollback to v2, rollback again to v1).
     Rollback {
         #[command(flatten)]
         admin: deploy_cli::AdminArgs,
+        /// Return to this earlier version (one the service ran successfully, with the env it ran with then).
+        #[arg(long, value_name = "VERSION")]
+        to: Option<String>,
         /// Print the progress as JSON lines.
         #[arg(long)]
         json: bool,
     },
+    /// List the deploys and rollbacks of the app services (times in UTC), newest last.
+    History(deploy_cli::HistoryArgs),
     /// Show the app services' instances (per host and driver), versions, health, and any deploy in progress.
     Status(deploy_cli::StatusArgs),
     /// Print the output logs of an app service's instances, or of one (--instance), through a running proxy;
@@ -194,12 +201,8 @@ struct LoadArgs {
 
 #[derive(Args)]
 struct QueueArgs {
-    /// The proxy's admin API.
-    #[arg(long, default_value = "127.0.0.1:9900", global = true)]
-    admin: SocketAddr,
-    /// Bearer token of the admin API, if it has one.
-    #[arg(long, global = true)]
-    token: Option<String>,
+    #[command(flatten)]
+    conn: admin_client::AdminConn,
     #[command(subcommand)]
     action: QueueAction,
 }
@@ -332,7 +335,8 @@ fn main() -> ExitCode {
         Command::Load(args) => return run_load(*args),
         Command::Queue(args) => return run_queue(args),
         Command::Deploy(args) => return deploy_cli::deploy(args),
-        Command::Rollback { admin, json } => return deploy_cli::rollback(admin, json),
+        Command::Rollback { admin, to, json } => return deploy_cli::rollback(admin, to, json),
+        Command::History(args) => return deploy_cli::history(args),
         Command::Status(args) => return deploy_cli::status(args),
         Command::Logs(args) => return deploy_cli::logs(args),
         Command::Run(args) => return pipeline_cli::run(args),
@@ -786,7 +790,11 @@ fn run_queue(args: QueueArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match admin_client::call(args.admin, args.token.as_deref(), method, &path, None) {
+    let admin = match deploy_cli::resolve("queue", &args.conn) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match admin_client::call(admin.addr, admin.token.as_deref(), method, &path, None) {
         Ok((status, body)) => {
             let text = serde_json::from_str::<serde_json::Value>(&body)
                 .and_then(|v| serde_json::to_string_pretty(&v))
@@ -800,7 +808,7 @@ fn run_queue(args: QueueArgs) -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("nonstop queue: cannot reach the admin API at {}: {e}", args.admin);
+            eprintln!("nonstop queue: cannot reach the admin API at {}: {e}", admin.addr);
             ExitCode::from(1)
         }
     }

@@ -22,12 +22,8 @@ pub struct RunArgs {
     /// Cancel run N instead of starting one.
     #[arg(long, value_name = "N")]
     pub cancel: Option<u64>,
-    /// The proxy's admin API.
-    #[arg(long, default_value = "127.0.0.1:9900")]
-    pub admin: SocketAddr,
-    /// Bearer token of the admin API, if it has one.
-    #[arg(long)]
-    pub token: Option<String>,
+    #[command(flatten)]
+    pub conn: admin_client::AdminConn,
 }
 
 #[derive(Args)]
@@ -40,12 +36,8 @@ pub struct RunsArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
-    /// The proxy's admin API.
-    #[arg(long, default_value = "127.0.0.1:9900")]
-    pub admin: SocketAddr,
-    /// Bearer token of the admin API, if it has one.
-    #[arg(long)]
-    pub token: Option<String>,
+    #[command(flatten)]
+    pub conn: admin_client::AdminConn,
 }
 
 fn get(admin: SocketAddr, token: Option<&str>, method: &str, path: &str, body: Option<&str>) -> Result<Value, String> {
@@ -85,9 +77,13 @@ fn run_line(r: &Value) -> String {
 }
 
 pub fn run(a: RunArgs) -> ExitCode {
-    let token = a.token.as_deref();
+    let admin = match crate::deploy_cli::resolve("run", &a.conn) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let token = admin.token.as_deref();
     if let Some(n) = a.cancel {
-        return match get(a.admin, token, "POST", &format!("/pipelines/{}/runs/{n}/cancel", a.name), Some("{}")) {
+        return match get(admin.addr, token, "POST", &format!("/pipelines/{}/runs/{n}/cancel", a.name), Some("{}")) {
             Ok(v) => {
                 println!("{}", run_line(&v["run"]));
                 ExitCode::SUCCESS
@@ -99,7 +95,7 @@ pub fn run(a: RunArgs) -> ExitCode {
         };
     }
     let body = serde_json::json!({ "ref": a.git_ref }).to_string();
-    let v = match get(a.admin, token, "POST", &format!("/pipelines/{}/runs", a.name), Some(&body)) {
+    let v = match get(admin.addr, token, "POST", &format!("/pipelines/{}/runs", a.name), Some(&body)) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("nonstop run: {e}");
@@ -111,7 +107,7 @@ pub fn run(a: RunArgs) -> ExitCode {
     if !a.follow {
         return ExitCode::SUCCESS;
     }
-    follow(a.admin, token, &a.name, n)
+    follow(admin.addr, token, &a.name, n)
 }
 
 /// Streams run `n`'s log (Server-Sent Events) until it ends; the exit status says whether it succeeded.
@@ -161,13 +157,17 @@ fn follow(admin: SocketAddr, token: Option<&str>, name: &str, n: u64) -> ExitCod
 }
 
 pub fn runs(a: RunsArgs) -> ExitCode {
-    let token = a.token.as_deref();
+    let admin = match crate::deploy_cli::resolve("runs", &a.conn) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let token = admin.token.as_deref();
     let path = match (&a.name, a.run) {
         (Some(name), Some(n)) => format!("/pipelines/{name}/runs/{n}"),
         (Some(name), None) => format!("/pipelines/{name}/runs"),
         (None, _) => "/pipelines".to_string(),
     };
-    let v = match get(a.admin, token, "GET", &path, None) {
+    let v = match get(admin.addr, token, "GET", &path, None) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("nonstop runs: {e}");
@@ -181,7 +181,8 @@ pub fn runs(a: RunsArgs) -> ExitCode {
     match (&a.name, a.run) {
         (Some(name), Some(n)) => {
             println!("{}", run_line(&v));
-            let logs = get(a.admin, token, "GET", &format!("/pipelines/{name}/runs/{n}/log"), None).unwrap_or_default();
+            let logs =
+                get(admin.addr, token, "GET", &format!("/pipelines/{name}/runs/{n}/log"), None).unwrap_or_default();
             let steps = v["steps"].as_array().into_iter().flatten().chain(v["post"].as_array().into_iter().flatten());
             for (s, log) in steps.zip(logs["steps"].as_array().into_iter().flatten()) {
                 println!(

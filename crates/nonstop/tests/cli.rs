@@ -280,3 +280,72 @@ fn check_takes_the_file_as_a_positional_argument_too() {
     }
     assert_eq!(nonstop(&["check"]).status.code(), Some(2), "no file is a usage error");
 }
+
+/// Runs `nonstop args...` with the given environment (and no NONSTOP_ADMIN / NONSTOP_TOKEN of the caller's).
+fn nonstop_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(args).stdin(Stdio::null()).env_remove("NONSTOP_ADMIN").env_remove("NONSTOP_TOKEN");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run nonstop")
+}
+
+#[test]
+fn admin_commands_find_the_admin_api_in_the_environment_or_the_config_file() {
+    let dir = TempDir::new("cli-admin-conn");
+    let port = 36_000 + (std::process::id() % 250) as u16 * 10;
+    let config = format!("{MINIMAL}\n[admin]\nlisten = \"0.0.0.0:{port}\"\ntoken = \"s3cret-token\"\n");
+    let config = write(&dir, "admin.toml", config);
+    let config = config.to_str().unwrap();
+    let served = nonstop_testkit::Proc::start(bin(), &["serve", "--config", config]);
+    let admin = served.addr_after("admin").expect("admin address");
+    assert_eq!(admin.port(), port);
+    let loopback = format!("127.0.0.1:{port}");
+    let token = [("NONSTOP_TOKEN", "s3cret-token")];
+
+    // --config: the address (0.0.0.0 reached on loopback) and the token both come from the file.
+    for args in
+        [&["status", "--config", config][..], &["history", "--config", config], &["queue", "list", "--config", config]]
+    {
+        let out = nonstop_env(args, &[]);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", text(&out));
+    }
+    assert!(text(&nonstop_env(&["history", "--config", config], &[])).contains("no deploys yet"));
+    // The environment.
+    let out = nonstop_env(&["status"], &[("NONSTOP_ADMIN", &loopback), token[0]]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let out = nonstop_env(&["queue", "list"], &[("NONSTOP_ADMIN", &loopback)]);
+    assert_eq!(out.status.code(), Some(1), "no token, refused: {}", text(&out));
+    // The flag beats the environment, and the environment beats the file.
+    let out = nonstop_env(&["status", "--admin", "127.0.0.1:1"], &[("NONSTOP_ADMIN", &loopback), token[0]]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("cannot reach the admin API at 127.0.0.1:1"), "{}", text(&out));
+    let out = nonstop_env(&["status", "--config", config], &[("NONSTOP_ADMIN", "127.0.0.1:1")]);
+    assert!(text(&out).contains("127.0.0.1:1"), "{}", text(&out));
+    let out = nonstop_env(&["status", "--config", config, "--token", "wrong"], &[]);
+    assert_eq!(out.status.code(), Some(1), "the flag's token beats the file's: {}", text(&out));
+
+    // A file whose admin port is chosen at start cannot be reached this way; nor one that does not parse.
+    let zero = write(&dir, "zero.toml", format!("{MINIMAL}\n[admin]\nlisten = \"127.0.0.1:0\"\n"));
+    let out = nonstop_env(&["status", "--config", zero.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("port 0") && text(&out).contains("--admin"), "{}", text(&out));
+    let bad = write(&dir, "bad.toml", "listeners = 3\n");
+    let out = nonstop_env(&["rollback", "--config", bad.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("bad.toml") && text(&out).contains("line 1"), "{}", text(&out));
+    let out = nonstop_env(&["runs", "--config", dir.path().join("missing.toml").to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    // The token flag's help warns that it shows in ps.
+    assert!(text(&nonstop(&["deploy", "--help"])).contains("shows in `ps`"));
+}
+
+#[test]
+fn quick_mode_errors_name_the_flags_not_lines() {
+    let out = nonstop(&["serve", "--listen", "127.0.0.1:0", "--to", "nothing", "--balance", "best"]);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(said.contains("--to \"nothing\": ") && said.contains("--balance \"best\": "), "{said}");
+    assert!(!said.contains("line "), "{said}");
+}

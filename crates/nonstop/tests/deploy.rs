@@ -339,3 +339,50 @@ fn one_deploy_at_a_time_crashes_restart_history_persists_and_rollback_returns() 
         (Some("rollback"), Some("v1"))
     );
 }
+
+#[test]
+fn repeated_rollbacks_walk_back_through_history_and_rollback_to_names_the_versions() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let rig = Rig::new("deploy-walk", 5, "");
+    for v in ["v2", "v3"] {
+        let out = rig.nonstop(&["deploy", "--version", v]);
+        assert!(out.status.success(), "{}", text(&out));
+        rig.wait_serving(3, v);
+    }
+    // v1 -> v2 -> v3: rollback to v2, then to v1 (not back to v3).
+    for v in ["v2", "v1"] {
+        let out = rig.nonstop(&["rollback"]);
+        assert!(out.status.success(), "{}", text(&out));
+        rig.wait_serving(3, v);
+    }
+    let out = rig.nonstop(&["rollback"]);
+    assert_eq!(out.status.code(), Some(1), "v1 is where it started: {}", text(&out));
+    assert!(text(&out).contains("no previous version"), "{}", text(&out));
+    let out = rig.nonstop(&["rollback", "--to", "v9"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("(404)") && text(&out).contains("earlier versions: v2, v3"), "{}", text(&out));
+    let out = rig.nonstop(&["rollback", "--to", "v3"]);
+    assert!(out.status.success(), "{}", text(&out));
+    rig.wait_serving(3, "v3");
+
+    let out = rig.nonstop(&["history", "app"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    let rows: Vec<&str> = table.lines().skip(1).collect();
+    assert_eq!(rows.len(), 5, "{table}");
+    for (row, (kind, move_)) in rows.iter().zip([
+        ("deploy", "v1 -> v2"),
+        ("deploy", "v2 -> v3"),
+        ("rollback", "v3 -> v2"),
+        ("rollback", "v2 -> v1"),
+        ("rollback", "v1 -> v3"),
+    ]) {
+        assert!(row.contains(kind) && row.contains(move_) && row.contains("succeeded"), "{row}\n{table}");
+        // UTC, YYYY-MM-DD HH:MM:SS.
+        let date = row.split_whitespace().nth(2).unwrap();
+        assert!(date.len() == 10 && date.as_bytes()[4] == b'-' && date.starts_with("20"), "{row}");
+    }
+    let json = rig.nonstop(&["history", "--json"]);
+    let v: Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["deploys"].as_array().unwrap().len(), 5);
+}

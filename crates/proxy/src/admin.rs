@@ -431,7 +431,11 @@ fn deploy_call(shared: &Shared, body: &Bytes, rollback: bool) -> Result<Resp, Ad
     let v = parse_body(body)?;
     let d = deployer_for(shared, &v)?;
     let started = if rollback {
-        d.rollback()
+        match v.get("to") {
+            None | Some(Value::Null) => d.rollback(),
+            Some(Value::String(to)) => d.rollback_to(to),
+            Some(_) => return Err(err(StatusCode::BAD_REQUEST, "to: must be a version string")),
+        }
     } else {
         let version = v
             .get("version")
@@ -470,6 +474,10 @@ fn deploy_call(shared: &Shared, body: &Bytes, rollback: bool) -> Result<Resp, Ad
     let mut events = started.map_err(|e| match e {
         DeployError::Invalid(_) => err(StatusCode::BAD_REQUEST, e.to_string()),
         DeployError::ShuttingDown => err(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        DeployError::RollbackTo(nonstop_deploy::history::RollbackToError::Unknown { .. }) => {
+            err(StatusCode::NOT_FOUND, e.to_string())
+        }
+        DeployError::RollbackTo(_) => err(StatusCode::CONFLICT, e.to_string()),
         DeployError::Busy { .. } | DeployError::SameVersion(..) | DeployError::NoPrevious(_) => {
             err(StatusCode::CONFLICT, e.to_string())
         }
