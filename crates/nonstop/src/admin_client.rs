@@ -213,7 +213,7 @@ mod tests {
         let f = from_config(&format!("{BASE}\n[admin]\nlisten = \"0.0.0.0:9911\"\ntoken = \"t0ken\"\n")).unwrap();
         assert_eq!(f.addr.unwrap(), "127.0.0.1:9911".parse().unwrap());
         assert_eq!(f.token.as_deref(), Some("t0ken"));
-        let f = from_config(&format!("{BASE}\n[admin]\nlisten = \"[::]:9911\"\n")).unwrap();
+        let f = from_config(&format!("{BASE}\n[admin]\nlisten = \"[::]:9911\"\ntoken = \"t\"\n")).unwrap();
         assert_eq!(f.addr.unwrap(), "[::1]:9911".parse().unwrap());
     }
 
