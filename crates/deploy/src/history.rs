@@ -157,15 +157,22 @@ impl History {
     }
 }
 
-/// Where a rollback goes: to the version the current one replaced when it first arrived by a deploy. Rollbacks
+/// Where a rollback goes: to the version the current one replaced when it last arrived by a deploy. Rollbacks
 /// do not count as arrivals, so repeated rollbacks walk back through the history (v1 -> v2 -> v3, rollback to v2,
-/// rollback to v1) instead of flipping between the last two versions, and every step goes to a version that
-/// first arrived earlier, so the walk ends. The env is that of the latest success that installed the version
+/// rollback to v1) instead of flipping between the last two versions; a version deployed again (v1 -> v2 -> v1)
+/// rolls back to the one it replaced that time (v2). The env is that of the latest success that installed the version
 /// (none for the version the service started with).
 pub fn rollback_target(records: &[Record], service: &str) -> Option<(String, Vec<(String, String)>)> {
     let ok: Vec<&Record> = records.iter().filter(|r| r.service == service && r.result == "succeeded").collect();
-    let current = &ok.last()?.version;
-    let arrival = ok.iter().find(|r| r.kind == "deploy" && &r.version == current)?;
+    let last = ok.last()?;
+    let current = &last.version;
+    // Installed by a deploy: back to what it replaced. Installed by a rollback: to what it replaced when it
+    // last arrived by a deploy before that.
+    let arrival = if last.kind == "deploy" {
+        *last
+    } else {
+        *ok.iter().rev().find(|r| r.kind == "deploy" && &r.version == current && r.id < last.id)?
+    };
     let target = &arrival.from_version;
     if target.is_empty() || target == current {
         return None;
@@ -293,6 +300,9 @@ mod tests {
         h.push(rollback(4, "v1", "v2"));
         assert_eq!(rollback_target(&h, "app"), None, "v1 is where the service started");
         assert_eq!(rollback_target(&h, "other"), None);
+        // Deployed again: back to what it replaced that time.
+        let again = vec![rec(1, "v2", "v1", "succeeded"), rec(2, "v1", "v2", "succeeded")];
+        assert_eq!(rollback_target(&again, "app").unwrap().0, "v2");
         // A deploy after the rollbacks starts a new arrival: rolling back goes to where it came from.
         h.push(rec(5, "v4", "v1", "succeeded"));
         h.push(rec(6, "v5", "v4", "rolled_back"));
