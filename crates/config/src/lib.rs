@@ -469,18 +469,7 @@ impl HashOn {
 impl Config {
     /// Parses and validates a config file's text, reporting every error with its line.
     pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
-        let root = match toml::de::DeTable::parse(text) {
-            Ok(root) => root,
-            Err(e) => {
-                let cx = Cx::new(text);
-                let line = e.span().map_or(1, |s| cx.line_of(s.start));
-                return Err(ConfigErrors(vec![ConfigError {
-                    line,
-                    path: String::new(),
-                    message: format!("invalid TOML: {}", e.message()),
-                }]));
-            }
-        };
+        let root = walk::parse_toml(text)?;
         let cx = Cx::new(text);
         let config = parse_root(&cx, Table::new(&cx, "", String::new(), root.get_ref(), 1));
         cx.finish(config)

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::walk::{ConfigError, ConfigErrors, Cx, Table};
+use crate::walk::{ConfigErrors, Cx, Table};
 use crate::Strategy;
 
 /// One pipeline, or one job (a pipeline of one step with no source).
@@ -595,18 +595,7 @@ impl PipelineFile {
     /// Parses a pipeline file's text. Services named by deploy and verify steps are checked by the runner, which
     /// knows them, not here.
     pub fn parse(text: &str) -> Result<PipelineFile, ConfigErrors> {
-        let root = match toml::de::DeTable::parse(text) {
-            Ok(root) => root,
-            Err(e) => {
-                let cx = Cx::new(text);
-                let line = e.span().map_or(1, |s| cx.line_of(s.start));
-                return Err(ConfigErrors(vec![ConfigError {
-                    line,
-                    path: String::new(),
-                    message: format!("invalid TOML: {}", e.message()),
-                }]));
-            }
-        };
+        let root = crate::walk::parse_toml(text)?;
         let cx = Cx::new(text);
         let t = Table::new(&cx, "pipeline file", String::new(), root.get_ref(), 1);
         let (stages, post) = parse_stages(&t, None);

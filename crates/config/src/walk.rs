@@ -45,6 +45,14 @@ impl std::fmt::Display for ConfigErrors {
     }
 }
 
+/// A file's text as a spanned TOML tree, or its syntax error with its line.
+pub fn parse_toml(text: &str) -> Result<Spanned<DeTable<'_>>, ConfigErrors> {
+    DeTable::parse(text).map_err(|e| {
+        let line = e.span().map_or(1, |s| Cx::new(text).line_of(s.start));
+        ConfigErrors(vec![ConfigError { line, path: String::new(), message: format!("invalid TOML: {}", e.message()) }])
+    })
+}
+
 /// The parse context: line lookup and the error list.
 pub struct Cx {
     line_starts: Vec<usize>,

@@ -195,6 +195,26 @@ pub struct Options {
     pub drain_timeout: Duration,
 }
 
+/// A thread named `name` running a current-thread runtime until its sender says stop: the runtime's handle, for
+/// tasks spawned from elsewhere (the deploy thread's supervisors and deploys, the pipelines' runs).
+fn runtime_thread(name: &str) -> Result<(watch::Sender<bool>, JoinHandle<()>, tokio::runtime::Handle), StartError> {
+    let (stop, mut stop_rx) = watch::channel(false);
+    let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let _ = handle_tx.send(rt.handle().clone());
+            rt.block_on(async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            })
+        })
+        .map_err(StartError::Io)?;
+    let handle =
+        handle_rx.recv().map_err(|_| StartError::Io(std::io::Error::other(format!("the {name} thread died"))))?;
+    Ok((stop, thread, handle))
+}
+
 /// Refuses to start on an address that anything already holds (checked before the proxy binds its own
 /// `SO_REUSEPORT` sockets, which the kernel would let share a port with another proxy of the same user). This is
 /// the one place of the check: a start that takes over the sockets of the process it upgrades would skip it.
@@ -305,19 +325,7 @@ impl Proxy {
             queues.insert(q.name.clone(), queued::Queue::open(q).map_err(|e| StartError::Queue(q.name.clone(), e))?);
         }
         // The deploy thread's runtime runs the app instances' supervisors and the deploys.
-        let (deploy_stop, mut deploy_rx) = watch::channel(false);
-        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
-        let deploy_thread = std::thread::Builder::new()
-            .name("deploy".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-                let _ = handle_tx.send(rt.handle().clone());
-                rt.block_on(async move {
-                    let _ = deploy_rx.wait_for(|s| *s).await;
-                })
-            })
-            .map_err(StartError::Io)?;
-        let rt = handle_rx.recv().map_err(|_| StartError::Io(std::io::Error::other("the deploy thread died")))?;
+        let (deploy_stop, deploy_thread, rt) = runtime_thread("deploy")?;
         let apps = apps::Apps::new(&config, &snapshot, rt)?;
         // The pipelines thread's runtime runs the runs (their commands, deploys and loads) and the schedules.
         let mut pipeline_thread = None;
@@ -325,20 +333,7 @@ impl Proxy {
         let runner = if config.pipelines.is_empty() {
             None
         } else {
-            let (stop, mut stop_rx) = watch::channel(false);
-            let (handle_tx, handle_rx) = std::sync::mpsc::channel();
-            let thread = std::thread::Builder::new()
-                .name("pipelines".into())
-                .spawn(move || {
-                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-                    let _ = handle_tx.send(rt.handle().clone());
-                    rt.block_on(async move {
-                        let _ = stop_rx.wait_for(|s| *s).await;
-                    })
-                })
-                .map_err(StartError::Io)?;
-            let prt =
-                handle_rx.recv().map_err(|_| StartError::Io(std::io::Error::other("the pipelines thread died")))?;
+            let (stop, thread, prt) = runtime_thread("pipelines")?;
             pipeline_thread = Some((stop, thread));
             let tls: Vec<(SocketAddr, bool)> =
                 listen_addrs.iter().zip(&config.listeners).map(|(a, l)| (*a, l.tls.is_some())).collect();
