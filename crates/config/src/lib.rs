@@ -646,7 +646,13 @@ fn parse_root(cx: &Cx, t: Table<'_, '_>) -> Option<Config> {
         let parsed: BTreeSet<String> = services.keys().cloned().collect();
         let app_services: BTreeSet<String> =
             services.values().filter(|s| s.app.is_some()).map(|s| s.name.clone()).collect();
-        let known = pipeline::Known { services: &service_names, parsed: &parsed, app_services: &app_services };
+        let known = pipeline::Known {
+            services: &service_names,
+            parsed: &parsed,
+            app_services: &app_services,
+            host_names: &host_names,
+            hosts: &hosts,
+        };
         let mut lines = BTreeMap::new();
         for (name, table) in t.table_of_tables("pipelines", "pipelines.NAME") {
             lines.insert(name.clone(), table.line());

@@ -1,7 +1,7 @@
 //! Pipelines (`[pipelines.NAME]`), scheduled jobs (`[jobs.NAME]`) and pipeline files kept in a repository: raw
 //! tables walked into typed, validated definitions, every error with its line.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -87,8 +87,10 @@ pub struct Step {
     pub when: When,
     /// Paths in the workspace kept after the step succeeded.
     pub artifacts: Vec<String>,
-    /// Where a command runs: `None`, the workspace (or a job's `dir`).
+    /// Where a command runs: `None`, the workspace (or a job's `dir`; on a host, the host's `dir`).
     pub dir: Option<PathBuf>,
+    /// The SSH host a job's command runs on (`host = "NAME"`, a `[hosts.NAME]`); `None`: this machine.
+    pub host: Option<crate::Host>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,6 +196,9 @@ pub(crate) struct Known<'k> {
     /// Those that parsed, and those of them with an app section.
     pub parsed: &'k BTreeSet<String>,
     pub app_services: &'k BTreeSet<String>,
+    /// Every `[hosts.NAME]`, and those that parsed.
+    pub host_names: &'k BTreeSet<String>,
+    pub hosts: &'k BTreeMap<String, crate::Host>,
 }
 
 fn parse_schedule(t: &Table<'_, '_>, seed: &str) -> Option<Option<ScheduleSpec>> {
@@ -368,6 +373,7 @@ fn parse_step(t: Table<'_, '_>, index: usize, known: Option<&Known<'_>>, post: b
             when: when?,
             artifacts: artifacts?,
             dir: None,
+            host: None,
         },
     })
 }
@@ -543,7 +549,7 @@ fn parse_common(t: &Table<'_, '_>, name: &str) -> Option<Common> {
     })
 }
 
-pub(crate) fn parse_job(name: String, t: Table<'_, '_>, _known: &Known<'_>) -> Option<Pipeline> {
+pub(crate) fn parse_job(name: String, t: Table<'_, '_>, known: &Known<'_>) -> Option<Pipeline> {
     if !valid_pipeline_name(&name) {
         t.invalid_table(format!("{name:?} is not a job name: 1 to 64 characters of [A-Za-z0-9_-]"));
     }
@@ -552,6 +558,26 @@ pub(crate) fn parse_job(name: String, t: Table<'_, '_>, _known: &Known<'_>) -> O
     }
     let command = t.string("command");
     let dir = if t.has("dir") { t.string("dir").map(|d| Some(PathBuf::from(d))) } else { Some(None) };
+    let host = if t.has("host") {
+        t.string("host").and_then(|h| match known.hosts.get(&h) {
+            Some(host) => Some(Some(host.clone())),
+            // Its own errors are reported where it is.
+            None if known.host_names.contains(&h) => None,
+            None => {
+                let defined: Vec<&str> = known.host_names.iter().map(String::as_str).collect();
+                t.invalid(
+                    "host",
+                    format!(
+                        "{h:?} is not a [hosts.NAME] table (defined: {})",
+                        if defined.is_empty() { "none".to_string() } else { defined.join(", ") }
+                    ),
+                );
+                None
+            }
+        })
+    } else {
+        Some(None)
+    };
     let common = parse_common(&t, &name);
     t.finish();
     let c = common?;
@@ -564,6 +590,7 @@ pub(crate) fn parse_job(name: String, t: Table<'_, '_>, _known: &Known<'_>) -> O
         when: When::default(),
         artifacts: Vec::new(),
         dir: dir?,
+        host: host?,
     };
     Some(Pipeline {
         name,

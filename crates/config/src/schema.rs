@@ -234,7 +234,8 @@ keys! {
     "jobs.NAME" "time_zone": "string" = "\"UTC\"", "The IANA time zone of schedule.";
     "jobs.NAME" "missed": "string" = "\"run_once\"", "Fire times missed while nonstop was not running: \"run_once\" or \"skip\".";
     "jobs.NAME" "command": "string" = "", "The shell command (sh -c). Required.";
-    "jobs.NAME" "dir": "path" = "", "Where the command runs [default: a fresh directory of the run's own].";
+    "jobs.NAME" "dir": "path" = "", "Where the command runs [default: a fresh directory of the run's own; on a host, the host's dir]. On a host, a path there (~/ is the login's home).";
+    "jobs.NAME" "host": "string" = "", "Run the command on this SSH host (a [hosts.NAME]) instead of this machine: over SSH, in a session of its own there, its output streamed into the run's log; a timeout or cancel ends its whole process group on the host, and a run an earlier nonstop left going there is killed before the next starts. Absent: on this machine.";
     "jobs.NAME" "env": "table of strings" = "{}", "Environment variables of the command.";
     "jobs.NAME" "secrets": "table of tables" = "", "Secrets, as pipelines.NAME.secrets: in the environment, masked in the log.";
     "jobs.NAME" "timeout_ms": "integer" = "3600000", "A run takes at most this long; then its process group gets SIGTERM, and SIGKILL 5 s later.";

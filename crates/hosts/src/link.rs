@@ -117,6 +117,24 @@ impl Link {
         )))
     }
 
+    /// Runs `command` with `input` on its standard input, its output sent to `out` as it arrives (see
+    /// [`Connection::exec_stream`]). A failure of the connection drops it.
+    pub async fn stream(
+        &self,
+        command: &str,
+        input: Vec<u8>,
+        out: tokio::sync::mpsc::Sender<Vec<u8>>,
+    ) -> Result<Option<u32>, String> {
+        let c = self.connection().await?;
+        match c.exec_stream(command, input, out).await {
+            Ok(status) => Ok(status),
+            Err(e) => {
+                self.broken(&c).await;
+                Err(self.fail(e))
+            }
+        }
+    }
+
     pub async fn close(&self) {
         if let Some(c) = self.conn.lock().await.take() {
             if let Ok(c) = Arc::try_unwrap(c) {

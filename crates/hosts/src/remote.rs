@@ -5,6 +5,7 @@
 //! - `run/SERVICE-ID.TOKEN.{sh,pid,exit}`: one launch of an instance: its script, its process id, and its exit
 //!   status once it has exited (written by the small wrapper that waits for it, renamed into place).
 //! - `logs/SERVICE-ID.log`: the instance's output, appended across restarts.
+//! - `jobs/JOB.pgid`: the process group of a scheduled job's run on the host (see [`job_script`]).
 //!
 //! Instances are started with `setsid` under a wrapper `sh`, so that they outlive the SSH session; the wrapper
 //! records the exit status, which is how the driver learns of a crash (it polls, over the one connection).
@@ -161,6 +162,49 @@ pub fn workdir(dir: &str, version: Option<&str>) -> String {
     }
 }
 
+/// The first line a job's script prints: the process group of the run, for [`job_signal`].
+pub const JOB_PGID_MARK: &str = "@@nonstop-pgid ";
+
+/// The script of one run of a scheduled job on a host, read by `sh -s` from standard input (so that the values
+/// of `env`, secrets among them, never show in a process list). It first kills what an earlier run of the job
+/// left running (a cut link, a killed `nonstop serve`): only a process group whose leader's environment says
+/// `NONSTOP_JOB=job`. Then it runs `command` with `sh -c` in `workdir`, in a session of its own (`setsid`), its
+/// output merged, after printing [`JOB_PGID_MARK`] and the group's id. Exit status 125: the run could not start.
+pub fn job_script(dir: &str, job: &str, workdir: &str, env: &[(String, String)], command: &str) -> String {
+    let base = dir_word(dir);
+    let mut s = format!(
+        "mkdir -p {base}/jobs || exit 125\nf={base}/jobs/{file}\n\
+         if [ -s \"$f\" ]; then o=$(cat \"$f\"); if [ -n \"$o\" ] && grep -qzxF {mark} /proc/\"$o\"/environ 2>/dev/null; then \
+         echo \"[nonstop: an earlier run of this job is still running (process group $o): killing it]\"; \
+         kill -KILL -\"$o\" 2>/dev/null || true; fi; fi\n\
+         cd {wd} || {{ echo {nodir}; exit 125; }}\nexport NONSTOP_JOB={jobq}\n",
+        file = quote(&format!("{job}.pgid")),
+        mark = quote(&format!("NONSTOP_JOB={job}")),
+        wd = dir_word(workdir),
+        nodir = quote(&format!("[nonstop: cannot enter {workdir} on this host]")),
+        jobq = quote(job),
+    );
+    for (k, v) in env {
+        s.push_str(&format!("export {k}={}\n", quote(v)));
+    }
+    s.push_str(&format!(
+        "exec setsid -w sh -c 'echo $$ > \"$1\"; echo \"{JOB_PGID_MARK}$$\"; exec sh -c \"$2\"' nonstop-job \"$f\" {} \
+         < /dev/null 2>&1\n",
+        quote(command)
+    ));
+    s
+}
+
+/// Sends `signal` to the process group of a job's run; with `forget`, also removes its record (the run ended).
+pub fn job_signal(dir: &str, job: &str, pgid: u32, signal: &str, forget: bool) -> String {
+    let mut s = format!("kill -{signal} -{pgid} 2>/dev/null; true");
+    if forget {
+        let f = format!("{}/jobs/{}", dir_word(dir), quote(&format!("{job}.pgid")));
+        s.push_str(&format!("; if [ \"$(cat {f} 2>/dev/null)\" = {pgid} ]; then rm -f {f}; fi"));
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,6 +339,56 @@ mod tests {
         };
         assert_eq!(line, ("web-1.t2".to_string(), Some(143)));
         assert_eq!(describe_exit(line.1), "exit status 143 (killed by signal 15)");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_job_script_runs_its_command_in_a_group_of_its_own_and_kills_a_leftover_of_the_job() {
+        use std::io::{BufRead, Write};
+        let d = std::env::temp_dir().join(format!("nonstop-job-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("work")).unwrap();
+        let dir = d.display().to_string();
+        let work = d.join("work").display().to_string();
+        let env = [("A".to_string(), "it's x".to_string())];
+        let script = job_script(&dir, "nightly", &work, &env, "pwd; echo \"a=$A job=$NONSTOP_JOB\"; echo oops >&2; exit 3");
+        let (code, out, _) = sh("sh -s", &script);
+        assert_eq!(code, 3, "{out}");
+        let lines: Vec<&str> = out.lines().collect();
+        let pgid: u32 = lines[0].strip_prefix(JOB_PGID_MARK).and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{out}"));
+        assert!(pgid > 1);
+        assert_eq!(&lines[1..], [work.as_str(), "a=it's x job=nightly", "oops"], "{out}");
+        assert_eq!(std::fs::read_to_string(d.join("jobs/nightly.pgid")).unwrap().trim(), pgid.to_string());
+        sh(&job_signal(&dir, "nightly", pgid, "KILL", true), "");
+        assert!(!d.join("jobs/nightly.pgid").exists(), "the record of an ended run is removed");
+
+        // A run left going (its link was cut): the next run of the same job kills its whole group first.
+        let mut first = Command::new("sh")
+            .arg("-s")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let long = job_script(&dir, "nightly", &work, &[], "sleep 30 & sleep 30");
+        first.stdin.take().unwrap().write_all(long.as_bytes()).unwrap();
+        let mut head = String::new();
+        std::io::BufReader::new(first.stdout.take().unwrap()).read_line(&mut head).unwrap();
+        let old: u32 = head.trim().strip_prefix(JOB_PGID_MARK).and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{head}"));
+        // Another job's run is not touched.
+        let other = job_script(&dir, "other", &work, &[], "true");
+        assert_eq!(sh("sh -s", &other).0, 0);
+        let (code, out, _) = sh("sh -s", &job_script(&dir, "nightly", &work, &[], "echo second"));
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains(&format!("still running (process group {old}): killing it")), "{out}");
+        let status = first.wait().unwrap();
+        assert!(!status.success(), "the leftover run was killed: {status:?}");
+        let members = std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("stat")).ok())
+            .filter(|st| st.rsplit_once(") ").and_then(|(_, rest)| rest.split(' ').nth(2)) == Some(&old.to_string()))
+            .filter(|st| !st.contains(") Z "))
+            .count();
+        assert_eq!(members, 0, "nothing of the leftover group {old} is left");
         let _ = std::fs::remove_dir_all(&d);
     }
 

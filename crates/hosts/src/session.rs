@@ -227,6 +227,46 @@ impl Connection {
         })
     }
 
+    /// Runs `command` with `input` on its standard input (then end of file), sending its output (standard output
+    /// and error alike) to `out` as it arrives, until it exits: its exit status (`None`: killed by a signal, or
+    /// none sent). No timeout: the caller bounds it (dropping the future closes the channel).
+    pub async fn exec_stream(
+        &self,
+        command: &str,
+        input: Vec<u8>,
+        out: tokio::sync::mpsc::Sender<Vec<u8>>,
+    ) -> Result<Option<u32>, String> {
+        let _slot = self.sessions.acquire().await.map_err(|e| e.to_string())?;
+        let lost = |e: russh::Error| {
+            if self.handle.is_closed() {
+                format!("the SSH connection was lost ({e}: keepalives unanswered, or closed by the host)")
+            } else {
+                e.to_string()
+            }
+        };
+        let mut channel = self.handle.channel_open_session().await.map_err(lost)?;
+        channel.exec(true, command).await.map_err(lost)?;
+        if !input.is_empty() {
+            channel.data(&input[..]).await.map_err(|e| format!("sending input: {e}"))?;
+        }
+        channel.eof().await.map_err(lost)?;
+        let mut status = None;
+        while let Some(msg) = channel.wait().await {
+            match msg {
+                ChannelMsg::Data { data } | ChannelMsg::ExtendedData { data, .. } => {
+                    // A reader that went away no longer wants the output; the command still runs to its end.
+                    let _ = out.send(data.to_vec()).await;
+                }
+                ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
+                _ => {}
+            }
+        }
+        if status.is_none() && self.handle.is_closed() {
+            return Err("the SSH connection was lost (keepalives unanswered, or closed by the host)".to_string());
+        }
+        Ok(status)
+    }
+
     pub async fn close(self) {
         let _ = self.handle.disconnect(russh::Disconnect::ByApplication, "", "en").await;
     }

@@ -1068,3 +1068,130 @@ async fn a_pipeline_runs_after_another_with_the_stages_of_its_repository_file() 
     let reason = r["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("ci.toml") && reason.contains("line 3"), "{r:#}");
 }
+
+/// The `sleep` processes in the host's namespace whose command line is `sleep SECONDS`.
+fn sleeps_on(host: &nonstop_testkit::sshd::SshHost, seconds: &str) -> Vec<i32> {
+    host.processes().into_iter().filter(|(_, cmd)| *cmd == format!("sleep {seconds}")).map(|(p, _)| p).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_on_an_ssh_host_runs_there_masked_and_its_timeout_cancel_and_crash_end_its_process_group() {
+    use nonstop_testkit::sshd::{SshHost, SSHD_PORT};
+    let _one = ONE_AT_A_TIME.lock().await;
+    nonstop_testkit::sshd::require_tools();
+    let dir = TempDir::new("pipe-hostjob");
+    let d = dir.path().display().to_string();
+    let nonstop = |args: &[&str]| Command::new(bin()).args(args).output().expect("run nonstop");
+    let echo = nonstop_testkit::echo::start("echo").await;
+    let service = format!("[[routes]]\nservice = \"echo\"\n\n[services.echo]\nservers = [{{ addr = \"{echo}\" }}]\n\n");
+    let config = dir.path().join("nonstop.toml");
+    std::fs::write(&config, format!("{}{service}", head(&dir))).unwrap();
+    let keys = nonstop(&["keys", "init", "--config", &config.display().to_string()]);
+    assert!(keys.status.success(), "keys init: {}", String::from_utf8_lossy(&keys.stderr));
+    let host = SshHost::start(String::from_utf8_lossy(&keys.stdout).trim());
+    std::fs::create_dir_all(dir.path().join("work")).unwrap();
+    let secret = "s3cret-on-the-host-7c21";
+    let text = format!(
+        "{head}{service}[hosts.h1]\naddress = \"{ip}:{SSHD_PORT}\"\nuser = \"root\"\ndir = \"{d}/h1\"\nconnect_timeout_ms = 3000\n\n\
+         [jobs.report]\nhost = \"h1\"\ndir = \"{d}/work\"\nenv = {{ GREETING = \"hello from the job\" }}\n\
+         command = {report}\n\n[jobs.report.secrets]\nTOKEN = {{ env = \"HOSTJOB_TOKEN\" }}\n\n\
+         [jobs.slow]\nhost = \"h1\"\ntimeout_ms = 1500\ncommand = \"sleep 301 & echo started; sleep 301\"\n\n\
+         [jobs.long]\nhost = \"h1\"\ncommand = \"sleep 302 & echo started; sleep 302\"\n",
+        head = head(&dir),
+        ip = host.ip,
+        report = q("echo \"$GREETING in $(pwd) over $SSH_CONNECTION\"; echo \"token=$TOKEN\"; exit 7"),
+    );
+    std::fs::write(&config, text).unwrap();
+    let trust = nonstop(&["hosts", "trust", "--all", "--config", &config.display().to_string()]);
+    assert!(trust.status.success(), "hosts trust: {}", String::from_utf8_lossy(&trust.stderr));
+    let mut server = Server::start(&config, &[("HOSTJOB_TOKEN", secret)]);
+    let admin = server.admin;
+    let start = |name: &'static str| async move {
+        let r = post_json(admin, &format!("/pipelines/{name}/runs"), &[], "{}").await;
+        assert_eq!(r.status, 202, "start {name}: {}", String::from_utf8_lossy(&r.body));
+        number(&r.json()["run"])
+    };
+
+    // It runs on the host (sshd there saw the connection to its own address), in its dir, with env and secret.
+    let n = start("report").await;
+    let r = wait_done(admin, "report", n, Duration::from_secs(30)).await;
+    assert_eq!(r["state"], "failed", "{r:#}");
+    assert_eq!(r["steps"][0]["exit_code"], 7, "the command's own exit status: {r:#}");
+    let (log, _) = stored_log(admin, "report", n).await;
+    let on_host = format!("hello from the job in {d}/work over ");
+    let line = log.lines().find(|l| l.starts_with(&on_host)).unwrap_or_else(|| panic!("{log}"));
+    assert_eq!(line.split(' ').nth_back(1), Some(host.ip.as_str()), "sshd's own address: {line}");
+    assert!(log.contains("token=***"), "the secret is masked: {log}");
+    assert!(!log.contains(secret) && !log.contains("@@nonstop"), "{log}");
+    let mut files = Vec::new();
+    files_under(&dir.path().join("state"), &mut files);
+    for f in files {
+        let bytes = std::fs::read(&f).unwrap_or_default();
+        assert!(!String::from_utf8_lossy(&bytes).contains(secret), "the secret is in {}", f.display());
+    }
+
+    // A timeout ends the whole process group on the host, the background sleep too.
+    let n = start("slow").await;
+    let r = wait_done(admin, "slow", n, Duration::from_secs(30)).await;
+    assert_eq!(r["state"], "failed", "{r:#}");
+    let why = r["steps"][0]["message"].as_str().unwrap_or("");
+    assert!(why.contains("timed out after 1500 ms"), "{r:#}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sleeps_on(&host, "301").is_empty() {
+        assert!(Instant::now() < deadline, "the timed-out job left {:?} on the host", sleeps_on(&host, "301"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // So does a cancel.
+    let n = start("long").await;
+    wait_run(admin, "long", n, Duration::from_secs(20), "started on the host", |_| sleeps_on(&host, "302").len() == 2)
+        .await;
+    let r = post_json(admin, &format!("/pipelines/long/runs/{n}/cancel"), &[], "{}").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = wait_done(admin, "long", n, Duration::from_secs(20)).await;
+    assert_eq!(r["state"], "cancelled", "{r:#}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sleeps_on(&host, "302").is_empty() {
+        assert!(Instant::now() < deadline, "the cancelled job left {:?} on the host", sleeps_on(&host, "302"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // kill -9 of nonstop serve mid-run: the run is marked interrupted, and the next run of the job ends what the
+    // lost one left running on the host before it starts.
+    let n = start("long").await;
+    wait_run(admin, "long", n, Duration::from_secs(20), "started on the host", |_| sleeps_on(&host, "302").len() == 2)
+        .await;
+    server.kill_9_and_restart();
+    let admin = server.admin;
+    let r = wait_done(admin, "long", n, Duration::from_secs(10)).await;
+    assert_eq!(r["state"], "interrupted", "{r:#}");
+    let left = sleeps_on(&host, "302");
+    assert_eq!(left.len(), 2, "the lost run still runs on the host");
+    let r = post_json(admin, "/pipelines/long/runs", &[], "{}").await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    let again = number(&r.json()["run"]);
+    wait_run(admin, "long", again, Duration::from_secs(20), "started", |r| r["state"] == "running").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sleeps_on(&host, "302").iter().any(|p| left.contains(p)) {
+        assert!(Instant::now() < deadline, "the lost run's processes {left:?} were not ended");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let log = loop {
+        let (log, _) = stored_log(admin, "long", again).await;
+        if log.contains("killing it") {
+            break log;
+        }
+        assert!(Instant::now() < deadline, "no note of the leftover: {log}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(log.contains("an earlier run of this job is still running (process group"), "{log}");
+    let r = post_json(admin, &format!("/pipelines/long/runs/{again}/cancel"), &[], "{}").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    wait_done(admin, "long", again, Duration::from_secs(20)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sleeps_on(&host, "302").is_empty() {
+        assert!(Instant::now() < deadline, "left on the host: {:?}", sleeps_on(&host, "302"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -118,6 +118,8 @@ pub enum Ended {
     Cancelled,
     /// It could not be started.
     NotStarted(String),
+    /// Its end was not seen: the SSH connection to its host was lost, or the host sent no exit status.
+    Lost(String),
 }
 
 impl Ended {
@@ -140,6 +142,7 @@ impl Ended {
             Ended::TimedOut => format!("timed out after {} ms", timeout.as_millis()),
             Ended::Cancelled => "cancelled".into(),
             Ended::NotStarted(e) => format!("could not start: {e}"),
+            Ended::Lost(e) => e.clone(),
         }
     }
 }

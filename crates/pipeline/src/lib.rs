@@ -4,12 +4,14 @@
 //!
 //! The pure parts: the concurrency policy ([`policy`]), secret masking ([`mask`]), webhook verification
 //! ([`webhook`]); the schedules are `nonstop-schedule`'s. The I/O shell is [`runner::Runner`]; it reaches the
-//! proxy's deployers only through [`Platform`].
+//! proxy's deployers only through [`Platform`]. A job with a `host` runs its command there over SSH
+//! ([`remote`], on `nonstop-hosts`' kept connection of that host).
 
 pub mod exec;
 pub mod mask;
 pub mod policy;
 pub mod record;
+pub mod remote;
 pub mod runner;
 pub mod webhook;
 

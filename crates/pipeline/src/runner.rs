@@ -72,6 +72,10 @@ struct Inner {
     /// Held while an artifact is kept and recorded, and while unused ones are deleted.
     artifacts: tokio::sync::Mutex<()>,
     shutdown: watch::Sender<bool>,
+    /// nonstop's known_hosts file, which the links to jobs' hosts are judged by.
+    known_hosts: PathBuf,
+    /// One kept SSH connection per host that jobs run on, made when first needed (again if the host changed).
+    links: Mutex<BTreeMap<String, Arc<nonstop_hosts::link::Link>>>,
 }
 
 /// Pipelines and jobs of one `nonstop serve`.
@@ -153,6 +157,8 @@ impl Runner {
                 pipes: Mutex::new(pipes),
                 artifacts: tokio::sync::Mutex::new(()),
                 shutdown: watch::channel(false).0,
+                known_hosts: nonstop_hosts::known_hosts_path(state_dir),
+                links: Mutex::new(BTreeMap::new()),
             }),
         };
         for (name, n) in requeue {
@@ -169,6 +175,19 @@ impl Runner {
             }
         }
         Ok(runner)
+    }
+
+    /// The kept connection to `host`, made anew when the host's config changed.
+    fn link(&self, host: &nonstop_config::Host) -> Arc<nonstop_hosts::link::Link> {
+        let mut links = self.inner.links.lock().expect("links lock");
+        match links.get(&host.name) {
+            Some(l) if l.host == *host => l.clone(),
+            _ => {
+                let l = Arc::new(nonstop_hosts::link::Link::new(host.clone(), self.inner.known_hosts.clone()));
+                links.insert(host.name.clone(), l.clone());
+                l
+            }
+        }
     }
 
     fn pipes(&self) -> MutexGuard<'_, BTreeMap<String, Pipe>> {
@@ -729,8 +748,26 @@ impl Runner {
             }
             let r = match &step.action {
                 Action::Run(command) => {
-                    let mut on_start = |pgid: i32| set(&|s| s.pgid = Some(pgid));
-                    let ended = run_shell(command, dir, &env, step.timeout, stop, sink, &mut on_start).await;
+                    let ended = match &step.host {
+                        Some(host) => {
+                            let job = crate::remote::RemoteJob {
+                                link: self.link(host),
+                                job: name,
+                                workdir: step
+                                    .dir
+                                    .as_ref()
+                                    .map_or_else(|| host.dir.clone(), |d| d.to_string_lossy().into_owned()),
+                                env: &env,
+                                command,
+                                timeout: step.timeout,
+                            };
+                            crate::remote::run_on_host(&job, stop, sink).await
+                        }
+                        None => {
+                            let mut on_start = |pgid: i32| set(&|s| s.pgid = Some(pgid));
+                            run_shell(command, dir, &env, step.timeout, stop, sink, &mut on_start).await
+                        }
+                    };
                     if ended.ok() {
                         self.keep_artifacts(cx, step, sink).await.map_err(|e| (e, Some(0)))
                     } else {
