@@ -550,7 +550,7 @@ fn pipeline_errors_are_all_reported_with_their_lines() {
                 { deploy = \"s\", artifact = \"dist\" },\n  { verify = \"ghost\", bogus = 1 },\n  { name = \"x\" },\n]\n\
                 [jobs.j]\nschedule = \"* * * * *\"\ntime_zone = \"Mars/Olympus\"\n\
                 [jobs.p]\ncommand = \"true\"\n\
-                [jobs.k]\ncommand = \"true\"\n\
+                [jobs.k]\ncommand = \"true\"\nhost = \"ghost\"\n\
                 [pipelines.q]\nrepo = \"/q.git\"\nafter = [\"nobody\"]\n[[pipelines.q.stages]]\nsteps = [{ run = \"true\" }]\n";
     let e = Config::parse(text).unwrap_err().to_string();
     for want in [
@@ -564,6 +564,7 @@ fn pipeline_errors_are_all_reported_with_their_lines() {
         "line 18: pipelines.p.stages[0].steps[3]: a step needs one of run",
         "jobs.j.time_zone:",
         "\"p\" names a pipeline too",
+        "line 27: jobs.k.host: \"ghost\" is not a [hosts.NAME] table (defined: none)",
     ] {
         assert!(e.contains(want), "{want:?} in:\n{e}");
     }
