@@ -1392,9 +1392,6 @@ fn parse_queue(name: String, t: Table<'_, '_>) -> Option<Queue> {
         Some(None)
     };
     t.finish();
-    if store.as_deref() == Some("rabbitmq") && deliver_window.as_ref().is_some_and(|w| w.is_some()) {
-        t.invalid("deliver_window", "a delivery window works with the embedded store only (store = \"embedded\")");
-    }
     let rabbitmq = match store.as_deref() {
         Some("embedded") => None,
         Some("rabbitmq") => Some(url?),

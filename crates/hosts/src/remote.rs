@@ -351,11 +351,13 @@ mod tests {
         let dir = d.display().to_string();
         let work = d.join("work").display().to_string();
         let env = [("A".to_string(), "it's x".to_string())];
-        let script = job_script(&dir, "nightly", &work, &env, "pwd; echo \"a=$A job=$NONSTOP_JOB\"; echo oops >&2; exit 3");
+        let script =
+            job_script(&dir, "nightly", &work, &env, "pwd; echo \"a=$A job=$NONSTOP_JOB\"; echo oops >&2; exit 3");
         let (code, out, _) = sh("sh -s", &script);
         assert_eq!(code, 3, "{out}");
         let lines: Vec<&str> = out.lines().collect();
-        let pgid: u32 = lines[0].strip_prefix(JOB_PGID_MARK).and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{out}"));
+        let pgid: u32 =
+            lines[0].strip_prefix(JOB_PGID_MARK).and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{out}"));
         assert!(pgid > 1);
         assert_eq!(&lines[1..], [work.as_str(), "a=it's x job=nightly", "oops"], "{out}");
         assert_eq!(std::fs::read_to_string(d.join("jobs/nightly.pgid")).unwrap().trim(), pgid.to_string());
@@ -373,7 +375,8 @@ mod tests {
         first.stdin.take().unwrap().write_all(long.as_bytes()).unwrap();
         let mut head = String::new();
         std::io::BufReader::new(first.stdout.take().unwrap()).read_line(&mut head).unwrap();
-        let old: u32 = head.trim().strip_prefix(JOB_PGID_MARK).and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{head}"));
+        let old: u32 =
+            head.trim().strip_prefix(JOB_PGID_MARK).and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{head}"));
         // Another job's run is not touched.
         let other = job_script(&dir, "other", &work, &[], "true");
         assert_eq!(sh("sh -s", &other).0, 0);

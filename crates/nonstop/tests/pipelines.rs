@@ -954,19 +954,44 @@ fn counting_backend() -> (SocketAddr, Deliveries) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_with_a_delivery_window_holds_requests_until_it_opens() {
+    window_holds_requests_until_it_opens("").await;
+}
+
+/// The same with the requests in RabbitMQ: the queue is consumed only while the window is open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rabbitmq_queue_with_a_delivery_window_holds_requests_until_it_opens() {
+    window_holds_requests_until_it_opens("store = \"rabbitmq\"\n").await;
+}
+
+/// Deletes a nonstop queue's three RabbitMQ queues when dropped.
+struct DeleteBrokerQueues(String);
+
+impl Drop for DeleteBrokerQueues {
+    fn drop(&mut self) {
+        for suffix in ["", ".retry", ".dead"] {
+            let name = format!("nonstop.{}{suffix}", self.0);
+            let _ = Command::new("rabbitmqctl").args(["delete_queue", &name]).output();
+        }
+    }
+}
+
+async fn window_holds_requests_until_it_opens(store: &str) {
     let _one = ONE_AT_A_TIME.lock().await;
     let dir = TempDir::new("pipe-window");
     let (backend, seen) = counting_backend();
-    // The window opens (once a day, UTC) 10 s from now, for 60 s; S M H from the clock, wrapped by the division.
-    let opens = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() + 10;
+    // A queue name of its own, and its broker queues deleted at the end: RabbitMQ's queues outlive the proxy.
+    let queue = format!("nightly{}", std::process::id());
+    let _broker_queues = (!store.is_empty()).then(|| DeleteBrokerQueues(queue.clone()));
+    // The window opens (once a day, UTC) 8 s from now, for 12 s; S M H from the clock, wrapped by the division.
+    let opens = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() + 8;
     let (s, m, h) = (opens % 60, opens / 60 % 60, opens / 3600 % 24);
     let opens_at = UNIX_EPOCH + Duration::from_secs(opens);
     let text = format!(
-        "{head}[[routes]]\npath_prefix = \"/orders\"\nmethods = [\"POST\"]\nservice = \"app\"\nqueue = \"nightly\"\n\n\
+        "{head}[[routes]]\npath_prefix = \"/orders\"\nmethods = [\"POST\"]\nservice = \"app\"\nqueue = \"{queue}\"\n\n\
          [[routes]]\nservice = \"app\"\n\n\
          [services.app]\nservers = [{{ addr = \"{backend}\" }}]\n[services.app.health]\npath = \"/health\"\n\n\
-         [queues.nightly]\npath = {path}\nbackoff_base_ms = 100\nbackoff_max_ms = 1000\n\
-         deliver_window = {{ schedule = \"{s} {m} {h} * * *\", duration_ms = 60000, time_zone = \"UTC\" }}\n",
+         [queues.{queue}]\n{store}path = {path}\nbackoff_base_ms = 100\nbackoff_max_ms = 1000\n\
+         deliver_window = {{ schedule = \"{s} {m} {h} * * *\", duration_ms = 12000, time_zone = \"UTC\" }}\n",
         head = head(&dir),
         path = q(dir.path().join("nonstop-data").display().to_string()),
     );
@@ -1009,6 +1034,8 @@ async fn a_queue_with_a_delivery_window_holds_requests_until_it_opens() {
     }
     // A quiet while: nothing is delivered a second time.
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    let seen_all = seen.clone();
+    let counted = |s: &Deliveries| s.lock().unwrap().len();
     let seen = seen.lock().unwrap().clone();
     let keys: Vec<&str> = seen.iter().map(|(k, _)| k.as_str()).collect();
     let distinct: HashSet<&str> = keys.iter().copied().collect();
@@ -1019,6 +1046,21 @@ async fn a_queue_with_a_delivery_window_holds_requests_until_it_opens() {
     for (key, at) in &seen {
         assert!(*at + Duration::from_millis(200) >= opens_at, "{key} delivered before the window opened");
     }
+
+    // Once it has closed, new requests wait again (for tomorrow's opening).
+    let closed_at = opens_at + Duration::from_secs(12);
+    if let Ok(wait) = closed_at.duration_since(SystemTime::now()) {
+        tokio::time::sleep(wait + Duration::from_millis(500)).await;
+    }
+    let r = post_json(proxy, "/orders", &[], "{\"item\":\"late\",\"qty\":1}").await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    let location = r.header("location").unwrap().to_string();
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        assert_eq!(get(proxy, &location).await.json()["status"], "queued", "delivered after the window closed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(counted(&seen_all), 5, "nothing delivered after the window closed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -620,23 +620,9 @@ async fn rabbit_loop(queue: Arc<Queue>, shared: Arc<Shared>, mut shutdown: watch
                 }
             }
         };
-        let consumer = link
-            .channel
-            .basic_consume(
-                r.names.main.as_str().into(),
-                format!("nonstop-{:016x}", queue.store.node_id).into(),
-                nonstop_queue::lapin::options::BasicConsumeOptions::default(),
-                nonstop_queue::lapin::types::FieldTable::default(),
-            )
-            .await;
-        let mut consumer = match consumer {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(queue = %queue.name, "cannot consume from RabbitMQ: {e}");
-                tokio::time::sleep(RECONNECT_PAUSE).await;
-                continue;
-            }
-        };
+        let tag = format!("nonstop-{:016x}", queue.store.node_id);
+        // With a delivery window, the queue is consumed only while it is open (see `consume_in_window`).
+        let mut consumer = None;
         r.connected.store(true, Relaxed);
         tracing::info!(queue = %queue.name, "connected to RabbitMQ");
         while let Some((n, req)) = resend.last() {
@@ -653,7 +639,15 @@ async fn rabbit_loop(queue: Arc<Queue>, shared: Arc<Shared>, mut shutdown: watch
             tokio::spawn(publish_task(link.clone(), p, failed_tx.clone()));
         }
         'link: loop {
+            let change = match consume_in_window(&queue, &link, &tag, &mut consumer).await {
+                Ok(change) => change,
+                Err(e) => {
+                    tracing::warn!(queue = %queue.name, "cannot consume from RabbitMQ: {e}");
+                    break 'link;
+                }
+            };
             tokio::select! {
+                _ = tokio::time::sleep(change), if queue.window.is_some() => {}
                 p = rx.recv() => {
                     let Some(p) = p else { return };
                     tokio::spawn(publish_task(link.clone(), p, failed_tx.clone()));
@@ -664,7 +658,7 @@ async fn rabbit_loop(queue: Arc<Queue>, shared: Arc<Shared>, mut shutdown: watch
                     }
                     break 'link;
                 }
-                d = consumer.next() => match d {
+                d = async { consumer.as_mut().expect("consuming").next().await }, if consumer.is_some() => match d {
                     Some(Ok(delivery)) => {
                         tokio::spawn(rabbit_deliver(queue.clone(), shared.clone(), delivery));
                     }
@@ -692,6 +686,53 @@ async fn rabbit_loop(queue: Arc<Queue>, shared: Arc<Shared>, mut shutdown: watch
         r.connected.store(false, Relaxed);
         tracing::warn!(queue = %queue.name, "lost RabbitMQ; reconnecting");
     }
+}
+
+/// Starts or cancels the consumer of the main queue by the queue's delivery window (always consuming without
+/// one); how long until the window next opens or closes (capped, so the clock is read again). Messages the
+/// broker had already sent when the window closed are given back to it (nack with requeue), unprocessed.
+async fn consume_in_window(
+    queue: &Queue,
+    link: &Link,
+    tag: &str,
+    consumer: &mut Option<nonstop_queue::lapin::Consumer>,
+) -> Result<Duration, nonstop_queue::lapin::Error> {
+    use futures_lite::StreamExt;
+    use nonstop_queue::lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions};
+    let r = queue.rabbit.as_ref().expect("rabbit queue");
+    let now = now_ms();
+    let cap_ms = WINDOW_SLEEP_MAX.as_millis() as u64;
+    let (open, change) = match &queue.window {
+        None => (true, cap_ms),
+        Some(w) if w.is_open(now) => (true, w.closes_at_ms(now).map_or(cap_ms, |t| t.saturating_sub(now))),
+        Some(w) => (false, w.next_open_ms(now).map_or(cap_ms, |t| t.saturating_sub(now))),
+    };
+    let change = Duration::from_millis(change.max(1)).min(WINDOW_SLEEP_MAX);
+    if open && consumer.is_none() {
+        let c = link
+            .channel
+            .basic_consume(
+                r.names.main.as_str().into(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                nonstop_queue::lapin::types::FieldTable::default(),
+            )
+            .await?;
+        if queue.window.is_some() {
+            tracing::info!(queue = %queue.name, "delivery window open: consuming from RabbitMQ");
+        }
+        *consumer = Some(c);
+    } else if !open {
+        if let Some(mut c) = consumer.take() {
+            tracing::info!(queue = %queue.name, "delivery window closed: no longer consuming from RabbitMQ");
+            link.channel.basic_cancel(tag.into(), BasicCancelOptions::default()).await?;
+            let requeue = BasicNackOptions { requeue: true, ..Default::default() };
+            while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(200), c.next()).await {
+                let _ = d.nack(requeue).await;
+            }
+        }
+    }
+    Ok(change)
 }
 
 /// Publishes one message on the link and answers with the broker's confirm. A failure of the link sends it back
