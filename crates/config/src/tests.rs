@@ -409,6 +409,9 @@ fn the_hosts_example_is_accepted_with_its_defaults() {
     let AppDriver::Ssh(ssh) = &app.driver else { panic!("examples/hosts.toml uses the ssh driver") };
     assert_eq!(ssh.hosts, ["web1", "web2", "web3"]);
     assert_eq!(app.count, 1);
+    let job = &c.pipelines["prune-logs"].stages[0].steps[0];
+    assert_eq!(job.host.as_ref().map(|h| h.name.as_str()), Some("web1"), "the job runs on web1");
+    assert_eq!(job.dir, None, "in the host's dir");
 }
 
 #[test]
