@@ -168,6 +168,15 @@ impl Connection {
         self.handle.is_closed()
     }
 
+    /// An error of the connection, saying so when it was lost.
+    fn lost(&self, e: russh::Error) -> String {
+        if self.handle.is_closed() {
+            format!("the SSH connection was lost ({e}: keepalives unanswered, or closed by the host)")
+        } else {
+            e.to_string()
+        }
+    }
+
     /// Runs `command` (by the login user's shell) on a new channel of this connection.
     pub async fn exec(&self, command: &str) -> Result<Output, String> {
         self.exec_input(command, None, Duration::from_millis(COMMAND_TIMEOUT_MS)).await
@@ -181,13 +190,7 @@ impl Connection {
         timeout: Duration,
     ) -> Result<Output, String> {
         let _slot = self.sessions.acquire().await.map_err(|e| e.to_string())?;
-        let lost = |e: russh::Error| {
-            if self.handle.is_closed() {
-                format!("the SSH connection was lost ({e}: keepalives unanswered, or closed by the host)")
-            } else {
-                e.to_string()
-            }
-        };
+        let lost = |e| self.lost(e);
         let run = async {
             let mut channel = self.handle.channel_open_session().await.map_err(lost)?;
             channel.exec(true, command).await.map_err(lost)?;
@@ -237,13 +240,7 @@ impl Connection {
         out: tokio::sync::mpsc::Sender<Vec<u8>>,
     ) -> Result<Option<u32>, String> {
         let _slot = self.sessions.acquire().await.map_err(|e| e.to_string())?;
-        let lost = |e: russh::Error| {
-            if self.handle.is_closed() {
-                format!("the SSH connection was lost ({e}: keepalives unanswered, or closed by the host)")
-            } else {
-                e.to_string()
-            }
-        };
+        let lost = |e| self.lost(e);
         let mut channel = self.handle.channel_open_session().await.map_err(lost)?;
         channel.exec(true, command).await.map_err(lost)?;
         if !input.is_empty() {

@@ -147,6 +147,16 @@ impl Ended {
     }
 }
 
+/// Waits for `cancel` to turn true; why it did.
+pub async fn stop_reason(cancel: &mut watch::Receiver<Option<Stop>>) -> String {
+    match cancel.wait_for(|c| c.is_some()).await.as_deref() {
+        Ok(Some(Stop::Cancel(why))) => why.clone(),
+        Ok(Some(Stop::Timeout)) => "the run timed out".into(),
+        Ok(Some(Stop::Shutdown)) | Ok(None) => "nonstop serve is stopping".into(),
+        Err(_) => "the run was dropped".into(),
+    }
+}
+
 fn kill_group(pgid: i32, sig: i32) {
     if pgid > 0 {
         // SAFETY: kill(2) with a negative pid signals the process group; no memory is involved.
@@ -225,13 +235,7 @@ pub async fn run_shell(
                 stopping = Some(Ended::TimedOut);
                 kill_at = Some(tokio::time::Instant::now() + KILL_GRACE);
             }
-            r = cancel.wait_for(|c| c.is_some()), if stopping.is_none() => {
-                let why = match r.as_deref() {
-                    Ok(Some(Stop::Cancel(why))) => why.clone(),
-                    Ok(Some(Stop::Timeout)) => "the run timed out".into(),
-                    Ok(Some(Stop::Shutdown)) | Ok(None) => "nonstop serve is stopping".into(),
-                    Err(_) => "the run was dropped".into(),
-                };
+            why = stop_reason(cancel), if stopping.is_none() => {
                 sink.line(&format!("[nonstop: {why}; stopping the step]"));
                 kill_group(pgid, libc::SIGTERM);
                 stopping = Some(Ended::Cancelled);

@@ -9,7 +9,7 @@ use nonstop_hosts::link::Link;
 use nonstop_hosts::remote::{job_script, job_signal, JOB_PGID_MARK};
 use tokio::sync::watch;
 
-use crate::exec::{Ended, Sink, Stop, KILL_GRACE};
+use crate::exec::{stop_reason, Ended, Sink, Stop, KILL_GRACE};
 
 /// Longest line kept, as for a local command.
 const LINE_BYTES_MAX: usize = 16 * 1024;
@@ -50,16 +50,6 @@ impl Lines {
 
     fn rest(&mut self) -> Option<String> {
         (!self.partial.is_empty()).then(|| String::from_utf8_lossy(&std::mem::take(&mut self.partial)).into_owned())
-    }
-}
-
-/// Waits for `cancel` to turn true; why it did.
-async fn stop_reason(cancel: &mut watch::Receiver<Option<Stop>>) -> String {
-    match cancel.wait_for(|c| c.is_some()).await.as_deref() {
-        Ok(Some(Stop::Cancel(why))) => why.clone(),
-        Ok(Some(Stop::Timeout)) => "the run timed out".into(),
-        Ok(Some(Stop::Shutdown)) | Ok(None) => "nonstop serve is stopping".into(),
-        Err(_) => "the run was dropped".into(),
     }
 }
 
