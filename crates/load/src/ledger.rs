@@ -191,6 +191,8 @@ pub struct Ledger {
     headers: BTreeMap<String, u64>,
     corrected: Histogram<u64>,
     uncorrected: Histogram<u64>,
+    /// Latency (from the scheduled time) of the 5xx answers alone: how fast failures come (a shed must be fast).
+    failed: Histogram<u64>,
     open: BTreeMap<u64, Open>,
     /// Bit i set: a success completed during millisecond i of the run.
     success_ms: Vec<u64>,
@@ -225,6 +227,7 @@ impl Ledger {
             headers: BTreeMap::new(),
             corrected: histogram(),
             uncorrected: histogram(),
+            failed: histogram(),
             open: BTreeMap::new(),
             success_ms: vec![0; bits.div_ceil(64)],
             retried: 0,
@@ -254,6 +257,9 @@ impl Ledger {
             let corrected = micros(done.saturating_sub(due));
             let _ = self.corrected.record(corrected);
             let _ = open.hist.record(corrected);
+            if let Outcome::Http5xx(_) = outcome {
+                let _ = self.failed.record(corrected);
+            }
             if let Some(s) = service {
                 let _ = self.uncorrected.record(micros(s));
             }
@@ -309,6 +315,7 @@ impl Ledger {
         }
         self.corrected.add(&other.corrected).expect("same bounds");
         self.uncorrected.add(&other.uncorrected).expect("same bounds");
+        self.failed.add(&other.failed).expect("same bounds");
         for (t, o) in std::mem::take(&mut other.open) {
             match self.open.get_mut(&t) {
                 Some(mine) => mine.merge(o),
@@ -344,6 +351,8 @@ impl Ledger {
             corrected_max_ms: if self.corrected.is_empty() { 0.0 } else { self.corrected.max() as f64 / 1000.0 },
             uncorrected_ms: [0.5, 0.9, 0.99, 0.999].map(|v| q(&self.uncorrected, v)),
             uncorrected_max_ms: if self.uncorrected.is_empty() { 0.0 } else { self.uncorrected.max() as f64 / 1000.0 },
+            failed_ms: [0.5, 0.99].map(|v| q(&self.failed, v)),
+            failed_max_ms: if self.failed.is_empty() { 0.0 } else { self.failed.max() as f64 / 1000.0 },
             max_success_gap_ms: gap as u64,
             timeline,
             run_ms: ms_of(run),
@@ -366,6 +375,9 @@ pub struct Summary {
     /// The same from the actual send (what coordinated omission would report).
     pub uncorrected_ms: [f64; 4],
     pub uncorrected_max_ms: f64,
+    /// p50 and p99 in ms of the 5xx answers alone, from the scheduled time (0 when there were none).
+    pub failed_ms: [f64; 2],
+    pub failed_max_ms: f64,
     pub max_success_gap_ms: u64,
     pub timeline: Vec<Second>,
     pub run_ms: f64,

@@ -67,6 +67,7 @@ pub fn json(s: &Summary, info: &RunInfo, verdicts: &[Verdict]) -> Value {
         "errors": { "connect": c.connect, "reset": c.reset, "timeout": c.timeout, "check": c.check },
         "latency_ms": { "p50": p50, "p90": p90, "p99": p99, "p999": p999, "max": s.corrected_max_ms },
         "latency_uncorrected_ms": { "p50": u50, "p90": u90, "p99": u99, "p999": u999, "max": s.uncorrected_max_ms },
+        "latency_5xx_ms": { "p50": s.failed_ms[0], "p99": s.failed_ms[1], "max": s.failed_max_ms },
         "rate": { "target": info.target_rate, "target_unit": if info.scenario { "flows/s" } else { "requests/s" }, "achieved": achieved_rate(s, info) },
         "max_success_gap_ms": s.max_success_gap_ms,
         "timeline": timeline,
@@ -107,6 +108,12 @@ pub fn text(s: &Summary, info: &RunInfo) -> String {
         out.push_str(&format!(
             "latency from send (ms):     p50 {u50:.2}  p99 {u99:.2}  max {:.2}\n",
             s.uncorrected_max_ms
+        ));
+    }
+    if c.http_5xx > 0 {
+        out.push_str(&format!(
+            "latency of the 5xx answers (ms): p50 {:.2}  p99 {:.2}  max {:.2}\n",
+            s.failed_ms[0], s.failed_ms[1], s.failed_max_ms
         ));
     }
     out.push_str(&format!("longest stretch without a success: {} ms\n", s.max_success_gap_ms));
