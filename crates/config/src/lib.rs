@@ -381,6 +381,8 @@ pub struct Retry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Admission {
     pub server_in_flight_max: u32,
+    /// Learn each server's concurrency limit (under `server_in_flight_max`) from its latency and overload answers.
+    pub adaptive_limit: bool,
     pub queue_length_max: usize,
     pub queue_wait_max: Duration,
     pub overload_wait_max: Duration,
@@ -1337,12 +1339,14 @@ fn parse_retry(t: Table<'_, '_>) -> Option<Retry> {
 
 fn parse_admission(t: Table<'_, '_>) -> Option<Admission> {
     let server_in_flight_max = t.int_in("server_in_flight_max", 1, 1_000_000);
+    let adaptive_limit = t.bool("adaptive_limit");
     let queue_length_max = t.int_in("queue_length_max", 0, 10_000_000);
     let queue_wait_max = t.ms_in("queue_wait_ms_max", 0, 3_600_000);
     let overload_wait_max = t.ms_in("overload_wait_ms_max", 0, 3_600_000);
     t.finish();
     Some(Admission {
         server_in_flight_max: server_in_flight_max? as u32,
+        adaptive_limit: adaptive_limit?,
         queue_length_max: queue_length_max? as usize,
         queue_wait_max: queue_wait_max?,
         overload_wait_max: overload_wait_max?,

@@ -217,8 +217,19 @@ pub fn status(a: StatusArgs) -> ExitCode {
     for s in services {
         println!("service {}  version {}", s["service"].as_str().unwrap_or("?"), s["version"].as_str().unwrap_or("?"));
         println!(
-            "  {:>4}  {:<10} {:<21} {:<9} {:<8} {:>9} {:>8} {:>8}  {:<8} {:<10} {:<12} last exit",
-            "id", "version", "addr", "state", "healthy", "in_flight", "restarts", "pid", "driver", "host", "container"
+            "  {:>4}  {:<10} {:<21} {:<9} {:<8} {:>9} {:<24} {:>8} {:>8}  {:<8} {:<10} {:<12} last exit",
+            "id",
+            "version",
+            "addr",
+            "state",
+            "healthy",
+            "in_flight",
+            "limit (why)",
+            "restarts",
+            "pid",
+            "driver",
+            "host",
+            "container"
         );
         let mut instances = s["instances"].as_array().cloned().unwrap_or_default();
         // Per host, then by id.
@@ -229,14 +240,19 @@ pub fn status(a: StatusArgs) -> ExitCode {
                 Some(false) => "no",
                 None => "-",
             };
+            let limit = match i["limit"]["current"].as_u64() {
+                Some(n) => format!("{n} ({})", i["limit"]["why"].as_str().unwrap_or("?")),
+                None => "-".to_string(),
+            };
             println!(
-                "  {:>4}  {:<10} {:<21} {:<9} {:<8} {:>9} {:>8} {:>8}  {:<8} {:<10} {:<12} {}",
+                "  {:>4}  {:<10} {:<21} {:<9} {:<8} {:>9} {:<24} {:>8} {:>8}  {:<8} {:<10} {:<12} {}",
                 i["id"].to_string(),
                 i["version"].as_str().unwrap_or(""),
                 i["addr"].as_str().unwrap_or(""),
                 i["state"].as_str().unwrap_or(""),
                 healthy,
                 i["in_flight"].to_string(),
+                limit,
                 i["restarts"].to_string(),
                 i["pid"].to_string(),
                 i["driver"].as_str().unwrap_or("-"),

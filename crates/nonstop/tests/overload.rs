@@ -316,3 +316,146 @@ fn a_new_version_twice_as_slow_keeps_the_servers_full_at_its_own_pace() {
         assert_ne!(s.limiter.view().why, Why::Stalled);
     }
 }
+
+// The real thing: `nonstop serve` with default settings (no `server_in_flight_max`) in front of real Tomcat-like
+// `nonstop app` servers.
+
+mod real {
+    use std::net::SocketAddr;
+    use std::path::Path;
+    use std::process::Command;
+    use std::time::{Duration, Instant};
+
+    use nonstop_testkit::{get, Proc, TempDir};
+    use serde_json::Value;
+
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    fn bin() -> &'static Path {
+        Path::new(env!("CARGO_BIN_EXE_nonstop"))
+    }
+
+    /// Two workers and ten waiting at most, 20 ms of work: about 100 requests/s each.
+    fn tomcat(dir: &TempDir, name: &str) -> Proc {
+        let db = format!("sqlite://{}", dir.path().join(format!("{name}.db")).display());
+        let args = ["app", "--listen", "127.0.0.1:0", "--db", &db, "--workers", "2", "--accept-queue", "10"];
+        let mut args: Vec<&str> = args.to_vec();
+        args.extend(["--work-ms", "20", "--instance", name]);
+        Proc::start(bin(), &args)
+    }
+
+    /// The proxy with nothing but its listeners and the two servers: every limit is the default.
+    fn proxy(dir: &TempDir, apps: &[&Proc]) -> (Proc, SocketAddr) {
+        let servers: Vec<String> = apps.iter().map(|a| format!("{{ addr = \"{}\" }}", a.addr)).collect();
+        let config = format!(
+            "[[listeners]]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[[routes]]\nservice = \"app\"\n\n\
+             [services.app]\nservers = [{}]\n",
+            servers.join(", ")
+        );
+        let path = dir.path().join("nonstop.toml");
+        std::fs::write(&path, config).unwrap();
+        let p = Proc::start(bin(), &["serve", "--config", path.to_str().unwrap()]);
+        let admin = p.addr_after("admin").expect("admin address in the banner");
+        (p, admin)
+    }
+
+    /// `nonstop load` at `rate` for `secs`, its JSON report.
+    fn load(dir: &TempDir, addr: SocketAddr, rate: u32, secs: u32) -> std::thread::JoinHandle<Value> {
+        let json = dir.path().join(format!("load-{rate}-{secs}.json"));
+        let mut cmd = Command::new(bin());
+        cmd.arg("load").arg(format!("http://{addr}/")).args(["--rate", &rate.to_string()]);
+        cmd.args(["--duration", &format!("{secs}s"), "--track-header", "Retry-After"]).arg("--json").arg(&json);
+        std::thread::spawn(move || {
+            let out = cmd.output().expect("run nonstop load");
+            let text = std::fs::read_to_string(&json)
+                .unwrap_or_else(|_| panic!("no JSON from nonstop load: {}", String::from_utf8_lossy(&out.stderr)));
+            serde_json::from_str(&text).expect("valid JSON")
+        })
+    }
+
+    async fn servers(admin: SocketAddr) -> Vec<Value> {
+        let v = get(admin, "/services/app").await.json();
+        v["servers"].as_array().cloned().unwrap_or_else(|| panic!("no servers in {v}"))
+    }
+
+    fn limit_of(servers: &[Value], addr: SocketAddr) -> (u64, String) {
+        let s = servers.iter().find(|s| s["addr"] == addr.to_string()).expect("the server is listed");
+        let l = &s["limit"];
+        (l["current"].as_u64().unwrap_or_else(|| panic!("no learned limit in {s}")), l["why"].as_str().unwrap().into())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_defaults_a_4x_overload_keeps_the_servers_busy_and_every_failure_is_a_fast_503_with_retry_after() {
+        let _one = ONE_AT_A_TIME.lock().await;
+        let dir = TempDir::new("overload-4x");
+        let (a, b) = (tomcat(&dir, "a"), tomcat(&dir, "b"));
+        let (p, admin) = proxy(&dir, &[&a, &b]);
+        // 800 requests/s: four times what the two servers can do.
+        let r = tokio::task::spawn_blocking({
+            let l = load(&dir, p.addr, 800, 6);
+            move || l.join().expect("load thread")
+        })
+        .await
+        .unwrap();
+        eprintln!("load: {} {} {}", r["requests"], r["status"], r["latency_5xx_ms"]);
+        let ok = r["status"]["200"].as_u64().unwrap_or(0);
+        let shed = r["status"]["503"].as_u64().unwrap_or(0);
+        assert_eq!(ok + shed, r["requests"]["scheduled"].as_u64().unwrap(), "only 200 and 503: {r}");
+        assert_eq!(r["errors"], serde_json::json!({"check": 0, "connect": 0, "reset": 0, "timeout": 0}));
+        assert_eq!(r["headers"]["1"].as_u64().unwrap_or(0), shed, "every 503 carries Retry-After: {}", r["headers"]);
+        assert!(shed > 0, "4x overload must shed");
+        // Shed on arrival, not after waiting out the queue (10 s).
+        assert!(r["latency_5xx_ms"]["p99"].as_f64().unwrap() < 1_000.0, "{}", r["latency_5xx_ms"]);
+        // The proxy learned to send each server about what it can take: the servers themselves refused little.
+        let mut sent = 0;
+        let mut refused = 0;
+        for app in [&a, &b] {
+            let s = get(app.addr, "/stats").await.json();
+            sent += s["requests"]["ran"].as_u64().unwrap() + s["requests"]["rejected_queue_full"].as_u64().unwrap();
+            refused += s["requests"]["rejected_queue_full"].as_u64().unwrap();
+        }
+        assert!(refused * 50 < sent, "the servers refused {refused} of {sent}");
+        assert!(ok * 2 > sent, "most of what reached the servers succeeded: {ok} of {sent}");
+        let servers = servers(admin).await;
+        for app in [&a, &b] {
+            let (limit, why) = limit_of(&servers, app.addr);
+            assert!((2..=12).contains(&limit), "between the workers and their queue: {limit} ({why})");
+            assert_ne!(why, "initial");
+        }
+        let metrics = String::from_utf8_lossy(&get(admin, "/metrics").await.body).to_string();
+        assert!(metrics.contains("nonstop_server_limit{"), "the limit is a metric");
+        drop(p);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_server_loses_its_limit_within_2s_and_the_other_carries_the_load() {
+        let _one = ONE_AT_A_TIME.lock().await;
+        let dir = TempDir::new("overload-stall");
+        let (a, b) = (tomcat(&dir, "a"), tomcat(&dir, "b"));
+        let (p, admin) = proxy(&dir, &[&a, &b]);
+        // 80 requests/s: less than one server can do alone.
+        let l = load(&dir, p.addr, 80, 9);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        b.signal(libc::SIGSTOP);
+        let stopped = Instant::now();
+        let mut fell = None;
+        while stopped.elapsed() < Duration::from_secs(3) {
+            let (limit, why) = limit_of(&servers(admin).await, b.addr);
+            if limit <= 1 && fell.is_none() {
+                fell = Some((stopped.elapsed(), why));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        b.signal(libc::SIGCONT);
+        let (after, why) = fell.expect("the stalled server's limit fell to 1");
+        eprintln!("limit fell after {after:?} ({why})");
+        assert!(after <= Duration::from_secs(2), "{after:?}");
+        assert_eq!(why, "stalled");
+        let r = tokio::task::spawn_blocking(move || l.join().expect("load thread")).await.unwrap();
+        eprintln!("load: {} {}", r["requests"], r["status"]);
+        assert_eq!(r["requests"]["failed"], 0, "the other server had room for all of it: {r}");
+        let (_, why) = limit_of(&servers(admin).await, b.addr);
+        assert_ne!(why, "stalled", "answers again after SIGCONT");
+        drop(p);
+    }
+}

@@ -169,7 +169,7 @@ async fn handle(shared: Arc<Shared>, own: SocketAddr, req: Request<Incoming>) ->
                 .deployers
                 .values()
                 .filter(|d| service_in_query(&query).is_none_or(|s| s == d.service))
-                .map(|d| d.status())
+                .map(|d| with_limits(&shared, &d.service, d.status()))
                 .collect();
             match service_in_query(&query) {
                 // A name that is no app service is an error, not an empty list (`status --service typo` exits 1).
@@ -318,6 +318,20 @@ async fn pipelines_call(
             format!("no admin endpoint {m} /pipelines/{}; see docs/pipelines.md", rest.join("/")),
         )),
     }
+}
+
+/// Adds each instance's learned concurrency limit (and why it last moved) to a deployer's status.
+fn with_limits(shared: &Shared, service: &str, mut status: Value) -> Value {
+    let snap = shared.snapshot.load();
+    let Some(svc) = snap.services.get(service) else { return status };
+    let members = svc.pool.members();
+    for i in status["instances"].as_array_mut().into_iter().flatten() {
+        let addr = i["addr"].as_str().unwrap_or("").to_string();
+        if let Some((limit, v)) = members.iter().find(|m| m.server.addr.to_string() == addr).and_then(|m| m.limit) {
+            i["limit"] = json!({ "current": limit, "why": v.why.as_str() });
+        }
+    }
+    status
 }
 
 /// Instances by version and state, restarts, deploys by result, and whether a deploy runs.
@@ -521,6 +535,14 @@ fn server_json(s: &Server, health: Option<&MemberView>) -> Value {
         "ejected_ms": health.and_then(|h| h.ejected_ms),
         "slow_start": health.map_or(1.0, |h| h.ramp),
         "in_flight": s.in_flight(),
+        "in_flight_max": health.map(|h| h.in_flight_max),
+        "awaiting_head": s.pending(),
+        "limit": health.and_then(|h| h.limit.as_ref()).map(|(limit, v)| json!({
+            "current": limit,
+            "why": v.why.as_str(),
+            "since_ms": v.changed_at.elapsed().as_millis() as u64,
+            "unloaded_latency_ms": v.baseline.map(|d| d.as_secs_f64() * 1000.0),
+        })),
         "requests": s.stats.total(),
         "status": statuses,
         "pool_idle": s.pool_idle(),
@@ -823,8 +845,14 @@ fn metrics(shared: &Shared) -> Resp {
             None => svc.unserved.render_latency(&mut out, labels),
         }
     }
-    let gauges: [Gauge; 4] = [
+    let gauges: [Gauge; 5] = [
         ("nonstop_in_flight_requests", "gauge", "Requests in flight on a server.", |s| f64::from(s.in_flight())),
+        (
+            "nonstop_server_limit",
+            "gauge",
+            "A server's learned concurrency limit (admission.adaptive_limit; learned but unused when it is off).",
+            |s| f64::from(s.limit()),
+        ),
         ("nonstop_pool_idle_connections", "gauge", "Idle pooled connections to a server.", |s| s.pool_idle() as f64),
         ("nonstop_server_weight", "gauge", "A server's weight.", |s| f64::from(s.weight())),
         ("nonstop_upstream_connects_total", "counter", "Connections opened to a server.", |s| {

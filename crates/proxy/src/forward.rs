@@ -29,6 +29,7 @@ use crate::pool::Acquired;
 use crate::state::{RouteMatch, ServiceState, Snapshot};
 use crate::upstream::{InFlight, Outgoing, ReqBody, Server, UpBody};
 use crate::Shared;
+use nonstop_limit::Outcome as LimitOutcome;
 
 pub type RespBody = Either<UpstreamBody, Full<Bytes>>;
 
@@ -414,7 +415,7 @@ async fn forward(
         }
         let wait_left = left.min(wait_max.saturating_sub(out.queue_wait));
         let mut try_start = now;
-        let lease = match pool.acquire(now, key, &tried, wait_left, wait_for_recovery) {
+        let mut lease = match pool.acquire(now, key, &tried, wait_left, wait_for_recovery) {
             Acquired::Now(lease) => lease,
             Acquired::Wait(rx, limit) => {
                 let waited_from = Instant::now();
@@ -474,6 +475,7 @@ async fn forward(
             Err(e) => {
                 // Never reached the server: any request may go elsewhere, and the body is still here.
                 let now = Instant::now();
+                lease.answered(now, now - try_start, limit_outcome(&e));
                 if judged {
                     server.tries.record(e.status().as_u16(), now - try_start);
                 }
@@ -499,6 +501,7 @@ async fn forward(
         let mut resp = match sent {
             Ok(resp) => resp,
             Err(e) => {
+                lease.answered(now, now - try_start, limit_outcome(&e));
                 let e = match e {
                     ProxyError::Upstream { ref source, .. } if is_length_limit(source) => {
                         ProxyError::BodyTooLarge(route.body_bytes_max)
@@ -548,14 +551,33 @@ async fn forward(
         reached += 1;
         server.observe_latency(now, now - try_start);
         let status = resp.status();
+        // The server says it is full: a signal for its limit, not a failure to eject it for.
+        let overload = status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS;
+        lease.answered(now, now - try_start, if overload { LimitOutcome::Overload } else { LimitOutcome::Answered });
         if judged {
             server.tries.record(status.as_u16(), now - try_start);
         }
-        let epoch = pool.report(&server, now, status.is_server_error());
+        let epoch = pool.report(&server, now, status.is_server_error() && !overload);
         // A deploy's new version on trial: any 5xx of it is worth another server (an old one, kept warm).
         let trial_failed = server.on_trial() && status.is_server_error();
         if trial_failed {
             tried.set_avoid_trial();
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE
+            && !trial_failed
+            && retry.on_status.contains(&503)
+            && retryable
+            && !upgrade
+            && body.replayable()
+            && reached < retry.attempts_max
+            && now < deadline
+        {
+            // Refused for being full: the request goes back through admission (a server with room, or the
+            // queue, or a 503 of the proxy's own when even that is full), not straight onto a server that may be
+            // just as full. It may come back to this server once that has room (it did not work on it).
+            tried.push(server.addr, pool.epoch(&server, now), now, false);
+            last_gone = true;
+            continue;
         }
         if (retry.on_status.contains(&status.as_u16()) || trial_failed)
             && retryable
@@ -613,6 +635,18 @@ async fn forward(
         let cutoff = body.size_hint().exact().is_none().then(|| Box::pin(server.cutoff().cancelled_owned()));
         let body = UpstreamBody { inner: body, cutoff, _in_flight: lease };
         return Ok(Response::from_parts(parts, Either::Left(body)));
+    }
+}
+
+/// What a failed try tells the server's adaptive limit.
+fn limit_outcome(e: &ProxyError) -> LimitOutcome {
+    match e {
+        ProxyError::Connect { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused => {
+            LimitOutcome::Overload
+        }
+        // No answer in time: the latency is at least this long.
+        ProxyError::ResponseTimeout { .. } | ProxyError::ConnectTimeout { .. } => LimitOutcome::Answered,
+        _ => LimitOutcome::Failed,
     }
 }
 

@@ -145,6 +145,10 @@ pub struct MemberView {
     pub up: bool,
     pub ejected_ms: Option<u64>,
     pub ramp: f64,
+    /// The learned limit (under the ceiling) and why it last moved; `None` without `adaptive_limit`.
+    pub limit: Option<(u32, nonstop_limit::View)>,
+    /// `server_in_flight_max` for this server.
+    pub in_flight_max: u32,
 }
 
 impl Pool {
@@ -152,7 +156,7 @@ impl Pool {
     pub fn new(svc: &Service, warm: bool) -> Arc<Pool> {
         let now = Instant::now();
         let policy = Policy::of(svc);
-        Arc::new_cyclic(|me: &Weak<Pool>| Pool {
+        let pool = Arc::new_cyclic(|me: &Weak<Pool>| Pool {
             name: svc.name.clone(),
             me: me.clone(),
             inner: Mutex::new(Inner {
@@ -182,7 +186,9 @@ impl Pool {
             }),
             queued: AtomicUsize::new(0),
             counters: PoolCounters::default(),
-        })
+        });
+        pool.lock().set_ceilings();
+        pool
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -205,6 +211,7 @@ impl Pool {
             if g.balancer.algorithm() != algorithm(&svc.balance) {
                 g.balancer = Balancer::new(algorithm(&svc.balance), fastrand::u64(..));
             }
+            g.set_ceilings();
             g.dispatch(now, &self.queued);
             return;
         }
@@ -234,6 +241,7 @@ impl Pool {
             g.balancer = Balancer::new(algorithm(&svc.balance), fastrand::u64(..));
         }
         g.balancer.servers_changed();
+        g.set_ceilings();
         g.dispatch(now, &self.queued);
     }
 
@@ -256,6 +264,8 @@ impl Pool {
                     .filter(|&u| u > now)
                     .map(|u| u.saturating_duration_since(now).as_millis() as u64),
                 ramp: m.health.ramp(now, &g.policy),
+                limit: g.admission.adaptive_limit.then(|| (g.slots_of(m), m.server.limit_view())),
+                in_flight_max: g.max_of(m),
             })
             .collect()
     }
@@ -421,8 +431,12 @@ impl Pool {
     /// Periodic work: ends ejections that ran out, forgets waiters that gave up, and dispatches.
     pub fn tick(&self, now: Instant) {
         let mut g = self.lock();
+        let adaptive = g.admission.adaptive_limit;
         for m in g.members.iter_mut() {
             m.health.epoch(now);
+            if adaptive {
+                m.server.limit_tick(now);
+            }
         }
         g.dispatch(now, &self.queued);
     }
@@ -454,6 +468,7 @@ impl Pool {
         let health = Health::new(now, warm, &g.policy);
         g.members.push(Member { server: server.clone(), health, backup, in_flight_max: None });
         g.balancer.servers_changed();
+        g.set_ceilings();
         g.dispatch(now, &self.queued);
         Ok(server)
     }
@@ -515,6 +530,7 @@ impl Pool {
             }
         }
         g.balancer.servers_changed();
+        g.set_ceilings();
         g.dispatch(now, &self.queued);
     }
 
@@ -575,6 +591,28 @@ impl Inner {
         m.in_flight_max.unwrap_or(self.admission.server_in_flight_max)
     }
 
+    /// Requests `m` may work on at once: its learned limit (under the ceiling), or the ceiling itself.
+    fn slots_of(&self, m: &Member) -> u32 {
+        if self.admission.adaptive_limit {
+            m.server.limit().min(self.max_of(m))
+        } else {
+            self.max_of(m)
+        }
+    }
+
+    /// Whether `m` may be sent one more request now, by its limits.
+    fn has_room(&self, m: &Member) -> bool {
+        m.server.in_flight() < self.max_of(m)
+            && (!self.admission.adaptive_limit || m.server.pending() < m.server.limit())
+    }
+
+    /// Tells each server's adaptive limit its ceiling.
+    fn set_ceilings(&self) {
+        for m in &self.members {
+            m.server.set_limit_ceiling(self.max_of(m));
+        }
+    }
+
     fn choose(&mut self, now: Instant, key: Option<u64>, tried: &Tried) -> Option<usize> {
         let policy = self.policy;
         let peak = self.balancer.algorithm() == Algorithm::PeakEwma;
@@ -599,7 +637,7 @@ impl Inner {
         }
         // Then: backups only when no primary is open, and only servers with a free slot.
         for (c, m) in candidates.iter_mut().zip(&self.members) {
-            c.available = c.available && m.backup != primary_open && c.in_flight < self.max_of(m);
+            c.available = c.available && m.backup != primary_open && self.has_room(m);
         }
         if tried.avoid_trial() {
             // A server on trial failed this request: another one on trial is the last resort.
@@ -634,8 +672,8 @@ impl Inner {
         let serving: Vec<&Member> = self.members.iter().filter(up).filter(|m| m.backup != primaries_up).collect();
         // Overload is when every serving server is full. A queue that builds while some have free slots waits
         // for servers to recover (its requests already failed on those), not for capacity: no estimate applies.
-        let full = serving.iter().all(|m| m.server.in_flight() >= self.max_of(m));
-        let slots = if full { serving.iter().map(|m| u64::from(self.max_of(m))).sum() } else { 0 };
+        let full = serving.iter().all(|m| !self.has_room(m));
+        let slots = if full { serving.iter().map(|m| u64::from(self.slots_of(m))).sum() } else { 0 };
         let latency_ns = if serving.is_empty() {
             0.0
         } else {
@@ -664,7 +702,7 @@ impl Inner {
                 self.queue.remove(i);
                 continue;
             }
-            let free = self.members.iter().any(|m| m.serving(now) && m.server.in_flight() < self.max_of(m));
+            let free = self.members.iter().any(|m| m.serving(now) && self.has_room(m));
             if !free {
                 break;
             }

@@ -26,6 +26,7 @@ use crate::h1down::ClientBody;
 use crate::h1up::{self, ExchangeError, RawBody, RawConn};
 use crate::metrics::Stats;
 use crate::pool::Pool;
+use nonstop_limit::{Limiter, Outcome as LimitOutcome, Settings as LimitSettings, View as LimitView};
 use tokio_util::sync::CancellationToken;
 
 /// The body the proxy sends upstream: kept in memory (so that it can be sent again on a retry), or the client's
@@ -168,6 +169,12 @@ pub struct Server {
     role: std::sync::atomic::AtomicU8,
     /// Put on trial by a deploy that has not succeeded (see [`Server::on_trial`]).
     suspect: AtomicBool,
+    /// Requests sent (or about to be) that have no response head yet: what the adaptive limit bounds.
+    pending: AtomicU32,
+    /// The adaptive concurrency limit, fed one sample per answer.
+    limiter: Mutex<Limiter>,
+    /// The limiter's current limit, readable without its lock.
+    limit: AtomicU32,
 }
 
 pub use nonstop_deploy::Role;
@@ -193,7 +200,45 @@ impl Server {
             tries: Stats::default(),
             role: std::sync::atomic::AtomicU8::new(0),
             suspect: AtomicBool::new(false),
+            pending: AtomicU32::new(0),
+            limiter: Mutex::new(Limiter::new(LimitSettings::default(), Instant::now())),
+            limit: AtomicU32::new(LimitSettings::default().initial),
         })
+    }
+
+    /// Requests out to this server with no response head yet.
+    pub fn pending(&self) -> u32 {
+        self.pending.load(Relaxed)
+    }
+
+    /// The learned concurrency limit (see `nonstop-limit`).
+    pub fn limit(&self) -> u32 {
+        self.limit.load(Relaxed)
+    }
+
+    pub fn limit_view(&self) -> LimitView {
+        self.limiter.lock().expect("limiter lock").view()
+    }
+
+    /// The user's `server_in_flight_max`: the adaptive limit never passes it.
+    pub(crate) fn set_limit_ceiling(&self, ceiling: u32) {
+        let mut l = self.limiter.lock().expect("limiter lock");
+        l.set_ceiling(ceiling, Instant::now());
+        self.limit.store(l.limit(), Relaxed);
+    }
+
+    /// One answer (or failure) of a try on this server, for the adaptive limit.
+    fn limit_sample(&self, now: Instant, latency: Duration, outcome: LimitOutcome) {
+        let mut l = self.limiter.lock().expect("limiter lock");
+        l.on_answer(now, latency, self.pending.load(Relaxed), outcome);
+        self.limit.store(l.limit(), Relaxed);
+    }
+
+    /// Periodic stall check of the adaptive limit.
+    pub(crate) fn limit_tick(&self, now: Instant) {
+        let mut l = self.limiter.lock().expect("limiter lock");
+        l.on_tick(now, self.pending.load(Relaxed));
+        self.limit.store(l.limit(), Relaxed);
     }
 
     pub fn role(&self) -> Role {
@@ -309,7 +354,8 @@ impl Server {
     /// Counts a request as in flight on this server until the guard drops.
     pub fn begin(self: &Arc<Server>) -> InFlight {
         self.in_flight.fetch_add(1, Relaxed);
-        InFlight(self.clone())
+        self.pending.fetch_add(1, Relaxed);
+        InFlight { server: self.clone(), pending: true, quiet: false }
     }
 
     /// Sends one request on a connection from [`Server::checkout`] and waits for the response head. On the proxy's
@@ -555,24 +601,49 @@ fn h2_refused(e: &hyper::Error) -> bool {
 
 /// A request's slot on a server: the server's in-flight count, decremented on drop, which also lets a request
 /// waiting in the pool's queue have the slot.
-pub struct InFlight(Arc<Server>);
+pub struct InFlight {
+    server: Arc<Server>,
+    /// Still waiting for the response head (counted in the server's `pending`).
+    pending: bool,
+    /// Released by the pool itself, under its lock: the pool is not told.
+    quiet: bool,
+}
 
 impl InFlight {
     pub fn server(&self) -> &Arc<Server> {
-        &self.0
+        &self.server
+    }
+
+    /// The try ended with a response head or a failure after `latency`: the adaptive limit learns from it, and
+    /// the request no longer counts against it (a streamed body still counts against `server_in_flight_max`).
+    pub fn answered(&mut self, now: Instant, latency: Duration, outcome: LimitOutcome) {
+        if !self.pending {
+            return;
+        }
+        self.server.limit_sample(now, latency, outcome);
+        self.pending = false;
+        self.server.pending.fetch_sub(1, Relaxed);
+        if let Some(pool) = self.server.owner.upgrade() {
+            pool.released();
+        }
     }
 
     /// Frees the slot without telling the pool (for the pool itself, which holds its lock).
-    pub fn release_quietly(self) {
-        self.0.in_flight.fetch_sub(1, Relaxed);
-        std::mem::forget(self);
+    pub fn release_quietly(mut self) {
+        self.quiet = true;
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Relaxed);
-        if let Some(pool) = self.0.owner.upgrade() {
+        if self.pending {
+            self.server.pending.fetch_sub(1, Relaxed);
+        }
+        self.server.in_flight.fetch_sub(1, Relaxed);
+        if self.quiet {
+            return;
+        }
+        if let Some(pool) = self.server.owner.upgrade() {
             pool.released();
         }
     }
