@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Overload with zero tuning, side by side in one run: nonstop with its defaults (the adaptive limit), nonstop
-# hand-tuned (server_in_flight_max = each server's workers, adaptive_limit = false) and nginx
+# hand-tuned (server_in_flight_max = each server's workers, adaptive_limit = false), nonstop static (adaptive_limit
+# = false with the default ceiling of 256: what nonstop did before the adaptive limit) and nginx
 # (proxy_next_upstream error timeout http_503, as the notes' users run it), alternating, ROUNDS rounds each.
 # Behind each: Tomcat-like `nonstop app` servers (--workers N --accept-queue 10 --work-ms 20: N*50 requests/s).
 # In front: `nonstop load`, open model, GET /, accounting for every request.
@@ -68,7 +69,7 @@ $servers    keepalive 64;
 }
 CONF
       "$NGINX" -c "$dir/nginx.conf" -g 'daemon off;' > "$dir/proxy.log" 2>&1 & PROXY_PID=$! ;;
-    defaults|tuned)
+    defaults|tuned|static)
       for i in "${!APPS[@]}"; do
         if [ "$kind" = tuned ]; then
           servers+="{ addr = \"127.0.0.1:${APPS[$i]}\", in_flight_max = ${workers[$i]} }, "
@@ -79,7 +80,7 @@ CONF
       {
         printf '[[listeners]]\nlisten = "127.0.0.1:%s"\n[admin]\nlisten = "127.0.0.1:%s"\n' $PROXY $ADMIN
         printf '[access_log]\nenabled = false\n[[routes]]\nservice = "app"\n[services.app]\nservers = [%s]\n' "${servers%, }"
-        [ "$kind" = tuned ] && printf '[services.app.admission]\nadaptive_limit = false\n'
+        [ "$kind" != defaults ] && printf '[services.app.admission]\nadaptive_limit = false\n'
       } > "$dir/nonstop.toml"
       RUST_LOG=error "$NONSTOP" serve --config "$dir/nonstop.toml" > "$dir/proxy.log" 2>&1 & PROXY_PID=$! ;;
   esac
@@ -146,7 +147,7 @@ PY
 
 for c in $CASES; do
   for r in $(seq "$ROUNDS"); do
-    for kind in defaults tuned nginx; do
+    for kind in defaults tuned static nginx; do
       run_case "$c" "$kind" "$r"
       echo "$c round $r $kind: $(tail -1 "$WORK/$c-$kind.rows")" >&2
     done
@@ -160,7 +161,7 @@ capacity = {"4x": 200, "mixed": 500, "stall": 100}
 print(f"{'case':<6} {'proxy':<9} {'goodput/s':>10} {'of capacity':>12} {'vs tuned':>9} {'failed, not 503+RA':>19} {'503 p99 ms':>11} {'limit fell ms':>14}")
 for c in cases:
     rows = {}
-    for kind in ["defaults", "tuned", "nginx"]:
+    for kind in ["defaults", "tuned", "static", "nginx"]:
         lines = [l.split() for l in open(f"{work}/{c}-{kind}.rows")]
         rows[kind] = {
             "goodput": statistics.median(float(l[0]) for l in lines),
