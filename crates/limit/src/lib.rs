@@ -15,7 +15,11 @@
 //! - **Slower service**: when cutting the limit for five windows in a row did not bring latency down, the server
 //!   itself got slower (a new version, a cold cache): its latency now is the new unloaded latency.
 //!
-//! The limit never leaves `floor..=ceiling`.
+//! The limit never leaves `floor..=ceiling`, and it is **enforced** only once the server showed that it can be
+//! overloaded: an overload answer or a stall engages it, and it stays engaged until 30 s passed with neither and
+//! demand stayed under the limit for 5 s. Until then the server may be sent up to the ceiling: latency that rises
+//! with concurrency on a shared, CPU-bound machine is not a server's queue, and holding requests back in the
+//! proxy would only cost throughput.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -114,6 +118,10 @@ const BUCKET_MS: u64 = 1_000;
 const BUCKETS_MAX: usize = 600;
 /// A stall is no answer for this many times the usual latency (when longer than `stall_ms_min`).
 const STALL_LATENCIES: f64 = 4.0;
+/// The limit stays enforced this long after the last overload answer or stall,
+const ENGAGED_FOR: Duration = Duration::from_secs(30);
+/// and while demand reached it within this long.
+const ENGAGED_WHILE_BOUND: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 struct Window {
@@ -149,6 +157,10 @@ pub struct Limiter {
     /// Latency cuts in a row, and the mean latency when they began.
     cuts: u32,
     cuts_from_ns: f64,
+    /// The limit is enforced (the server showed overload), since this overload answer or stall.
+    engaged: Option<Instant>,
+    /// When demand last reached the limit.
+    last_bound: Instant,
 }
 
 /// What the limiter shows: the limit, why it last moved, and since when.
@@ -159,6 +171,8 @@ pub struct View {
     pub changed_at: Instant,
     /// The unloaded latency it judges by, if it has seen an answer.
     pub baseline: Option<Duration>,
+    /// Whether the limit is enforced (the server showed overload lately); otherwise the ceiling applies.
+    pub enforced: bool,
 }
 
 impl Limiter {
@@ -177,6 +191,17 @@ impl Limiter {
             usual_ns: 0.0,
             cuts: 0,
             cuts_from_ns: 0.0,
+            engaged: None,
+            last_bound: now,
+        }
+    }
+
+    /// Requests the server may be sent at once now: the limit when enforced, else the ceiling.
+    pub fn effective(&self) -> u32 {
+        if self.engaged.is_some() {
+            self.limit()
+        } else {
+            self.s.ceiling
         }
     }
 
@@ -191,6 +216,7 @@ impl Limiter {
             why: self.why,
             changed_at: self.changed_at,
             baseline: self.baseline_ns().map(Duration::from_nanos),
+            enforced: self.engaged.is_some(),
         }
     }
 
@@ -219,7 +245,10 @@ impl Limiter {
                 w.sum_ns += ns as f64;
                 w.min_ns = w.min_ns.min(ns);
             }
-            Outcome::Overload => w.overloads += 1,
+            Outcome::Overload => {
+                w.overloads += 1;
+                self.engaged = Some(now);
+            }
             Outcome::Failed => {}
         }
         let age = now.saturating_duration_since(w.start);
@@ -239,6 +268,7 @@ impl Limiter {
         let stall = Duration::from_millis(self.s.stall_ms_min)
             .max(Duration::from_nanos((self.usual_ns * STALL_LATENCIES) as u64));
         if quiet >= stall {
+            self.engaged = Some(now);
             self.set(f64::from(self.s.floor), Why::Stalled, now);
             self.cuts = 0;
             // What is out now was sent before the stall: its answers, when they come, say nothing of the limit.
@@ -254,6 +284,14 @@ impl Limiter {
         let w = std::mem::replace(&mut self.window, Window::new(now));
         if w.answered > 0 {
             self.remember_low(now, w.min_ns);
+        }
+        if w.bound {
+            self.last_bound = now;
+        }
+        if self.engaged.is_some_and(|since| now.saturating_duration_since(since) >= ENGAGED_FOR)
+            && now.saturating_duration_since(self.last_bound) >= ENGAGED_WHILE_BOUND
+        {
+            self.engaged = None;
         }
         let mut limit = self.limit;
         let mut why = None;
@@ -416,6 +454,33 @@ mod tests {
         let n = l.limit();
         feed(&mut l, &mut t, ms(110), 10, ms(100), n, Outcome::Answered);
         assert!(l.limit() > before, "grows again: {:?}", l.view());
+    }
+
+    #[test]
+    fn the_limit_is_enforced_only_after_overload_and_released_once_demand_falls() {
+        let t0 = Instant::now();
+        let mut l = Limiter::new(Settings { ceiling: 64, ..Settings::default() }, t0);
+        let mut t = t0;
+        // Latency rising with concurrency alone (a busy CPU): the limit moves, but the ceiling applies.
+        feed(&mut l, &mut t, ms(110), 10, ms(1), 8, Outcome::Answered);
+        feed(&mut l, &mut t, ms(110), 10, ms(10), 40, Outcome::Answered);
+        assert!(l.limit() < 64 && !l.view().enforced);
+        assert_eq!(l.effective(), 64);
+        feed(&mut l, &mut t, ms(20), 1, ms(1), 40, Outcome::Overload);
+        assert!(l.view().enforced);
+        assert_eq!(l.effective(), l.limit());
+        // Demand at the limit keeps it enforced past 30 s.
+        for _ in 0..300 {
+            let n = l.limit();
+            feed(&mut l, &mut t, ms(110), 10, ms(1), n, Outcome::Answered);
+        }
+        assert!(l.view().enforced);
+        // Demand below it for 5 s more: released.
+        for _ in 0..50 {
+            feed(&mut l, &mut t, ms(110), 10, ms(1), 1, Outcome::Answered);
+        }
+        assert!(!l.view().enforced);
+        assert_eq!(l.effective(), 64);
     }
 
     #[test]

@@ -97,7 +97,7 @@ fn run(
     let mut arrivals: VecDeque<u64> = VecDeque::new();
     let mut rr = 0usize;
     let limit_of = |s: &SimServer| match mode {
-        Mode::Adaptive => s.limiter.limit(),
+        Mode::Adaptive => s.limiter.effective(),
         Mode::Fixed(n) => n,
     };
     for t in 0..duration_ms {
@@ -275,8 +275,15 @@ fn a_server_that_stalls_loses_its_limit_within_2s_and_the_other_carries_the_load
     // Samples every 100 ms: the stall starts at sample 40.
     let within_2s = &stalled.limits[41..60];
     assert!(within_2s.iter().any(|&l| l <= 1), "the stalled server's limit: {within_2s:?}");
-    assert_eq!(r.shed, 0, "nothing fails while the other server has room");
-    assert_eq!(r.refused, 0);
+    assert_eq!(
+        (r.shed, r.queue_timeouts),
+        (0, 0),
+        "nothing fails while the other server has room; limits {:?}",
+        &stalled.limits[38..50]
+    );
+    // The limit is not enforced until the server shows overload: the stalled server's full accept queue refuses
+    // once (that request goes to the other server), then its limit holds.
+    assert!(r.refused <= 3, "{} refusals", r.refused);
     assert!(stalled.limits[95..].iter().all(|&l| l >= 2), "back after the stall: {:?}", &stalled.limits[70..]);
     assert!(r.servers[0].served > stalled.served, "the healthy server took over");
 }

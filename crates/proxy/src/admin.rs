@@ -539,6 +539,8 @@ fn server_json(s: &Server, health: Option<&MemberView>) -> Value {
         "awaiting_head": s.pending(),
         "limit": health.and_then(|h| h.limit.as_ref()).map(|(limit, v)| json!({
             "current": limit,
+            "learned": v.limit,
+            "enforced": v.enforced,
             "why": v.why.as_str(),
             "since_ms": v.changed_at.elapsed().as_millis() as u64,
             "unloaded_latency_ms": v.baseline.map(|d| d.as_secs_f64() * 1000.0),

@@ -202,7 +202,7 @@ impl Server {
             suspect: AtomicBool::new(false),
             pending: AtomicU32::new(0),
             limiter: Mutex::new(Limiter::new(LimitSettings::default(), Instant::now())),
-            limit: AtomicU32::new(LimitSettings::default().initial),
+            limit: AtomicU32::new(LimitSettings::default().ceiling),
         })
     }
 
@@ -211,7 +211,8 @@ impl Server {
         self.pending.load(Relaxed)
     }
 
-    /// The learned concurrency limit (see `nonstop-limit`).
+    /// The concurrency limit in force: the learned one once the server showed overload, else the ceiling (see
+    /// `nonstop-limit`).
     pub fn limit(&self) -> u32 {
         self.limit.load(Relaxed)
     }
@@ -224,21 +225,21 @@ impl Server {
     pub(crate) fn set_limit_ceiling(&self, ceiling: u32) {
         let mut l = self.limiter.lock().expect("limiter lock");
         l.set_ceiling(ceiling, Instant::now());
-        self.limit.store(l.limit(), Relaxed);
+        self.limit.store(l.effective(), Relaxed);
     }
 
     /// One answer (or failure) of a try on this server, for the adaptive limit.
     fn limit_sample(&self, now: Instant, latency: Duration, outcome: LimitOutcome) {
         let mut l = self.limiter.lock().expect("limiter lock");
         l.on_answer(now, latency, self.pending.load(Relaxed), outcome);
-        self.limit.store(l.limit(), Relaxed);
+        self.limit.store(l.effective(), Relaxed);
     }
 
     /// Periodic stall check of the adaptive limit.
     pub(crate) fn limit_tick(&self, now: Instant) {
         let mut l = self.limiter.lock().expect("limiter lock");
         l.on_tick(now, self.pending.load(Relaxed));
-        self.limit.store(l.limit(), Relaxed);
+        self.limit.store(l.effective(), Relaxed);
     }
 
     pub fn role(&self) -> Role {
