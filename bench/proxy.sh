@@ -8,6 +8,9 @@
 #   nonstop/HAProxy, for T=1 and T=2. The machine is shared and noisy: read the ratios, not the absolutes.
 #
 # Usage: bench/proxy.sh [ROUNDS=3] [DURATION=10s]
+# Each run measures two settings: access logs off, then on (nginx: combined, buffer=64k flush=1s; HAProxy: httplog to
+# its stdout, a file; nonstop: its default JSON lines to a file, LOG_FORMAT=combined for nginx's). LOGS=off or
+# LOGS=on picks one.
 #
 # PLACEMENT=alone|client|backend pins the processes (taskset), one thread each, to see one placement at a time:
 # the proxy on CPU 1 alone (wrk and the backend on CPU 0), sharing CPU 1 with wrk, or sharing it with the
@@ -37,7 +40,7 @@ HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 B1=18101; B2=18102; P_NGINX=18201; P_HAPROXY=18202; P_NONSTOP=18203
 
 PLACEMENT=${PLACEMENT:-}
-THREADS="1 2"; WRK=(wrk)
+THREADS=${THREADS:-"1 2"}; WRK=(wrk)
 case $PLACEMENT in
   "") ;;
   alone) THREADS=1; WRK=(taskset -c 0 wrk); PROXY_CPU=1; BACKEND_CPU=0 ;;
@@ -65,8 +68,19 @@ http {
 CONF
 "$NGINX" -c "$WORK/backend/nginx.conf" -g 'daemon off;' & BACKEND_PID=$!; PIDS+=($BACKEND_PID)
 
-start_proxies() { # threads
-  local t=$1
+start_proxies() { # threads logs(off|on)
+  local t=$1 logs=$2
+  local nginx_log="access_log off;" haproxy_log="" nonstop_log="enabled = false" haproxy_out=/dev/null
+  rm -rf "$WORK/logs"; mkdir -p "$WORK/logs"
+  if [ "$logs" = on ]; then
+    # What people run: nginx's combined format, buffered; HAProxy's httplog to its stdout (a file here);
+    # nonstop's default JSON lines (LOG_FORMAT=combined for nginx's format).
+    nginx_log="access_log $WORK/logs/nginx.log combined buffer=64k flush=1s;"
+    haproxy_log=$'  log stdout format raw local0\n  option httplog'
+    haproxy_out=$WORK/logs/haproxy.log
+    nonstop_log="path = \"$WORK/logs/nonstop.log\"
+format = \"${LOG_FORMAT:-json}\""
+  fi
   mkdir -p "$WORK/nginx$t"
   cat > "$WORK/nginx$t/nginx.conf" <<CONF
 worker_processes $t;
@@ -74,7 +88,7 @@ pid $WORK/nginx$t/nginx.pid;
 error_log $WORK/nginx$t/error.log warn;
 events { worker_connections 4096; }
 http {
-  access_log off;
+  $nginx_log
   keepalive_requests 1000000;
   upstream app { server 127.0.0.1:$B1; server 127.0.0.1:$B2; keepalive 64; }
   server {
@@ -90,6 +104,7 @@ global
   maxconn 4096
 defaults
   mode http
+$haproxy_log
   timeout connect 1s
   timeout client 30s
   timeout server 30s
@@ -102,7 +117,7 @@ backend b
   server s1 127.0.0.1:$B1
   server s2 127.0.0.1:$B2
 CONF
-  "$HAPROXY" -f "$WORK/haproxy$t.cfg" -db & HAPROXY_PID=$!; PIDS+=($HAPROXY_PID)
+  "$HAPROXY" -f "$WORK/haproxy$t.cfg" -db > "$haproxy_out" 2>&1 & HAPROXY_PID=$!; PIDS+=($HAPROXY_PID)
   cat > "$WORK/nonstop$t.toml" <<CONF
 [[listeners]]
 listen = "127.0.0.1:$P_NONSTOP"
@@ -111,7 +126,8 @@ service = "app"
 [services.app]
 servers = [{ addr = "127.0.0.1:$B1" }, { addr = "127.0.0.1:$B2" }]
 [access_log]
-enabled = false
+$nonstop_log
+${NONSTOP_EXTRA:-}
 CONF
   RUST_LOG=warn "$NONSTOP" serve --config "$WORK/nonstop$t.toml" --threads "$t" > /dev/null & NONSTOP_PID=$!; PIDS+=($NONSTOP_PID)
   sleep 1
@@ -142,12 +158,13 @@ measure() { # threads port
 median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 
 echo "bench/proxy.sh: $ROUNDS rounds of wrk -c64 -d$DURATION per target, targets alternated within each round${PLACEMENT:+, placement $PLACEMENT}"
+for logs in ${LOGS:-off on}; do
 for t in $THREADS; do
-  start_proxies "$t"
+  start_proxies "$t" "$logs"
   declare -A RPS=() ratio_row_rps=()
   RATIO_NGINX=""; RATIO_HAPROXY=""
   echo
-  echo "== $t thread(s)/worker(s) each; wrk -t$t"
+  echo "== access logs $logs; $t thread(s)/worker(s) each; wrk -t$t"
   printf '%-6s %-9s %12s %10s  %s\n' round target 'requests/s' 'p99 ms' notes
   for r in $(seq 1 "$ROUNDS"); do
     # Rotate the order every round so that no target always runs first or last.
@@ -170,8 +187,12 @@ for t in $THREADS; do
   for target in nonstop nginx haproxy direct; do
     printf 'median %-9s %12s requests/s\n' "$target" "$(tr ' ' '\n' <<<"${RPS[$target]}" | grep . | median)"
   done
-  printf 'RATIO threads=%s nonstop/nginx   median %s  (per round: %s)\n' "$t" "$(tr ' ' '\n' <<<"$RATIO_NGINX" | grep . | median)" "$RATIO_NGINX"
-  printf 'RATIO threads=%s nonstop/haproxy median %s  (per round: %s)\n' "$t" "$(tr ' ' '\n' <<<"$RATIO_HAPROXY" | grep . | median)" "$RATIO_HAPROXY"
+  printf 'RATIO logs=%s threads=%s nonstop/nginx   median %s  (per round: %s)\n' "$logs" "$t" "$(tr ' ' '\n' <<<"$RATIO_NGINX" | grep . | median)" "$RATIO_NGINX"
+  printf 'RATIO logs=%s threads=%s nonstop/haproxy median %s  (per round: %s)\n' "$logs" "$t" "$(tr ' ' '\n' <<<"$RATIO_HAPROXY" | grep . | median)" "$RATIO_HAPROXY"
   RATIO_NGINX=""; RATIO_HAPROXY=""
+  if [ "$logs" = on ]; then
+    for f in nginx haproxy nonstop; do printf 'log %-8s %10s lines %8s KiB\n' "$f" "$(wc -l < "$WORK/logs/$f.log")" "$(( $(stat -c %s "$WORK/logs/$f.log") / 1024 ))"; done
+  fi
   stop_proxies
+done
 done

@@ -425,6 +425,17 @@ pub struct AccessLog {
     pub enabled_explicitly: bool,
     /// `None` is standard output.
     pub path: Option<PathBuf>,
+    pub format: LogFormat,
+    pub flush_ms: u64,
+    pub success_sample_percent: u32,
+}
+
+/// The access log's line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    /// nginx's `combined`.
+    Combined,
 }
 
 /// Largest accepted server weight.
@@ -1438,13 +1449,37 @@ fn parse_admin(t: Table<'_, '_>) -> Option<Admin> {
 
 fn parse_access_log(t: Option<Table<'_, '_>>) -> Option<AccessLog> {
     let Some(t) = t else {
-        return Some(AccessLog { enabled: true, enabled_explicitly: false, path: None });
+        return Some(AccessLog {
+            enabled: true,
+            enabled_explicitly: false,
+            path: None,
+            format: LogFormat::Json,
+            flush_ms: 1000,
+            success_sample_percent: 100,
+        });
     };
     let enabled_explicitly = t.has("enabled");
     let enabled = t.bool("enabled");
     let path = t.string("path");
+    let format = match t.string("format").as_deref() {
+        None | Some("json") => Some(LogFormat::Json),
+        Some("combined") => Some(LogFormat::Combined),
+        Some(other) => {
+            t.invalid("format", format!("{other:?}: expected \"json\" or \"combined\""));
+            None
+        }
+    };
+    let flush_ms = t.int_in("flush_ms", 1, 60_000);
+    let success_sample_percent = t.int_in("success_sample_percent", 0, 100);
     t.finish();
-    Some(AccessLog { enabled: enabled?, enabled_explicitly, path: path.filter(|p| p != "-").map(PathBuf::from) })
+    Some(AccessLog {
+        enabled: enabled?,
+        enabled_explicitly,
+        path: path.filter(|p| p != "-").map(PathBuf::from),
+        format: format?,
+        flush_ms: flush_ms?,
+        success_sample_percent: success_sample_percent? as u32,
+    })
 }
 
 #[cfg(test)]

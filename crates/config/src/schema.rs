@@ -27,7 +27,7 @@ keys! {
     "" "queues": "table of tables" = "", "Durable request queues by name (see routes[].queue).";
     "" "admin": "table" = "", "The admin API. Absent: no admin API.";
     "" "state_dir": "path" = "\"./nonstop-state\"", "Where the proxy keeps what must outlive it: the deploy history (deploys.jsonl), each app service's current version, and the app instances' logs.";
-    "" "access_log": "table" = "", "The JSON-lines access log.";
+    "" "access_log": "table" = "", "The access log: JSON lines or nginx's combined format, buffered per thread and written in large writes off the request path. Nothing answered before a clean shutdown (SIGTERM, SIGINT) is lost; a crash loses at most the last flush_ms. SIGUSR1 reopens the file (for logrotate).";
     "" "hosts": "table of tables" = "", "SSH hosts by name, the machines the deployers reach over SSH (see docs/hosts.md). Their keys are pinned in state_dir/ssh/known_hosts by nonstop hosts trust; nonstop hosts check checks them all.";
     "" "pipelines": "table of tables" = "", "Pipelines by name: build, test, deploy and verify runs of a git repository, started by hand, by a signed push webhook, on a schedule or after another pipeline (see docs/pipelines.md).";
     "" "jobs": "table of tables" = "", "Scheduled jobs by name: a command on a schedule, with history and logs, that never overlaps itself (see docs/pipelines.md).";
@@ -95,7 +95,7 @@ keys! {
     "services.NAME.retry" "add_idempotency_key": "boolean" = "false", "Add an Idempotency-Key header (a random UUID) to every POST and PATCH that has none, so that they can be retried like idempotent requests. Turn on only when the servers honour the key.";
 
     "services.NAME.admission" "server_in_flight_max": "integer" = "256", "Requests one server is sent at once, at most. With adaptive_limit (the default) it is a ceiling, and each server's own limit is learned under it; without, set it to what the server can run at once (Tomcat's maxThreads). Past it, requests wait in the service's queue.";
-    "services.NAME.admission" "adaptive_limit": "boolean" = "true", "Learn each server's concurrency limit from its answers, with no tuning: it grows while latency stays within twice the server's unloaded latency, shrinks as latency rises and on overload answers (503, 429, refused connections), drops to 1 when the server stops answering (a stall), and never passes server_in_flight_max. It bounds requests awaiting their response head (a streamed body counts only against server_in_flight_max). status, GET /pools and the metric nonstop_server_limit show each server's limit and why it last moved.";
+    "services.NAME.admission" "adaptive_limit": "boolean" = "true", "Learn each server's concurrency limit from its answers, with no tuning: it grows while latency stays within twice the server's unloaded latency, shrinks as latency rises and on overload answers (503, 429, refused connections), drops to 1 when the server stops answering (a stall), and never passes server_in_flight_max. It is enforced once the server shows overload (an overload answer or a stall) and until 30 s passed without one and demand stayed under it for 5 s; before that the ceiling applies, so that latency rising with a busy CPU costs no throughput. It bounds requests awaiting their response head (a streamed body counts only against server_in_flight_max). status, GET /pools and the metric nonstop_server_limit show each server's limit and why it last moved.";
     "services.NAME.admission" "queue_length_max": "integer" = "4096", "Requests waiting at most; past it, 503 with Retry-After at once.";
     "services.NAME.admission" "queue_wait_ms_max": "integer" = "10000", "Longest wait in the queue, also while no server is ready at all (all restarting): the request is held until a server comes back. Past it: 503 with Retry-After.";
     "services.NAME.admission" "overload_wait_ms_max": "integer" = "1000", "While servers are up but all full (overload), a request whose expected wait (from the queue's length, the servers' slots and their recent latency) is longer gets 503 with Retry-After at once (load shedding): capacity is not coming back, so a longer queue only adds latency. Not within the longest wait after a request arrived while no server was serving: the queue may still hold that outage's backlog, which drains once the servers are back, however slow they are at first.";
@@ -252,6 +252,9 @@ keys! {
 
     "access_log" "enabled": "boolean" = "true", "Write one JSON line per request. When path is \"-\" and standard output is a terminal, the access log is off unless enabled = true is written here: as with nginx, requests are not echoed to the terminal (set path to log to a file, or pipe standard output).";
     "access_log" "path": "string" = "\"-\"", "File to append to; \"-\" is standard output.";
+    "access_log" "format": "string" = "\"json\"", "\"json\": one JSON object per line (ts_ms, listener, client, method, host, path, status, service, server, duration_ms, attempts, queue_wait_ms, shed, error). \"combined\": nginx's combined format (the body size is written as -).";
+    "access_log" "flush_ms": "integer" = "1000", "Buffered lines are written at least this often (and whenever a thread's 64 KiB buffer fills).";
+    "access_log" "success_sample_percent": "integer" = "100", "Share of answers below 400 that are logged; errors (400 and above) always are.";
 }
 
 /// Looks a key up.

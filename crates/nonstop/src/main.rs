@@ -724,8 +724,13 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     runtime(Some(1))?.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
         let mut hup = signal(SignalKind::hangup())?;
+        let mut usr1 = signal(SignalKind::user_defined1())?;
         loop {
             tokio::select! {
+                _ = usr1.recv() => {
+                    proxy.reopen_access_log();
+                    tracing::info!("SIGUSR1: access log reopened");
+                }
                 _ = hup.recv() => match proxy.reload() {
                     Ok(()) => tracing::info!("SIGHUP: config reloaded"),
                     Err(e) => tracing::error!("SIGHUP: reload rejected, the running config stays: {e}"),

@@ -171,9 +171,13 @@ fn serve_on_terminal(args: &[&str], requests: usize) -> String {
         c.read_to_end(&mut answer).unwrap();
         assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
     }
-    std::thread::sleep(Duration::from_millis(300));
-    let _ = child.kill();
+    // SIGTERM: a clean shutdown writes every buffered line before the process exits.
+    // SAFETY: kill(2) on our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
     let _ = child.wait();
+    std::thread::sleep(Duration::from_millis(100));
     let shown = seen.lock().unwrap().clone();
     shown
 }

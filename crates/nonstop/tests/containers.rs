@@ -142,7 +142,7 @@ impl Rig {
         let base = 32_000 + (std::process::id() % 200) as u16 * 40 + slot * 10;
         let config = format!(
             "state_dir = \"{state}\"\n\n[[listeners]]\nlisten = \"127.0.0.1:0\"\nheader_read_timeout_ms = 1000\n\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\n\n[access_log]\npath = \"{log}\"\n\n[[routes]]\nservice = \"{tag}\"\n\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n\n[access_log]\npath = \"{log}\"\nflush_ms = 10\n\n[[routes]]\nservice = \"{tag}\"\n\n\
              [services.{tag}]\nresponse_timeout_ms = 2000\n\n[services.{tag}.retry]\nadd_idempotency_key = true\n\n\
              [services.{tag}.app]\ndriver = \"docker\"\nimage = \"nonstop-app:{{version}}\"\nversion = \"{first}\"\n\
              args = [\"app\", \"--instance\", \"{{instance}}\", \"--workers\", \"8\", \"--work-ms\", \"2\"]\n\
@@ -460,7 +460,7 @@ fn docker_on_3_ssh_hosts_ships_the_image_with_no_registry_and_a_rolling_deploy_u
     let base = 36_000 + (std::process::id() % 200) as u16 * 10;
     let head = format!(
         "state_dir = \"{d}/state\"\n\n[[listeners]]\nlisten = \"127.0.0.1:0\"\nheader_read_timeout_ms = 1000\n\n\
-         [admin]\nlisten = \"127.0.0.1:0\"\n\n[access_log]\npath = \"{d}/access.log\"\n\n[[routes]]\nservice = \"rdk\"\n\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n\n[access_log]\npath = \"{d}/access.log\"\nflush_ms = 10\n\n[[routes]]\nservice = \"rdk\"\n\n\
          [services.rdk]\nresponse_timeout_ms = 2000\n\n[services.rdk.retry]\nadd_idempotency_key = true\n\n"
     );
     let keys_config = dir.path().join("keys.toml");

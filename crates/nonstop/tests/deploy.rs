@@ -50,7 +50,7 @@ impl Rig {
             "state_dir = \"{state}\"\n\n[[listeners]]\nlisten = \"127.0.0.1:0\"\n\
              # Idle client connections are closed often, while instances start: none may leak into them.\n\
              header_read_timeout_ms = 1000\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
-             [access_log]\npath = \"{log}\"\n\n[[routes]]\nservice = \"app\"\n\n\
+             [access_log]\npath = \"{log}\"\nflush_ms = 10\n\n[[routes]]\nservice = \"app\"\n\n\
              [services.app]\nresponse_timeout_ms = 2000\n\n[services.app.retry]\nadd_idempotency_key = true\n\n\
              [services.app.app]\ncommand = \"{command}\"\nports = \"{lo}-{hi}\"\nready_interval_ms = 100\n\
              soak_ms = 3000\nstep_ms = 2000\nready_timeout_ms = 4000\n\

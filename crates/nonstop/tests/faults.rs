@@ -76,7 +76,7 @@ impl Rig {
         // Everything else is the default: resilience is on without extra keys.
         let config = format!(
             "[[listeners]]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
-             [access_log]\npath = \"{log}\"\n\n[[routes]]\nservice = \"app\"\n\n\
+             [access_log]\npath = \"{log}\"\nflush_ms = 10\n\n[[routes]]\nservice = \"app\"\n\n\
              [services.app]\nresponse_timeout_ms = {PER_TRY_MS}\nservers = [{servers}]\n\n\
              [services.app.health]\npath = \"/health\"\n\n\
              [services.app.retry]\nadd_idempotency_key = true\n\n\

@@ -243,7 +243,7 @@ impl SshRig {
         let quoted: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
         let mut config = format!(
             "state_dir = \"{d}/state\"\n\n[[listeners]]\nlisten = \"127.0.0.1:0\"\nheader_read_timeout_ms = 1000\n\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\n\n[access_log]\npath = \"{d}/access.log\"\n\n[[routes]]\nservice = \"web\"\n\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n\n[access_log]\npath = \"{d}/access.log\"\nflush_ms = 10\n\n[[routes]]\nservice = \"web\"\n\n\
              [services.web]\nresponse_timeout_ms = 2000\nconnect_timeout_ms = 500\n\n\
              [services.web.retry]\nadd_idempotency_key = true\n\n\
              [services.web.app]\ndriver = \"ssh\"\nhosts = [{hosts}]\ncount = 1\nrelease = \"{d}/release\"\n\

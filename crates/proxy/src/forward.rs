@@ -235,7 +235,16 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<ClientBody>) -> Result<Respo
     ctx.head_pending.store(false, Ordering::Relaxed);
     let snap = ctx.shared.snapshot.load_full();
     let method = req.method().clone();
-    let path = ctx.shared.access_log.as_ref().map(|_| req.uri().path().to_string());
+    // Kept for the log only when there is one (a Uri clone shares its bytes).
+    let uri = ctx.shared.access_log.as_ref().map(|_| req.uri().clone());
+    let version = req.version();
+    let (referer, user_agent) = match &ctx.shared.access_log {
+        Some(log) if log.wants_client_headers() => {
+            let h = |n: header::HeaderName| req.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+            (h(header::REFERER), h(header::USER_AGENT))
+        }
+        _ => (None, None),
+    };
     let host = request_host(&req);
     let mut out = Outcome { service: None, server: None, attempts: 0, queue_wait: Duration::ZERO, answered: None };
     let result = forward(&ctx, &snap, req, host.as_deref(), start, &mut out).await;
@@ -251,22 +260,31 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<ClientBody>) -> Result<Respo
         (None, None) => ctx.shared.unrouted.record(status, elapsed),
     }
     if let Some(log) = &ctx.shared.access_log {
-        log.write(&json!({
-            "ts_ms": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
-            "listener": ctx.listener,
-            "client": ctx.peer.to_string(),
-            "method": method.as_str(),
-            "host": host,
-            "path": path,
-            "status": status,
-            "service": out.service.as_ref().map(|s| s.name.as_str()),
-            "server": out.server.as_ref().map(|s| s.addr.to_string()),
-            "duration_ms": elapsed.as_secs_f64() * 1000.0,
-            "attempts": out.attempts,
-            "queue_wait_ms": out.queue_wait.as_secs_f64() * 1000.0,
-            "shed": matches!(error, Some(ProxyError::Shed { .. })),
-            "error": error.as_ref().map(|e| e.to_string()),
-        }));
+        let server = out.server.as_ref().map(|s| s.addr);
+        log.write(&nonstop_accesslog::Entry {
+            at: std::time::SystemTime::now(),
+            listener: &ctx.listener,
+            client: ctx.peer,
+            method: method.as_str(),
+            host: host.as_deref(),
+            path: uri.as_ref().map(|u| u.path()),
+            target: uri.as_ref().and_then(|u| u.path_and_query()).map(|p| p.as_str()),
+            version: match version {
+                Version::HTTP_10 => "HTTP/1.0",
+                Version::HTTP_2 => "HTTP/2.0",
+                _ => "HTTP/1.1",
+            },
+            status,
+            service: out.service.as_ref().map(|s| s.name.as_str()),
+            server,
+            duration: elapsed,
+            attempts: out.attempts,
+            queue_wait: out.queue_wait,
+            shed: matches!(error, Some(ProxyError::Shed { .. })),
+            error: error.as_ref().map(|e| e as &dyn std::fmt::Display),
+            referer: referer.as_deref(),
+            user_agent: user_agent.as_deref(),
+        });
     }
     Ok(resp)
 }

@@ -1,7 +1,6 @@
 //! `nonstop serve`: the reverse proxy and load balancer. Worker threads accept clients and forward their requests
 //! to services' servers over the proxy's own connection pools; a separate thread serves the admin API.
 
-mod access_log;
 mod admin;
 mod admin_guard;
 pub mod admission;
@@ -40,9 +39,9 @@ use arc_swap::ArcSwap;
 use nonstop_config::{Config, ConfigErrors};
 use tokio::sync::{watch, Semaphore};
 
-use crate::access_log::AccessLog;
 use crate::metrics::Stats;
 use crate::state::Snapshot;
+use nonstop_accesslog::AccessLog;
 
 /// Where the config comes from, and comes again from on reload.
 #[derive(Debug, Clone)]
@@ -290,7 +289,19 @@ impl Proxy {
                 );
                 None
             }
-            AccessLogOutput::On => Some(AccessLog::open(config.access_log.path.as_deref()).map_err(StartError::Io)?),
+            AccessLogOutput::On => {
+                let a = &config.access_log;
+                let settings = nonstop_accesslog::Settings {
+                    path: a.path.clone(),
+                    format: match a.format {
+                        nonstop_config::LogFormat::Json => nonstop_accesslog::Format::Json,
+                        nonstop_config::LogFormat::Combined => nonstop_accesslog::Format::Combined,
+                    },
+                    flush_ms: a.flush_ms,
+                    success_sample_percent: a.success_sample_percent,
+                };
+                Some(AccessLog::open(&settings).map_err(StartError::Io)?)
+            }
         };
         let threads = opts.threads.max(1);
         refuse_held_addresses(&config)?;
@@ -430,6 +441,13 @@ impl Proxy {
         self.shared.reload()
     }
 
+    /// Reopens the access log file (SIGUSR1, after logrotate moved it).
+    pub fn reopen_access_log(&self) {
+        if let Some(log) = &self.shared.access_log {
+            log.reopen();
+        }
+    }
+
     /// Stops accepting, lets in-flight requests finish (bounded by the drain timeout), and returns.
     pub fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
@@ -437,6 +455,10 @@ impl Proxy {
             let _ = t.join();
         }
         self.stop_apps();
+        // Every request answered is in the log before the process exits.
+        if let Some(log) = &self.shared.access_log {
+            log.flush();
+        }
     }
 
     /// Stops the app instances (after the requests drained) and the deploy thread.
