@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Overload with zero tuning, side by side in one run: nonstop with its defaults (the adaptive limit), nonstop
+# Overload with zero tuning, side by side in one run: nonstop with no tuning but adaptive_limit = true ("defaults"), nonstop
 # hand-tuned (server_in_flight_max = each server's workers, adaptive_limit = false), nonstop static (adaptive_limit
 # = false with the default ceiling of 256: what nonstop did before the adaptive limit) and nginx
 # (proxy_next_upstream error timeout http_503, as the notes' users run it), alternating, ROUNDS rounds each.
@@ -80,7 +80,7 @@ CONF
       {
         printf '[[listeners]]\nlisten = "127.0.0.1:%s"\n[admin]\nlisten = "127.0.0.1:%s"\n' $PROXY $ADMIN
         printf '[access_log]\nenabled = false\n[[routes]]\nservice = "app"\n[services.app]\nservers = [%s]\n' "${servers%, }"
-        [ "$kind" != defaults ] && printf '[services.app.admission]\nadaptive_limit = false\n'
+        if [ "$kind" = defaults ]; then printf '[services.app.admission]\nadaptive_limit = true\n'; else printf '[services.app.admission]\nadaptive_limit = false\n'; fi
       } > "$dir/nonstop.toml"
       RUST_LOG=error "$NONSTOP" serve --config "$dir/nonstop.toml" > "$dir/proxy.log" 2>&1 & PROXY_PID=$! ;;
   esac

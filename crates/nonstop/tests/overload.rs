@@ -324,7 +324,7 @@ fn a_new_version_twice_as_slow_keeps_the_servers_full_at_its_own_pace() {
     }
 }
 
-// The real thing: `nonstop serve` with default settings (no `server_in_flight_max`) in front of real Tomcat-like
+// The real thing: `nonstop serve` with `adaptive_limit = true` and nothing else tuned (no `server_in_flight_max`) in front of real Tomcat-like
 // `nonstop app` servers.
 
 mod real {
@@ -351,12 +351,12 @@ mod real {
         Proc::start(bin(), &args)
     }
 
-    /// The proxy with nothing but its listeners and the two servers: every limit is the default.
+    /// The proxy with its listeners, the two servers and `adaptive_limit = true`: no limit is tuned.
     fn proxy(dir: &TempDir, apps: &[&Proc]) -> (Proc, SocketAddr) {
         let servers: Vec<String> = apps.iter().map(|a| format!("{{ addr = \"{}\" }}", a.addr)).collect();
         let config = format!(
             "[[listeners]]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[[routes]]\nservice = \"app\"\n\n\
-             [services.app]\nservers = [{}]\n",
+             [services.app]\nservers = [{}]\n\n[services.app.admission]\nadaptive_limit = true\n",
             servers.join(", ")
         );
         let path = dir.path().join("nonstop.toml");
@@ -392,7 +392,8 @@ mod real {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn with_defaults_a_4x_overload_keeps_the_servers_busy_and_every_failure_is_a_fast_503_with_retry_after() {
+    async fn with_the_adaptive_limit_a_4x_overload_keeps_the_servers_busy_and_every_failure_is_a_fast_503_with_retry_after(
+    ) {
         let _one = ONE_AT_A_TIME.lock().await;
         let dir = TempDir::new("overload-4x");
         let (a, b) = (tomcat(&dir, "a"), tomcat(&dir, "b"));

@@ -570,7 +570,9 @@ async fn forward(
         server.observe_latency(now, now - try_start);
         let status = resp.status();
         // The server says it is full: a signal for its limit, not a failure to eject it for.
-        let overload = status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS;
+        let adaptive = service.config.admission.adaptive_limit;
+        let overload =
+            adaptive && (status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS);
         lease.answered(now, now - try_start, if overload { LimitOutcome::Overload } else { LimitOutcome::Answered });
         if judged {
             server.tries.record(status.as_u16(), now - try_start);
@@ -581,7 +583,8 @@ async fn forward(
         if trial_failed {
             tried.set_avoid_trial();
         }
-        if status == StatusCode::SERVICE_UNAVAILABLE
+        if overload
+            && status == StatusCode::SERVICE_UNAVAILABLE
             && !trial_failed
             && retry.on_status.contains(&503)
             && retryable
