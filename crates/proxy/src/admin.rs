@@ -852,7 +852,7 @@ fn metrics(shared: &Shared) -> Resp {
         (
             "nonstop_server_limit",
             "gauge",
-            "A server's learned concurrency limit (admission.adaptive_limit; learned but unused when it is off).",
+            "A server's concurrency limit in force (with admission.adaptive_limit; the ceiling when it is off).",
             |s| f64::from(s.limit()),
         ),
         ("nonstop_pool_idle_connections", "gauge", "Idle pooled connections to a server.", |s| s.pool_idle() as f64),

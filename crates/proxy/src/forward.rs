@@ -493,7 +493,7 @@ async fn forward(
             Err(e) => {
                 // Never reached the server: any request may go elsewhere, and the body is still here.
                 let now = Instant::now();
-                lease.answered(now, now - try_start, limit_outcome(&e));
+                lease.answered(now, now - try_start, limit_outcome(&e), service.config.admission.adaptive_limit);
                 if judged {
                     server.tries.record(e.status().as_u16(), now - try_start);
                 }
@@ -519,7 +519,7 @@ async fn forward(
         let mut resp = match sent {
             Ok(resp) => resp,
             Err(e) => {
-                lease.answered(now, now - try_start, limit_outcome(&e));
+                lease.answered(now, now - try_start, limit_outcome(&e), service.config.admission.adaptive_limit);
                 let e = match e {
                     ProxyError::Upstream { ref source, .. } if is_length_limit(source) => {
                         ProxyError::BodyTooLarge(route.body_bytes_max)
@@ -573,7 +573,8 @@ async fn forward(
         let adaptive = service.config.admission.adaptive_limit;
         let overload =
             adaptive && (status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS);
-        lease.answered(now, now - try_start, if overload { LimitOutcome::Overload } else { LimitOutcome::Answered });
+        let outcome = if overload { LimitOutcome::Overload } else { LimitOutcome::Answered };
+        lease.answered(now, now - try_start, outcome, adaptive);
         if judged {
             server.tries.record(status.as_u16(), now - try_start);
         }

@@ -617,11 +617,14 @@ impl InFlight {
 
     /// The try ended with a response head or a failure after `latency`: the adaptive limit learns from it, and
     /// the request no longer counts against it (a streamed body still counts against `server_in_flight_max`).
-    pub fn answered(&mut self, now: Instant, latency: Duration, outcome: LimitOutcome) {
+    /// `learn`: the service's `adaptive_limit` is on (otherwise the limiter's lock is not taken at all).
+    pub fn answered(&mut self, now: Instant, latency: Duration, outcome: LimitOutcome, learn: bool) {
         if !self.pending {
             return;
         }
-        self.server.limit_sample(now, latency, outcome);
+        if learn {
+            self.server.limit_sample(now, latency, outcome);
+        }
         self.pending = false;
         self.server.pending.fetch_sub(1, Relaxed);
         if let Some(pool) = self.server.owner.upgrade() {
