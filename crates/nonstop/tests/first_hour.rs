@@ -222,7 +222,10 @@ fn an_instance_that_exits_before_ready_is_reported_with_its_log_tail() {
     assert!(header.contains("last exit"), "{table}");
     let row = table.lines().find(|l| l.trim_start().starts_with("1 ")).unwrap_or_else(|| panic!("{table}"));
     assert!(row.contains("exit status 3"), "{table}");
-    let restarts: u64 = row.split_whitespace().nth(6).and_then(|r| r.parse().ok()).unwrap_or(0);
+    // The column is right-aligned under its header: read the number that ends where "restarts" ends.
+    let end = header.find("restarts").unwrap() + "restarts".len();
+    let restarts: u64 =
+        row.get(..end).and_then(|r| r.split_whitespace().last()).and_then(|r| r.parse().ok()).unwrap_or(0);
     assert!(restarts >= 2, "{table}");
 }
 
