@@ -227,13 +227,7 @@ impl Rig {
         let r = &doc["requests"];
         let brief = format!("requests {} errors {} status {}", r, doc["errors"], doc["status"]);
         assert!(n(&r["scheduled"]) > 0, "{brief}");
-        let failures: Vec<serde_json::Value> = std::fs::read_to_string(self.dir.path().join("access.log"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|l| l["status"].as_u64().unwrap_or(0) >= 500)
-            .take(5)
-            .collect();
+        let failures = logged_failures(&self.dir.path().join("access.log"));
         assert_eq!(n(&r["failed"]), 0, "{brief}; the proxy's log of failures: {failures:#?}");
         assert_eq!(n(&r["not_sent"]), 0, "{brief}");
         assert!(doc["valid"].as_bool().unwrap(), "{brief}");
@@ -252,6 +246,21 @@ impl Rig {
         assert!(self.proxy.wait_exit(Duration::from_secs(60)).is_some_and(|s| s.success()), "serve exits 0");
         assert_eq!(self._leftovers.ids(), Vec::<String>::new(), "containers left after the proxy shut down");
     }
+}
+
+/// The first failures (5xx) in the proxy's JSON access log, and how many there were of each (status, server, error).
+fn logged_failures(log: &Path) -> (Vec<serde_json::Value>, std::collections::BTreeMap<String, usize>) {
+    let all: Vec<serde_json::Value> = std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["status"].as_u64().unwrap_or(0) >= 500)
+        .collect();
+    let mut kinds = std::collections::BTreeMap::new();
+    for l in &all {
+        *kinds.entry(format!("{} {} {}", l["status"], l["server"], l["error"])).or_insert(0) += 1;
+    }
+    (all.into_iter().take(5).collect(), kinds)
 }
 
 fn serve(config: &Path) -> (nonstop_testkit::Proc, String) {
@@ -568,15 +577,17 @@ fn docker_on_3_ssh_hosts_ships_the_image_with_no_registry_and_a_rolling_deploy_u
     }
     assert_eq!(printed.matches("takes traffic (slow start)").count(), 3, "one at a time: {printed}");
     let (reads, orders) = (reads.join().unwrap(), orders.join().unwrap());
+    let log = dir.path().join("access.log");
     let failures = |doc: &serde_json::Value| {
         let r = &doc["requests"];
         assert!(n(&r["scheduled"]) > 0, "{r}");
         assert_eq!(
             (n(&r["failed"]), n(&r["not_sent"])),
             (0, 0),
-            "requests {r} errors {} status {}",
+            "requests {r} errors {} status {}; the proxy's log of failures: {:#?}",
             doc["errors"],
-            doc["status"]
+            doc["status"],
+            logged_failures(&log)
         );
     };
     failures(&reads);
