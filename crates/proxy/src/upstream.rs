@@ -627,6 +627,10 @@ impl InFlight {
         }
         self.pending = false;
         self.server.pending.fetch_sub(1, Relaxed);
+        if !learn {
+            // Without the adaptive limit, admission counts whole requests only: nothing changed for a waiter.
+            return;
+        }
         if let Some(pool) = self.server.owner.upgrade() {
             pool.released();
         }
