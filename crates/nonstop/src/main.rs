@@ -11,6 +11,7 @@ mod demo;
 mod deploy_cli;
 mod hosts_cli;
 mod pipeline_cli;
+mod queue_cli;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -41,7 +42,7 @@ enum Command {
     Load(Box<LoadArgs>),
     /// Inspect and manage durable queues through a running proxy's admin API: list queues, show a request, list
     /// dead letters, replay one, purge them.
-    Queue(QueueArgs),
+    Queue(queue_cli::QueueArgs),
     /// Deploy a new version of an app service through a running proxy, and follow it: rolling (default),
     /// blue-green or canary, rolled back automatically when the new version fails. Exit status 0 when it
     /// succeeded, 1 when it was rolled back or refused.
@@ -172,8 +173,9 @@ struct LoadArgs {
     /// fails; the exit status is then 1.
     #[arg(long, requires = "threshold")]
     abort_on_fail: bool,
-    /// Write the full result, with the per-second timeline, as JSON.
-    #[arg(long)]
+    /// Write the full result, with the per-second timeline, as JSON to this file; `-` writes it to stdout (the text
+    /// report then goes to stderr, so that stdout is the JSON alone).
+    #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
     /// Write a self-contained HTML report with charts (no network needed to view it).
     #[arg(long)]
@@ -197,39 +199,6 @@ struct LoadArgs {
     /// With --find-max: never try more than this rate.
     #[arg(long, default_value_t = 1_000_000.0)]
     rate_limit: f64,
-}
-
-#[derive(Args)]
-struct QueueArgs {
-    #[command(flatten)]
-    conn: admin_client::AdminConn,
-    #[command(subcommand)]
-    action: QueueAction,
-}
-
-#[derive(Subcommand)]
-enum QueueAction {
-    /// Every queue: depth, age of the oldest request, deliveries, retries, dead letters, commits.
-    List,
-    /// One request's whole record, by the id its client got (QUEUE.KEY, as in the 202's Location) or its number
-    /// (QUEUE.N).
-    Show { id: String },
-    /// The dead letters of a queue.
-    Dead {
-        queue: String,
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
-    },
-    /// The failed requests of a queue (the service answered a 4xx other than 408 and 429).
-    Failed {
-        queue: String,
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
-    },
-    /// Queue a dead letter or a failed request again, by its client's id (QUEUE.KEY) or its number (QUEUE.N).
-    Replay { id: String },
-    /// Delete every dead letter of a queue.
-    Purge { queue: String },
 }
 
 #[derive(Args)]
@@ -333,7 +302,7 @@ fn main() -> ExitCode {
         Command::App(args) => run_app(args),
         Command::Serve(args) => run_serve(args),
         Command::Load(args) => return run_load(*args),
-        Command::Queue(args) => return run_queue(args),
+        Command::Queue(args) => return queue_cli::run(args),
         Command::Deploy(args) => return deploy_cli::deploy(args),
         Command::Rollback { admin, to, json } => return deploy_cli::rollback(admin, to, json),
         Command::History(args) => return deploy_cli::history(args),
@@ -517,6 +486,38 @@ fn load_config(
     ))
 }
 
+/// `print!` of the load report: to stderr when `--json -` takes stdout.
+macro_rules! say {
+    ($args:expr, $($t:tt)*) => {
+        if json_to_stdout(&$args) { eprint!($($t)*) } else { print!($($t)*) }
+    };
+}
+
+/// `println!` of the load report: to stderr when `--json -` takes stdout.
+macro_rules! sayln {
+    ($args:expr, $($t:tt)*) => {
+        if json_to_stdout(&$args) { eprintln!($($t)*) } else { println!($($t)*) }
+    };
+}
+
+/// `--json -`: the JSON document is stdout.
+fn json_to_stdout(args: &LoadArgs) -> bool {
+    args.json.as_deref() == Some(std::path::Path::new("-"))
+}
+
+/// Writes the load's JSON document to `path`, or to stdout for `-`; exit status 2 when it cannot be written.
+fn write_json(path: &std::path::Path, doc: &serde_json::Value) -> Result<(), ExitCode> {
+    let text = serde_json::to_string_pretty(doc).expect("JSON");
+    if path == std::path::Path::new("-") {
+        println!("{text}");
+        return Ok(());
+    }
+    std::fs::write(path, text).map_err(|e| {
+        eprintln!("nonstop load: cannot write {}: {e}", path.display());
+        ExitCode::from(2)
+    })
+}
+
 fn run_load(args: LoadArgs) -> ExitCode {
     if args.find_max {
         return find_max(args);
@@ -529,9 +530,9 @@ fn run_load(args: LoadArgs) -> ExitCode {
         }
     };
     let nonstop_load::RunResult { summary, aborted_by } = nonstop_load::run(cfg);
-    print!("{}", nonstop_load::report::text(&summary, &info));
+    say!(args, "{}", nonstop_load::report::text(&summary, &info));
     if let Some(t) = &aborted_by {
-        println!("ABORTED: threshold {t} failed mid-run (--abort-on-fail)");
+        sayln!(args, "ABORTED: threshold {t} failed mid-run (--abort-on-fail)");
     }
     let rate = nonstop_load::report::achieved_rate(&summary, &info);
     let verdicts = nonstop_load::threshold::judge(&thresholds, &summary, rate);
@@ -540,13 +541,12 @@ fn run_load(args: LoadArgs) -> ExitCode {
         let measured = t.measure(&summary, rate);
         let holds = t.holds(measured);
         failed |= !holds;
-        println!("threshold {}: {} (measured {measured:.2})", t.text(), if holds { "ok" } else { "FAILED" });
+        sayln!(args, "threshold {}: {} (measured {measured:.2})", t.text(), if holds { "ok" } else { "FAILED" });
     }
     if let Some(path) = &args.json {
         let doc = nonstop_load::report::json(&summary, &info, &verdicts);
-        if let Err(e) = std::fs::write(path, serde_json::to_string_pretty(&doc).expect("JSON")) {
-            eprintln!("nonstop load: cannot write {}: {e}", path.display());
-            return ExitCode::from(2);
+        if let Err(code) = write_json(path, &doc) {
+            return code;
         }
     }
     if let Some(path) = &args.html {
@@ -586,7 +586,8 @@ fn find_max(args: LoadArgs) -> ExitCode {
     let mut steps = Vec::new();
     // The run of the highest rate that passed, for --html.
     let mut best_run: Option<(f64, nonstop_load::Summary, Vec<nonstop_load::threshold::Verdict>)> = None;
-    println!(
+    sayln!(
+        args,
         "find-max: p99 <= {} ms and errors <= {}%, {} s per step",
         max_p99.as_millis(),
         args.max_error_rate,
@@ -612,13 +613,14 @@ fn find_max(args: LoadArgs) -> ExitCode {
             && p99 <= max_p99.as_secs_f64() * 1000.0
             && error_rate <= args.max_error_rate
             && verdicts.iter().all(|v| v.held);
-        println!(
+        sayln!(
+            args,
             "  {rate:>9.0}/s: p99 {p99:>9.2} ms, errors {error_rate:>6.2}%, not sent {:>6} -> {}",
             c.not_sent,
             if passed { "pass" } else { "fail" }
         );
         for v in verdicts.iter().filter(|v| !v.held) {
-            println!("             threshold {}: FAILED (measured {:.2})", v.threshold, v.measured);
+            sayln!(args, "             threshold {}: FAILED (measured {:.2})", v.threshold, v.measured);
         }
         let judged: Vec<_> = verdicts
             .iter()
@@ -632,14 +634,13 @@ fn find_max(args: LoadArgs) -> ExitCode {
     }
     let best = search.best();
     match best {
-        Some(r) => println!("max rate: {r:.0} requests/s"),
-        None => println!("max rate: none (even the lowest rate tried failed its bounds)"),
+        Some(r) => sayln!(args, "max rate: {r:.0} requests/s"),
+        None => sayln!(args, "max rate: none (even the lowest rate tried failed its bounds)"),
     }
     if let Some(path) = &args.json {
         let doc = serde_json::json!({ "find_max": { "rate": best, "max_p99_ms": max_p99.as_secs_f64() * 1000.0, "max_error_rate": args.max_error_rate, "steps": steps } });
-        if let Err(e) = std::fs::write(path, serde_json::to_string_pretty(&doc).expect("JSON")) {
-            eprintln!("nonstop load: cannot write {}: {e}", path.display());
-            return ExitCode::from(2);
+        if let Err(code) = write_json(path, &doc) {
+            return code;
         }
     }
     if let Some(path) = &args.html {
@@ -756,69 +757,6 @@ async fn terminate() {
 }
 
 /// `nonstop queue ...`: one call to the admin API; prints its JSON. Exit status 0 on 2xx, 1 otherwise.
-fn run_queue(args: QueueArgs) -> ExitCode {
-    // A queue name as the config allows them (so it goes into the admin path as it is).
-    let queue_name = |q: &str| -> Result<String, String> {
-        let ok = (1..=64).contains(&q.len()) && q.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-        ok.then(|| q.to_string()).ok_or_else(|| format!("{q:?} is not a queue name (1 to 64 of A-Za-z0-9_-)"))
-    };
-    // A request id: QUEUE.N (its number, as `dead` lists them) or QUEUE.KEY (the id its client got in the 202).
-    let split = |id: &str| -> Result<(String, String), String> {
-        let number = |n: &str| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && n.parse::<u64>().is_ok();
-        let key = |k: &str| k.len() == 32 && k.bytes().all(|b| b.is_ascii_hexdigit());
-        match id.split_once('.') {
-            Some((q, rest)) if queue_name(q).is_ok() && (number(rest) || key(rest)) => {
-                Ok((q.to_string(), rest.to_string()))
-            }
-            _ => Err(format!(
-                "{id:?} is not a request id: give QUEUE.N, the request's number (like orders.42, as `nonstop queue \
-                 dead` lists them), or QUEUE.KEY, the id its client got in the 202 (orders. and 32 hex digits)"
-            )),
-        }
-    };
-    let call = match &args.action {
-        QueueAction::List => Ok(("GET", "/queues".to_string())),
-        QueueAction::Show { id } => split(id).map(|(q, n)| ("GET", format!("/queues/{q}/requests/{q}.{n}"))),
-        QueueAction::Dead { queue, limit } => {
-            queue_name(queue).map(|q| ("GET", format!("/queues/{q}/dead?limit={limit}")))
-        }
-        QueueAction::Failed { queue, limit } => {
-            queue_name(queue).map(|q| ("GET", format!("/queues/{q}/failed?limit={limit}")))
-        }
-        QueueAction::Replay { id } => split(id).map(|(q, n)| ("POST", format!("/queues/{q}/dead/{q}.{n}/replay"))),
-        QueueAction::Purge { queue } => queue_name(queue).map(|q| ("POST", format!("/queues/{q}/purge"))),
-    };
-    let (method, path) = match call {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("nonstop queue: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let admin = match deploy_cli::resolve("queue", &args.conn) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    match admin_client::call(admin.addr, admin.token.as_deref(), method, &path, None) {
-        Ok((status, body)) => {
-            let text = serde_json::from_str::<serde_json::Value>(&body)
-                .and_then(|v| serde_json::to_string_pretty(&v))
-                .unwrap_or(body);
-            if (200..300).contains(&status) {
-                println!("{text}");
-                ExitCode::SUCCESS
-            } else {
-                eprintln!("nonstop queue: the admin API answered {status}: {text}");
-                ExitCode::from(1)
-            }
-        }
-        Err(e) => {
-            eprintln!("nonstop queue: cannot reach the admin API at {}: {e}", admin.addr);
-            ExitCode::from(1)
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;

@@ -111,6 +111,25 @@ fn closed_model_accounts_for_every_request() {
     assert_eq!(doc["model"], "closed");
 }
 
+/// `--json -`: stdout is the JSON document alone (for `| jq`), and the text report goes to stderr.
+#[test]
+fn json_to_stdout_leaves_stdout_to_the_document() {
+    let dir = TempDir::new("load-json-stdout");
+    let a = app(&dir, &[]);
+    let out = Command::new(bin())
+        .args(["load", &a.url("/"), "--rate", "50", "--duration", "1s", "--threshold", "failed==0", "--json", "-"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!(n(&doc["requests"]["scheduled"]), 50, "{doc}");
+    assert_exact_accounting(&doc);
+    assert!(stderr.contains("threshold failed==0: ok"), "the text report is on stderr: {stderr}");
+    assert!(!Path::new("-").exists(), "no file named -");
+}
+
 #[test]
 fn thresholds_set_the_exit_status() {
     let dir = TempDir::new("load-thresholds");

@@ -300,7 +300,8 @@ async fn dead_letter(store: Store) {
     assert_eq!(status["response"]["status"], 500, "{status}");
 
     let cli = |args: &[&str]| {
-        let out = Command::new(bin()).args(["queue", "--admin", &admin.to_string()]).args(args).output().unwrap();
+        let out =
+            Command::new(bin()).args(["queue", "--json", "--admin", &admin.to_string()]).args(args).output().unwrap();
         (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
     };
     let (code, listed) = cli(&["dead", &queue]);
@@ -441,7 +442,8 @@ async fn embedded_failed_requests_are_listed_and_replayed_and_finished_ones_kept
     assert_eq!(s["response"]["status"], 409, "{s}");
 
     let cli = |args: &[&str]| {
-        let out = Command::new(bin()).args(["queue", "--admin", &admin.to_string()]).args(args).output().unwrap();
+        let out =
+            Command::new(bin()).args(["queue", "--json", "--admin", &admin.to_string()]).args(args).output().unwrap();
         (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
     };
     let (code, listed) = cli(&["failed", &queue]);
@@ -449,6 +451,37 @@ async fn embedded_failed_requests_are_listed_and_replayed_and_finished_ones_kept
     let listed: Value = serde_json::from_str(&listed).unwrap();
     assert_eq!(listed["failed"][0]["key"], id.as_str(), "{listed}");
     assert_eq!(listed["failed"].as_array().unwrap().len(), 1, "{listed}");
+    // Without --json, tables for people: the failed request's row has both ids, its attempts and the answer.
+    let table = |args: &[&str]| {
+        let out = Command::new(bin()).args(["queue", "--admin", &admin.to_string()]).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let failed = table(&["failed", &queue]);
+    assert!(failed.starts_with(&format!("queue {queue}: 1 failed requests\n")), "{failed}");
+    let row: Vec<&str> = failed.lines().nth(2).unwrap_or_else(|| panic!("{failed}")).split_whitespace().collect();
+    assert_eq!((row[1], row[2], row[4]), (id.as_str(), "1", "409"), "{failed}");
+    let number = row[0].to_string();
+    let list = table(&["list"]);
+    let header: Vec<&str> = list.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header[..4], ["queue", "service", "store", "depth"], "{list}");
+    let row = list.lines().find(|l| l.starts_with(&format!("{queue} "))).unwrap_or_else(|| panic!("{list}"));
+    let row: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        (row[2], row[3], row[header.iter().position(|h| *h == "failed").unwrap()]),
+        ("embedded", "0", "1"),
+        "{list}"
+    );
+    let shown = table(&["show", &number]);
+    for want in [
+        format!("id            {number}\n"),
+        format!("client's id   {id}\n"),
+        "status        failed\n".into(),
+        "answer        409\n".into(),
+    ] {
+        assert!(shown.contains(&want), "{want:?} in {shown}");
+    }
+    assert!(shown.contains("created       20") && shown.contains(" UTC ("), "{shown}");
     // Replayed (the service would now take it), it is delivered again, from its stored request.
     let (code, replayed) = cli(&["replay", &id]);
     assert_eq!(code, Some(0), "{replayed}");

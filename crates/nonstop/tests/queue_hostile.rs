@@ -424,7 +424,7 @@ async fn the_admin_api_and_nonstop_queue_show_read_a_request_by_the_id_its_clien
     }
     // nonstop queue show takes the 202's id as well as the number.
     for given in [&id, &format!("{QUEUE}.1")] {
-        let (code, out, err) = queue_cli(admin, &["show", given]);
+        let (code, out, err) = queue_cli(admin, &["show", given, "--json"]);
         assert_eq!(code, Some(0), "show {given}: {err}");
         let v: Value = serde_json::from_str(&out).unwrap();
         assert_eq!((v["id"].as_str(), v["key"].as_str()), (Some(&*format!("{QUEUE}.1")), Some(&*id)), "{v}");
