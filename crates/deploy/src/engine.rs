@@ -146,6 +146,13 @@ impl Events {
         self.kept.lock().expect("events lock").clone()
     }
 
+    /// The lines so far and a receiver of every later one: none missed, none twice (lines are kept and sent under
+    /// one lock).
+    fn so_far_and_subscribe(&self) -> (Vec<String>, broadcast::Receiver<String>) {
+        let kept = self.kept.lock().expect("events lock");
+        (kept.clone(), self.tx.subscribe())
+    }
+
     fn send(&self, step: &str, message: String) {
         self.send_value(json!({ "step": step, "message": message }));
     }
@@ -154,13 +161,11 @@ impl Events {
         v["at_ms"] = json!(self.started.elapsed().as_millis() as u64);
         tracing::info!(event = %v, "deploy");
         let line = v.to_string();
-        {
-            let mut kept = self.kept.lock().expect("events lock");
-            if kept.len() >= EVENTS_KEPT_MAX {
-                kept.remove(1);
-            }
-            kept.push(line.clone());
+        let mut kept = self.kept.lock().expect("events lock");
+        if kept.len() >= EVENTS_KEPT_MAX {
+            kept.remove(1);
         }
+        kept.push(line.clone());
         let _ = self.tx.send(line);
     }
 }
@@ -562,6 +567,13 @@ impl Deployer {
     /// Starts a deploy; its progress follows on the returned receiver.
     pub fn deploy(self: &Arc<Self>, req: DeployRequest) -> Result<broadcast::Receiver<String>, DeployError> {
         self.begin(req, "deploy")
+    }
+
+    /// Follows the deploy or rollback that is running: its progress so far, then the rest on the receiver. `None`
+    /// when none is running.
+    pub fn follow(&self) -> Option<(Vec<String>, broadcast::Receiver<String>)> {
+        let g = self.lock();
+        g.running.as_ref().map(|r| r.events.so_far_and_subscribe())
     }
 
     /// Rolls back: a running deploy is aborted (traffic returns to the old instances, still warm); otherwise the

@@ -22,8 +22,12 @@ pub struct DeployArgs {
     #[command(flatten)]
     pub admin: AdminArgs,
     /// The version to deploy (replaces {version} in the app's command).
-    #[arg(long)]
-    pub version: String,
+    #[arg(long, required_unless_present = "follow")]
+    pub version: Option<String>,
+    /// Follow the deploy or rollback that is running (started by another `nonstop deploy`, one whose terminal
+    /// was closed, or `nonstop rollback`): its progress so far, then the rest, with the same exit status.
+    #[arg(long, conflicts_with_all = ["version", "strategy", "steps", "env"])]
+    pub follow: bool,
     /// rolling, blue-green or canary (default: the app section's strategy).
     #[arg(long)]
     pub strategy: Option<String>,
@@ -58,6 +62,13 @@ pub fn resolve(what: &str, conn: &admin_client::AdminConn) -> Result<admin_clien
 /// Starts a deploy and follows it. Exit status: 0 when it succeeded, 1 when it was rolled back or could not
 /// start, 2 for bad arguments.
 pub fn deploy(a: DeployArgs) -> ExitCode {
+    if a.follow {
+        let mut path = "/deploy".to_string();
+        if let Some(s) = &a.admin.service {
+            path.push_str(&format!("?service={s}"));
+        }
+        return follow("deploy", "GET", &path, &a.admin, None, a.json);
+    }
     let mut env = serde_json::Map::new();
     for kv in &a.env {
         match kv.split_once('=') {
@@ -77,40 +88,46 @@ pub fn deploy(a: DeployArgs) -> ExitCode {
         "steps": (!a.steps.is_empty()).then_some(&a.steps),
         "env": env,
     });
-    follow("deploy", "/deploy", &a.admin, &body, a.json)
+    follow("deploy", "POST", "/deploy", &a.admin, Some(&body), a.json)
 }
 
 pub fn rollback(a: AdminArgs, to: Option<String>, json_lines: bool) -> ExitCode {
     let body = json!({ "service": a.service, "to": to });
-    follow("rollback", "/rollback", &a, &body, json_lines)
+    follow("rollback", "POST", "/rollback", &a, Some(&body), json_lines)
 }
 
-fn follow(what: &str, path: &str, a: &AdminArgs, body: &Value, json_lines: bool) -> ExitCode {
+/// Starts (POST) or re-attaches to (GET) a deploy or rollback, and prints its progress to its end.
+fn follow(what: &str, method: &str, path: &str, a: &AdminArgs, body: Option<&Value>, json_lines: bool) -> ExitCode {
     let admin = match resolve(what, &a.conn) {
         Ok(c) => c,
         Err(code) => return code,
     };
     let mut result: Option<String> = None;
-    let outcome =
-        admin_client::stream(admin.addr, admin.token.as_deref(), "POST", path, Some(&body.to_string()), |line| {
-            let Ok(v) = serde_json::from_str::<Value>(line) else {
-                println!("{line}");
-                return;
-            };
-            if json_lines {
-                println!("{line}");
-            } else {
-                let at = v["at_ms"].as_u64().unwrap_or(0) as f64 / 1000.0;
-                println!(
-                    "[{at:7.2}s] {:<12} {}",
-                    v["step"].as_str().unwrap_or(""),
-                    v["message"].as_str().unwrap_or("")
-                );
-            }
-            if v["done"] == json!(true) {
-                result = v["result"].as_str().map(String::from);
-            }
-        });
+    let mut told = json_lines;
+    let body = body.map(Value::to_string);
+    let outcome = admin_client::stream(admin.addr, admin.token.as_deref(), method, path, body.as_deref(), |line| {
+        if !told {
+            // Said once the proxy took it: the deploy is the proxy's, not this command's.
+            told = true;
+            eprintln!(
+                "(the proxy runs the {what}: Ctrl-C only stops following it; `nonstop deploy --follow` follows \
+                     it again, `nonstop rollback` aborts it)"
+            );
+        }
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            println!("{line}");
+            return;
+        };
+        if json_lines {
+            println!("{line}");
+        } else {
+            let at = v["at_ms"].as_u64().unwrap_or(0) as f64 / 1000.0;
+            println!("[{at:7.2}s] {:<12} {}", v["step"].as_str().unwrap_or(""), v["message"].as_str().unwrap_or(""));
+        }
+        if v["done"] == json!(true) {
+            result = v["result"].as_str().map(String::from);
+        }
+    });
     match outcome {
         Err(e) => {
             eprintln!("nonstop {what}: cannot reach the admin API at {}: {e}", admin.addr);

@@ -386,3 +386,45 @@ fn repeated_rollbacks_walk_back_through_history_and_rollback_to_names_the_versio
     let v: Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(v["deploys"].as_array().unwrap().len(), 5);
 }
+
+/// The proxy runs a deploy, not the command that asked for it: Ctrl-C (SIGINT) to `nonstop deploy` leaves the deploy
+/// going, and `nonstop deploy --follow` re-attaches, with the progress so far, the rest, and the exit status.
+#[test]
+fn a_deploy_outlives_the_command_that_started_it_and_deploy_follow_reattaches() {
+    use std::io::BufRead;
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let rig = Rig::new("deploy-follow", 6, "");
+    let idle = rig.nonstop(&["deploy", "--follow"]);
+    assert_eq!(idle.status.code(), Some(1), "{}", text(&idle));
+    assert!(text(&idle).contains("no deploy or rollback of \"app\" is running"), "{}", text(&idle));
+    let both = rig.nonstop(&["deploy", "--follow", "--version", "v2"]);
+    assert_eq!(both.status.code(), Some(2), "--follow starts nothing: {}", text(&both));
+
+    let mut first = Command::new(bin())
+        .args(["deploy", "--version", "v2", "--admin", &rig.admin])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(first.stdout.take().unwrap()).lines();
+    let start = lines.next().expect("a first progress line").unwrap();
+    assert!(start.contains("start") && start.contains("deploy of app from v1 to v2"), "{start}");
+    unsafe {
+        libc::kill(first.id() as i32, libc::SIGINT);
+    }
+    let gone = first.wait_with_output().unwrap();
+    assert!(!gone.status.success(), "Ctrl-C ends the command");
+    let said = String::from_utf8_lossy(&gone.stderr);
+    assert!(said.contains("Ctrl-C only stops following it") && said.contains("nonstop deploy --follow"), "{said}");
+    assert!(!rig.status()["deploy"].is_null(), "the deploy goes on without its command");
+
+    let again = rig.nonstop(&["deploy", "--follow"]);
+    assert!(again.status.success(), "{}", text(&again));
+    let shown = String::from_utf8_lossy(&again.stdout);
+    assert!(shown.lines().next().is_some_and(|l| l.contains("deploy of app from v1 to v2")), "from the start: {shown}");
+    assert_eq!(shown.matches("deploy of app from v1 to v2").count(), 1, "no line twice: {shown}");
+    assert!(shown.trim_end().ends_with("app now serves v2"), "to the end: {shown}");
+    rig.wait_serving(3, "v2");
+    let done = rig.nonstop(&["deploy", "--follow", "--json"]);
+    assert_eq!(done.status.code(), Some(1), "nothing left to follow: {}", text(&done));
+}

@@ -161,6 +161,7 @@ async fn handle(shared: Arc<Shared>, own: SocketAddr, req: Request<Incoming>) ->
             StatusCode::OK,
             json!({ "queues": shared.queues.values().map(|q| queue_json(q)).collect::<Vec<_>>() }),
         ),
+        (Method::GET, ["deploy"]) => follow_call(&shared, &query).unwrap_or_else(|AdminError(s, m)| fail(s, m)),
         (Method::POST, ["deploy"]) => deploy_call(&shared, &body, false).unwrap_or_else(|AdminError(s, m)| fail(s, m)),
         (Method::POST, ["rollback"]) => deploy_call(&shared, &body, true).unwrap_or_else(|AdminError(s, m)| fail(s, m)),
         (Method::GET, ["status"]) => {
@@ -485,7 +486,7 @@ fn deploy_call(shared: &Shared, body: &Bytes, rollback: bool) -> Result<Resp, Ad
         };
         d.deploy(nonstop_deploy::DeployRequest { version, strategy, steps, env })
     };
-    let mut events = started.map_err(|e| match e {
+    let events = started.map_err(|e| match e {
         DeployError::Invalid(_) => err(StatusCode::BAD_REQUEST, e.to_string()),
         DeployError::ShuttingDown => err(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         DeployError::RollbackTo(nonstop_deploy::history::RollbackToError::Unknown { .. }) => {
@@ -496,8 +497,30 @@ fn deploy_call(shared: &Shared, body: &Bytes, rollback: bool) -> Result<Resp, Ad
             err(StatusCode::CONFLICT, e.to_string())
         }
     })?;
+    Ok(progress_stream(Vec::new(), events))
+}
+
+/// GET /deploy?service=NAME: follows the deploy or rollback that is running (`nonstop deploy --follow`): its
+/// progress so far, then the rest as it happens, to its end.
+fn follow_call(shared: &Shared, query: &str) -> Result<Resp, AdminError> {
+    let d = deployer_for(shared, &json!({ "service": service_in_query(query) }))?;
+    let (so_far, events) = d.follow().ok_or_else(|| {
+        err(StatusCode::NOT_FOUND, format!("no deploy or rollback of {:?} is running (see nonstop history)", d.service))
+    })?;
+    Ok(progress_stream(so_far, events))
+}
+
+/// A deploy's progress as NDJSON: `first`, then each line of `events`, until the one that says `done`.
+fn progress_stream(first: Vec<String>, mut events: tokio::sync::broadcast::Receiver<String>) -> Resp {
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
     tokio::spawn(async move {
+        let is_done = |line: &str| serde_json::from_str::<Value>(line).is_ok_and(|v| v["done"] == json!(true));
+        for line in first {
+            let done = is_done(&line);
+            if tx.send(Bytes::from(line + "\n")).await.is_err() || done {
+                return;
+            }
+        }
         loop {
             let line = match events.recv().await {
                 Ok(line) => line,
@@ -506,7 +529,7 @@ fn deploy_call(shared: &Shared, body: &Bytes, rollback: bool) -> Result<Resp, Ad
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             };
-            let done = serde_json::from_str::<Value>(&line).is_ok_and(|v| v["done"] == json!(true));
+            let done = is_done(&line);
             if tx.send(Bytes::from(line + "\n")).await.is_err() || done {
                 return;
             }
@@ -514,7 +537,7 @@ fn deploy_call(shared: &Shared, body: &Bytes, rollback: bool) -> Result<Resp, Ad
     });
     let mut r = Response::new(AdminBody::Lines(rx));
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
-    Ok(r)
+    r
 }
 
 fn server_json(s: &Server, health: Option<&MemberView>) -> Value {
