@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use crate::ledger::Summary;
+use crate::ledger::{Second, Summary};
 use crate::report::{achieved_rate, valid, RunInfo};
 use crate::threshold::Verdict;
 
@@ -36,6 +36,60 @@ pub fn value_colour(value: &str) -> &'static str {
 
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// An event drawn on every chart of a page: a dashed vertical line `at_s` seconds into the run, with its label (a
+/// deploy started, traffic switched, a server killed).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mark {
+    pub at_s: f64,
+    pub label: String,
+}
+
+/// Marks a page shows at most (a label each; more would be unreadable).
+pub const MARKS_MAX: usize = 100;
+
+/// Reads marks from JSON lines `{"at_ms": UNIX_MS, "label": "..."}` (`at_ms` in milliseconds since the Unix
+/// epoch, so that whoever writes the file needs no knowledge of the run) against the run's start. Every bad line
+/// is reported, with its number.
+pub fn parse_marks(text: &str, start_unix_ms: u64) -> Result<Vec<Mark>, Vec<String>> {
+    let mut marks = Vec::new();
+    let mut errors = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let v: serde_json::Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            Err(e) => {
+                errors.push(format!("line {}: not JSON: {e}", i + 1));
+                continue;
+            }
+        };
+        match (v["at_ms"].as_u64(), v["label"].as_str()) {
+            (Some(at), Some(label)) if !label.is_empty() && label.len() <= 200 => {
+                marks.push(Mark { at_s: (at as f64 - start_unix_ms as f64) / 1000.0, label: label.to_string() })
+            }
+            _ => errors.push(format!(
+                "line {}: expected {{\"at_ms\": milliseconds since the Unix epoch, \"label\": 1 to 200 bytes of text}}",
+                i + 1
+            )),
+        }
+    }
+    if marks.len() > MARKS_MAX {
+        errors.push(format!("{} marks: at most {MARKS_MAX}", marks.len()));
+    }
+    if errors.is_empty() {
+        Ok(marks)
+    } else {
+        Err(errors)
+    }
+}
+
+/// What a page shows besides the run itself.
+#[derive(Default)]
+pub struct Decor<'a> {
+    /// A link above the title back to the page this one belongs to (such as a demo's summary): (href, text).
+    pub back: Option<(&'a str, &'a str)>,
+    /// Events to mark on the charts.
+    pub marks: &'a [Mark],
 }
 
 /// A round step (1, 2 or 5 times a power of ten) that cuts `span` into at most `parts` pieces.
@@ -122,6 +176,37 @@ impl Frame {
     }
 }
 
+impl Frame {
+    /// The marks inside the run, as dashed lines. Each label goes on the first of four rows where it overlaps no
+    /// other; one that fits on none is left to the line's tooltip (and the page's list of events).
+    fn marks(&self, out: &mut String, marks: &[Mark]) {
+        let mut inside: Vec<&Mark> = marks.iter().filter(|m| m.at_s >= 0.0 && m.at_s <= self.seconds as f64).collect();
+        inside.sort_by(|a, b| a.at_s.total_cmp(&b.at_s));
+        let mut row_ends = [f64::MIN; 4];
+        for m in inside {
+            let x = self.x(m.at_s);
+            let _ = write!(
+                out,
+                r##"<line class="mark" x1="{x:.1}" y1="{PAD_T}" x2="{x:.1}" y2="{}" stroke="#333" stroke-dasharray="4 3"><title>{:.1}s {}</title></line>"##,
+                H - PAD_B,
+                m.at_s,
+                esc(&m.label)
+            );
+            // About 5.6 px a character at font-size 10.
+            let width = m.label.chars().count() as f64 * 5.6 + 8.0;
+            let Some(row) = row_ends.iter().position(|&end| end <= x) else { continue };
+            row_ends[row] = x + 3.0 + width;
+            let _ = write!(
+                out,
+                r##"<text class="mark-label" x="{:.1}" y="{}" font-size="10" fill="#333">{}</text>"##,
+                x + 3.0,
+                PAD_T + 10.0 + row as f64 * 12.0,
+                esc(&m.label)
+            );
+        }
+    }
+}
+
 fn legend(out: &mut String, items: &[(&str, &str)]) {
     out.push_str(r#"<div class="legend">"#);
     for (name, color) in items {
@@ -130,8 +215,11 @@ fn legend(out: &mut String, items: &[(&str, &str)]) {
     out.push_str("</div>");
 }
 
-/// Stacked bars per second: `series` are (name, color, value at second i).
-fn stacked(id: &str, title: &str, unit: &str, seconds: usize, series: &[(String, &str, Vec<f64>)]) -> String {
+/// A chart's series: name, colour, value at second i.
+type Series<'a> = (String, &'a str, Vec<f64>);
+
+/// Stacked bars per second.
+fn stacked(id: &str, title: &str, unit: &str, seconds: usize, series: &[Series], marks: &[Mark]) -> String {
     let max = (0..seconds).map(|i| series.iter().map(|s| s.2[i]).sum::<f64>()).fold(0.0, f64::max);
     let f = Frame::new(seconds, max);
     let mut out = format!(r#"<h2>{}</h2>"#, esc(title));
@@ -158,11 +246,12 @@ fn stacked(id: &str, title: &str, unit: &str, seconds: usize, series: &[(String,
             base += v;
         }
     }
+    f.marks(&mut out, marks);
     out.push_str("</svg>");
     out
 }
 
-fn lines(id: &str, title: &str, unit: &str, seconds: usize, series: &[(String, &str, Vec<f64>)]) -> String {
+fn lines(id: &str, title: &str, unit: &str, seconds: usize, series: &[Series], marks: &[Mark]) -> String {
     let max = series.iter().flat_map(|s| s.2.iter().copied()).fold(0.0, f64::max);
     let f = Frame::new(seconds, max);
     let mut out = format!(r#"<h2>{}</h2>"#, esc(title));
@@ -179,16 +268,19 @@ fn lines(id: &str, title: &str, unit: &str, seconds: usize, series: &[(String, &
             esc(name)
         );
     }
+    f.marks(&mut out, marks);
     out.push_str("</svg>");
     out
 }
 
-/// The whole page.
-pub fn page(s: &Summary, info: &RunInfo, title: &str, verdicts: &[Verdict]) -> String {
-    let seconds = s.timeline.iter().map(|t| t.t as usize + 1).max().unwrap_or(0);
-    let at = |f: &dyn Fn(&crate::ledger::Second) -> f64| -> Vec<f64> {
+/// The three charts of a timeline (throughput by outcome, latency percentiles, the tracked header's mix), with
+/// `marks` on each. `closed`: the closed model, whose latency is not measured from a schedule. Seconds missing from
+/// `timeline` (between the runs of a page that shows several) are empty.
+pub fn charts(timeline: &[Second], marks: &[Mark], closed: bool) -> String {
+    let seconds = timeline.iter().map(|t| t.t as usize + 1).max().unwrap_or(0);
+    let at = |f: &dyn Fn(&Second) -> f64| -> Vec<f64> {
         let mut v = vec![0.0; seconds];
-        for t in &s.timeline {
+        for t in timeline {
             v[t.t as usize] = f(t);
         }
         v
@@ -210,11 +302,29 @@ pub fn page(s: &Summary, info: &RunInfo, title: &str, verdicts: &[Verdict]) -> S
         ("p99".to_string(), "#e6550d", at(&|t| t.p99_ms)),
         ("max".to_string(), "#756bb1", at(&|t| t.max_ms)),
     ];
-    let values: Vec<&String> = s.headers.keys().collect();
-    let mix: Vec<(String, &str, Vec<f64>)> = values
+    let values: std::collections::BTreeSet<&String> = timeline.iter().flat_map(|t| t.headers.keys()).collect();
+    let mix: Vec<Series> = values
         .iter()
         .map(|v| ((*v).clone(), value_colour(v), at(&|t| *t.headers.get(*v).unwrap_or(&0) as f64)))
         .collect();
+    let mut out = stacked("throughput", "Throughput by outcome", "requests/s", seconds, &throughput, marks);
+    let latency_title = if closed { "Latency" } else { "Latency from the scheduled time" };
+    out.push_str(&lines("latency", latency_title, "ms", seconds, &latency, marks));
+    if mix.is_empty() {
+        out.push_str("<h2>Tracked header</h2><svg class=\"chart\" id=\"headers\" width=\"900\" height=\"40\"><text x=\"10\" y=\"25\">no header tracked (use --track-header)</text></svg>");
+    } else {
+        out.push_str(&stacked("headers", "Tracked header's values", "responses/s", seconds, &mix, marks));
+    }
+    out
+}
+
+/// The whole page.
+pub fn page(s: &Summary, info: &RunInfo, title: &str, verdicts: &[Verdict]) -> String {
+    page_with(s, info, title, verdicts, &Decor::default())
+}
+
+/// The whole page, with a link back and marks.
+pub fn page_with(s: &Summary, info: &RunInfo, title: &str, verdicts: &[Verdict], decor: &Decor) -> String {
     let c = &s.counts;
     let [p50, p90, p99, p999] = s.corrected_ms;
     let mut out = String::from("<!doctype html><html><head><meta charset=\"utf-8\">");
@@ -225,6 +335,9 @@ pub fn page(s: &Summary, info: &RunInfo, title: &str, verdicts: &[Verdict]) -> S
          .legend span{margin-right:14px}.legend i{display:inline-block;width:10px;height:10px;margin-right:4px}\
          .invalid{color:#b00;font-weight:bold}</style></head><body>",
     );
+    if let Some((href, text)) = decor.back {
+        let _ = write!(out, "<p><a id=\"back\" href=\"{}\">{}</a></p>", esc(href), esc(text));
+    }
     let _ = write!(out, "<h1>{}</h1>", esc(title));
     if !valid(s) {
         out.push_str("<p class=\"invalid\">Invalid run: over 1% of requests could not be sent on time.</p>");
@@ -271,14 +384,37 @@ pub fn page(s: &Summary, info: &RunInfo, title: &str, verdicts: &[Verdict]) -> S
         }
         out.push_str("</table>");
     }
-    out.push_str(&stacked("throughput", "Throughput by outcome", "requests/s", seconds, &throughput));
-    let latency_title = if info.model == "closed" { "Latency" } else { "Latency from the scheduled time" };
-    out.push_str(&lines("latency", latency_title, "ms", seconds, &latency));
-    if mix.is_empty() {
-        out.push_str("<h2>Tracked header</h2><svg class=\"chart\" id=\"headers\" width=\"900\" height=\"40\"><text x=\"10\" y=\"25\">no header tracked (use --track-header)</text></svg>");
-    } else {
-        out.push_str(&stacked("headers", "Tracked header's values", "responses/s", seconds, &mix));
+    if !s.steps.is_empty() {
+        out.push_str(
+            "<h2>By flow and step</h2><table id=\"by-step\"><tr><th>flow</th><th>step</th><th>request</th>\
+             <th>requests</th><th>ok</th><th>failed</th><th>p50 ms</th><th>p99 ms</th><th>max ms</th></tr>",
+        );
+        for st in &s.steps {
+            let _ = write!(
+                out,
+                "<tr><th>{}</th><td>{}</td><th>{}</th><td>{}</td><td>{}</td><td{}>{}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td></tr>",
+                esc(&st.flow_name),
+                st.step + 1,
+                esc(&st.request),
+                st.counts.total(),
+                st.counts.ok,
+                if st.counts.failed() > 0 { " class=\"invalid\"" } else { "" },
+                st.counts.failed(),
+                st.p50_ms,
+                st.p99_ms,
+                st.max_ms
+            );
+        }
+        out.push_str("</table>");
     }
+    if !decor.marks.is_empty() {
+        out.push_str("<h2>Events</h2><table id=\"marks\"><tr><th>at</th><th>event</th></tr>");
+        for m in decor.marks {
+            let _ = write!(out, "<tr><td>{:.1} s</td><th>{}</th></tr>", m.at_s, esc(&m.label));
+        }
+        out.push_str("</table>");
+    }
+    out.push_str(&charts(&s.timeline, decor.marks, info.model == "closed"));
     out.push_str("</body></html>\n");
     out
 }
@@ -335,6 +471,53 @@ mod tests {
         let f = Frame::new(10, 398.0);
         assert_eq!(f.max, 400.0, "the top of the axis is a round number too");
         assert_eq!([3, 10, 11, 45, 61, 600].map(time_step), [1, 1, 2, 5, 10, 60]);
+    }
+
+    #[test]
+    fn marks_are_read_against_the_run_start_and_bad_lines_named() {
+        let text = "{\"at_ms\": 1500, \"label\": \"deploy started\"}\n\n{\"at_ms\": 4000, \"label\": \"switched\"}\n";
+        let marks = parse_marks(text, 1000).unwrap();
+        assert_eq!(
+            marks,
+            [Mark { at_s: 0.5, label: "deploy started".into() }, Mark { at_s: 3.0, label: "switched".into() }]
+        );
+        let errors = parse_marks("{\"at_ms\": 1}\nnope\n{\"at_ms\": -1, \"label\": \"x\"}\n", 0).unwrap_err();
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(errors[0].starts_with("line 1: expected") && errors[1].starts_with("line 2: not JSON"), "{errors:?}");
+        assert!(errors[2].starts_with("line 3: "), "{errors:?}");
+        let many: String = (0..=MARKS_MAX).map(|i| format!("{{\"at_ms\": {i}, \"label\": \"m\"}}\n")).collect();
+        assert!(parse_marks(&many, 0).is_err_and(|e| e[0].contains("at most")));
+    }
+
+    #[test]
+    fn marks_are_drawn_on_every_chart_and_listed_with_a_link_back() {
+        let mut l = crate::ledger::Ledger::new(std::time::Duration::from_secs(4));
+        l.record(crate::ledger::Outcome::Ok(200), Default::default(), Default::default(), None, Some("v1"));
+        let s = crate::ledger::conclude(vec![l], Default::default(), std::time::Duration::from_secs(3));
+        let info = RunInfo { model: "open", scenario: false, target_rate: None, duration_s: 3.0 };
+        let marks = [Mark { at_s: 0.5, label: "kill -9 <pid>".into() }, Mark { at_s: 99.0, label: "after".into() }];
+        let html =
+            page_with(&s, &info, "phase 3", &[], &Decor { back: Some(("report.html", "summary")), marks: &marks });
+        assert!(html.contains("<a id=\"back\" href=\"report.html\">summary</a>"), "{html}");
+        for id in ["throughput", "latency", "headers"] {
+            let chart = html.split(&format!("id=\"{id}\"")).nth(1).unwrap().split("</svg>").next().unwrap();
+            assert_eq!(chart.matches("class=\"mark\"").count(), 1, "{id}: one mark inside the run, none past it");
+            assert!(chart.contains("kill -9 &lt;pid&gt;"), "{id}: the label, escaped");
+        }
+        let listed = html.split("id=\"marks\"").nth(1).unwrap().split("</table>").next().unwrap();
+        assert!(listed.contains("0.5 s") && listed.contains("after"), "every mark is listed: {listed}");
+        assert!(!page(&s, &info, "t", &[]).contains("id=\"marks\""), "no marks, no list");
+        // Six marks in one instant: four labels on four rows, the other two left to their lines' tooltips.
+        let crowd: Vec<Mark> = (0..6).map(|i| Mark { at_s: 0.2, label: format!("event {i}") }).collect();
+        let html = page_with(&s, &info, "t", &[], &Decor { back: None, marks: &crowd });
+        let chart = html.split("id=\"latency\"").nth(1).unwrap().split("</svg>").next().unwrap();
+        assert_eq!(chart.matches("class=\"mark\"").count(), 6);
+        let rows: std::collections::BTreeSet<&str> = chart
+            .split("class=\"mark-label\"")
+            .skip(1)
+            .map(|t| t.split("y=\"").nth(1).unwrap().split('"').next().unwrap())
+            .collect();
+        assert_eq!((chart.matches("class=\"mark-label\"").count(), rows.len()), (4, 4), "{chart}");
     }
 
     #[test]

@@ -198,6 +198,29 @@ pub struct Ledger {
     success_ms: Vec<u64>,
     /// Requests sent a second time, on a fresh connection, after a reused one closed before one byte of answer.
     retried: u64,
+    /// A scenario's requests by (flow, step), both indexes from 0.
+    steps: BTreeMap<(usize, usize), StepTally>,
+}
+
+/// One step of a scenario's flow over the run: how its requests ended, and their latency from the time each was due.
+struct StepTally {
+    counts: Counts,
+    hist: Histogram<u64>,
+}
+
+/// One step of a scenario's flow in the summary. `flow_name` and `request` are filled by the run, which knows the
+/// scenario (the ledger keeps indexes only).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepSummary {
+    pub flow: usize,
+    pub step: usize,
+    pub flow_name: String,
+    /// The step's method and URL template, such as `POST /orders`.
+    pub request: String,
+    pub counts: Counts,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
 }
 
 fn ms_of(d: Duration) -> f64 {
@@ -231,6 +254,7 @@ impl Ledger {
             open: BTreeMap::new(),
             success_ms: vec![0; bits.div_ceil(64)],
             retried: 0,
+            steps: BTreeMap::new(),
         }
     }
 
@@ -275,6 +299,18 @@ impl Ledger {
             if let Some(word) = self.success_ms.get_mut(ms / 64) {
                 *word |= 1 << (ms % 64);
             }
+        }
+    }
+
+    /// Records a scenario request (already counted by [`Ledger::record`]) under its flow and step.
+    pub fn record_step(&mut self, flow: usize, step: usize, outcome: Outcome, due: Duration, done: Duration) {
+        let tally = self
+            .steps
+            .entry((flow, step))
+            .or_insert_with(|| StepTally { counts: Counts::default(), hist: histogram() });
+        tally.counts.add(outcome);
+        if let Outcome::Ok(_) | Outcome::Http4xx(_) | Outcome::Http5xx(_) = outcome {
+            let _ = tally.hist.record(micros(done.saturating_sub(due)));
         }
     }
 
@@ -327,6 +363,17 @@ impl Ledger {
         for (mine, theirs) in self.success_ms.iter_mut().zip(other.success_ms) {
             *mine |= theirs;
         }
+        for (k, theirs) in other.steps {
+            match self.steps.get_mut(&k) {
+                Some(mine) => {
+                    mine.counts.merge(&theirs.counts);
+                    mine.hist.add(&theirs.hist).expect("same bounds");
+                }
+                None => {
+                    self.steps.insert(k, theirs);
+                }
+            }
+        }
     }
 
     /// The summary of the run, with its merged `timeline`.
@@ -354,6 +401,20 @@ impl Ledger {
             failed_ms: [0.5, 0.99].map(|v| q(&self.failed, v)),
             failed_max_ms: if self.failed.is_empty() { 0.0 } else { self.failed.max() as f64 / 1000.0 },
             max_success_gap_ms: gap as u64,
+            steps: self
+                .steps
+                .iter()
+                .map(|(&(flow, step), t)| StepSummary {
+                    flow,
+                    step,
+                    flow_name: String::new(),
+                    request: String::new(),
+                    counts: t.counts,
+                    p50_ms: q(&t.hist, 0.5),
+                    p99_ms: q(&t.hist, 0.99),
+                    max_ms: if t.hist.is_empty() { 0.0 } else { t.hist.max() as f64 / 1000.0 },
+                })
+                .collect(),
             timeline,
             run_ms: ms_of(run),
         }
@@ -379,6 +440,8 @@ pub struct Summary {
     pub failed_ms: [f64; 2],
     pub failed_max_ms: f64,
     pub max_success_gap_ms: u64,
+    /// A scenario's requests by flow and step, in flow then step order (empty without a scenario).
+    pub steps: Vec<StepSummary>,
     pub timeline: Vec<Second>,
     pub run_ms: f64,
 }

@@ -2,7 +2,7 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::ledger::Summary;
+use crate::ledger::{Counts, Second, Summary};
 use crate::threshold::Verdict;
 
 /// Share of not-sent requests above which a run is invalid: the generator, not the target, was the bottleneck.
@@ -27,6 +27,60 @@ pub fn valid(s: &Summary) -> bool {
 }
 
 /// The JSON document of a run, with its thresholds as judged at the end (`verdicts`).
+/// The text table of a scenario's requests by flow and step (a failed step ends its flow, so a later step may
+/// count fewer requests than the one before it).
+fn steps_table(s: &Summary) -> String {
+    let width = s.steps.iter().map(|st| st.flow_name.len()).max().unwrap_or(0).max(4);
+    let request = s.steps.iter().map(|st| st.request.len()).max().unwrap_or(0).clamp(7, 40);
+    let mut out = format!(
+        "by flow and step:\n  {:<width$} {:>4}  {:<request$} {:>9} {:>9} {:>7} {:>9} {:>9}\n",
+        "flow", "step", "request", "requests", "ok", "failed", "p50 ms", "p99 ms"
+    );
+    for st in &s.steps {
+        let shown: String = st.request.chars().take(request).collect();
+        out.push_str(&format!(
+            "  {:<width$} {:>4}  {:<request$} {:>9} {:>9} {:>7} {:>9.2} {:>9.2}\n",
+            st.flow_name,
+            st.step + 1,
+            shown,
+            st.counts.total(),
+            st.counts.ok,
+            st.counts.failed(),
+            st.p50_ms,
+            st.p99_ms
+        ));
+    }
+    out
+}
+
+/// One second of a report's `timeline` read back (as [`json`] wrote it), shifted `offset_s` seconds later: to
+/// chart several runs' reports on one time axis. `None` for an entry that is not one.
+pub fn second_of_json(v: &Value, offset_s: u64) -> Option<Second> {
+    let n = |k: &str| v[k].as_u64();
+    let f = |k: &str| v[k].as_f64();
+    let counts = Counts {
+        ok: n("ok")?,
+        http_4xx: n("http_4xx")?,
+        http_5xx: n("http_5xx")?,
+        connect: n("connect")?,
+        reset: n("reset")?,
+        timeout: n("timeout")?,
+        check: n("check")?,
+        not_sent: n("not_sent")?,
+    };
+    let headers =
+        v["headers"].as_object()?.iter().map(|(k, c)| Some((k.clone(), c.as_u64()?))).collect::<Option<_>>()?;
+    Some(Second {
+        t: n("t")? + offset_s,
+        counts,
+        p50_ms: f("p50_ms")?,
+        p90_ms: f("p90_ms")?,
+        p99_ms: f("p99_ms")?,
+        max_ms: f("max_ms")?,
+        headers,
+    })
+}
+
 pub fn json(s: &Summary, info: &RunInfo, verdicts: &[Verdict]) -> Value {
     let thresholds: Vec<Value> =
         verdicts.iter().map(|v| json!({ "threshold": v.threshold, "measured": v.measured, "held": v.held })).collect();
@@ -56,6 +110,31 @@ pub fn json(s: &Summary, info: &RunInfo, verdicts: &[Verdict]) -> Value {
             })
         })
         .collect();
+    let steps: Vec<Value> = s
+        .steps
+        .iter()
+        .map(|st| {
+            let c = &st.counts;
+            json!({
+                "flow": st.flow_name,
+                "step": st.step + 1,
+                "request": st.request,
+                "requests": c.total(),
+                "ok": c.ok,
+                "failed": c.failed(),
+                "http_4xx": c.http_4xx,
+                "http_5xx": c.http_5xx,
+                "connect": c.connect,
+                "reset": c.reset,
+                "timeout": c.timeout,
+                "check": c.check,
+                "not_sent": c.not_sent,
+                "p50_ms": st.p50_ms,
+                "p99_ms": st.p99_ms,
+                "max_ms": st.max_ms,
+            })
+        })
+        .collect();
     let [p50, p90, p99, p999] = s.corrected_ms;
     let [u50, u90, u99, u999] = s.uncorrected_ms;
     json!({
@@ -71,6 +150,7 @@ pub fn json(s: &Summary, info: &RunInfo, verdicts: &[Verdict]) -> Value {
         "rate": { "target": info.target_rate, "target_unit": if info.scenario { "flows/s" } else { "requests/s" }, "achieved": achieved_rate(s, info) },
         "max_success_gap_ms": s.max_success_gap_ms,
         "timeline": timeline,
+        "steps": steps,
         "headers": headers,
         "thresholds": thresholds,
         "thresholds_held": verdicts.iter().all(|v| v.held),
@@ -121,6 +201,9 @@ pub fn text(s: &Summary, info: &RunInfo) -> String {
         let mix: Vec<String> = s.headers.iter().map(|(k, v)| format!("{k}={v}")).collect();
         out.push_str(&format!("tracked header: {}\n", mix.join(" ")));
     }
+    if !s.steps.is_empty() {
+        out.push_str(&steps_table(s));
+    }
     if !valid(s) {
         out.push_str(&format!(
             "INVALID RUN: {} of {} requests could not be sent on time (over {}%): the generator was the bottleneck\n",
@@ -130,4 +213,26 @@ pub fn text(s: &Summary, info: &RunInfo) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timeline_second_reads_back_as_it_was_written_and_shifted() {
+        let mut l = crate::ledger::Ledger::new(std::time::Duration::from_secs(3));
+        let ms = std::time::Duration::from_millis;
+        l.record(crate::ledger::Outcome::Ok(200), ms(10), ms(12), None, Some("v2"));
+        l.record(crate::ledger::Outcome::Http5xx(503), ms(1200), ms(1250), None, Some("v1"));
+        let s = crate::ledger::conclude(vec![l], Default::default(), std::time::Duration::from_secs(2));
+        let info = RunInfo { model: "open", scenario: false, target_rate: Some(1.0), duration_s: 2.0 };
+        let doc = json(&s, &info, &[]);
+        let back: Vec<Second> =
+            doc["timeline"].as_array().unwrap().iter().map(|v| second_of_json(v, 0).unwrap()).collect();
+        assert_eq!(back, s.timeline);
+        let later = second_of_json(&doc["timeline"][0], 7).unwrap();
+        assert_eq!(later.t, s.timeline[0].t + 7);
+        assert_eq!(second_of_json(&serde_json::json!({ "t": 1 }), 0), None);
+    }
 }

@@ -63,6 +63,9 @@ pub struct RunResult {
     pub summary: Summary,
     /// The threshold that stopped the run early, if one did.
     pub aborted_by: Option<String>,
+    /// The wall-clock time of the run's second 0, in milliseconds since the Unix epoch (to place marks from
+    /// other clocks on its timeline).
+    pub start_unix_ms: u64,
 }
 
 /// Fills `{{seq}}`, `{{uuid}}` and `{{random_int}}`.
@@ -141,6 +144,8 @@ pub fn run(cfg: RunConfig) -> RunResult {
         Model::Open { schedule, .. } => schedule.duration(),
     };
     let start = Instant::now();
+    let start_unix_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     let ledgers: Vec<Arc<Mutex<Ledger>>> = (0..threads)
         .map(|_| Arc::new(Mutex::new(Ledger::new(span + cfg.timeout * 2 + Duration::from_secs(2)))))
         .collect();
@@ -200,7 +205,16 @@ pub fn run(cfg: RunConfig) -> RunResult {
     let timeline = std::mem::take(&mut *timeline.lock().expect("timeline lock"));
     let aborted_by = aborted_by.lock().expect("abort lock").take();
     let ran = if aborted_by.is_some() { start.elapsed().min(span) } else { span };
-    RunResult { summary: conclude(finished, timeline, ran), aborted_by }
+    let mut summary = conclude(finished, timeline, ran);
+    if let Some(sc) = &cfg.scenario {
+        for s in &mut summary.steps {
+            if let Some(step) = sc.flows.get(s.flow).and_then(|f| f.steps.get(s.step)) {
+                s.flow_name = sc.flows[s.flow].name.clone();
+                s.request = format!("{} {}", step.method, step.url);
+            }
+        }
+    }
+    RunResult { summary, aborted_by, start_unix_ms }
 }
 
 /// Once a second: merges the workers' finished seconds into the timeline, judges the --abort-on-fail thresholds
@@ -332,9 +346,14 @@ async fn drive(w: Arc<Worker>, threads: usize) {
                 };
                 let Some(permit) = permit else {
                     // Every request the arrival would have made is not sent: one, or each step of a flow.
-                    let requests = w.cfg.scenario.as_ref().map_or(1, |sc| sc.pick(&mut rng).steps.len());
-                    for _ in 0..requests {
-                        w.record(Outcome::NotSent, due, w.start.elapsed(), None, None);
+                    match w.cfg.scenario.as_ref() {
+                        None => w.record(Outcome::NotSent, due, w.start.elapsed(), None, None),
+                        Some(sc) => {
+                            let flow = sc.pick_index(&mut rng);
+                            for step in 0..sc.flows[flow].steps.len() {
+                                w.record_in_flow((flow, step), Outcome::NotSent, due, w.start.elapsed(), None, None);
+                            }
+                        }
                     }
                     n += threads as u64;
                     continue;
@@ -373,6 +392,21 @@ impl Worker {
 impl Worker {
     fn record(&self, outcome: Outcome, due: Duration, done: Duration, service: Option<Duration>, header: Option<&str>) {
         self.ledger.lock().expect("ledger lock").record(outcome, due, done, service, header);
+    }
+
+    /// Records a request of step `at.1` of flow `at.0`, in the totals and under its step.
+    fn record_in_flow(
+        &self,
+        at: (usize, usize),
+        outcome: Outcome,
+        due: Duration,
+        done: Duration,
+        service: Option<Duration>,
+        header: Option<&str>,
+    ) {
+        let mut ledger = self.ledger.lock().expect("ledger lock");
+        ledger.record(outcome, due, done, service, header);
+        ledger.record_step(at.0, at.1, outcome, due, done);
     }
 
     /// The bytes of request `seq`: prepared once when nothing in it varies.
@@ -425,10 +459,11 @@ impl Worker {
         slot: &mut Option<H1Conn>,
         watch: &Watch,
     ) {
-        let flow = scenario.pick(rng);
+        let f = scenario.pick_index(rng);
+        let flow = &scenario.flows[f];
         let mut vars = std::collections::BTreeMap::new();
         let mut step_due = due;
-        for step in &flow.steps {
+        for (i, step) in flow.steps.iter().enumerate() {
             let bytes = step.bytes(&self.cfg.target.authority, seq, rng, &vars);
             let head_only = step.method == Method::HEAD;
             let (mut outcome, done, service, answer) =
@@ -438,7 +473,8 @@ impl Worker {
                     outcome = Outcome::CheckFailed;
                 }
             }
-            self.record(outcome, step_due, done, service, answer.as_ref().and_then(|a| a.tracked.as_deref()));
+            let tracked = answer.as_ref().and_then(|a| a.tracked.as_deref());
+            self.record_in_flow((f, i), outcome, step_due, done, service, tracked);
             if !outcome.is_ok() {
                 return;
             }

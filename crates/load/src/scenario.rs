@@ -181,14 +181,19 @@ impl Scenario {
 
     /// Picks a flow by weight.
     pub fn pick(&self, rng: &mut fastrand::Rng) -> &Flow {
+        &self.flows[self.pick_index(rng)]
+    }
+
+    /// The index in `flows` of a flow chosen by weight.
+    pub fn pick_index(&self, rng: &mut fastrand::Rng) -> usize {
         let mut x = rng.u32(..self.total_weight);
-        for f in &self.flows {
+        for (i, f) in self.flows.iter().enumerate() {
             if x < f.weight {
-                return f;
+                return i;
             }
             x -= f.weight;
         }
-        &self.flows[0]
+        0
     }
 }
 

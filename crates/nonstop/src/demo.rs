@@ -34,6 +34,8 @@ const INSTANCES: u64 = 3;
 const CAPACITY_RPS: u64 = INSTANCES * WORKERS * 1000 / WORK_MS;
 /// The steady rate, a third of capacity.
 const STEADY_RPS: u64 = CAPACITY_RPS / 3;
+/// The phases the demo runs (see `phases_run`).
+const PHASES: usize = 5;
 
 const SCENARIO: &str = r#"
 [[flow]]
@@ -267,10 +269,37 @@ impl Demo {
         }
     }
 
-    /// Starts one phase's load: `nonstop load` at `rate` for `secs`, writing JSON and HTML.
-    fn load(&self, n: usize, rate: u64, secs: u64) -> std::thread::JoinHandle<anyhow::Result<(Value, String)>> {
+    /// The file of phase `n`'s events, which its load report marks on its charts.
+    fn marks_file(&self, n: usize) -> PathBuf {
+        self.dir.join(format!("phase-{n}.marks"))
+    }
+
+    /// Notes an event of phase `n` now, for its report's charts.
+    fn mark(&self, n: usize, label: &str) {
+        let at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        let line = serde_json::json!({ "at_ms": at_ms as u64, "label": label }).to_string() + "\n";
+        let appended = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.marks_file(n))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
+        if let Err(e) = appended {
+            eprintln!("nonstop demo: cannot note the event {label:?} of phase {n}: {e}");
+        }
+    }
+
+    /// Starts phase `n`'s load: `nonstop load` at `rate` for `secs`, writing JSON and an HTML page titled with the
+    /// phase's name, linked back to the summary, with the phase's events marked.
+    fn load(
+        &self,
+        n: usize,
+        name: &str,
+        rate: u64,
+        secs: u64,
+    ) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<(Value, String)>>> {
         let json = self.dir.join(format!("phase-{n}.json"));
         let html = format!("phase-{n}.html");
+        let marks = self.marks_file(n);
+        std::fs::write(&marks, "").with_context(|| format!("cannot create {}", marks.display()))?;
         let mut cmd = Command::new(&self.exe);
         cmd.arg("load")
             .arg(format!("http://{}", self.proxy))
@@ -281,8 +310,11 @@ impl Demo {
             .arg(&json)
             .arg("--html")
             .arg(self.dir.join(&html))
+            .args(["--title", &format!("nonstop demo, phase {n} of {PHASES}: {name}"), "--back", "report.html"])
+            .arg("--marks")
+            .arg(&marks)
             .env("RUST_LOG", "warn");
-        std::thread::spawn(move || {
+        Ok(std::thread::spawn(move || {
             cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
             let child = cmd.spawn().context("cannot run nonstop load")?;
             let pid = child.id();
@@ -297,10 +329,11 @@ impl Demo {
             let text = std::fs::read_to_string(&json)
                 .with_context(|| format!("nonstop load wrote no JSON: {}", String::from_utf8_lossy(&out.stderr)))?;
             Ok((serde_json::from_str(&text)?, html))
-        })
+        }))
     }
 
-    fn deploy(&self, version: &str, env: &[(&str, &str)]) -> anyhow::Result<String> {
+    /// Deploys `version` during phase `n`, marking its steps on the phase's charts.
+    fn deploy(&self, n: usize, version: &str, env: &[(&str, &str)]) -> anyhow::Result<String> {
         let env: serde_json::Map<String, Value> =
             env.iter().map(|(k, v)| (k.to_string(), Value::String(v.to_string()))).collect();
         let body = serde_json::json!({ "version": version, "env": env }).to_string();
@@ -309,6 +342,18 @@ impl Demo {
             if let Ok(v) = serde_json::from_str::<Value>(line) {
                 let at = v["at_ms"].as_u64().unwrap_or(0) as f64 / 1000.0;
                 println!("    [{at:6.2}s] {}", v["message"].as_str().unwrap_or(""));
+                let label = match v["step"].as_str().unwrap_or("") {
+                    "start" => Some(format!("deploy of {version} starts")),
+                    "in_service" => Some(format!("a {version} instance takes traffic")),
+                    "drained" => Some("an old instance drained".to_string()),
+                    "failed" => Some(format!("{version} failed")),
+                    "rolled_back" => Some("rolled back".to_string()),
+                    "done" => Some(format!("deploy of {version}: {}", v["result"].as_str().unwrap_or("done"))),
+                    _ => None,
+                };
+                if let Some(label) = label {
+                    self.mark(n, &label);
+                }
                 if v["done"] == true {
                     result = v["result"].as_str().unwrap_or("unknown").to_string();
                 }
@@ -343,24 +388,25 @@ impl Demo {
         self.wait_serving("v1", Duration::from_secs(30))?;
 
         println!("\n1. steady: {STEADY_RPS} requests/s on v1");
-        let h = self.load(1, STEADY_RPS, 4);
+        let h = self.load(1, "steady v1", STEADY_RPS, 4)?;
         self.finish("steady v1", format!("{STEADY_RPS} req/s, half GET /, half POST /orders"), h)?;
 
         println!("\n2. rolling deploy v1 -> v2 under load");
-        let h = self.load(2, STEADY_RPS, 10);
+        let h = self.load(2, "rolling deploy to v2", STEADY_RPS, 10)?;
         std::thread::sleep(Duration::from_secs(1));
-        let r = self.deploy("v2", &[])?;
+        let r = self.deploy(2, "v2", &[])?;
         if r != "succeeded" {
             bail!("the deploy of v2 ended {r}");
         }
         self.finish("rolling deploy to v2", "start new, wait ready, slow start, drain old, soak, stop old".into(), h)?;
 
         println!("\n3. kill -9 of one instance under load");
-        let h = self.load(3, STEADY_RPS, 8);
+        let h = self.load(3, "kill -9 one instance", STEADY_RPS, 8)?;
         std::thread::sleep(Duration::from_secs(2));
         let victim = self.status()?["instances"][0].clone();
         let pid = victim["pid"].as_i64().context("an instance pid")? as i32;
         println!("    SIGKILL to instance {} (pid {pid}); the supervisor restarts it", victim["id"]);
+        self.mark(3, &format!("kill -9 of instance {}", victim["id"]));
         // SAFETY: kill(2) on a pid the proxy reported for its own child.
         unsafe {
             libc::kill(pid, libc::SIGKILL);
@@ -370,13 +416,13 @@ impl Demo {
 
         let burst = 3 * CAPACITY_RPS;
         println!("\n4. burst: {burst} requests/s (3x capacity) for 2 s");
-        let h = self.load(4, burst, 2);
+        let h = self.load(4, "burst 3x capacity", burst, 2)?;
         self.finish("burst 3x capacity", format!("{burst} req/s for 2 s; the excess waits in the proxy's queue"), h)?;
 
         println!("\n5. broken v3 (never ready) under load: automatic rollback");
-        let h = self.load(5, STEADY_RPS, 8);
+        let h = self.load(5, "broken v3 rolled back", STEADY_RPS, 8)?;
         std::thread::sleep(Duration::from_secs(1));
-        let r = self.deploy("v3", &[("READY_AFTER_MS", "100000000")])?;
+        let r = self.deploy(5, "v3", &[("READY_AFTER_MS", "100000000")])?;
         if r != "rolled_back" {
             bail!("the broken v3 ended {r}, not rolled back");
         }
@@ -432,11 +478,14 @@ impl Demo {
             format!("FAIL: {failed} of {total} requests failed; {accepted} orders accepted, {rows} rows stored")
         };
         println!("  {line}");
+        let charts = self.whole_run_charts();
         let report = self.dir.join("report.html");
         let html = format!(
             "<!doctype html><html><head><meta charset=\"utf-8\"><title>nonstop demo</title><style>\
              body{{font-family:sans-serif;margin:2em}}td,th{{padding:4px 10px;text-align:left}}\
-             .ok{{color:#080}}.bad{{color:#b00;font-weight:bold}}</style></head><body>\
+             .ok{{color:#080}}.bad{{color:#b00;font-weight:bold}}\
+             .legend span{{margin-right:14px}}.legend i{{display:inline-block;width:10px;height:10px;margin-right:4px}}\
+             </style></head><body>\
              <h1>nonstop demo</h1><p id=\"verdict\" class=\"{cls}\">{line}</p>\
              <p>Three supervised <code>nonstop app</code> instances (capacity {CAPACITY_RPS} requests/s) behind \
              <code>nonstop serve</code>; load from <code>nonstop load</code> (open model, half GET /, half POST \
@@ -444,6 +493,7 @@ impl Demo {
              <table><tr><th>phase</th><th>what happened</th><th>requests</th><th>failed</th><th>p99 ms</th>\
              <th>versions served</th></tr>{rows_html}</table>\
              <p>Orders accepted (201): <b>{accepted}</b>. Rows in the database: <b>{rows}</b>.</p>\
+             <p>The whole run, phase after phase (each phase's start and its events are marked):</p>{charts}\
              <p>Each phase links to its own load report. Config: <code>nonstop.toml</code>; deploy history: \
              <code>state/deploys.jsonl</code>; instance logs: <code>state/logs/</code>.</p></body></html>\n",
             cls = if ok { "ok" } else { "bad" },
@@ -453,6 +503,33 @@ impl Demo {
         std::fs::write(&report, html)?;
         println!("  report: {}", report.display());
         Ok(ok)
+    }
+}
+
+impl Demo {
+    /// The charts of every phase's timeline on one time axis, from the phases' reports, with each phase's start
+    /// and events marked.
+    fn whole_run_charts(&self) -> String {
+        let Some(first) = self.phases.first().and_then(|p| p.doc["start_unix_ms"].as_u64()) else {
+            return String::new();
+        };
+        let mut timeline = Vec::new();
+        let mut marks = Vec::new();
+        for (i, p) in self.phases.iter().enumerate() {
+            let offset_ms = p.doc["start_unix_ms"].as_u64().unwrap_or(first).saturating_sub(first);
+            let offset_s = offset_ms.div_ceil(1000);
+            let seconds = p.doc["timeline"].as_array().map(Vec::as_slice).unwrap_or_default();
+            timeline.extend(seconds.iter().filter_map(|v| nonstop_load::report::second_of_json(v, offset_s)));
+            marks.push(nonstop_load::html::Mark { at_s: offset_s as f64, label: format!("{}. {}", i + 1, p.name) });
+            for m in p.doc["marks"].as_array().map(Vec::as_slice).unwrap_or_default() {
+                if let (Some(at), Some(label)) = (m["at_s"].as_f64(), m["label"].as_str()) {
+                    marks.push(nonstop_load::html::Mark { at_s: offset_s as f64 + at, label: label.to_string() });
+                }
+            }
+        }
+        timeline.sort_by_key(|s| s.t);
+        timeline.dedup_by_key(|s| s.t);
+        nonstop_load::html::charts(&timeline, &marks, false)
     }
 }
 

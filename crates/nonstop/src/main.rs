@@ -180,6 +180,17 @@ struct LoadArgs {
     /// Write a self-contained HTML report with charts (no network needed to view it).
     #[arg(long)]
     html: Option<PathBuf>,
+    /// The HTML report's title [default: nonstop load URL].
+    #[arg(long, value_name = "TEXT")]
+    title: Option<String>,
+    /// A link at the top of the HTML report, back to the page it belongs to (such as a summary of several runs).
+    #[arg(long, value_name = "HREF", requires = "html", conflicts_with = "find_max")]
+    back: Option<String>,
+    /// Events to mark on the report's charts: a file of JSON lines {"at_ms": MS_SINCE_UNIX_EPOCH, "label": TEXT},
+    /// read when the run ends, so that a deploy script may append to it while the load runs. The marks go into
+    /// --json too (as seconds into the run).
+    #[arg(long, value_name = "FILE", conflicts_with = "find_max")]
+    marks: Option<PathBuf>,
     /// Search for the highest rate at which p99 and the error rate stay within --max-p99 and --max-error-rate:
     /// open-model steps of --step each, doubling from --start-rate, then bisecting.
     #[arg(long, conflicts_with_all = ["rate", "stages"])]
@@ -529,7 +540,20 @@ fn run_load(args: LoadArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let nonstop_load::RunResult { summary, aborted_by } = nonstop_load::run(cfg);
+    // The marks file must be there and readable before the run (it is read again, whole, when the run ends).
+    let read_marks = |path: &std::path::Path, start_unix_ms: u64| {
+        let read = std::fs::read_to_string(path).map_err(|e| vec![e.to_string()]);
+        read.and_then(|text| nonstop_load::html::parse_marks(&text, start_unix_ms)).map_err(|errors| {
+            eprintln!("nonstop load: --marks {}:\n  {}", path.display(), errors.join("\n  "));
+            ExitCode::from(2)
+        })
+    };
+    if let Some(path) = &args.marks {
+        if let Err(code) = read_marks(path, 0) {
+            return code;
+        }
+    }
+    let nonstop_load::RunResult { summary, aborted_by, start_unix_ms } = nonstop_load::run(cfg);
     say!(args, "{}", nonstop_load::report::text(&summary, &info));
     if let Some(t) = &aborted_by {
         sayln!(args, "ABORTED: threshold {t} failed mid-run (--abort-on-fail)");
@@ -543,15 +567,26 @@ fn run_load(args: LoadArgs) -> ExitCode {
         failed |= !holds;
         sayln!(args, "threshold {}: {} (measured {measured:.2})", t.text(), if holds { "ok" } else { "FAILED" });
     }
+    let marks = match &args.marks {
+        None => Vec::new(),
+        Some(path) => match read_marks(path, start_unix_ms) {
+            Ok(marks) => marks,
+            Err(code) => return code,
+        },
+    };
     if let Some(path) = &args.json {
-        let doc = nonstop_load::report::json(&summary, &info, &verdicts);
+        let mut doc = nonstop_load::report::json(&summary, &info, &verdicts);
+        doc["start_unix_ms"] = start_unix_ms.into();
+        doc["marks"] = marks.iter().map(|m| serde_json::json!({ "at_s": m.at_s, "label": m.label })).collect();
         if let Err(code) = write_json(path, &doc) {
             return code;
         }
     }
     if let Some(path) = &args.html {
-        let title = format!("nonstop load {}", args.url);
-        if let Err(e) = std::fs::write(path, nonstop_load::html::page(&summary, &info, &title, &verdicts)) {
+        let title = args.title.clone().unwrap_or_else(|| format!("nonstop load {}", args.url));
+        let decor = nonstop_load::html::Decor { back: args.back.as_deref().map(|b| (b, "back")), marks: &marks };
+        if let Err(e) = std::fs::write(path, nonstop_load::html::page_with(&summary, &info, &title, &verdicts, &decor))
+        {
             eprintln!("nonstop load: cannot write {}: {e}", path.display());
             return ExitCode::from(2);
         }
@@ -652,7 +687,7 @@ fn find_max(args: LoadArgs) -> ExitCode {
             })
             .collect();
         let page = nonstop_load::html::find_max_page(
-            &format!("nonstop load --find-max {}", args.url),
+            &args.title.clone().unwrap_or_else(|| format!("nonstop load --find-max {}", args.url)),
             best,
             &rows,
             best_run.as_ref().map(|(rate, s, v)| {

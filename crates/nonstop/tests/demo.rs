@@ -43,4 +43,40 @@ fn demo_exits_0_with_a_verdict_and_a_report() {
         assert!(dom.contains(&format!("href=\"phase-{n}.html\"")), "phase {n} links its report");
         assert!(out_dir.join(format!("phase-{n}.html")).exists());
     }
+    // The whole run's timeline charts, each phase's start and events marked on every one.
+    let chart = |dom: &str, id: &str| -> String {
+        let after = dom.split(&format!("id=\"{id}\"")).nth(1).unwrap_or_else(|| panic!("chart {id} in {dom}"));
+        after.split("</svg>").next().unwrap().to_string()
+    };
+    for id in ["throughput", "latency", "headers"] {
+        let c = chart(&dom, id);
+        for phase in ["1. steady v1", "2. rolling deploy to v2", "3. kill -9 one instance", "5. broken v3 rolled back"]
+        {
+            assert!(c.contains(phase), "{id} marks the start of {phase:?}");
+        }
+        assert!(c.contains("deploy of v2 starts") && c.contains("kill -9 of instance"), "{id} marks the events");
+    }
+    assert!(chart(&dom, "throughput").matches("class=\"bar\"").count() > 30, "bars over the whole run");
+    assert!(chart(&dom, "headers").contains("v1") && chart(&dom, "headers").contains("v2"), "versions over time");
+
+    // Each phase's page: its name, a link back to the summary, and its events on its charts.
+    let phase2 = headless(&dir, &["--dump-dom"], &out_dir.join("phase-2.html"));
+    let phase2 = String::from_utf8_lossy(&phase2.stdout);
+    assert!(phase2.contains("<h1>nonstop demo, phase 2 of 5: rolling deploy to v2</h1>"), "{phase2}");
+    assert!(phase2.contains("id=\"back\" href=\"report.html\""), "{phase2}");
+    let by_step = phase2.split("id=\"by-step\"").nth(1).unwrap_or_else(|| panic!("the flow and step table: {phase2}"));
+    assert!(by_step.contains("POST /orders") && by_step.contains("<th>read</th>"), "{by_step}");
+    let marks = chart(&phase2, "throughput");
+    for event in ["deploy of v2 starts", "a v2 instance takes traffic", "an old instance drained"] {
+        assert!(marks.contains(event), "{event:?} marked in phase 2: {marks}");
+    }
+    // Its end may come after the load's last second: it is listed with the events in any case.
+    let events = phase2.split("id=\"marks\"").nth(1).unwrap_or_else(|| panic!("the events table: {phase2}"));
+    assert!(events.contains("deploy of v2: succeeded"), "{events}");
+    let page = |n: u32| std::fs::read_to_string(out_dir.join(format!("phase-{n}.html"))).unwrap();
+    assert!(page(3).contains("class=\"mark\"") && page(3).contains("kill -9 of instance"), "{}", page(3));
+    assert!(page(5).contains("rolled back") && page(5).contains("deploy of v3: rolled_back"), "{}", page(5));
+    for n in [1, 4] {
+        assert!(page(n).contains(&format!("phase {n} of 5")) && page(n).contains("href=\"report.html\""));
+    }
 }

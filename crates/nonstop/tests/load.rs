@@ -130,6 +130,42 @@ fn json_to_stdout_leaves_stdout_to_the_document() {
     assert!(!Path::new("-").exists(), "no file named -");
 }
 
+/// `--marks`: a bad line is named before any load is sent (exit 2); good marks are placed on the run's own clock.
+#[test]
+fn marks_from_a_file_are_placed_on_the_run_and_a_bad_file_is_refused_at_once() {
+    let dir = TempDir::new("load-marks");
+    let a = app(&dir, &[]);
+    let marks = dir.path().join("events.marks");
+    std::fs::write(&marks, "{\"at_ms\": 1, \"label\": \"ok\"}\n{\"label\": \"no time\"}\n").unwrap();
+    let html = dir.path().join("page.html");
+    let run = |extra: &[&str]| {
+        Command::new(bin())
+            .args(["load", &a.url("/"), "--rate", "20", "--duration", "2s", "--json", "-", "--html"])
+            .arg(&html)
+            .arg("--marks")
+            .arg(&marks)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("events.marks") && err.contains("line 2: expected"), "{err}");
+    assert!(!err.contains("requests"), "refused before the run: {err}");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    std::fs::write(&marks, format!("{{\"at_ms\": {}, \"label\": \"switched\"}}\n", now + 1000)).unwrap();
+    let out = run(&["--title", "a run with an event", "--back", "index.html"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let at = doc["marks"][0]["at_s"].as_f64().unwrap();
+    assert!(doc["start_unix_ms"].as_u64().unwrap() >= now && at > 0.0 && at <= 1.0, "{doc}");
+    assert_eq!(doc["marks"][0]["label"], "switched");
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.contains("<h1>a run with an event</h1>") && page.contains("href=\"index.html\""), "{page}");
+    assert!(page.contains("class=\"mark\"") && page.contains("switched"), "{page}");
+}
+
 #[test]
 fn thresholds_set_the_exit_status() {
     let dir = TempDir::new("load-thresholds");
@@ -380,6 +416,25 @@ check = { body_contains = "this text is not there" }
         c.send(nonstop_testkit::Method::GET, "/orders/count", &[], "").await.unwrap().json()["count"].as_u64().unwrap()
     });
     assert_eq!(count, ok / 2, "one row per successful POST step");
+    // Broken down by flow and step, in the JSON and the text: each step's requests and how they ended.
+    let steps = doc["steps"].as_array().unwrap_or_else(|| panic!("no steps: {doc}"));
+    let row = |flow: &str, step: u64| {
+        steps.iter().find(|s| s["flow"] == flow && s["step"] == step).unwrap_or_else(|| panic!("{flow} {step}: {doc}"))
+    };
+    assert_eq!(steps.len(), 3, "{doc}");
+    assert_eq!(
+        (row("order", 1)["request"].as_str(), row("order", 2)["request"].as_str()),
+        (Some("POST /orders"), Some("GET /orders/{{order_id}}"))
+    );
+    assert_eq!(n(&row("order", 1)["ok"]) + n(&row("order", 2)["ok"]), ok, "{doc}");
+    assert_eq!(n(&row("order", 2)["requests"]), n(&row("order", 1)["ok"]), "step 2 runs after each ok step 1");
+    assert_eq!((n(&row("wrong expectation", 1)["check"]), n(&row("wrong expectation", 1)["ok"])), (checks, 0));
+    let total: u64 = steps.iter().map(|s| n(&s["requests"])).sum();
+    assert_eq!(total, n(&doc["requests"]["scheduled"]), "every request under one step");
+    assert!(row("order", 1)["p99_ms"].as_f64().unwrap() > 0.0, "{doc}");
+    let table = stdout.split("by flow and step:").nth(1).unwrap_or_else(|| panic!("no table: {stdout}"));
+    let line = table.lines().find(|l| l.contains("wrong expectation")).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(line.contains("GET /") && line.split_whitespace().any(|w| w == checks.to_string()), "{line}");
 
     // A scenario with a mistake is refused with exit 2, naming the problem.
     std::fs::write(&scenario, "[[flow]]\nname = \"x\"\n[[flow.step]]\nurl = \"/\"\ncolour = 1\n").unwrap();
