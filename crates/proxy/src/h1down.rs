@@ -528,10 +528,11 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, limits: Limits, shutdow
             match if buf.is_empty() { Parsed::Partial } else { parse(&buf, &limits) } {
                 Parsed::Head(h) => break h,
                 Parsed::Other => return hand_off(conn, buf, &ctx),
-                Parsed::Refused(status, why) => return refuse(&conn.stream, &mut out, status, why).await,
+                Parsed::Refused(status, why) => return Box::pin(refuse(&conn.stream, &mut out, status, why)).await,
                 Parsed::Partial if buf.len() > limits.header_bytes_max => {
                     let why = "request head larger than header_bytes_max";
-                    return refuse(&conn.stream, &mut out, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, why).await;
+                    let status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+                    return Box::pin(refuse(&conn.stream, &mut out, status, why)).await;
                 }
                 Parsed::Partial => {}
             }
@@ -545,6 +546,13 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, limits: Limits, shutdow
                     // future. (No other task polls this socket's readiness while a head is awaited: a request
                     // body still being read at this point has made the connection close instead.)
                     let idle = buf.is_empty();
+                    if idle && buf.capacity() > 0 {
+                        // Waiting for the next request: the buffers go back while the connection is idle (nginx
+                        // frees its own then too), and the next read takes a fresh one. An idle keep-alive
+                        // connection holds no buffer.
+                        buf = BytesMut::new();
+                        out = Vec::new();
+                    }
                     let woke = poll_fn(|cx| {
                         if let Poll::Ready(r) = conn.stream.poll_read_ready(cx) {
                             return Poll::Ready(if r.is_ok() { Wake::Readable } else { Wake::Closed });
@@ -563,7 +571,7 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, limits: Limits, shutdow
                         Wake::Closed => return Ended::Closed,
                         Wake::Timeout => {
                             if !idle {
-                                let _ = write_all(&conn.stream, REQUEST_TIMEOUT_RESPONSE).await;
+                                let _ = Box::pin(write_all(&conn.stream, REQUEST_TIMEOUT_RESPONSE)).await;
                             }
                             return Ended::Closed;
                         }
@@ -594,14 +602,17 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, limits: Limits, shutdow
         let head_request = head.method == Method::HEAD;
         // Built apart from the call: inline, it made the whole `handle` future (4 KB) be copied per request.
         let req = req.map(|()| body);
-        let Ok(resp) = handle(ctx.clone(), req).await;
+        // On the heap: inline, the `handle` future (4 KB) would be part of every connection's task, idle ones too.
+        let Ok(resp) = Box::pin(handle(ctx.clone(), req)).await;
         // A body not read to its end leaves its bytes in the way of the next request: close after this one.
         let unread = conn.body_left.load(Ordering::Relaxed) != 0;
         let close = head.close || unread || *shutdown.borrow();
-        match write_response(&conn.stream, &mut out, resp, head_request, close).await {
+        // On the heap too (1.2 KB), and so are the rare paths' futures below (`linger` reads into 4 KB): an idle
+        // connection's task keeps only what waiting for the next request needs.
+        match Box::pin(write_response(&conn.stream, &mut out, resp, head_request, close)).await {
             Ok(true) => {}
             Ok(false) => {
-                linger(&conn.stream).await;
+                Box::pin(linger(&conn.stream)).await;
                 return Ended::Closed;
             }
             Err(_) => return Ended::Closed,

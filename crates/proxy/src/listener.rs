@@ -180,34 +180,12 @@ async fn accept_loop(shared: Arc<Shared>, b: Bound, mut shutdown: watch::Receive
                     let Ended::HandOff(io) = h1down::serve(stream, ctx.clone(), limits, shutdown).await else {
                         return;
                     };
-                    let last_word = duplicate(io.stream());
-                    let head_pending = ctx.head_pending.clone();
-                    let activity = Activity::new();
-                    let service = hyper_service(ctx, activity.clone(), limits.header_bytes_max);
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-                    let end = idle::drive(conn.into_owned(), &activity, limits.header_read_timeout, stop).await;
-                    // hyper closes a connection whose head did not arrive in time without a word; say why.
-                    let timed_out = match &end {
-                        End::Done(Err(e)) => e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout),
-                        End::Idle => true,
-                        _ => false,
-                    };
-                    if let (true, true, Some(fd)) = (timed_out, head_pending.load(Ordering::Relaxed), &last_word) {
-                        write_last(fd, REQUEST_TIMEOUT_RESPONSE);
-                    }
+                    // On the heap: inline, hyper's connection would make every connection's task as large as
+                    // its state, idle plain HTTP/1.1 ones included.
+                    Box::pin(serve_with_hyper(io, ctx, builder, limits, stop)).await;
                 }
                 Some(acceptor) => {
-                    // The handshake counts against the head timeout; a TLS client that stalls is simply closed.
-                    let Ok(Ok(stream)) =
-                        tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await
-                    else {
-                        return;
-                    };
-                    let io = TrackedIo { stream, head_pending: ctx.head_pending.clone() };
-                    let activity = Activity::new();
-                    let service = hyper_service(ctx, activity.clone(), limits.header_bytes_max);
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-                    idle::drive(conn.into_owned(), &activity, limits.header_read_timeout, stop).await;
+                    Box::pin(serve_tls(stream, acceptor, ctx, builder, limits, stop)).await;
                 }
             }
         });
@@ -218,4 +196,50 @@ async fn accept_loop(shared: Arc<Shared>, b: Bound, mut shutdown: watch::Receive
     if tokio::time::timeout(drain, drained).await.is_err() {
         tracing::warn!("drain timeout: closing the remaining client connections");
     }
+}
+
+/// A plaintext connection the proxy's own HTTP/1.1 server handed off (HTTP/2, an upgrade, a head it leaves to
+/// hyper), served by hyper to its end.
+async fn serve_with_hyper(
+    io: h1down::HandOff,
+    ctx: Arc<ConnCtx>,
+    builder: auto::Builder<TokioExecutor>,
+    limits: Limits,
+    stop: watch::Receiver<bool>,
+) {
+    let last_word = duplicate(io.stream());
+    let head_pending = ctx.head_pending.clone();
+    let activity = Activity::new();
+    let service = hyper_service(ctx, activity.clone(), limits.header_bytes_max);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    let end = idle::drive(conn.into_owned(), &activity, limits.header_read_timeout, stop).await;
+    // hyper closes a connection whose head did not arrive in time without a word; say why.
+    let timed_out = match &end {
+        End::Done(Err(e)) => e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout),
+        End::Idle => true,
+        _ => false,
+    };
+    if let (true, true, Some(fd)) = (timed_out, head_pending.load(Ordering::Relaxed), &last_word) {
+        write_last(fd, REQUEST_TIMEOUT_RESPONSE);
+    }
+}
+
+/// A TLS connection: the handshake, then hyper to its end.
+async fn serve_tls(
+    stream: tokio::net::TcpStream,
+    acceptor: tokio_rustls::TlsAcceptor,
+    ctx: Arc<ConnCtx>,
+    builder: auto::Builder<TokioExecutor>,
+    limits: Limits,
+    stop: watch::Receiver<bool>,
+) {
+    // The handshake counts against the head timeout; a TLS client that stalls is simply closed.
+    let Ok(Ok(stream)) = tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await else {
+        return;
+    };
+    let io = TrackedIo { stream, head_pending: ctx.head_pending.clone() };
+    let activity = Activity::new();
+    let service = hyper_service(ctx, activity.clone(), limits.header_bytes_max);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    idle::drive(conn.into_owned(), &activity, limits.header_read_timeout, stop).await;
 }
