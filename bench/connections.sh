@@ -53,14 +53,8 @@ if [ "$NOFILE" != unlimited ] && [ "$NOFILE" -lt "$NEED" ]; then
   exit 2
 fi
 
-need=()
-command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
-command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
-command -v curl >/dev/null || need+=(curl)
-if [ ${#need[@]} -gt 0 ]; then
-  echo "installing ${need[*]} from Debian's packages"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+. bench/packages.sh
+need nginx=nginx-light haproxy=haproxy curl=curl
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 PYTHON=$(python3 -c "import sys; print(sys.executable)")  # the interpreter itself, not a shim script

@@ -17,10 +17,8 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 
-if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
-  echo "installing nginx-light from Debian's packages"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null
-fi
+. bench/packages.sh
+need nginx=nginx-light
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 . bench/nonstop-bin.sh
 PROXY=19080
