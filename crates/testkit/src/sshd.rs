@@ -1,6 +1,7 @@
 //! Real SSH hosts for tests: Debian's `/usr/sbin/sshd` run in a network namespace the test creates, reached over a
 //! veth pair on a private /30 (10.251.N.0/30: the root side .1, the host .2). The guard kills sshd and deletes the
-//! namespace (and with it the veth pair) on drop, also when the test fails.
+//! namespace (and with it the veth pair) on drop, also when the test fails. Root on the host has an empty home of
+//! its own, as on a fresh machine, not this machine's /root and its shell profile.
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -162,8 +163,17 @@ impl SshHost {
         std::fs::write(&config_path, config).expect("sshd_config");
         std::fs::create_dir_all("/run/sshd").expect("create /run/sshd (sshd's privilege separation directory)");
         let log = std::fs::File::create(self.dir.path().join("sshd.log")).expect("sshd.log");
+        // The host's root gets a home of its own, as on a fresh machine: sshd's sessions run root's shell, and bash
+        // reads ~/.bashrc when sshd starts it. This machine's /root/.bashrc runs `pyenv init`, a quarter of a second
+        // a session and a lock that a session killed at the wrong moment leaves behind, after which every session
+        // waits 60 s for it. The bind mount is made in the mount namespace `ip netns exec` gives sshd (a slave of
+        // the machine's), so the machine's /root is untouched and it goes when the host's processes end.
+        let home = self.dir.path().join("root-home");
+        std::fs::create_dir_all(&home).expect("the host's home");
         let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns, SSHD, "-D", "-e", "-f", &config_path.display().to_string()])
+            .args(["netns", "exec", &self.ns, "sh", "-c", "mount --bind \"$0\" /root && exec \"$@\""])
+            .arg(&home)
+            .args([SSHD, "-D", "-e", "-f", &config_path.display().to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -187,7 +197,7 @@ impl SshHost {
 
     fn stop_sshd(&mut self) {
         if let Some(mut c) = self.sshd.take() {
-            // `ip netns exec` execs sshd, so this is sshd itself; -D keeps it in the foreground.
+            // `ip netns exec` execs sh, which execs sshd, so this is sshd itself; -D keeps it in the foreground.
             let _ = c.kill();
             let _ = c.wait();
         }
