@@ -15,6 +15,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use nonstop_guard::IpNet;
+
 pub use walk::{ConfigError, ConfigErrors};
 use walk::{Cx, Table};
 
@@ -97,6 +99,8 @@ pub struct Listener {
     pub header_read_timeout: Duration,
     pub header_bytes_max: usize,
     pub header_count_max: usize,
+    /// Proxies whose `X-Forwarded-For` names the client (for routes' access lists and rate limits).
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,6 +120,26 @@ pub struct Route {
     pub body_bytes_max: u64,
     /// The durable queue its requests go through, if any.
     pub queue: Option<String>,
+    /// Who may use it, by client address; `None`: everyone.
+    pub access: Option<nonstop_guard::AccessList>,
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A route's rate limit (`[routes.rate_limit]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimit {
+    pub rate: nonstop_guard::Rate,
+    pub key: RateKey,
+    pub keys_max: usize,
+}
+
+/// What a rate limit counts requests by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RateKey {
+    /// The client address (see [`Listener::trusted_proxies`]).
+    Client,
+    /// A header's value (lower-case name); a request without it counts by its client address.
+    Header(String),
 }
 
 /// A durable request queue.
@@ -831,6 +855,7 @@ fn parse_listener(t: Table<'_, '_>) -> Option<Listener> {
     let header_read_timeout = t.ms_in("header_read_timeout_ms", 1, 3_600_000);
     let header_bytes_max = t.int_in("header_bytes_max", 1024, 16 * 1024 * 1024);
     let header_count_max = t.int_in("header_count_max", 1, 10_000);
+    let trusted_proxies = nets(&t, "trusted_proxies");
     t.finish();
     let listen = listen?;
     Some(Listener {
@@ -844,7 +869,80 @@ fn parse_listener(t: Table<'_, '_>) -> Option<Listener> {
         header_read_timeout: header_read_timeout?,
         header_bytes_max: header_bytes_max? as usize,
         header_count_max: header_count_max? as usize,
+        trusted_proxies: trusted_proxies?,
     })
+}
+
+/// A list of addresses and CIDR networks; every bad one is reported.
+fn nets(t: &Table<'_, '_>, key: &str) -> Option<Vec<IpNet>> {
+    let mut bad = Vec::new();
+    let out: Vec<IpNet> =
+        t.strings(key)?.iter().filter_map(|s| nonstop_guard::parse_net(s).map_err(|e| bad.push(e)).ok()).collect();
+    for e in &bad {
+        t.invalid(key, e.clone());
+    }
+    bad.is_empty().then_some(out)
+}
+
+fn parse_access(t: Table<'_, '_>) -> Option<nonstop_guard::AccessList> {
+    let allow = nets(&t, "allow");
+    let deny = nets(&t, "deny");
+    t.finish();
+    let (allow, deny) = (allow?, deny?);
+    if allow.is_empty() && deny.is_empty() {
+        t.invalid_table("neither allow nor deny lists an address: remove [access] or list some");
+        return None;
+    }
+    Some(nonstop_guard::AccessList { allow, deny })
+}
+
+/// An HTTP token (RFC 9110 §5.6.2), such as a header name.
+fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// The most requests per second (or per minute) a rate limit may allow a key.
+const RATE_MAX: u64 = 1_000_000;
+
+fn parse_rate_limit(t: Table<'_, '_>) -> Option<RateLimit> {
+    let per_s = t.has("requests_per_s").then(|| t.int_in("requests_per_s", 1, RATE_MAX)).flatten();
+    let per_min = t.has("requests_per_min").then(|| t.int_in("requests_per_min", 1, RATE_MAX)).flatten();
+    let (has_s, has_min) = (t.has("requests_per_s"), t.has("requests_per_min"));
+    let burst = t.has("burst").then(|| t.int_in("burst", 1, RATE_MAX)).flatten();
+    let key = t.string("key").and_then(|k| match k.as_str() {
+        "client" => Some(RateKey::Client),
+        _ => match k.strip_prefix("header:").map(str::trim) {
+            Some(name) if is_token(name) => Some(RateKey::Header(name.to_ascii_lowercase())),
+            _ => {
+                t.invalid(
+                    "key",
+                    format!("{k:?}: expected \"client\" or \"header:NAME\" (such as \"header:X-Api-Key\")"),
+                );
+                None
+            }
+        },
+    });
+    let keys_max = t.int_in("keys_max", 1, 100_000_000);
+    t.finish();
+    let interval = match (has_s, has_min) {
+        (true, true) => {
+            t.invalid("requests_per_min", "give requests_per_s or requests_per_min, not both");
+            return None;
+        }
+        (false, false) => {
+            t.invalid_table("requests_per_s (or requests_per_min) is required");
+            return None;
+        }
+        (true, false) => Duration::from_secs(1) / per_s? as u32,
+        (false, true) => Duration::from_secs(60) / per_min? as u32,
+    };
+    // By default a second's worth may come at once (at least one request).
+    let burst = match burst {
+        Some(b) => b as u32,
+        None if t.has("burst") => return None,
+        None => (Duration::from_secs(1).as_nanos() / interval.as_nanos().max(1)).max(1) as u32,
+    };
+    Some(RateLimit { rate: nonstop_guard::Rate { interval, burst }, key: key?, keys_max: keys_max? as usize })
 }
 
 /// `services` are the names of the defined services, `None` when there is no services section at all.
@@ -892,8 +990,26 @@ fn parse_route(t: Table<'_, '_>, services: Option<&BTreeSet<String>>, queues: &B
             t.invalid("queue", format!("no queue named {q:?} (defined: {})", defined.join(", ")));
         }
     }
+    let access = t.has("access").then(|| t.table("access", "routes[].access").and_then(parse_access));
+    let rate_limit =
+        t.has("rate_limit").then(|| t.table("rate_limit", "routes[].rate_limit").and_then(parse_rate_limit));
     t.finish();
-    Some(Route { service: service?, host, path_prefix: path_prefix?, methods, body_bytes_max: body_bytes_max?, queue })
+    Some(Route {
+        service: service?,
+        host,
+        path_prefix: path_prefix?,
+        methods,
+        body_bytes_max: body_bytes_max?,
+        queue,
+        access: match access {
+            Some(a) => Some(a?),
+            None => None,
+        },
+        rate_limit: match rate_limit {
+            Some(r) => Some(r?),
+            None => None,
+        },
+    })
 }
 
 fn parse_service(cx: &Cx, name: String, t: Table<'_, '_>, hosts: &BTreeSet<String>) -> Option<Service> {

@@ -40,6 +40,8 @@ keys! {
     "listeners[]" "header_bytes_max": "integer" = "65536", "Largest request head in bytes; larger gets 431.";
     "listeners[]" "header_count_max": "integer" = "100", "Most request headers; more gets 431.";
 
+    "listeners[]" "trusted_proxies": "array of strings" = "[]", "Proxies in front of this listener (addresses or CIDR networks, such as \"10.0.0.0/8\") whose X-Forwarded-For is believed. A request from one of them comes from the right-most X-Forwarded-For address that is not a trusted proxy: that is its client address for routes[].access and routes[].rate_limit. Entries left of it were written by the client and are ignored. Empty: the peer is the client, whatever the header says.";
+
     "listeners[].tls" "cert": "path" = "", "PEM certificate chain. Required.";
     "listeners[].tls" "key": "path" = "", "PEM private key. Required.";
 
@@ -48,7 +50,18 @@ keys! {
     "routes[]" "path_prefix": "string" = "\"/\"", "Match paths that start with this prefix.";
     "routes[]" "methods": "array of strings" = "", "Match only these methods. Absent: any method.";
     "routes[]" "body_bytes_max": "integer" = "10485760", "Largest request body in bytes; larger gets 413.";
+    "routes[]" "access": "table" = "", "Who may use the route, by client address (see listeners[].trusted_proxies); anyone else gets 403 with a message naming the address. Checked before the rate limit. Absent: everyone.";
+    "routes[]" "rate_limit": "table" = "", "A rate limit per client address or key (GCRA): a request past it gets 429 with Retry-After, the seconds until it would pass. Refused requests do not count. Absent: no limit.";
     "routes[]" "queue": "string" = "", "Persist matching requests durably in this queue and answer 202 Accepted with {id} and Location: /_nonstop/requests/{id}; the queue delivers them to the route's service, with Idempotency-Key: {id}. The id is QUEUE.KEY, KEY being 128 random bits in hex: unguessable, and unique across nodes and restarts. Absent: forward at once.";
+
+    "routes[].access" "allow": "array of strings" = "[]", "Addresses or CIDR networks allowed (\"10.0.0.0/8\", \"2001:db8::/32\", \"127.0.0.1\"); when not empty, every other address is refused.";
+    "routes[].access" "deny": "array of strings" = "[]", "Addresses or CIDR networks refused, even when allow lists them.";
+
+    "routes[].rate_limit" "requests_per_s": "integer" = "", "The steady rate each key may send, in requests a second. This or requests_per_min is required.";
+    "routes[].rate_limit" "requests_per_min": "integer" = "", "The steady rate in requests a minute, for rates under one a second.";
+    "routes[].rate_limit" "burst": "integer" = "", "Requests a key may send at once after a quiet spell; over any span T at most burst + rate x T pass [default: one second's worth, at least 1].";
+    "routes[].rate_limit" "key": "string" = "\"client\"", "What requests are counted by: \"client\" (the client address) or \"header:NAME\" (the value of header NAME, such as an API key; a request without it counts by its client address).";
+    "routes[].rate_limit" "keys_max": "integer" = "100000", "Keys remembered at once, at most (each about 50 bytes); past it, the keys with the least debt are forgotten first. The limiter's state starts afresh when the config is reloaded.";
 
     "services.NAME" "servers": "array of tables" = "", "The servers of the pool. At least one, unless the service has an app section (then the proxy's own instances are the servers).";
     "services.NAME" "app": "table" = "", "Run the service's servers as supervised local processes, and deploy new versions of them through the proxy (nonstop deploy). Replaces servers.";

@@ -596,3 +596,36 @@ fn a_pipeline_file_in_a_repository_is_checked_like_the_config() {
         assert!(e.contains(want), "{want:?} in:\n{e}");
     }
 }
+
+#[test]
+fn the_guard_example_is_accepted_with_its_defaults() {
+    let c = Config::parse(include_str!("../../../examples/guard.toml")).unwrap();
+    assert_eq!(c.listeners[0].trusted_proxies, [nonstop_guard::parse_net("10.0.0.2").unwrap()]);
+    let access = c.routes[0].access.as_ref().unwrap();
+    assert_eq!(access.allow.len(), 2);
+    assert_eq!(access.deny[0].to_string(), "192.168.10.99/32");
+    let api = c.routes[1].rate_limit.as_ref().unwrap();
+    assert_eq!(api.rate, nonstop_guard::Rate { interval: Duration::from_millis(50), burst: 40 });
+    assert_eq!(api.key, RateKey::Header("x-api-key".into()));
+    assert_eq!(api.keys_max, 100_000);
+    // requests_per_min = 10: one every 6 s, and a second's worth of burst is still at least one request.
+    let login = c.routes[2].rate_limit.as_ref().unwrap();
+    assert_eq!(login.rate, nonstop_guard::Rate { interval: Duration::from_secs(6), burst: 1 });
+    assert_eq!(login.key, RateKey::Client);
+    assert!(c.routes[3].access.is_none() && c.routes[3].rate_limit.is_none());
+    // requests_per_s = 20 with no burst: a second's worth.
+    let text = include_str!("../../../examples/guard.toml").replace("burst = 40\n", "");
+    let c = Config::parse(&text).unwrap();
+    assert_eq!(c.routes[1].rate_limit.as_ref().unwrap().rate.burst, 20);
+}
+
+#[test]
+fn an_empty_access_table_and_a_rate_limit_without_a_rate_are_refused() {
+    let text = "[[listeners]]\nlisten = \"127.0.0.1:8080\"\n[[routes]]\nservice = \"a\"\n[routes.access]\n\
+                [[routes]]\nservice = \"a\"\npath_prefix = \"/x\"\n[routes.rate_limit]\nburst = 0\n\
+                [services.a]\nservers = [{ addr = \"127.0.0.1:1\" }]\n";
+    let e = Config::parse(text).unwrap_err().to_string();
+    assert!(e.contains("line 5: routes[0].access: neither allow nor deny lists an address"), "{e}");
+    assert!(e.contains("line 10: routes[1].rate_limit.burst: 0 is out of range 1..=1000000"), "{e}");
+    assert!(e.contains("routes[1].rate_limit: requests_per_s (or requests_per_min) is required"), "{e}");
+}

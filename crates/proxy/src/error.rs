@@ -24,6 +24,10 @@ pub enum ProxyError {
     HeadTooLarge(usize),
     #[error("method {0} is not allowed on this route")]
     MethodNotAllowed(String),
+    #[error("client address {client} is {why} on this route")]
+    Forbidden { client: std::net::IpAddr, why: String },
+    #[error("rate limit of {rate} exceeded for this {key}; retry after {retry_after_s} s")]
+    RateLimited { rate: String, key: &'static str, retry_after_s: u64 },
     #[error("request body is larger than the route's body_bytes_max of {0} bytes")]
     BodyTooLarge(u64),
     #[error("no server of service {0:?} is available")]
@@ -67,6 +71,8 @@ impl ProxyError {
             ProxyError::BadRequest(_)
             | ProxyError::HeadTooLarge(_)
             | ProxyError::MethodNotAllowed(_)
+            | ProxyError::Forbidden { .. }
+            | ProxyError::RateLimited { .. }
             | ProxyError::BodyTooLarge(_)
             | ProxyError::ClientBody(_)
             | ProxyError::ClientBodyTimeout { .. } => Side::Downstream,
@@ -120,6 +126,8 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::NoServer(_)

@@ -26,7 +26,7 @@ use crate::balance::hash_key;
 use crate::error::ProxyError;
 use crate::h1down::ClientBody;
 use crate::pool::Acquired;
-use crate::state::{RouteMatch, ServiceState, Snapshot};
+use crate::state::{RouteEntry, RouteMatch, ServiceState, Snapshot};
 use crate::upstream::{InFlight, Outgoing, ReqBody, Server, UpBody};
 use crate::Shared;
 use nonstop_limit::Outcome as LimitOutcome;
@@ -37,6 +37,8 @@ pub type RespBody = Either<UpstreamBody, Full<Bytes>>;
 pub struct ConnCtx {
     pub shared: Arc<Shared>,
     pub listener: String,
+    /// The listener's place in the config (for its trusted proxies).
+    pub listener_index: usize,
     pub peer: SocketAddr,
     pub tls: bool,
     /// Cleared when a request head is complete (see [`crate::io::TrackedIo`]).
@@ -81,7 +83,13 @@ impl Drop for TimerLease<'_> {
 
 impl ConnCtx {
     /// The per-connection context; the forwarding headers' fixed parts are made here, once.
-    pub fn new(shared: Arc<Shared>, listener: String, peer: SocketAddr, tls: bool, body_timeout: Duration) -> ConnCtx {
+    pub fn new(
+        shared: Arc<Shared>,
+        (listener, listener_index): (String, usize),
+        peer: SocketAddr,
+        tls: bool,
+        body_timeout: Duration,
+    ) -> ConnCtx {
         let peer_ip = peer.ip().to_string();
         let xff = HeaderValue::from_str(&peer_ip).expect("an IP address is a valid header value");
         let mut forwarded_for = String::with_capacity(48);
@@ -97,6 +105,7 @@ impl ConnCtx {
         ConnCtx {
             shared,
             listener,
+            listener_index,
             peer,
             tls,
             head_pending: Arc::new(AtomicBool::new(false)),
@@ -209,7 +218,9 @@ pub(crate) fn error_response(e: &ProxyError) -> Response<RespBody> {
     *resp.status_mut() = e.status();
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    if e.status() == StatusCode::SERVICE_UNAVAILABLE {
+    if let ProxyError::RateLimited { retry_after_s, .. } = e {
+        h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
+    } else if e.status() == StatusCode::SERVICE_UNAVAILABLE {
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     if let ProxyError::MethodNotAllowed(_) | ProxyError::BadRequest(_) | ProxyError::HeadTooLarge(_) = e {
@@ -289,6 +300,62 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<ClientBody>) -> Result<Respo
     Ok(resp)
 }
 
+/// The route's access list and rate limit, for the request's client (see [`nonstop_guard`]).
+fn guard(ctx: &ConnCtx, snap: &Snapshot, route: &RouteEntry, req: &Request<ClientBody>) -> Result<(), ProxyError> {
+    let trusted = snap.config.listeners.get(ctx.listener_index).map_or(&[][..], |l| &l.trusted_proxies[..]);
+    let forwarded = req.headers().get_all("x-forwarded-for").into_iter().filter_map(|v| v.to_str().ok());
+    let client = nonstop_guard::client_addr(ctx.peer.ip(), forwarded, trusted);
+    if let Some(list) = &route.access {
+        list.check(client).map_err(|r| ProxyError::Forbidden {
+            client,
+            why: match r {
+                nonstop_guard::access::Refusal::Denied(net) => format!("denied (in {net})"),
+                nonstop_guard::access::Refusal::NotAllowed => "not in the allow list".to_string(),
+            },
+        })?;
+    }
+    if let Some(limit) = &route.rate_limit {
+        // Header values and addresses are told apart by their first byte, so that neither can pass for the other.
+        let header = match &limit.key {
+            nonstop_config::RateKey::Header(name) => req.headers().get(name.as_str()),
+            nonstop_config::RateKey::Client => None,
+        };
+        let mut key = Vec::with_capacity(64);
+        let what = match header {
+            Some(v) => {
+                key.push(b'h');
+                key.extend_from_slice(v.as_bytes());
+                "key"
+            }
+            None => {
+                key.push(b'c');
+                match client {
+                    std::net::IpAddr::V4(a) => key.extend_from_slice(&a.octets()),
+                    std::net::IpAddr::V6(a) => key.extend_from_slice(&a.octets()),
+                }
+                "client address"
+            }
+        };
+        if let nonstop_guard::Verdict::Limit { retry_after } = limit.limiter.check(&key, Instant::now()) {
+            let rate = limit.limiter.rate();
+            return Err(ProxyError::RateLimited {
+                rate: describe_rate(rate),
+                key: what,
+                retry_after_s: retry_after.as_nanos().div_ceil(1_000_000_000).max(1) as u64,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// "10 requests/s (burst 20)".
+fn describe_rate(rate: nonstop_guard::Rate) -> String {
+    let per_s = 1.0 / rate.interval.as_secs_f64();
+    let (n, unit) = if per_s >= 1.0 { (per_s.round(), "s") } else { ((per_s * 60.0).round(), "min") };
+    let r = format!("{n} request{}/{unit}", if n == 1.0 { "" } else { "s" });
+    format!("{r} (burst {})", rate.burst)
+}
+
 fn is_idempotent(m: &Method) -> bool {
     matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
 }
@@ -355,6 +422,9 @@ async fn forward(
     };
     let service = route.service.clone();
     out.service = Some(service.clone());
+    if route.access.is_some() || route.rate_limit.is_some() {
+        guard(ctx, snap, route, &req)?;
+    }
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > route.body_bytes_max) {
         return Err(ProxyError::BodyTooLarge(route.body_bytes_max));

@@ -173,7 +173,13 @@ async fn accept_loop(shared: Arc<Shared>, b: Bound, mut shutdown: watch::Receive
         let stop = shutdown.clone();
         tracker.spawn(async move {
             let _permit = permit;
-            let ctx = Arc::new(ConnCtx::new(shared, listener_name, peer, tls.is_some(), limits.header_read_timeout));
+            let ctx = Arc::new(ConnCtx::new(
+                shared,
+                (listener_name, b.index),
+                peer,
+                tls.is_some(),
+                limits.header_read_timeout,
+            ));
             match tls {
                 None => {
                     // The proxy's own HTTP/1.1 server first; hyper takes over for what it does not handle.

@@ -30,6 +30,14 @@ pub struct RouteEntry {
     pub service: Arc<ServiceState>,
     /// The durable queue its requests go through.
     pub queue: Option<String>,
+    pub access: Option<nonstop_guard::AccessList>,
+    pub rate_limit: Option<RouteLimit>,
+}
+
+/// A route's rate limit and what it counts by; its state starts afresh with each snapshot.
+pub struct RouteLimit {
+    pub limiter: nonstop_guard::Limiter,
+    pub key: nonstop_config::RateKey,
 }
 
 pub enum RouteMatch<'a> {
@@ -104,6 +112,11 @@ impl Snapshot {
                 body_bytes_max: r.body_bytes_max,
                 service: services[&r.service].clone(),
                 queue: r.queue.clone(),
+                access: r.access.clone(),
+                rate_limit: r.rate_limit.as_ref().map(|l| RouteLimit {
+                    limiter: nonstop_guard::Limiter::new(l.rate, l.keys_max),
+                    key: l.key.clone(),
+                }),
             })
             .collect();
         // Host-specific routes first, then the longest prefix; the sort is stable, so file order breaks ties.

@@ -1,0 +1,221 @@
+//! What nginx users reach for on day one, tested on the real `nonstop serve` over real sockets: access lists by
+//! client address (with trusted proxies' X-Forwarded-For) and rate limits per client or key. Clients speak from
+//! chosen loopback addresses (127.0.0.2, 127.0.0.3, ...), so that the proxy sees several clients on one machine.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nonstop_testkit::raw::{answers, ok, Answer, RawBackend};
+use nonstop_testkit::{Proc, TempDir};
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_nonstop"))
+}
+
+fn serve(dir: &TempDir, toml: &str) -> Proc {
+    let path = dir.path().join("nonstop.toml");
+    std::fs::write(&path, toml).unwrap();
+    Proc::start(bin(), &["serve", "--config", path.to_str().unwrap(), "--threads", "2"])
+}
+
+/// Sends `requests` (GETs of these paths, each with `headers`) on one connection from source address `from`,
+/// pipelined, the last with `Connection: close`, and parses every answer.
+fn get_from(from: &str, to: SocketAddr, paths: &[&str], headers: &[(&str, &str)]) -> Vec<Answer> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let src: SocketAddr = format!("{from}:0").parse().unwrap();
+    socket.bind(&src.into()).unwrap_or_else(|e| panic!("bind {src}: {e}"));
+    socket.connect_timeout(&to.into(), Duration::from_secs(5)).unwrap();
+    let mut s: std::net::TcpStream = socket.into();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut bytes = String::new();
+    for (i, path) in paths.iter().enumerate() {
+        bytes.push_str(&format!("GET {path} HTTP/1.1\r\nHost: site.test\r\n"));
+        for (k, v) in headers {
+            bytes.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if i + 1 == paths.len() {
+            bytes.push_str("Connection: close\r\n");
+        }
+        bytes.push_str("\r\n");
+    }
+    s.write_all(bytes.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut chunk = [0u8; 16 * 1024];
+    while Instant::now() < deadline {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let (got, rest) = answers(&out);
+    assert!(rest.is_empty(), "a truncated answer: {}", String::from_utf8_lossy(&rest));
+    assert_eq!(got.len(), paths.len(), "one answer per request: {}", String::from_utf8_lossy(&out));
+    got
+}
+
+fn one(from: &str, to: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Answer {
+    get_from(from, to, &[path], headers).remove(0)
+}
+
+fn error_of(a: &Answer) -> String {
+    let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap_or_else(|_| panic!("a JSON error: {a:?}"));
+    v["error"].as_str().unwrap_or_else(|| panic!("an error message: {v}")).to_string()
+}
+
+/// The paths the backend was asked for, with the X-Forwarded-For it got.
+fn seen(backend: &RawBackend) -> Vec<(String, Vec<String>)> {
+    backend.seen().iter().map(|s| (s.line().to_string(), s.headers("x-forwarded-for"))).collect()
+}
+
+#[test]
+fn an_access_list_refuses_by_client_address_and_believes_x_forwarded_for_only_from_a_trusted_proxy() {
+    let dir = TempDir::new("access");
+    let backend = RawBackend::start(|_| ok());
+    let toml = format!(
+        "[[listeners]]\nlisten = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.3\"]\n\n\
+         [[routes]]\nservice = \"b\"\npath_prefix = \"/admin\"\n[routes.access]\nallow = [\"127.0.0.2\", \"10.0.0.0/8\"]\n\n\
+         [[routes]]\nservice = \"b\"\npath_prefix = \"/internal\"\n[routes.access]\nallow = [\"127.0.0.0/8\"]\ndeny = [\"127.0.0.5\"]\n\n\
+         [[routes]]\nservice = \"b\"\n\n\
+         [services.b]\nservers = [{{ addr = \"{}\" }}]\n\n[access_log]\nenabled = false\n",
+        backend.addr
+    );
+    let p = serve(&dir, &toml);
+
+    // An address in the allow list passes; any other gets 403 naming it, and the backend never sees it.
+    assert_eq!(one("127.0.0.2", p.addr, "/admin/users", &[]).status, 200);
+    let refused = one("127.0.0.1", p.addr, "/admin/users", &[]);
+    assert_eq!(refused.status, 403, "{refused:?}");
+    let why = error_of(&refused);
+    assert!(why.contains("127.0.0.1") && why.contains("not in the allow list"), "{why}");
+    // Routes without a list are open to all.
+    assert_eq!(one("127.0.0.1", p.addr, "/", &[]).status, 200);
+
+    // An untrusted peer cannot pick its address by sending the header.
+    let spoofed = one("127.0.0.1", p.addr, "/admin/x", &[("X-Forwarded-For", "127.0.0.2")]);
+    assert_eq!(spoofed.status, 403, "{spoofed:?}");
+    // The trusted proxy's header names the client: the right-most address that is not a trusted proxy.
+    assert_eq!(one("127.0.0.3", p.addr, "/admin/a", &[("X-Forwarded-For", "127.0.0.2")]).status, 200);
+    assert_eq!(one("127.0.0.3", p.addr, "/admin/b", &[("X-Forwarded-For", "127.0.0.9, 127.0.0.2")]).status, 200);
+    let behind = one("127.0.0.3", p.addr, "/admin/c", &[("X-Forwarded-For", "127.0.0.2, 127.0.0.9")]);
+    assert_eq!(behind.status, 403, "the client is the last hop before the proxy: {behind:?}");
+    assert!(error_of(&behind).contains("127.0.0.9"), "{}", error_of(&behind));
+    // With no header, the trusted proxy itself is the client (and it is not allowed).
+    assert_eq!(one("127.0.0.3", p.addr, "/admin/d", &[]).status, 403);
+
+    // Deny wins over allow.
+    assert_eq!(one("127.0.0.4", p.addr, "/internal/x", &[]).status, 200);
+    let denied = one("127.0.0.5", p.addr, "/internal/x", &[]);
+    assert_eq!(denied.status, 403);
+    assert!(error_of(&denied).contains("denied (in 127.0.0.5/32)"), "{}", error_of(&denied));
+
+    let got = seen(&backend);
+    let paths: Vec<&str> = got.iter().map(|(l, _)| l.split_whitespace().nth(1).unwrap_or("")).collect();
+    assert_eq!(paths, ["/admin/users", "/", "/admin/a", "/admin/b", "/internal/x"], "only what was let in: {got:?}");
+    // What the trusted proxy said is passed on, with its own address appended.
+    assert_eq!(got[2].1, ["127.0.0.2, 127.0.0.3"], "{got:?}");
+}
+
+#[test]
+fn a_rate_limit_per_key_gives_each_key_its_own_burst_and_answers_429_with_retry_after() {
+    let dir = TempDir::new("ratekey");
+    let backend = RawBackend::start(|_| ok());
+    let toml = format!(
+        "[[listeners]]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[routes]]\nservice = \"b\"\npath_prefix = \"/api\"\n[routes.rate_limit]\nrequests_per_min = 60\nburst = 5\nkey = \"header:X-Api-Key\"\n\n\
+         [[routes]]\nservice = \"b\"\npath_prefix = \"/per-client\"\n[routes.rate_limit]\nrequests_per_min = 60\nburst = 3\n\n\
+         [[routes]]\nservice = \"b\"\n\n\
+         [services.b]\nservers = [{{ addr = \"{}\" }}]\n\n[access_log]\nenabled = false\n",
+        backend.addr
+    );
+    let p = serve(&dir, &toml);
+    let statuses = |a: &[Answer]| a.iter().map(|a| a.status).collect::<Vec<_>>();
+
+    // One a second with a burst of 5: eight at once give five 200s, then 429s that say when to come back.
+    let paths = ["/api/x"; 8];
+    let a = get_from("127.0.0.1", p.addr, &paths, &[("X-Api-Key", "alice")]);
+    assert_eq!(statuses(&a), [200, 200, 200, 200, 200, 429, 429, 429]);
+    let retry: u64 = a[5].header("retry-after").expect("Retry-After on a 429").parse().unwrap();
+    assert!((1..=2).contains(&retry), "one request frees in a second: {retry}");
+    let why = error_of(&a[5]);
+    assert!(why.contains("rate limit of 1 request/s (burst 5)") && why.contains("for this key"), "{why}");
+    // Another key, from the same address, has its own allowance.
+    let b = get_from("127.0.0.1", p.addr, &paths[..5], &[("X-Api-Key", "bob")]);
+    assert_eq!(statuses(&b), [200; 5]);
+    // A request without the key is counted by its client address.
+    let anon = get_from("127.0.0.1", p.addr, &paths[..6], &[]);
+    assert_eq!(statuses(&anon), [200, 200, 200, 200, 200, 429]);
+    assert!(error_of(&anon[5]).contains("for this client address"), "{}", error_of(&anon[5]));
+
+    // Per client address: each address has its burst of 3.
+    let per = ["/per-client"; 4];
+    assert_eq!(statuses(&get_from("127.0.0.2", p.addr, &per, &[])), [200, 200, 200, 429]);
+    assert_eq!(statuses(&get_from("127.0.0.3", p.addr, &per, &[])), [200, 200, 200, 429]);
+    // Refused requests do not count: after the one-second interval, one more passes.
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(statuses(&get_from("127.0.0.2", p.addr, &per[..2], &[])), [200, 429]);
+    // Unlimited routes are not touched.
+    assert_eq!(statuses(&get_from("127.0.0.2", p.addr, &["/"; 10], &[])), [200; 10]);
+
+    let reached = backend.seen().len();
+    assert_eq!(reached, 5 + 5 + 5 + 3 + 3 + 1 + 10, "no refused request reached the backend");
+}
+
+#[test]
+fn a_rate_limit_lets_the_configured_rate_through_within_ten_percent_over_ten_seconds() {
+    let dir = TempDir::new("raterate");
+    let backend = RawBackend::start(|_| ok());
+    let toml = format!(
+        "[[listeners]]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[routes]]\nservice = \"b\"\n[routes.rate_limit]\nrequests_per_s = 50\nburst = 10\n\n\
+         [services.b]\nservers = [{{ addr = \"{}\" }}]\n\n[access_log]\nenabled = false\n",
+        backend.addr
+    );
+    let p = serve(&dir, &toml);
+    // 200 requests a second for 10 s, four times the limit, from one client address.
+    let out = Command::new(bin())
+        .args(["load", &format!("http://{}/", p.addr), "--rate", "200", "--duration", "10s", "--json", "-"])
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("load JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)));
+    let status = &doc["status"];
+    let n = |k: &str| status[k].as_u64().unwrap_or(0);
+    let (passed, limited) = (n("200"), n("429"));
+    eprintln!("{passed} passed and {limited} were limited: {status}");
+    assert_eq!(passed + limited, doc["requests"]["scheduled"].as_u64().unwrap(), "only 200s and 429s: {status}");
+    assert!(limited > 1000, "most of the excess was refused: {status}");
+    // The burst, then 50 a second over the span the load took.
+    let span_s = doc["duration_s"].as_f64().unwrap_or(10.0);
+    let expected = 10.0 + 50.0 * span_s;
+    let off = (passed as f64 - expected).abs() / expected;
+    assert!(off <= 0.10, "{passed} passed against {expected} expected ({:.1}% off)", off * 100.0);
+    assert_eq!(backend.seen().len() as u64, passed, "the backend saw exactly the requests let through");
+}
+
+#[test]
+fn bad_access_and_rate_limit_settings_are_all_reported_with_their_lines() {
+    let dir = TempDir::new("guardcheck");
+    let path = dir.path().join("bad.toml");
+    let toml = "[[listeners]]\nlisten = \"127.0.0.1:0\"\ntrusted_proxies = [\"10.0.0.1/8\"]\n\n\
+                [[routes]]\nservice = \"b\"\n[routes.access]\nallow = [\"localhost\"]\n\n\
+                [[routes]]\nservice = \"b\"\npath_prefix = \"/r\"\n[routes.rate_limit]\nrequests_per_s = 5\nrequests_per_min = 60\n\n\
+                [[routes]]\nservice = \"b\"\npath_prefix = \"/k\"\n[routes.rate_limit]\nrequests_per_s = 5\nkey = \"cookie:id\"\nper = 1\n\n\
+                [services.b]\nservers = [{ addr = \"127.0.0.1:9\" }]\n";
+    std::fs::write(&path, toml).unwrap();
+    let out = Command::new(bin()).args(["check", "--config"]).arg(&path).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{text}");
+    for want in [
+        "line 3: listeners[0].trusted_proxies: \"10.0.0.1/8\" has host bits set: the network is 10.0.0.0/8",
+        "line 8: routes[0].access.allow: \"localhost\" is not an IP address or a CIDR network",
+        "line 15: routes[1].rate_limit.requests_per_min: give requests_per_s or requests_per_min, not both",
+        "line 22: routes[2].rate_limit.key: \"cookie:id\": expected \"client\" or \"header:NAME\"",
+        "line 23: routes[2].rate_limit.per: unknown key",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+}
