@@ -8,9 +8,12 @@
 #   nonstop/HAProxy, for T=1 and T=2. The machine is shared and noisy: read the ratios, not the absolutes.
 #
 # Usage: bench/proxy.sh [ROUNDS=3] [DURATION=10s]
-# Each run measures two settings: access logs off, then on (nginx: combined, buffer=64k flush=1s; HAProxy: httplog to
-# its stdout, a file; nonstop: its default JSON lines to a file, LOG_FORMAT=combined for nginx's). LOGS=off or
-# LOGS=on picks one.
+# Each run measures three settings: access logs off, then on (nginx: combined, buffer=64k flush=1s; HAProxy: httplog
+# to its stdout, a file; nonstop: its default JSON lines to a file, LOG_FORMAT=combined for nginx's), then a rate
+# limit per client address on, with logs off, set high enough (10^6 requests/s) that every request is checked and
+# counted but none refused: nginx limit_req in a 10 MB zone, HAProxy a stick table tracking http_req_rate, nonstop
+# [routes.rate_limit]. wrk's connections all come from one address, so all three count on one key. LOGS=off, on or
+# ratelimit picks some ("off ratelimit").
 #
 # PLACEMENT=alone|client|backend pins the processes (taskset), one thread each, to see one placement at a time:
 # the proxy on CPU 1 alone (wrk and the backend on CPU 0), sharing CPU 1 with wrk, or sharing it with the
@@ -65,6 +68,13 @@ CONF
 start_proxies() { # threads logs(off|on)
   local t=$1 logs=$2
   local nginx_log="access_log off;" haproxy_log="" nonstop_log="enabled = false" haproxy_out=/dev/null
+  local nginx_zone="" nginx_limit="" haproxy_limit="" nonstop_limit=""
+  if [ "$logs" = ratelimit ]; then
+    nginx_zone="limit_req_zone \$binary_remote_addr zone=perip:10m rate=1000000r/s; limit_req_status 429;"
+    nginx_limit="limit_req zone=perip burst=1000000 nodelay;"
+    haproxy_limit=$'  stick-table type ip size 100k expire 30s store http_req_rate(1s)\n  http-request track-sc0 src\n  http-request deny deny_status 429 if { sc_http_req_rate(0) gt 1000000 }'
+    nonstop_limit=$'[routes.rate_limit]\nrequests_per_s = 1000000\nburst = 1000000'
+  fi
   rm -rf "$WORK/logs"; mkdir -p "$WORK/logs"
   if [ "$logs" = on ]; then
     # What people run: nginx's combined format, buffered; HAProxy's httplog to its stdout (a file here);
@@ -83,11 +93,12 @@ error_log $WORK/nginx$t/error.log warn;
 events { worker_connections 4096; }
 http {
   $nginx_log
+  $nginx_zone
   keepalive_requests 1000000;
   upstream app { server 127.0.0.1:$B1; server 127.0.0.1:$B2; keepalive 64; }
   server {
     listen 127.0.0.1:$P_NGINX reuseport;
-    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }
+    location / { $nginx_limit proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
 }
 CONF
@@ -105,6 +116,7 @@ $haproxy_log
   http-reuse always
 frontend f
   bind 127.0.0.1:$P_HAPROXY
+$haproxy_limit
   default_backend b
 backend b
   balance roundrobin
@@ -117,6 +129,7 @@ CONF
 listen = "127.0.0.1:$P_NONSTOP"
 [[routes]]
 service = "app"
+$nonstop_limit
 [services.app]
 servers = [{ addr = "127.0.0.1:$B1" }, { addr = "127.0.0.1:$B2" }]
 [access_log]
@@ -152,13 +165,16 @@ measure() { # threads port
 median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 
 echo "bench/proxy.sh: $ROUNDS rounds of wrk -c64 -d$DURATION per target, targets alternated within each round${PLACEMENT:+, placement $PLACEMENT}"
-for logs in ${LOGS:-off on}; do
+for logs in ${LOGS:-off on ratelimit}; do
 for t in $THREADS; do
   start_proxies "$t" "$logs"
   declare -A RPS=() ratio_row_rps=()
   RATIO_NGINX=""; RATIO_HAPROXY=""
   echo
-  echo "== access logs $logs; $t thread(s)/worker(s) each; wrk -t$t"
+  case $logs in
+    ratelimit) echo "== a rate limit per client address on (not reached), access logs off; $t thread(s)/worker(s) each; wrk -t$t" ;;
+    *) echo "== access logs $logs; $t thread(s)/worker(s) each; wrk -t$t" ;;
+  esac
   printf '%-6s %-9s %12s %10s  %s\n' round target 'requests/s' 'p99 ms' notes
   for r in $(seq 1 "$ROUNDS"); do
     # Rotate the order every round so that no target always runs first or last.

@@ -57,6 +57,8 @@ pub struct Entry<'a> {
     pub error: Option<&'a dyn fmt::Display>,
     pub referer: Option<&'a str>,
     pub user_agent: Option<&'a str>,
+    /// The request's id, when its listener gives requests ids (JSON lines only).
+    pub request_id: Option<&'a str>,
 }
 
 /// Bytes a thread's buffer holds before it goes to the writer.
@@ -296,6 +298,10 @@ fn json_line(b: &mut Vec<u8>, e: &Entry<'_>) {
         e.shed
     );
     json_str(b, e.error);
+    if let Some(id) = e.request_id {
+        b.extend_from_slice(b",\"request_id\":");
+        json_str(b, Some(&id));
+    }
     b.extend_from_slice(b"}\n");
 }
 
@@ -390,6 +396,7 @@ mod tests {
             error: err,
             referer: None,
             user_agent: Some("curl/8"),
+            request_id: None,
         }
     }
 

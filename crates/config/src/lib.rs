@@ -101,6 +101,9 @@ pub struct Listener {
     pub header_count_max: usize,
     /// Proxies whose `X-Forwarded-For` names the client (for routes' access lists and rate limits).
     pub trusted_proxies: Vec<IpNet>,
+    /// The header that carries each request's id (lower-case), kept when the client sent a sound one, made
+    /// otherwise; `None`: no request ids.
+    pub request_id_header: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,6 +126,10 @@ pub struct Route {
     /// Who may use it, by client address; `None`: everyone.
     pub access: Option<nonstop_guard::AccessList>,
     pub rate_limit: Option<RateLimit>,
+    /// The path the server gets, or a redirect.
+    pub rewrite: nonstop_rewrite::PathRewrite,
+    pub request_headers: nonstop_rewrite::HeaderRules,
+    pub response_headers: nonstop_rewrite::HeaderRules,
 }
 
 /// A route's rate limit (`[routes.rate_limit]`).
@@ -856,6 +863,17 @@ fn parse_listener(t: Table<'_, '_>) -> Option<Listener> {
     let header_bytes_max = t.int_in("header_bytes_max", 1024, 16 * 1024 * 1024);
     let header_count_max = t.int_in("header_count_max", 1, 10_000);
     let trusted_proxies = nets(&t, "trusted_proxies");
+    let request_id_header = t.string("request_id_header").and_then(|h| {
+        if h.is_empty() {
+            return Some(None);
+        }
+        let lower = h.to_ascii_lowercase();
+        if !nonstop_rewrite::is_token(&h) || nonstop_rewrite::RESERVED_HEADERS.contains(&lower.as_str()) {
+            t.invalid("request_id_header", format!("{h:?} is not a header name a request id can go in"));
+            return None;
+        }
+        Some(Some(lower))
+    });
     t.finish();
     let listen = listen?;
     Some(Listener {
@@ -870,7 +888,128 @@ fn parse_listener(t: Table<'_, '_>) -> Option<Listener> {
         header_bytes_max: header_bytes_max? as usize,
         header_count_max: header_count_max? as usize,
         trusted_proxies: trusted_proxies?,
+        request_id_header: request_id_header?,
     })
+}
+
+/// Bytes of compiled program a rewrite's regex may take at most.
+const REGEX_BYTES_MAX: usize = 1 << 20;
+
+/// A route's path rewriting: `None` when it has none (or it is bad, then with errors reported).
+fn parse_path_rewrite(t: &Table<'_, '_>, path_prefix: Option<&str>) -> Option<nonstop_rewrite::PathRewrite> {
+    use nonstop_rewrite::{Prefix, Rule, REDIRECT_STATUSES};
+    let strip = t.bool("strip_prefix");
+    let replace = t.string("replace_prefix");
+    let mut ok = true;
+    let rules: Vec<Rule> = t
+        .array_of_tables("rewrite", "routes[].rewrite[]")
+        .into_iter()
+        .filter_map(|r| {
+            let re = r.string("match").and_then(|m| {
+                match nonstop_rewrite::regex::RegexBuilder::new(&m).size_limit(REGEX_BYTES_MAX).build() {
+                    Ok(re) => Some(re),
+                    Err(e) => {
+                        let e = e.to_string();
+                        let last = e.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("").trim();
+                        r.invalid("match", format!("{m:?} is not a regex: {}", last.trim_start_matches("error: ")));
+                        None
+                    }
+                }
+            });
+            if re.is_none() && !r.has("match") {
+                r.required("match");
+            }
+            let redirect = r.int_in("redirect", 300, 399).and_then(|s| {
+                let s = s as u16;
+                if REDIRECT_STATUSES.contains(&s) {
+                    Some(s)
+                } else {
+                    r.invalid("redirect", format!("{s} is not a redirect status (one of 301, 302, 303, 307, 308)"));
+                    None
+                }
+            });
+            let bad_redirect = r.has("redirect") && redirect.is_none();
+            let to = r.string("to").and_then(|to| {
+                let absolute = to.starts_with("http://") || to.starts_with("https://");
+                if to.starts_with('/') || (absolute && r.has("redirect")) {
+                    Some(to)
+                } else if absolute {
+                    r.invalid("to", format!("{to:?}: only a redirect may go to another site; a rewrite is a path"));
+                    None
+                } else {
+                    r.invalid("to", format!("{to:?} must start with / (or, for a redirect, http:// or https://)"));
+                    None
+                }
+            });
+            if to.is_none() && !r.has("to") {
+                r.required("to");
+            }
+            r.finish();
+            match (re, to, bad_redirect) {
+                (Some(re), Some(to), false) => Some(Rule { re, to, redirect }),
+                _ => {
+                    ok = false;
+                    None
+                }
+            }
+        })
+        .collect();
+    let prefix = match (strip, replace) {
+        (Some(true), Some(_)) => {
+            t.invalid("replace_prefix", "give strip_prefix or replace_prefix, not both");
+            return None;
+        }
+        (Some(true), None) => Prefix::Strip(path_prefix?.to_string()),
+        (_, Some(with)) if !with.starts_with('/') => {
+            t.invalid("replace_prefix", format!("{with:?} must start with /"));
+            return None;
+        }
+        (_, Some(with)) => Prefix::Replace(path_prefix?.to_string(), with),
+        _ => Prefix::Keep,
+    };
+    ok.then_some(nonstop_rewrite::PathRewrite { rules, prefix })
+}
+
+/// `[routes.request_headers]` or `[routes.response_headers]`; `None` when any entry is bad (each reported).
+fn parse_header_rules(t: Option<Table<'_, '_>>) -> Option<nonstop_rewrite::HeaderRules> {
+    use nonstop_rewrite::{is_token, Template, RESERVED_HEADERS};
+    let Some(t) = t else { return Some(Default::default()) };
+    let name_ok = |key: &str, n: &str| {
+        let lower = n.to_ascii_lowercase();
+        if !is_token(n) {
+            t.invalid(key, format!("{n:?} is not a header name"));
+            None
+        } else if RESERVED_HEADERS.contains(&lower.as_str()) {
+            t.invalid(key, format!("{n}: the proxy owns this header (it frames the message or the connection)"));
+            None
+        } else {
+            Some(lower)
+        }
+    };
+    let mut ok = true;
+    let mut values = |key: &str| -> Vec<(String, Template)> {
+        let mut out = Vec::new();
+        for (n, v) in t.string_map(key).unwrap_or_default() {
+            let name = name_ok(key, &n);
+            let value = Template::parse(&v).map_err(|e| t.invalid(key, format!("{n}: {e}"))).ok();
+            match (name, value) {
+                (Some(n), Some(v)) => out.push((n, v)),
+                _ => ok = false,
+            }
+        }
+        out
+    };
+    let set = values("set");
+    let add = values("add");
+    let mut remove = Vec::new();
+    for n in t.strings("remove").unwrap_or_default() {
+        match name_ok("remove", &n) {
+            Some(n) => remove.push(n),
+            None => ok = false,
+        }
+    }
+    t.finish();
+    ok.then_some(nonstop_rewrite::HeaderRules { remove, set, add })
 }
 
 /// A list of addresses and CIDR networks; every bad one is reported.
@@ -993,6 +1132,10 @@ fn parse_route(t: Table<'_, '_>, services: Option<&BTreeSet<String>>, queues: &B
     let access = t.has("access").then(|| t.table("access", "routes[].access").and_then(parse_access));
     let rate_limit =
         t.has("rate_limit").then(|| t.table("rate_limit", "routes[].rate_limit").and_then(parse_rate_limit));
+    let rewrite = parse_path_rewrite(&t, path_prefix.as_deref());
+    let header_table = |key: &str, section: &'static str| t.has(key).then(|| t.table(key, section)).flatten();
+    let request_headers = parse_header_rules(header_table("request_headers", "routes[].request_headers"));
+    let response_headers = parse_header_rules(header_table("response_headers", "routes[].response_headers"));
     t.finish();
     Some(Route {
         service: service?,
@@ -1009,6 +1152,9 @@ fn parse_route(t: Table<'_, '_>, services: Option<&BTreeSet<String>>, queues: &B
             Some(r) => Some(r?),
             None => None,
         },
+        rewrite: rewrite?,
+        request_headers: request_headers?,
+        response_headers: response_headers?,
     })
 }
 

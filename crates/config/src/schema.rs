@@ -42,6 +42,8 @@ keys! {
 
     "listeners[]" "trusted_proxies": "array of strings" = "[]", "Proxies in front of this listener (addresses or CIDR networks, such as \"10.0.0.0/8\") whose X-Forwarded-For is believed. A request from one of them comes from the right-most X-Forwarded-For address that is not a trusted proxy: that is its client address for routes[].access and routes[].rate_limit. Entries left of it were written by the client and are ignored. Empty: the peer is the client, whatever the header says.";
 
+    "listeners[]" "request_id_header": "string" = "\"\"", "The header that carries each request's id, such as \"X-Request-Id\": a request that brings one (1 to 128 visible characters) keeps it, any other gets 32 random hex digits. The server gets it, the client gets it back on the response, and the access log has it (request_id). Empty: no request ids ({request_id} in a header template then makes a fresh one).";
+
     "listeners[].tls" "cert": "path" = "", "PEM certificate chain. Required.";
     "listeners[].tls" "key": "path" = "", "PEM private key. Required.";
 
@@ -52,6 +54,11 @@ keys! {
     "routes[]" "body_bytes_max": "integer" = "10485760", "Largest request body in bytes; larger gets 413.";
     "routes[]" "access": "table" = "", "Who may use the route, by client address (see listeners[].trusted_proxies); anyone else gets 403 with a message naming the address. Checked before the rate limit. Absent: everyone.";
     "routes[]" "rate_limit": "table" = "", "A rate limit per client address or key (GCRA): a request past it gets 429 with Retry-After, the seconds until it would pass. Refused requests do not count. Absent: no limit.";
+    "routes[]" "strip_prefix": "boolean" = "false", "Cut path_prefix off the path the server gets: /api/users under /api becomes /users (and /api becomes /).";
+    "routes[]" "replace_prefix": "string" = "", "Replace path_prefix by this in the path the server gets: /api/users under /api, replaced by /v2, becomes /v2/users. Not with strip_prefix.";
+    "routes[]" "rewrite": "array of tables" = "", "Regex rewrites of the path, tried in order on the path the client sent; the first that matches applies (then strip_prefix or replace_prefix, if the path still starts with path_prefix).";
+    "routes[]" "request_headers": "table" = "", "Headers of the request the server gets: remove, then set, then add (after the proxy's own X-Forwarded-* and Via, which set may replace).";
+    "routes[]" "response_headers": "table" = "", "Headers of the response the client gets, from a server or from the proxy: remove, then set, then add (HSTS, security headers, hiding Server).";
     "routes[]" "queue": "string" = "", "Persist matching requests durably in this queue and answer 202 Accepted with {id} and Location: /_nonstop/requests/{id}; the queue delivers them to the route's service, with Idempotency-Key: {id}. The id is QUEUE.KEY, KEY being 128 random bits in hex: unguessable, and unique across nodes and restarts. Absent: forward at once.";
 
     "routes[].access" "allow": "array of strings" = "[]", "Addresses or CIDR networks allowed (\"10.0.0.0/8\", \"2001:db8::/32\", \"127.0.0.1\"); when not empty, every other address is refused.";
@@ -62,6 +69,18 @@ keys! {
     "routes[].rate_limit" "burst": "integer" = "", "Requests a key may send at once after a quiet spell; over any span T at most burst + rate x T pass [default: one second's worth, at least 1].";
     "routes[].rate_limit" "key": "string" = "\"client\"", "What requests are counted by: \"client\" (the client address) or \"header:NAME\" (the value of header NAME, such as an API key; a request without it counts by its client address).";
     "routes[].rate_limit" "keys_max": "integer" = "100000", "Keys remembered at once, at most (each about 50 bytes); past it, the keys with the least debt are forgotten first. The limiter's state starts afresh when the config is reloaded.";
+
+    "routes[].rewrite[]" "match": "string" = "", "A regex (Rust's regex syntax, at most 1 MiB compiled) on the path the client sent, such as \"^/old/(.*)$\". Required.";
+    "routes[].rewrite[]" "to": "string" = "", "The new path, with $1 or ${name} for the regex's groups: \"/new/$1\". A ? in it sets the query, and the client's query follows after &; without one, the client's query stays. A redirect may go to another site (\"https://example.com/$1\"). Required.";
+    "routes[].rewrite[]" "redirect": "integer" = "", "Answer the client with this status (301, 302, 303, 307 or 308) and Location set to the new path, instead of forwarding. Absent: rewrite and forward.";
+
+    "routes[].request_headers" "remove": "array of strings" = "[]", "Header names to take off.";
+    "routes[].request_headers" "set": "table of strings" = "{}", "Headers to set, replacing any of the same name: { \"X-Real-IP\" = \"{client}\" }. Values may hold {client}, {peer}, {host}, {method}, {path}, {query}, {scheme} and {request_id}; {{ and }} are literal braces.";
+    "routes[].request_headers" "add": "table of strings" = "{}", "Headers to add beside any of the same name, with the same variables as set.";
+
+    "routes[].response_headers" "remove": "array of strings" = "[]", "Header names to take off, such as \"Server\" or \"X-Powered-By\".";
+    "routes[].response_headers" "set": "table of strings" = "{}", "Headers to set, replacing any of the same name: { \"Strict-Transport-Security\" = \"max-age=31536000\" }. The same variables as request_headers.set.";
+    "routes[].response_headers" "add": "table of strings" = "{}", "Headers to add beside any of the same name.";
 
     "services.NAME" "servers": "array of tables" = "", "The servers of the pool. At least one, unless the service has an app section (then the proxy's own instances are the servers).";
     "services.NAME" "app": "table" = "", "Run the service's servers as supervised local processes, and deploy new versions of them through the proxy (nonstop deploy). Replaces servers.";

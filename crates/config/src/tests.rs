@@ -629,3 +629,25 @@ fn an_empty_access_table_and_a_rate_limit_without_a_rate_are_refused() {
     assert!(e.contains("line 10: routes[1].rate_limit.burst: 0 is out of range 1..=1000000"), "{e}");
     assert!(e.contains("routes[1].rate_limit: requests_per_s (or requests_per_min) is required"), "{e}");
 }
+
+#[test]
+fn the_rewrite_example_is_accepted_and_rewrites_as_its_comments_say() {
+    use nonstop_rewrite::{Prefix, Rewritten};
+    let c = Config::parse(include_str!("../../../examples/rewrite.toml")).unwrap();
+    assert_eq!(c.listeners[0].request_id_header.as_deref(), Some("x-request-id"));
+    let api = &c.routes[0];
+    assert_eq!(api.rewrite.prefix, Prefix::Strip("/api".into()));
+    assert_eq!(api.rewrite.apply("/api/v1/users", None), Rewritten::Target("/v2/users".into()));
+    assert_eq!(
+        api.rewrite.apply("/api/legacy/a", Some("b=1")),
+        Rewritten::Redirect { status: 301, location: "https://legacy.example.com/a?b=1".into() }
+    );
+    assert_eq!(api.request_headers.remove, ["cookie"]);
+    assert_eq!(api.request_headers.set[0].0, "x-real-ip");
+    assert!(api.request_headers.uses(nonstop_rewrite::Var::Client));
+    assert_eq!(api.response_headers.remove, ["server", "x-powered-by"]);
+    assert_eq!(c.routes[1].rewrite.apply("/shop/cart", None), Rewritten::Target("/store/cart".into()));
+    assert!(c.routes[2].rewrite.is_empty() && c.routes[2].request_headers.is_empty());
+    // Without request_id_header, no ids.
+    assert_eq!(Config::parse(EXAMPLE).unwrap().listeners[0].request_id_header, None);
+}

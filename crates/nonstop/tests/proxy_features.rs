@@ -219,3 +219,131 @@ fn bad_access_and_rate_limit_settings_are_all_reported_with_their_lines() {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
 }
+
+/// The values of header `name` of what the backend got for the request whose path starts with `path`.
+fn backend_headers(backend: &RawBackend, line_start: &str, name: &str) -> Vec<String> {
+    let seen = backend.seen();
+    let s = seen.iter().find(|s| s.line().starts_with(line_start)).unwrap_or_else(|| {
+        panic!("no {line_start:?} at the backend: {:?}", seen.iter().map(|s| s.line()).collect::<Vec<_>>())
+    });
+    s.headers(name)
+}
+
+#[test]
+fn rewrites_redirects_header_rules_and_request_ids_change_what_the_server_and_the_client_see() {
+    let dir = TempDir::new("rewrite");
+    let backend = RawBackend::start(|_| {
+        nonstop_testkit::raw::Reply::Bytes(
+            b"HTTP/1.1 200 OK\r\nserver: backend/1.0\r\nx-tag: from-server\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+        )
+    });
+    let log = dir.path().join("access.log");
+    let toml = format!(
+        "[[listeners]]\nlisten = \"127.0.0.1:0\"\nrequest_id_header = \"X-Request-Id\"\ntrusted_proxies = [\"127.0.0.3\"]\n\n\
+         [[routes]]\nservice = \"b\"\npath_prefix = \"/api\"\nstrip_prefix = true\n\
+         [[routes.rewrite]]\nmatch = \"^/api/v1/(.*)$\"\nto = \"/api/v2/$1\"\n\
+         [[routes.rewrite]]\nmatch = \"^/api/old/(?P<rest>.*)$\"\nto = \"https://new.example/${{rest}}\"\nredirect = 301\n\
+         [routes.request_headers]\nset = {{ \"X-Real-IP\" = \"{{client}}\", \"X-Via-Route\" = \"api {{method}} {{path}}\" }}\n\
+         add = {{ \"X-Tag\" = \"t1\" }}\nremove = [\"Cookie\", \"X-Forwarded-Host\"]\n\
+         [routes.response_headers]\nset = {{ \"Strict-Transport-Security\" = \"max-age=31536000\", \"X-Request-Echo\" = \"{{request_id}}\" }}\n\
+         add = {{ \"X-Tag\" = \"proxy\" }}\nremove = [\"Server\"]\n\n\
+         [[routes]]\nservice = \"b\"\npath_prefix = \"/shop\"\nreplace_prefix = \"/store\"\n\n\
+         [[routes]]\nservice = \"b\"\n\n\
+         [services.b]\nservers = [{{ addr = \"{}\" }}]\n\n[access_log]\npath = \"{}\"\n",
+        backend.addr,
+        log.display()
+    );
+    let mut p = serve(&dir, &toml);
+
+    // A regex rewrite, then the prefix stripped; the query stays. Request headers set, added and removed.
+    let a = one(
+        "127.0.0.1",
+        p.addr,
+        "/api/v1/users?x=1",
+        &[("Cookie", "session=secret"), ("X-Request-Id", "client-id-1"), ("X-Tag", "c")],
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    let at = "GET /v2/users?x=1 HTTP/1.1";
+    assert_eq!(backend_headers(&backend, at, "x-real-ip"), ["127.0.0.1"]);
+    assert_eq!(backend_headers(&backend, at, "x-via-route"), ["api GET /api/v1/users"], "the path the client sent");
+    assert_eq!(backend_headers(&backend, at, "x-tag"), ["c", "t1"], "added beside the client's");
+    assert!(backend_headers(&backend, at, "cookie").is_empty());
+    assert!(backend_headers(&backend, at, "x-forwarded-host").is_empty(), "a rule removes the proxy's own too");
+    assert_eq!(backend_headers(&backend, at, "x-request-id"), ["client-id-1"], "a sound id from the client is kept");
+    // Response headers: set, added beside the server's, removed; the request id comes back.
+    assert_eq!(a.header("strict-transport-security"), Some("max-age=31536000"));
+    assert_eq!(a.header("server"), None, "{a:?}");
+    let tags: Vec<&str> = a.headers.iter().filter(|(n, _)| n == "x-tag").map(|(_, v)| v.as_str()).collect();
+    assert_eq!(tags, ["from-server", "proxy"]);
+    assert_eq!(a.header("x-request-id"), Some("client-id-1"));
+    assert_eq!(a.header("x-request-echo"), Some("client-id-1"));
+
+    // A redirect rule answers itself, with the client's query, and the server never hears of it.
+    let r = one("127.0.0.1", p.addr, "/api/old/a/b?q=1", &[]);
+    assert_eq!(r.status, 301, "{r:?}");
+    assert_eq!(r.header("location"), Some("https://new.example/a/b?q=1"));
+    assert_eq!(r.header("strict-transport-security"), Some("max-age=31536000"), "the route's response headers too");
+    let made = r.header("x-request-id").expect("a request id is made when the client sent none").to_string();
+    assert!(made.len() == 32 && made.bytes().all(|b| b.is_ascii_hexdigit()), "{made}");
+    assert!(backend.seen().iter().all(|s| !s.line().contains("/old/")));
+
+    // The prefix alone: stripped to /, or replaced.
+    assert_eq!(one("127.0.0.1", p.addr, "/api", &[]).status, 200);
+    assert_eq!(one("127.0.0.1", p.addr, "/shop/cart?id=7", &[]).status, 200);
+    let lines: Vec<String> = backend.seen().iter().map(|s| s.line().to_string()).collect();
+    assert!(lines.contains(&"GET / HTTP/1.1".to_string()), "{lines:?}");
+    assert!(lines.contains(&"GET /store/cart?id=7 HTTP/1.1".to_string()), "{lines:?}");
+
+    // An id no one should log (too long) is replaced; what the server got is what the client gets back.
+    let long = "x".repeat(200);
+    let b = one("127.0.0.1", p.addr, "/other", &[("X-Request-Id", long.as_str())]);
+    let id = b.header("x-request-id").unwrap().to_string();
+    assert_eq!(id.len(), 32);
+    assert_eq!(backend_headers(&backend, "GET /other", "x-request-id"), std::slice::from_ref(&id));
+    assert_eq!(b.header("strict-transport-security"), None, "another route, without the rules");
+
+    // Behind the trusted proxy, {client} is the client it names.
+    one("127.0.0.3", p.addr, "/api/v1/behind", &[("X-Forwarded-For", "127.0.0.2")]);
+    assert_eq!(backend_headers(&backend, "GET /v2/behind", "x-real-ip"), ["127.0.0.2"]);
+
+    // The access log has each request's id, and the path the client sent.
+    p.signal(libc::SIGTERM);
+    assert!(p.wait_exit(Duration::from_secs(15)).is_some(), "serve stops on SIGTERM");
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let first = lines.iter().find(|l| l["path"] == "/api/v1/users").expect("the first request is logged");
+    assert_eq!(first["request_id"], "client-id-1");
+    let other = lines.iter().find(|l| l["path"] == "/other").unwrap();
+    assert_eq!(other["request_id"], id.as_str());
+}
+
+#[test]
+fn bad_rewrites_and_header_rules_are_all_reported_with_their_lines() {
+    let dir = TempDir::new("rewritecheck");
+    let path = dir.path().join("bad.toml");
+    let toml = "[[listeners]]\nlisten = \"127.0.0.1:0\"\nrequest_id_header = \"Content-Length\"\n\n\
+                [[routes]]\nservice = \"b\"\npath_prefix = \"/a\"\nstrip_prefix = true\nreplace_prefix = \"/b\"\n\n\
+                [[routes]]\nservice = \"b\"\n\
+                [[routes.rewrite]]\nmatch = \"^/(unclosed\"\nto = \"/x\"\n\
+                [[routes.rewrite]]\nmatch = \"^/y$\"\nto = \"y\"\n\
+                [[routes.rewrite]]\nmatch = \"^/z$\"\nto = \"/z2\"\nredirect = 304\n\
+                [[routes.rewrite]]\nmatch = \"^/w$\"\nto = \"https://elsewhere.example/\"\n\
+                [routes.request_headers]\nset = { \"Transfer-Encoding\" = \"chunked\", \"X-User\" = \"{user}\" }\n\n\
+                [services.b]\nservers = [{ addr = \"127.0.0.1:9\" }]\n";
+    std::fs::write(&path, toml).unwrap();
+    let out = Command::new(bin()).args(["check", "--config"]).arg(&path).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{text}");
+    for want in [
+        "line 3: listeners[0].request_id_header: \"Content-Length\" is not a header name a request id can go in",
+        "line 9: routes[0].replace_prefix: give strip_prefix or replace_prefix, not both",
+        "line 14: routes[1].rewrite[0].match: \"^/(unclosed\" is not a regex",
+        "line 18: routes[1].rewrite[1].to: \"y\" must start with /",
+        "line 22: routes[1].rewrite[2].redirect: 304 is not a redirect status",
+        "line 25: routes[1].rewrite[3].to: \"https://elsewhere.example/\": only a redirect may go to another site",
+        "routes[1].request_headers.set: Transfer-Encoding: the proxy owns this header",
+        "routes[1].request_headers.set: X-User: \"{user}\": no variable {user}",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+}

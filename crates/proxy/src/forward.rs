@@ -230,7 +230,11 @@ pub(crate) fn error_response(e: &ProxyError) -> Response<RespBody> {
 }
 
 /// What became of one request, for stats and the access log.
-struct Outcome {
+struct Outcome<'s> {
+    /// The route, when it sets response headers.
+    route: Option<&'s RouteEntry>,
+    /// The request's variables, when a header rule or request id needs them.
+    vars: Option<Box<ReqVars>>,
     service: Option<Arc<ServiceState>>,
     server: Option<Arc<Server>>,
     /// Tries sent to servers (connects that failed included).
@@ -257,12 +261,28 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<ClientBody>) -> Result<Respo
         _ => (None, None),
     };
     let host = request_host(&req);
-    let mut out = Outcome { service: None, server: None, attempts: 0, queue_wait: Duration::ZERO, answered: None };
+    let mut out = Outcome {
+        route: None,
+        vars: None,
+        service: None,
+        server: None,
+        attempts: 0,
+        queue_wait: Duration::ZERO,
+        answered: None,
+    };
     let result = forward(&ctx, &snap, req, host.as_deref(), start, &mut out).await;
-    let (resp, error) = match result {
+    let (mut resp, error) = match result {
         Ok(resp) => (resp, None),
         Err(e) => (error_response(&e), Some(e)),
     };
+    if let Some(vars) = &out.vars {
+        if let Some(route) = out.route {
+            route.response_headers.apply(resp.headers_mut(), vars.as_ref());
+        }
+        if let (Some(name), Ok(v)) = (&vars.id_header, HeaderValue::from_str(&vars.request_id)) {
+            resp.headers_mut().insert(name.clone(), v);
+        }
+    }
     let status = resp.status().as_u16();
     let elapsed = out.answered.unwrap_or_else(Instant::now).saturating_duration_since(start);
     match (&out.server, &out.service) {
@@ -295,16 +315,130 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<ClientBody>) -> Result<Respo
             error: error.as_ref().map(|e| e as &dyn std::fmt::Display),
             referer: referer.as_deref(),
             user_agent: user_agent.as_deref(),
+            request_id: out.vars.as_ref().filter(|v| v.id_header.is_some()).map(|v| v.request_id.as_str()),
         });
     }
     Ok(resp)
 }
 
+/// The variables of a request, for header templates, kept for its response.
+struct ReqVars {
+    client: String,
+    peer: String,
+    host: String,
+    method: String,
+    path: String,
+    query: String,
+    scheme: &'static str,
+    request_id: String,
+    /// The listener's request id header, when it gives requests ids.
+    id_header: Option<HeaderName>,
+}
+
+impl nonstop_rewrite::Vars for ReqVars {
+    fn get(&self, v: nonstop_rewrite::Var) -> &str {
+        use nonstop_rewrite::Var;
+        match v {
+            Var::Client => &self.client,
+            Var::Peer => &self.peer,
+            Var::Host => &self.host,
+            Var::Method => &self.method,
+            Var::Path => &self.path,
+            Var::Query => &self.query,
+            Var::Scheme => self.scheme,
+            Var::RequestId => &self.request_id,
+        }
+    }
+}
+
+/// Longest request id kept from a client.
+const REQUEST_ID_BYTES_MAX: usize = 128;
+
+/// 128 random bits in hex.
+fn random_id() -> String {
+    format!("{:032x}", fastrand::u128(..))
+}
+
+/// What a route does before forwarding, past matching: its access list and rate limit, the request's id, the
+/// variables its header rules read, and its path rewrite, which may answer a redirect instead.
+fn dress<'s>(
+    ctx: &ConnCtx,
+    listener: Option<&nonstop_config::Listener>,
+    route: &'s RouteEntry,
+    req: &mut Request<ClientBody>,
+    host: Option<&str>,
+    out: &mut Outcome<'s>,
+) -> Result<Option<Response<RespBody>>, ProxyError> {
+    let needs_client = route.access.is_some() || route.rate_limit.is_some() || route.wants_client;
+    let client = needs_client.then(|| {
+        let trusted = listener.map_or(&[][..], |l| &l.trusted_proxies[..]);
+        let forwarded = req.headers().get_all("x-forwarded-for").into_iter().filter_map(|v| v.to_str().ok());
+        nonstop_guard::client_addr(ctx.peer.ip(), forwarded, trusted)
+    });
+    let id_header =
+        listener.and_then(|l| l.request_id_header.as_deref()).and_then(|n| HeaderName::from_bytes(n.as_bytes()).ok());
+    let request_id = match &id_header {
+        Some(name) => {
+            let sent = req.headers().get(name).and_then(|v| v.to_str().ok()).filter(|v| {
+                !v.is_empty() && v.len() <= REQUEST_ID_BYTES_MAX && v.bytes().all(|b| b.is_ascii_graphic())
+            });
+            let id = sent.map_or_else(random_id, str::to_string);
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                req.headers_mut().insert(name.clone(), v);
+            }
+            Some(id)
+        }
+        None if route.wants_request_id => Some(random_id()),
+        None => None,
+    };
+    let rules = !route.request_headers.is_empty() || !route.response_headers.is_empty();
+    if rules || request_id.is_some() {
+        out.route = Some(route);
+        out.vars = Some(Box::new(ReqVars {
+            client: client.map_or_else(|| ctx.peer_ip.clone(), |c| c.to_string()),
+            peer: ctx.peer_ip.clone(),
+            host: host.unwrap_or_default().to_string(),
+            method: req.method().to_string(),
+            path: req.uri().path().to_string(),
+            query: req.uri().query().unwrap_or_default().to_string(),
+            scheme: if ctx.tls { "https" } else { "http" },
+            request_id: request_id.unwrap_or_default(),
+            id_header,
+        }));
+    }
+    // Refused requests get their id and the route's response headers too.
+    if let Some(client) = client {
+        guard(route, req, client)?;
+    }
+    if route.rewrite.is_empty() {
+        return Ok(None);
+    }
+    match route.rewrite.apply(req.uri().path(), req.uri().query()) {
+        nonstop_rewrite::Rewritten::Unchanged => Ok(None),
+        nonstop_rewrite::Rewritten::Target(target) => {
+            let bad = || ProxyError::BadRequest("the route's rewrite made a path that is not a valid request target");
+            let mut parts = std::mem::take(req.uri_mut()).into_parts();
+            parts.path_and_query = Some(target.parse().map_err(|_| bad())?);
+            *req.uri_mut() = http::Uri::from_parts(parts).map_err(|_| bad())?;
+            Ok(None)
+        }
+        nonstop_rewrite::Rewritten::Redirect { status, location } => {
+            let Ok(value) = HeaderValue::from_str(&location) else {
+                return Err(ProxyError::BadRequest("the route's redirect made a Location that is not a valid header"));
+            };
+            let body = format!("redirecting to {location}\n");
+            let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body))));
+            *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::FOUND);
+            resp.headers_mut().insert(header::LOCATION, value);
+            resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+            out.route = Some(route);
+            Ok(Some(resp))
+        }
+    }
+}
+
 /// The route's access list and rate limit, for the request's client (see [`nonstop_guard`]).
-fn guard(ctx: &ConnCtx, snap: &Snapshot, route: &RouteEntry, req: &Request<ClientBody>) -> Result<(), ProxyError> {
-    let trusted = snap.config.listeners.get(ctx.listener_index).map_or(&[][..], |l| &l.trusted_proxies[..]);
-    let forwarded = req.headers().get_all("x-forwarded-for").into_iter().filter_map(|v| v.to_str().ok());
-    let client = nonstop_guard::client_addr(ctx.peer.ip(), forwarded, trusted);
+fn guard(route: &RouteEntry, req: &Request<ClientBody>, client: std::net::IpAddr) -> Result<(), ProxyError> {
     if let Some(list) = &route.access {
         list.check(client).map_err(|r| ProxyError::Forbidden {
             client,
@@ -394,13 +528,13 @@ impl BodySource {
 /// Forwards one request, with its retries. Every future it awaits off the plain path (a queue, a body to collect,
 /// a wait for a server, a probe of a failed one) is boxed: this future is moved and copied whole on every request,
 /// so its size is that of its largest awaited future.
-async fn forward(
+async fn forward<'s>(
     ctx: &ConnCtx,
-    snap: &Snapshot,
+    snap: &'s Snapshot,
     mut req: Request<ClientBody>,
     host: Option<&str>,
     start: Instant,
-    out: &mut Outcome,
+    out: &mut Outcome<'s>,
 ) -> Result<Response<RespBody>, ProxyError> {
     if let Some(id) = req.uri().path().strip_prefix(STATUS_PREFIX) {
         return request_status(ctx, req.method(), id);
@@ -422,8 +556,11 @@ async fn forward(
     };
     let service = route.service.clone();
     out.service = Some(service.clone());
-    if route.access.is_some() || route.rate_limit.is_some() {
-        guard(ctx, snap, route, &req)?;
+    let listener = snap.config.listeners.get(ctx.listener_index);
+    if route.dressed() || listener.is_some_and(|l| l.request_id_header.is_some()) {
+        if let Some(redirect) = dress(ctx, listener, route, &mut req, host, out)? {
+            return Ok(redirect);
+        }
     }
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > route.body_bytes_max) {
@@ -447,7 +584,10 @@ async fn forward(
     let upgrade = is_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let client_version = req.version();
-    let (mut head, added, body) = rewrite_request(req, ctx, upgrade, host);
+    let (mut head, mut added, body) = rewrite_request(req, ctx, upgrade, host);
+    if let Some(vars) = &out.vars {
+        route.request_headers.apply_outgoing(&mut head.headers, &mut added, vars.as_ref());
+    }
     if let Some(queue) = &route.queue {
         for (name, value) in added {
             head.headers.append(name, value);

@@ -32,6 +32,83 @@ pub struct RouteEntry {
     pub queue: Option<String>,
     pub access: Option<nonstop_guard::AccessList>,
     pub rate_limit: Option<RouteLimit>,
+    pub rewrite: nonstop_rewrite::PathRewrite,
+    pub request_headers: HeaderOps,
+    pub response_headers: HeaderOps,
+    /// Whether any header template reads `{request_id}` or `{client}`.
+    pub wants_request_id: bool,
+    pub wants_client: bool,
+}
+
+impl RouteEntry {
+    /// Whether the route does more than match and forward (so that the plain path checks one flag).
+    pub fn dressed(&self) -> bool {
+        self.access.is_some()
+            || self.rate_limit.is_some()
+            || !self.rewrite.is_empty()
+            || !self.request_headers.is_empty()
+            || !self.response_headers.is_empty()
+    }
+}
+
+/// A route's header rules with their names parsed once.
+#[derive(Default)]
+pub struct HeaderOps {
+    pub remove: Vec<http::HeaderName>,
+    pub set: Vec<(http::HeaderName, nonstop_rewrite::Template)>,
+    pub add: Vec<(http::HeaderName, nonstop_rewrite::Template)>,
+}
+
+impl HeaderOps {
+    fn new(rules: &nonstop_rewrite::HeaderRules) -> HeaderOps {
+        // The config checked every name as an HTTP token, so none is dropped here.
+        let name = |n: &String| http::HeaderName::from_bytes(n.as_bytes()).ok();
+        HeaderOps {
+            remove: rules.remove.iter().filter_map(name).collect(),
+            set: rules.set.iter().filter_map(|(n, t)| Some((name(n)?, t.clone()))).collect(),
+            add: rules.add.iter().filter_map(|(n, t)| Some((name(n)?, t.clone()))).collect(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.set.is_empty() && self.add.is_empty()
+    }
+
+    /// Removes, sets and adds on `headers` (a response's).
+    pub fn apply(&self, headers: &mut http::HeaderMap, vars: &impl nonstop_rewrite::Vars) {
+        for n in &self.remove {
+            headers.remove(n);
+        }
+        for (n, t) in &self.set {
+            if let Ok(v) = http::HeaderValue::from_bytes(t.expand(vars).as_bytes()) {
+                headers.insert(n.clone(), v);
+            }
+        }
+        for (n, t) in &self.add {
+            if let Ok(v) = http::HeaderValue::from_bytes(t.expand(vars).as_bytes()) {
+                headers.append(n.clone(), v);
+            }
+        }
+    }
+
+    /// The same on a request on its way out: its head, and the headers the proxy adds to it (which a rule removes
+    /// or replaces like any other).
+    pub fn apply_outgoing(
+        &self,
+        headers: &mut http::HeaderMap,
+        added: &mut Vec<(http::HeaderName, http::HeaderValue)>,
+        vars: &impl nonstop_rewrite::Vars,
+    ) {
+        for n in self.remove.iter().chain(self.set.iter().map(|(n, _)| n)) {
+            headers.remove(n);
+            added.retain(|(a, _)| a != n);
+        }
+        for (n, t) in self.set.iter().chain(&self.add) {
+            if let Ok(v) = http::HeaderValue::from_bytes(t.expand(vars).as_bytes()) {
+                added.push((n.clone(), v));
+            }
+        }
+    }
 }
 
 /// A route's rate limit and what it counts by; its state starts afresh with each snapshot.
@@ -117,6 +194,13 @@ impl Snapshot {
                     limiter: nonstop_guard::Limiter::new(l.rate, l.keys_max),
                     key: l.key.clone(),
                 }),
+                rewrite: r.rewrite.clone(),
+                request_headers: HeaderOps::new(&r.request_headers),
+                response_headers: HeaderOps::new(&r.response_headers),
+                wants_request_id: r.request_headers.uses(nonstop_rewrite::Var::RequestId)
+                    || r.response_headers.uses(nonstop_rewrite::Var::RequestId),
+                wants_client: r.request_headers.uses(nonstop_rewrite::Var::Client)
+                    || r.response_headers.uses(nonstop_rewrite::Var::Client),
             })
             .collect();
         // Host-specific routes first, then the longest prefix; the sort is stable, so file order breaks ties.
