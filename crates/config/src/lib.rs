@@ -130,6 +130,15 @@ pub struct Route {
     pub rewrite: nonstop_rewrite::PathRewrite,
     pub request_headers: nonstop_rewrite::HeaderRules,
     pub response_headers: nonstop_rewrite::HeaderRules,
+    pub compress: Option<Compress>,
+}
+
+/// A route's response compression (`[routes.compress]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compress {
+    pub settings: nonstop_compress::Settings,
+    /// Responses compressed at once on the route, at most; past it they go as they are.
+    pub streams_max: usize,
 }
 
 /// A route's rate limit (`[routes.rate_limit]`).
@@ -892,6 +901,53 @@ fn parse_listener(t: Table<'_, '_>) -> Option<Listener> {
     })
 }
 
+fn parse_compress(t: Table<'_, '_>) -> Option<Compress> {
+    let codings = t.strings("codings").and_then(|cs| {
+        let mut out = Vec::new();
+        for c in cs {
+            match nonstop_compress::Coding::from_token(&c) {
+                Some(k) if !out.contains(&k) => out.push(k),
+                Some(_) => {}
+                None => {
+                    t.invalid("codings", format!("{c:?} is not a coding nonstop makes (zstd, br, gzip)"));
+                    return None;
+                }
+            }
+        }
+        if out.is_empty() {
+            t.invalid("codings", "at least one coding is needed (zstd, br, gzip)");
+            return None;
+        }
+        Some(out)
+    });
+    let types = t.strings("types").and_then(|ts| {
+        let mut bad = false;
+        let out: Vec<String> = ts
+            .iter()
+            .map(|ty| {
+                let lower = ty.trim().to_ascii_lowercase();
+                let ok = matches!(lower.split_once('/'), Some((a, b)) if nonstop_rewrite::is_token(a) && (b == "*" || nonstop_rewrite::is_token(b)));
+                if !ok {
+                    t.invalid("types", format!("{ty:?} is not a media type such as \"text/html\" or \"text/*\""));
+                    bad = true;
+                }
+                lower
+            })
+            .collect();
+        (!bad).then_some(out)
+    });
+    let bytes_min = t.int_in("bytes_min", 0, u64::MAX / 2);
+    let streams_max = t.int_in("streams_max", 1, 1_000_000);
+    t.finish();
+    let types = types?;
+    let types =
+        if types.is_empty() { nonstop_compress::DEFAULT_TYPES.iter().map(|s| s.to_string()).collect() } else { types };
+    Some(Compress {
+        settings: nonstop_compress::Settings { codings: codings?, types, bytes_min: bytes_min? },
+        streams_max: streams_max? as usize,
+    })
+}
+
 /// Bytes of compiled program a rewrite's regex may take at most.
 const REGEX_BYTES_MAX: usize = 1 << 20;
 
@@ -1136,6 +1192,7 @@ fn parse_route(t: Table<'_, '_>, services: Option<&BTreeSet<String>>, queues: &B
     let header_table = |key: &str, section: &'static str| t.has(key).then(|| t.table(key, section)).flatten();
     let request_headers = parse_header_rules(header_table("request_headers", "routes[].request_headers"));
     let response_headers = parse_header_rules(header_table("response_headers", "routes[].response_headers"));
+    let compress = header_table("compress", "routes[].compress").map(parse_compress);
     t.finish();
     Some(Route {
         service: service?,
@@ -1155,6 +1212,10 @@ fn parse_route(t: Table<'_, '_>, services: Option<&BTreeSet<String>>, queues: &B
         rewrite: rewrite?,
         request_headers: request_headers?,
         response_headers: response_headers?,
+        compress: match compress {
+            Some(c) => Some(c?),
+            None => None,
+        },
     })
 }
 

@@ -59,6 +59,7 @@ keys! {
     "routes[]" "rewrite": "array of tables" = "", "Regex rewrites of the path, tried in order on the path the client sent; the first that matches applies (then strip_prefix or replace_prefix, if the path still starts with path_prefix).";
     "routes[]" "request_headers": "table" = "", "Headers of the request the server gets: remove, then set, then add (after the proxy's own X-Forwarded-* and Via, which set may replace).";
     "routes[]" "response_headers": "table" = "", "Headers of the response the client gets, from a server or from the proxy: remove, then set, then add (HSTS, security headers, hiding Server).";
+    "routes[]" "compress": "table" = "", "Compress the servers' responses (zstd, brotli or gzip, as Accept-Encoding allows), on the fly with bounded memory: 2xx responses of a listed type, at least bytes_min long, not already encoded, not partial, without Cache-Control: no-transform, and not to HEAD. Such responses carry Vary: Accept-Encoding, compressed or not; a compressed one loses Content-Length and its ETag becomes weak. Absent: responses go as the server sent them.";
     "routes[]" "queue": "string" = "", "Persist matching requests durably in this queue and answer 202 Accepted with {id} and Location: /_nonstop/requests/{id}; the queue delivers them to the route's service, with Idempotency-Key: {id}. The id is QUEUE.KEY, KEY being 128 random bits in hex: unguessable, and unique across nodes and restarts. Absent: forward at once.";
 
     "routes[].access" "allow": "array of strings" = "[]", "Addresses or CIDR networks allowed (\"10.0.0.0/8\", \"2001:db8::/32\", \"127.0.0.1\"); when not empty, every other address is refused.";
@@ -73,6 +74,11 @@ keys! {
     "routes[].rewrite[]" "match": "string" = "", "A regex (Rust's regex syntax, at most 1 MiB compiled) on the path the client sent, such as \"^/old/(.*)$\". Required.";
     "routes[].rewrite[]" "to": "string" = "", "The new path, with $1 or ${name} for the regex's groups: \"/new/$1\". A ? in it sets the query, and the client's query follows after &; without one, the client's query stays. A redirect may go to another site (\"https://example.com/$1\"). Required.";
     "routes[].rewrite[]" "redirect": "integer" = "", "Answer the client with this status (301, 302, 303, 307 or 308) and Location set to the new path, instead of forwarding. Absent: rewrite and forward.";
+
+    "routes[].compress" "codings": "array of strings" = "[\"zstd\", \"br\", \"gzip\"]", "The codings offered, in order of preference: the client's weights choose, ties go to the earlier.";
+    "routes[].compress" "types": "array of strings" = "[]", "Media types to compress, such as \"text/html\" or \"text/*\". Empty: text/html, text/plain, text/css, text/javascript, text/xml, text/csv, text/markdown, application/json, application/javascript, application/xml, application/xhtml+xml, application/rss+xml, application/atom+xml, application/problem+json, application/ld+json, application/manifest+json, application/wasm and image/svg+xml. text/event-stream is never compressed.";
+    "routes[].compress" "bytes_min": "integer" = "1024", "Responses that declare a shorter Content-Length go as they are (too small to gain); responses of unknown length are compressed.";
+    "routes[].compress" "streams_max": "integer" = "256", "Responses compressed at once on this route, at most (each holds at most about 300 KiB of compressor state); past it, responses go as they are.";
 
     "routes[].request_headers" "remove": "array of strings" = "[]", "Header names to take off.";
     "routes[].request_headers" "set": "table of strings" = "{}", "Headers to set, replacing any of the same name: { \"X-Real-IP\" = \"{client}\" }. Values may hold {client}, {peer}, {host}, {method}, {path}, {query}, {scheme} and {request_id}; {{ and }} are literal braces.";

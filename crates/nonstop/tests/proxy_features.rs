@@ -347,3 +347,126 @@ fn bad_rewrites_and_header_rules_are_all_reported_with_their_lines() {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
 }
+
+/// `body` decoded from `coding` (as Content-Encoding names it).
+fn decoded(coding: Option<&str>, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    match coding {
+        None => out.extend_from_slice(body),
+        Some("gzip") => {
+            flate2::read::GzDecoder::new(body).read_to_end(&mut out).unwrap();
+        }
+        Some("br") => {
+            brotli::Decompressor::new(body, 4096).read_to_end(&mut out).unwrap();
+        }
+        Some("zstd") => {
+            zstd::stream::read::Decoder::new(body).unwrap().read_to_end(&mut out).unwrap();
+        }
+        Some(other) => panic!("unexpected coding {other}"),
+    }
+    out
+}
+
+#[test]
+fn responses_are_compressed_as_the_client_accepts_only_when_worth_it_and_never_twice() {
+    let dir = TempDir::new("compress");
+    let page: String = (0..800).map(|i| format!("{{\"id\":{i},\"name\":\"item number {i}\"}},")).collect();
+    let page = format!("[{}]", page.trim_end_matches(','));
+    let served = page.clone();
+    let backend = RawBackend::start(move |seen| {
+        let path = seen.line().split_whitespace().nth(1).unwrap_or("/").to_string();
+        let reply = |headers: &str, body: &[u8]| {
+            let mut b = format!("HTTP/1.1 200 OK\r\n{headers}content-length: {}\r\n\r\n", body.len()).into_bytes();
+            b.extend_from_slice(body);
+            nonstop_testkit::raw::Reply::Bytes(b)
+        };
+        match path.as_str() {
+            "/big.json" => reply("content-type: application/json\r\netag: \"v1\"\r\n", served.as_bytes()),
+            "/small.json" => reply("content-type: application/json\r\n", b"{\"small\":true}"),
+            "/image.png" => reply("content-type: image/png\r\n", &[7u8; 5000]),
+            "/already" => reply(
+                "content-type: text/html\r\ncontent-encoding: gzip\r\n",
+                b"not really gzip, but the server says so",
+            ),
+            "/keep" => reply("content-type: text/html\r\ncache-control: no-transform\r\n", &[b'a'; 5000]),
+            "/chunked" => {
+                let mut b =
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+                for _ in 0..3 {
+                    b.extend_from_slice(format!("{:x}\r\n", 4000).as_bytes());
+                    b.extend_from_slice(&[b'z'; 4000]);
+                    b.extend_from_slice(b"\r\n");
+                }
+                b.extend_from_slice(b"0\r\n\r\n");
+                nonstop_testkit::raw::Reply::Bytes(b)
+            }
+            _ => ok(),
+        }
+    });
+    let toml = format!(
+        "[[listeners]]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[routes]]\nservice = \"b\"\n[routes.compress]\n\n\
+         [services.b]\nservers = [{{ addr = \"{}\" }}]\n\n[access_log]\nenabled = false\n",
+        backend.addr
+    );
+    let p = serve(&dir, &toml);
+
+    for (accept, want) in [
+        ("gzip", Some("gzip")),
+        ("br;q=1, gzip;q=0.5", Some("br")),
+        ("gzip, deflate, br, zstd", Some("zstd")),
+        ("deflate", None),
+        ("gzip;q=0, identity", None),
+    ] {
+        let a = one("127.0.0.1", p.addr, "/big.json", &[("Accept-Encoding", accept)]);
+        assert_eq!(a.status, 200);
+        assert_eq!(a.header("content-encoding"), want, "Accept-Encoding: {accept}");
+        assert_eq!(a.header("vary"), Some("accept-encoding"), "either way, caches must tell them apart");
+        assert_eq!(decoded(want, &a.body), page.as_bytes(), "Accept-Encoding: {accept}");
+        if want.is_some() {
+            assert!(a.body.len() * 5 < page.len(), "{} bytes from {}", a.body.len(), page.len());
+            assert_eq!(a.header("etag"), Some("W/\"v1\""), "a compressed body is not byte-identical");
+            assert_eq!(a.header("content-length"), None);
+        } else {
+            assert_eq!(a.header("etag"), Some("\"v1\""));
+            assert_eq!(a.header("content-length"), Some(page.len().to_string().as_str()));
+        }
+    }
+    // No Accept-Encoding: as the server sent it.
+    let plain = one("127.0.0.1", p.addr, "/big.json", &[]);
+    assert_eq!((plain.header("content-encoding"), plain.body.len()), (None, page.len()));
+
+    let gz = [("Accept-Encoding", "gzip")];
+    // Too small to gain, not a text type, already encoded, or forbidden to transform: untouched, and no Vary.
+    for path in ["/small.json", "/image.png", "/already", "/keep"] {
+        let a = one("127.0.0.1", p.addr, path, &gz);
+        assert_eq!(a.header("vary"), None, "{path}: {a:?}");
+        let seen_encoding = if path == "/already" { Some("gzip") } else { None };
+        assert_eq!(a.header("content-encoding"), seen_encoding, "{path}");
+    }
+    assert_eq!(one("127.0.0.1", p.addr, "/already", &gz).body, b"not really gzip, but the server says so");
+    // A body of unknown length is compressed as it streams.
+    let c = one("127.0.0.1", p.addr, "/chunked", &gz);
+    assert_eq!(c.header("content-encoding"), Some("gzip"));
+    assert_eq!(decoded(Some("gzip"), &c.body), vec![b'z'; 12_000]);
+}
+
+#[test]
+fn bad_compression_settings_are_reported_with_their_lines() {
+    let dir = TempDir::new("compresscheck");
+    let path = dir.path().join("bad.toml");
+    let toml = "[[listeners]]\nlisten = \"127.0.0.1:0\"\n\n\
+                [[routes]]\nservice = \"b\"\n[routes.compress]\ncodings = [\"gzip\", \"deflate\"]\ntypes = [\"html\"]\nstreams_max = 0\n\n\
+                [services.b]\nservers = [{ addr = \"127.0.0.1:9\" }]\n";
+    std::fs::write(&path, toml).unwrap();
+    let out = Command::new(bin()).args(["check", "--config"]).arg(&path).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{text}");
+    for want in [
+        "line 7: routes[0].compress.codings: \"deflate\" is not a coding nonstop makes (zstd, br, gzip)",
+        "line 8: routes[0].compress.types: \"html\" is not a media type",
+        "line 9: routes[0].compress.streams_max: 0 is out of range 1..=1000000",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+}

@@ -581,6 +581,11 @@ async fn forward<'s>(
     }
     let retryable = is_idempotent(req.method()) || req.headers().contains_key(IDEMPOTENCY_KEY);
 
+    // The coding this client would get, should the answer be worth compressing.
+    let compress = route.compress.as_ref().filter(|_| req.method() != Method::HEAD).map(|c| {
+        let accept = req.headers().get_all(header::ACCEPT_ENCODING).into_iter().filter_map(|v| v.to_str().ok());
+        (c, nonstop_compress::negotiate(accept, &c.settings.codings))
+    });
     let upgrade = is_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let client_version = req.version();
@@ -865,7 +870,9 @@ async fn forward<'s>(
         parts.version = client_version;
         // A body of unknown length may be long-lived (SSE, long poll): it ends at the server's drain deadline.
         let cutoff = body.size_hint().exact().is_none().then(|| Box::pin(server.cutoff().cancelled_owned()));
-        let body = UpstreamBody { inner: body, cutoff, _in_flight: lease };
+        let length = body.size_hint().exact();
+        let encoder = compress.and_then(|(c, coding)| compressing(c, coding, parts.status, length, &mut parts.headers));
+        let body = UpstreamBody { inner: body, cutoff, encoder, _in_flight: lease };
         return Ok(Response::from_parts(parts, Either::Left(body)));
     }
 }
@@ -1087,9 +1094,104 @@ fn rewrite_request(
     (parts, added, body)
 }
 
+/// Whether to compress a server's answer for this client, by the route's settings; when so, its headers say so
+/// (Content-Encoding, no Content-Length, a weak ETag). An answer worth compressing gets `Vary: Accept-Encoding`
+/// either way, so that caches keep the two apart.
+fn compressing(
+    c: &crate::state::RouteCompress,
+    coding: Option<nonstop_compress::Coding>,
+    status: StatusCode,
+    length: Option<u64>,
+    headers: &mut HeaderMap,
+) -> Option<Box<Compressing>> {
+    let text = |n: header::HeaderName| headers.get(n).and_then(|v| v.to_str().ok());
+    let r = nonstop_compress::Response {
+        status: status.as_u16(),
+        content_type: text(header::CONTENT_TYPE),
+        content_encoding: text(header::CONTENT_ENCODING),
+        // The proxy's own client keeps a server's length in the body rather than the header.
+        content_length: length.or_else(|| text(header::CONTENT_LENGTH).and_then(|v| v.trim().parse().ok())),
+        cache_control: text(header::CACHE_CONTROL),
+        content_range: headers.contains_key(header::CONTENT_RANGE),
+    };
+    if !c.settings.eligible(&r) {
+        return None;
+    }
+    let varies = headers.get_all(header::VARY).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim() == "*" || t.trim().eq_ignore_ascii_case("accept-encoding")))
+    });
+    if !varies {
+        headers.append(header::VARY, HeaderValue::from_static("accept-encoding"));
+    }
+    let coding = coding?;
+    let permit = c.permit()?;
+    let encoder = nonstop_compress::Encoder::new(coding).ok()?;
+    headers.remove(header::CONTENT_LENGTH);
+    headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static(coding.token()));
+    if let Some(etag) = headers.get(header::ETAG).filter(|v| v.as_bytes().starts_with(b"\"")) {
+        let mut weak = b"W/".to_vec();
+        weak.extend_from_slice(etag.as_bytes());
+        if let Ok(v) = HeaderValue::from_bytes(&weak) {
+            headers.insert(header::ETAG, v);
+        }
+    }
+    Some(Box::new(Compressing { encoder: Some(encoder), _permit: permit }))
+}
+
+/// A body being compressed; `encoder` is `None` once the stream is finished.
+pub struct Compressing {
+    encoder: Option<nonstop_compress::Encoder>,
+    _permit: crate::state::StreamPermit,
+}
+
+type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Compressing {
+    /// The next frame of the compressed body, from the server's.
+    fn poll_frame(
+        &mut self,
+        inner: &mut UpBody,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let some = |b: Vec<u8>| Poll::Ready(Some(Ok(Frame::data(Bytes::from(b)))));
+        loop {
+            let Some(enc) = self.encoder.as_mut() else { return Poll::Ready(None) };
+            match Pin::new(&mut *inner).poll_frame(cx) {
+                // The server paused: what was compressed so far goes out now rather than wait in the window.
+                Poll::Pending if enc.unflushed() => match enc.flush() {
+                    Ok(b) if !b.is_empty() => return some(b),
+                    Ok(_) => return Poll::Pending,
+                    Err(e) => return Poll::Ready(Some(Err(e.into()))),
+                },
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    let enc = self.encoder.take().expect("checked above");
+                    return match enc.finish() {
+                        Ok(b) if !b.is_empty() => some(b),
+                        Ok(_) => Poll::Ready(None),
+                        Err(e) => Poll::Ready(Some(Err(e.into()))),
+                    };
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => match enc.write(&data) {
+                        Ok(b) if !b.is_empty() => return some(b),
+                        Ok(_) => continue,
+                        Err(e) => return Poll::Ready(Some(Err(e.into()))),
+                    },
+                    Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                },
+            }
+        }
+    }
+}
+
 /// A server's response body on its way to the client; the server's in-flight count lasts as long as it does.
 pub struct UpstreamBody {
     inner: UpBody,
+    /// Compressing it for the client, when the route says so.
+    encoder: Option<Box<Compressing>>,
     /// Ends the body cleanly when the server's drain deadline passes (long-lived responses only).
     cutoff: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     _in_flight: InFlight,
@@ -1105,14 +1207,24 @@ impl Body for UpstreamBody {
                 return Poll::Ready(None);
             }
         }
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let this = &mut *self;
+        match this.encoder.as_mut() {
+            Some(c) => c.poll_frame(&mut this.inner, cx),
+            None => Pin::new(&mut this.inner).poll_frame(cx),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.encoder {
+            Some(c) => c.encoder.is_none(),
+            None => self.inner.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.encoder {
+            Some(_) => SizeHint::default(),
+            None => self.inner.size_hint(),
+        }
     }
 }

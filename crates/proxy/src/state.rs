@@ -35,6 +35,7 @@ pub struct RouteEntry {
     pub rewrite: nonstop_rewrite::PathRewrite,
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
+    pub compress: Option<RouteCompress>,
     /// Whether any header template reads `{request_id}` or `{client}`.
     pub wants_request_id: bool,
     pub wants_client: bool,
@@ -48,6 +49,39 @@ impl RouteEntry {
             || !self.rewrite.is_empty()
             || !self.request_headers.is_empty()
             || !self.response_headers.is_empty()
+    }
+}
+
+/// A route's compression and how many of its responses are being compressed now.
+pub struct RouteCompress {
+    pub settings: nonstop_compress::Settings,
+    pub streams_max: usize,
+    streams: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// One of a route's compressed responses, counted until dropped.
+pub struct StreamPermit(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl RouteCompress {
+    /// A place among the route's compressed responses, unless streams_max are being compressed.
+    pub fn permit(&self) -> Option<StreamPermit> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut n = self.streams.load(Relaxed);
+        loop {
+            if n >= self.streams_max {
+                return None;
+            }
+            match self.streams.compare_exchange_weak(n, n + 1, Relaxed, Relaxed) {
+                Ok(_) => return Some(StreamPermit(self.streams.clone())),
+                Err(now) => n = now,
+            }
+        }
     }
 }
 
@@ -195,6 +229,11 @@ impl Snapshot {
                     key: l.key.clone(),
                 }),
                 rewrite: r.rewrite.clone(),
+                compress: r.compress.as_ref().map(|c| RouteCompress {
+                    settings: c.settings.clone(),
+                    streams_max: c.streams_max,
+                    streams: Arc::default(),
+                }),
                 request_headers: HeaderOps::new(&r.request_headers),
                 response_headers: HeaderOps::new(&r.response_headers),
                 wants_request_id: r.request_headers.uses(nonstop_rewrite::Var::RequestId)
