@@ -61,6 +61,19 @@ fn one(from: &str, to: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Answ
     get_from(from, to, &[path], headers).remove(0)
 }
 
+/// `nonstop check` of `toml` fails and reports every one of `wants`.
+fn check_reports(tag: &str, toml: &str, wants: &[&str]) {
+    let dir = TempDir::new(tag);
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, toml).unwrap();
+    let out = Command::new(bin()).args(["check", "--config"]).arg(&path).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{text}");
+    for want in wants {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+}
+
 fn error_of(a: &Answer) -> String {
     let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap_or_else(|_| panic!("a JSON error: {a:?}"));
     v["error"].as_str().unwrap_or_else(|| panic!("an error message: {v}")).to_string()
@@ -198,26 +211,22 @@ fn a_rate_limit_lets_the_configured_rate_through_within_ten_percent_over_ten_sec
 
 #[test]
 fn bad_access_and_rate_limit_settings_are_all_reported_with_their_lines() {
-    let dir = TempDir::new("guardcheck");
-    let path = dir.path().join("bad.toml");
     let toml = "[[listeners]]\nlisten = \"127.0.0.1:0\"\ntrusted_proxies = [\"10.0.0.1/8\"]\n\n\
                 [[routes]]\nservice = \"b\"\n[routes.access]\nallow = [\"localhost\"]\n\n\
                 [[routes]]\nservice = \"b\"\npath_prefix = \"/r\"\n[routes.rate_limit]\nrequests_per_s = 5\nrequests_per_min = 60\n\n\
                 [[routes]]\nservice = \"b\"\npath_prefix = \"/k\"\n[routes.rate_limit]\nrequests_per_s = 5\nkey = \"cookie:id\"\nper = 1\n\n\
                 [services.b]\nservers = [{ addr = \"127.0.0.1:9\" }]\n";
-    std::fs::write(&path, toml).unwrap();
-    let out = Command::new(bin()).args(["check", "--config"]).arg(&path).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(!out.status.success(), "{text}");
-    for want in [
-        "line 3: listeners[0].trusted_proxies: \"10.0.0.1/8\" has host bits set: the network is 10.0.0.0/8",
-        "line 8: routes[0].access.allow: \"localhost\" is not an IP address or a CIDR network",
-        "line 15: routes[1].rate_limit.requests_per_min: give requests_per_s or requests_per_min, not both",
-        "line 22: routes[2].rate_limit.key: \"cookie:id\": expected \"client\" or \"header:NAME\"",
-        "line 23: routes[2].rate_limit.per: unknown key",
-    ] {
-        assert!(text.contains(want), "missing {want:?} in:\n{text}");
-    }
+    check_reports(
+        "guardcheck",
+        toml,
+        &[
+            "line 3: listeners[0].trusted_proxies: \"10.0.0.1/8\" has host bits set: the network is 10.0.0.0/8",
+            "line 8: routes[0].access.allow: \"localhost\" is not an IP address or a CIDR network",
+            "line 15: routes[1].rate_limit.requests_per_min: give requests_per_s or requests_per_min, not both",
+            "line 22: routes[2].rate_limit.key: \"cookie:id\": expected \"client\" or \"header:NAME\"",
+            "line 23: routes[2].rate_limit.per: unknown key",
+        ],
+    );
 }
 
 /// The values of header `name` of what the backend got for the request whose path starts with `path`.
@@ -319,8 +328,6 @@ fn rewrites_redirects_header_rules_and_request_ids_change_what_the_server_and_th
 
 #[test]
 fn bad_rewrites_and_header_rules_are_all_reported_with_their_lines() {
-    let dir = TempDir::new("rewritecheck");
-    let path = dir.path().join("bad.toml");
     let toml = "[[listeners]]\nlisten = \"127.0.0.1:0\"\nrequest_id_header = \"Content-Length\"\n\n\
                 [[routes]]\nservice = \"b\"\npath_prefix = \"/a\"\nstrip_prefix = true\nreplace_prefix = \"/b\"\n\n\
                 [[routes]]\nservice = \"b\"\n\
@@ -330,22 +337,20 @@ fn bad_rewrites_and_header_rules_are_all_reported_with_their_lines() {
                 [[routes.rewrite]]\nmatch = \"^/w$\"\nto = \"https://elsewhere.example/\"\n\
                 [routes.request_headers]\nset = { \"Transfer-Encoding\" = \"chunked\", \"X-User\" = \"{user}\" }\n\n\
                 [services.b]\nservers = [{ addr = \"127.0.0.1:9\" }]\n";
-    std::fs::write(&path, toml).unwrap();
-    let out = Command::new(bin()).args(["check", "--config"]).arg(&path).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(!out.status.success(), "{text}");
-    for want in [
-        "line 3: listeners[0].request_id_header: \"Content-Length\" is not a header name a request id can go in",
-        "line 9: routes[0].replace_prefix: give strip_prefix or replace_prefix, not both",
-        "line 14: routes[1].rewrite[0].match: \"^/(unclosed\" is not a regex",
-        "line 18: routes[1].rewrite[1].to: \"y\" must start with /",
-        "line 22: routes[1].rewrite[2].redirect: 304 is not a redirect status",
-        "line 25: routes[1].rewrite[3].to: \"https://elsewhere.example/\": only a redirect may go to another site",
-        "routes[1].request_headers.set: Transfer-Encoding: the proxy owns this header",
-        "routes[1].request_headers.set: X-User: \"{user}\": no variable {user}",
-    ] {
-        assert!(text.contains(want), "missing {want:?} in:\n{text}");
-    }
+    check_reports(
+        "rewritecheck",
+        toml,
+        &[
+            "line 3: listeners[0].request_id_header: \"Content-Length\" is not a header name a request id can go in",
+            "line 9: routes[0].replace_prefix: give strip_prefix or replace_prefix, not both",
+            "line 14: routes[1].rewrite[0].match: \"^/(unclosed\" is not a regex",
+            "line 18: routes[1].rewrite[1].to: \"y\" must start with /",
+            "line 22: routes[1].rewrite[2].redirect: 304 is not a redirect status",
+            "line 25: routes[1].rewrite[3].to: \"https://elsewhere.example/\": only a redirect may go to another site",
+            "routes[1].request_headers.set: Transfer-Encoding: the proxy owns this header",
+            "routes[1].request_headers.set: X-User: \"{user}\": no variable {user}",
+        ],
+    );
 }
 
 /// `body` decoded from `coding` (as Content-Encoding names it).
@@ -453,20 +458,16 @@ fn responses_are_compressed_as_the_client_accepts_only_when_worth_it_and_never_t
 
 #[test]
 fn bad_compression_settings_are_reported_with_their_lines() {
-    let dir = TempDir::new("compresscheck");
-    let path = dir.path().join("bad.toml");
     let toml = "[[listeners]]\nlisten = \"127.0.0.1:0\"\n\n\
                 [[routes]]\nservice = \"b\"\n[routes.compress]\ncodings = [\"gzip\", \"deflate\"]\ntypes = [\"html\"]\nstreams_max = 0\n\n\
                 [services.b]\nservers = [{ addr = \"127.0.0.1:9\" }]\n";
-    std::fs::write(&path, toml).unwrap();
-    let out = Command::new(bin()).args(["check", "--config"]).arg(&path).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(!out.status.success(), "{text}");
-    for want in [
-        "line 7: routes[0].compress.codings: \"deflate\" is not a coding nonstop makes (zstd, br, gzip)",
-        "line 8: routes[0].compress.types: \"html\" is not a media type",
-        "line 9: routes[0].compress.streams_max: 0 is out of range 1..=1000000",
-    ] {
-        assert!(text.contains(want), "missing {want:?} in:\n{text}");
-    }
+    check_reports(
+        "compresscheck",
+        toml,
+        &[
+            "line 7: routes[0].compress.codings: \"deflate\" is not a coding nonstop makes (zstd, br, gzip)",
+            "line 8: routes[0].compress.types: \"html\" is not a media type",
+            "line 9: routes[0].compress.streams_max: 0 is out of range 1..=1000000",
+        ],
+    );
 }
