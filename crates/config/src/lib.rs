@@ -114,7 +114,8 @@ pub struct Tls {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Route {
-    pub service: String,
+    /// The service that serves it; `None` for a route of static files ([`Route::files`]).
+    pub service: Option<String>,
     /// Lower-case, without port.
     pub host: Option<String>,
     pub path_prefix: String,
@@ -131,6 +132,21 @@ pub struct Route {
     pub request_headers: nonstop_rewrite::HeaderRules,
     pub response_headers: nonstop_rewrite::HeaderRules,
     pub compress: Option<Compress>,
+    /// Static files it serves instead of a service.
+    pub files: Option<Files>,
+}
+
+/// A route's static files (`[routes.files]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Files {
+    /// An existing directory (relative to where nonstop runs, when relative).
+    pub root: PathBuf,
+    /// File names tried, in order, for a path that names a directory.
+    pub index: Vec<String>,
+    /// Answer with a `.zst`, `.br` or `.gz` sibling the client accepts.
+    pub precompressed: bool,
+    /// Serve names that start with a dot.
+    pub hidden: bool,
 }
 
 /// A route's response compression (`[routes.compress]`).
@@ -659,7 +675,7 @@ fn parse_root(cx: &Cx, t: Table<'_, '_>) -> Option<Config> {
         .filter_map(|r| {
             let route = parse_route(r, t.has("services").then_some(&service_names), &queue_names)?;
             if let Some(q) = &route.queue {
-                routes_of_queue.entry(q.clone()).or_default().insert(route.service.clone());
+                routes_of_queue.entry(q.clone()).or_default().extend(route.service.clone());
                 let max = body_max_of_queue.entry(q.clone()).or_default();
                 *max = (*max).max(route.body_bytes_max);
             }
@@ -746,9 +762,9 @@ fn parse_root(cx: &Cx, t: Table<'_, '_>) -> Option<Config> {
     if !t.has("routes") {
         cx.error(root_line, "", "no [[routes]]: at least one route is required");
     }
-    if !t.has("services") {
+    if !t.has("services") && (routes.is_empty() || routes.iter().any(|r| r.files.is_none())) {
         cx.error(root_line, "", "no [services.NAME]: at least one service is required");
-    } else if services.is_empty() && cx.ok() {
+    } else if t.has("services") && services.is_empty() && cx.ok() {
         cx.error(services_line, "services", "no service defined");
     }
     let mut seen = BTreeMap::new();
@@ -1091,23 +1107,19 @@ fn parse_access(t: Table<'_, '_>) -> Option<nonstop_guard::AccessList> {
     Some(nonstop_guard::AccessList { allow, deny })
 }
 
-/// An HTTP token (RFC 9110 §5.6.2), such as a header name.
-fn is_token(s: &str) -> bool {
-    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-}
-
 /// The most requests per second (or per minute) a rate limit may allow a key.
 const RATE_MAX: u64 = 1_000_000;
 
 fn parse_rate_limit(t: Table<'_, '_>) -> Option<RateLimit> {
-    let per_s = t.has("requests_per_s").then(|| t.int_in("requests_per_s", 1, RATE_MAX)).flatten();
-    let per_min = t.has("requests_per_min").then(|| t.int_in("requests_per_min", 1, RATE_MAX)).flatten();
+    // No defaults: each is `None` when absent (or bad, then reported).
+    let per_s = t.int_in("requests_per_s", 1, RATE_MAX);
+    let per_min = t.int_in("requests_per_min", 1, RATE_MAX);
     let (has_s, has_min) = (t.has("requests_per_s"), t.has("requests_per_min"));
-    let burst = t.has("burst").then(|| t.int_in("burst", 1, RATE_MAX)).flatten();
+    let burst = t.int_in("burst", 1, RATE_MAX);
     let key = t.string("key").and_then(|k| match k.as_str() {
         "client" => Some(RateKey::Client),
         _ => match k.strip_prefix("header:").map(str::trim) {
-            Some(name) if is_token(name) => Some(RateKey::Header(name.to_ascii_lowercase())),
+            Some(name) if nonstop_rewrite::is_token(name) => Some(RateKey::Header(name.to_ascii_lowercase())),
             _ => {
                 t.invalid(
                     "key",
@@ -1143,8 +1155,11 @@ fn parse_rate_limit(t: Table<'_, '_>) -> Option<RateLimit> {
 /// `services` are the names of the defined services, `None` when there is no services section at all.
 fn parse_route(t: Table<'_, '_>, services: Option<&BTreeSet<String>>, queues: &BTreeSet<String>) -> Option<Route> {
     let service = t.string("service");
-    if service.is_none() && !t.has("service") {
-        t.required("service");
+    let files = t.has("files").then(|| t.table("files", "routes[].files").and_then(parse_files));
+    match (t.has("service"), t.has("files")) {
+        (false, false) => t.required("service"),
+        (true, true) => t.invalid("files", "a route sends to a service or serves files, not both"),
+        _ => {}
     }
     if let (Some(name), Some(known)) = (&service, services) {
         if !known.contains(name) {
@@ -1179,6 +1194,9 @@ fn parse_route(t: Table<'_, '_>, services: Option<&BTreeSet<String>>, queues: &B
     });
     let body_bytes_max = t.int_in("body_bytes_max", 0, u64::MAX / 2);
     let queue = t.string("queue");
+    if queue.is_some() && t.has("files") {
+        t.invalid("queue", "a route of static files has no service to deliver queued requests to");
+    }
     if let Some(q) = &queue {
         if !queues.contains(q) {
             let defined: Vec<&str> = queues.iter().map(String::as_str).collect();
@@ -1194,8 +1212,16 @@ fn parse_route(t: Table<'_, '_>, services: Option<&BTreeSet<String>>, queues: &B
     let response_headers = parse_header_rules(header_table("response_headers", "routes[].response_headers"));
     let compress = header_table("compress", "routes[].compress").map(parse_compress);
     t.finish();
+    let files = match files {
+        Some(f) => Some(f?),
+        None => None,
+    };
+    if files.is_none() {
+        service.as_ref()?;
+    }
     Some(Route {
-        service: service?,
+        service,
+        files,
         host,
         path_prefix: path_prefix?,
         methods,
@@ -1217,6 +1243,46 @@ fn parse_route(t: Table<'_, '_>, services: Option<&BTreeSet<String>>, queues: &B
             None => None,
         },
     })
+}
+
+/// The most index file names a route of files may try.
+const INDEX_NAMES_MAX: usize = 16;
+
+fn parse_files(t: Table<'_, '_>) -> Option<Files> {
+    let root = t.string("root").map(PathBuf::from).and_then(|root| match std::fs::metadata(&root) {
+        Ok(m) if m.is_dir() => Some(root),
+        Ok(_) => {
+            t.invalid("root", format!("{} is not a directory", root.display()));
+            None
+        }
+        Err(e) => {
+            t.invalid("root", format!("cannot use {} as the root of static files: {e}", root.display()));
+            None
+        }
+    });
+    if !t.has("root") {
+        t.required("root");
+    }
+    let index = t.strings("index").and_then(|names| {
+        let bad: Vec<String> = names
+            .iter()
+            .filter(|n| n.is_empty() || n.contains('/') || n.contains('\\') || n.as_str() == "." || n.as_str() == "..")
+            .map(|n| format!("{n:?}"))
+            .collect();
+        if !bad.is_empty() {
+            t.invalid("index", format!("{} must be a file name, without a slash", bad.join(", ")));
+            return None;
+        }
+        if names.len() > INDEX_NAMES_MAX {
+            t.invalid("index", format!("{} names; at most {INDEX_NAMES_MAX}", names.len()));
+            return None;
+        }
+        Some(names)
+    });
+    let precompressed = t.bool("precompressed");
+    let hidden = t.bool("hidden");
+    t.finish();
+    Some(Files { root: root?, index: index?, precompressed: precompressed?, hidden: hidden? })
 }
 
 fn parse_service(cx: &Cx, name: String, t: Table<'_, '_>, hosts: &BTreeSet<String>) -> Option<Service> {

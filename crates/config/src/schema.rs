@@ -47,7 +47,8 @@ keys! {
     "listeners[].tls" "cert": "path" = "", "PEM certificate chain. Required.";
     "listeners[].tls" "key": "path" = "", "PEM private key. Required.";
 
-    "routes[]" "service": "string" = "", "The service that serves matching requests. Required.";
+    "routes[]" "service": "string" = "", "The service that serves matching requests. Required, unless the route serves files.";
+    "routes[]" "files": "table" = "", "Serve static files from a directory instead of sending to a service (not with service or queue). The path the route would send (after strip_prefix, replace_prefix and rewrites) names the file under root; access, rate_limit, header rules and compress apply as on any route.";
     "routes[]" "host": "string" = "", "Match only this Host (without port, case-insensitive). Absent: any host.";
     "routes[]" "path_prefix": "string" = "\"/\"", "Match paths that start with this prefix.";
     "routes[]" "methods": "array of strings" = "", "Match only these methods. Absent: any method.";
@@ -75,6 +76,10 @@ keys! {
     "routes[].rewrite[]" "to": "string" = "", "The new path, with $1 or ${name} for the regex's groups: \"/new/$1\". A ? in it sets the query, and the client's query follows after &; without one, the client's query stays. A redirect may go to another site (\"https://example.com/$1\"). Required.";
     "routes[].rewrite[]" "redirect": "integer" = "", "Answer the client with this status (301, 302, 303, 307 or 308) and Location set to the new path, instead of forwarding. Absent: rewrite and forward.";
 
+    "routes[].files" "root": "path" = "", "The directory served; it must exist when the config is loaded. Nothing outside it is ever served: a path with a .. segment, an encoded slash, backslash or NUL gets 400, and a symlink that leads out of root gets 403. Required.";
+    "routes[].files" "index": "array of strings" = "[\"index.html\"]", "File names tried, in order, for a path that names a directory (a directory path without its trailing slash is redirected, 301, to the path with it). None there: 403, as directories are never listed.";
+    "routes[].files" "precompressed": "boolean" = "true", "When the client's Accept-Encoding allows, answer with FILE.zst, FILE.br or FILE.gz beside FILE (made ahead, for example by a build step) with its Content-Encoding, and Vary: Accept-Encoding on every answer for a file that has such siblings.";
+    "routes[].files" "hidden": "boolean" = "false", "Serve names that start with a dot (.git, .env, .well-known). Off: such a path gets 404.";
     "routes[].compress" "codings": "array of strings" = "[\"zstd\", \"br\", \"gzip\"]", "The codings offered, in order of preference: the client's weights choose, ties go to the earlier.";
     "routes[].compress" "types": "array of strings" = "[]", "Media types to compress, such as \"text/html\" or \"text/*\". Empty: text/html, text/plain, text/css, text/javascript, text/xml, text/csv, text/markdown, application/json, application/javascript, application/xml, application/xhtml+xml, application/rss+xml, application/atom+xml, application/problem+json, application/ld+json, application/manifest+json, application/wasm and image/svg+xml. text/event-stream is never compressed.";
     "routes[].compress" "bytes_min": "integer" = "1024", "Responses that declare a shorter Content-Length go as they are (too small to gain); responses of unknown length are compressed.";

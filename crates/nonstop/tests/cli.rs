@@ -353,3 +353,18 @@ fn quick_mode_errors_name_the_flags_not_lines() {
     assert!(said.contains("--to \"nothing\": ") && said.contains("--balance \"best\": "), "{said}");
     assert!(!said.contains("line "), "{said}");
 }
+
+#[test]
+fn every_example_config_passes_check_from_the_repository_root() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut checked = Vec::new();
+    for entry in std::fs::read_dir(root.join("examples")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = Command::new(bin()).current_dir(&root).arg("check").arg("--config").arg(&path).output().unwrap();
+            assert!(out.status.success(), "{}: {}", path.display(), text(&out));
+            checked.push(path);
+        }
+    }
+    assert!(checked.len() >= 8, "the examples: {checked:?}");
+}

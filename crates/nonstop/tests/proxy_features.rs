@@ -1,5 +1,6 @@
 //! What nginx users reach for on day one, tested on the real `nonstop serve` over real sockets: access lists by
-//! client address (with trusted proxies' X-Forwarded-For) and rate limits per client or key. Clients speak from
+//! client address (with trusted proxies' X-Forwarded-For), rate limits per client or key, rewrites and header
+//! rules, compression, and static files (with a path-traversal suite). Clients speak from
 //! chosen loopback addresses (127.0.0.2, 127.0.0.3, ...), so that the proxy sees several clients on one machine.
 
 use std::io::{Read, Write};
@@ -468,6 +469,245 @@ fn bad_compression_settings_are_reported_with_their_lines() {
             "line 7: routes[0].compress.codings: \"deflate\" is not a coding nonstop makes (zstd, br, gzip)",
             "line 8: routes[0].compress.types: \"html\" is not a media type",
             "line 9: routes[0].compress.streams_max: 0 is out of range 1..=1000000",
+        ],
+    );
+}
+
+/// Sends `text` as is on a fresh connection and reads until the proxy closes it (or 10 s pass).
+fn send_raw(to: SocketAddr, text: &str) -> Vec<u8> {
+    let mut s = std::net::TcpStream::connect(to).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(text.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut chunk = [0u8; 16 * 1024];
+    while Instant::now() < deadline {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+        }
+    }
+    out
+}
+
+fn gzipped(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+fn brotlied(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    {
+        let mut w = brotli::CompressorWriter::new(&mut out, 4096, 9, 20);
+        w.write_all(data).unwrap();
+    }
+    out
+}
+
+#[test]
+fn static_files_have_types_validators_ranges_index_files_and_precompressed_siblings() {
+    let dir = TempDir::new("files");
+    let root = dir.path().join("site");
+    std::fs::create_dir_all(root.join("docs")).unwrap();
+    std::fs::write(root.join("index.html"), "<h1>home</h1>\n").unwrap();
+    std::fs::write(root.join("docs/index.html"), "<h1>docs</h1>\n").unwrap();
+    std::fs::write(root.join("café menu.txt"), "soup\n").unwrap();
+    std::fs::write(root.join(".env"), "SECRET=1\n").unwrap();
+    let script: String = (0..2000).map(|i| format!("console.log('line {i}');\n")).collect();
+    std::fs::write(root.join("app.js"), &script).unwrap();
+    std::fs::write(root.join("app.js.br"), brotlied(script.as_bytes())).unwrap();
+    std::fs::write(root.join("app.js.gz"), gzipped(script.as_bytes())).unwrap();
+    let notes: String = (0..3000).map(|i| format!("note {i}\n")).collect();
+    std::fs::write(root.join("notes.txt"), &notes).unwrap();
+    // Larger than one read of the file body (64 KiB), and not one byte repeated, so that ranges tell.
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(root.join("data.bin"), &data).unwrap();
+
+    // Only a route of files: no service is needed.
+    let toml = format!(
+        "[[listeners]]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[routes]]\npath_prefix = \"/static\"\nstrip_prefix = true\n\
+         [routes.files]\nroot = \"{}\"\n\
+         [routes.compress]\ncodings = [\"gzip\"]\n\
+         [routes.response_headers]\nset = {{ \"Cache-Control\" = \"public, max-age=60\" }}\n\n\
+         [access_log]\nenabled = false\n",
+        root.display()
+    );
+    let p = serve(&dir, &toml);
+    let get = |path: &str, headers: &[(&str, &str)]| one("127.0.0.1", p.addr, path, headers);
+
+    let home = get("/static/", &[]);
+    assert_eq!((home.status, home.body.as_slice()), (200, &b"<h1>home</h1>\n"[..]), "{home:?}");
+    assert_eq!(home.header("content-type"), Some("text/html; charset=utf-8"));
+    assert_eq!(home.header("cache-control"), Some("public, max-age=60"), "the route's header rules apply");
+    assert_eq!(home.header("accept-ranges"), Some("bytes"));
+    let etag = home.header("etag").expect("an ETag").to_string();
+    let modified = home.header("last-modified").expect("a Last-Modified").to_string();
+    assert!(etag.starts_with('"'), "a strong ETag: {etag}");
+
+    // A directory without its slash is redirected to it (the client's path, before strip_prefix), with the query.
+    let redirect = get("/static/docs?v=2", &[]);
+    assert_eq!((redirect.status, redirect.header("location")), (301, Some("/static/docs/?v=2")), "{redirect:?}");
+    assert_eq!(get("/static/docs/", &[]).body, b"<h1>docs</h1>\n");
+    let menu = get("/static/caf%C3%A9%20menu.txt", &[]);
+    assert_eq!((menu.status, menu.header("content-type")), (200, Some("text/plain; charset=utf-8")));
+    assert_eq!(menu.body, b"soup\n");
+
+    // Conditional requests.
+    let not_modified = get("/static/index.html", &[("If-None-Match", &etag)]);
+    assert_eq!((not_modified.status, not_modified.body.len()), (304, 0), "{not_modified:?}");
+    assert_eq!(not_modified.header("etag"), Some(etag.as_str()));
+    assert_eq!(get("/static/index.html", &[("If-Modified-Since", &modified)]).status, 304);
+    assert_eq!(get("/static/index.html", &[("If-None-Match", "\"stale\"")]).status, 200);
+    assert_eq!(get("/static/index.html", &[("If-Match", "\"stale\"")]).status, 412);
+
+    // Ranges.
+    let part = get("/static/data.bin", &[("Range", "bytes=70000-70099")]);
+    assert_eq!((part.status, part.header("content-range")), (206, Some("bytes 70000-70099/200000")), "{part:?}");
+    assert_eq!(part.body, &data[70_000..70_100]);
+    let tail = get("/static/data.bin", &[("Range", "bytes=-10")]);
+    assert_eq!((tail.status, tail.body.as_slice()), (206, &data[199_990..]));
+    let beyond = get("/static/data.bin", &[("Range", "bytes=300000-")]);
+    assert_eq!((beyond.status, beyond.header("content-range")), (416, Some("bytes */200000")));
+    let data_etag = get("/static/data.bin", &[]).header("etag").unwrap().to_string();
+    let current = get("/static/data.bin", &[("Range", "bytes=0-9"), ("If-Range", &data_etag)]);
+    assert_eq!((current.status, current.body.as_slice()), (206, &data[..10]));
+    let stale = get("/static/data.bin", &[("Range", "bytes=0-9"), ("If-Range", "\"old\"")]);
+    assert_eq!((stale.status, stale.body.len()), (200, data.len()), "a changed file is sent whole");
+    let whole = get("/static/data.bin", &[]);
+    assert_eq!((whole.header("content-type"), whole.body == data), (Some("application/octet-stream"), true));
+
+    // Precompressed siblings, as the client accepts them; never compressed again.
+    let br = get("/static/app.js", &[("Accept-Encoding", "gzip;q=0.5, br")]);
+    assert_eq!((br.status, br.header("content-encoding")), (200, Some("br")), "{:?}", br.headers);
+    assert_eq!(br.body, std::fs::read(root.join("app.js.br")).unwrap(), "the sibling as it is on disk");
+    assert_eq!(decoded(Some("br"), &br.body), script.as_bytes());
+    assert_eq!(br.header("vary"), Some("accept-encoding"));
+    assert_eq!(br.header("content-type"), Some("text/javascript; charset=utf-8"), "the type of app.js, not .br");
+    let gz = get("/static/app.js", &[("Accept-Encoding", "gzip")]);
+    assert_eq!(gz.header("content-encoding"), Some("gzip"));
+    assert_eq!(gz.body, std::fs::read(root.join("app.js.gz")).unwrap());
+    let plain = get("/static/app.js", &[]);
+    assert_eq!((plain.header("content-encoding"), plain.body.as_slice()), (None, script.as_bytes()));
+    assert_eq!(plain.header("vary"), Some("accept-encoding"), "the answer depends on Accept-Encoding");
+    let tags = [br.header("etag"), gz.header("etag"), plain.header("etag")];
+    assert!(tags[0] != tags[1] && tags[1] != tags[2] && tags[0] != tags[2], "one ETag per representation: {tags:?}");
+    // Without a sibling, the route's compression compresses on the fly.
+    let fly = get("/static/notes.txt", &[("Accept-Encoding", "gzip")]);
+    assert_eq!(fly.header("content-encoding"), Some("gzip"), "{:?}", fly.headers);
+    assert_eq!(decoded(Some("gzip"), &fly.body), notes.as_bytes());
+    assert!(fly.header("etag").unwrap().starts_with("W/"), "a weak ETag once compressed on the fly");
+
+    // HEAD: the headers of a GET, no body.
+    let head = send_raw(p.addr, "HEAD /static/data.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let text = String::from_utf8_lossy(&head).to_string();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.to_ascii_lowercase().contains("content-length: 200000\r\n"), "{text}");
+    assert!(text.ends_with("\r\n\r\n"), "no body after a HEAD's headers: {text}");
+
+    // What is not there, not allowed or hidden.
+    let missing = get("/static/nope.txt", &[]);
+    assert_eq!(missing.status, 404);
+    assert!(error_of(&missing).contains("no file \"/nope.txt\" under the route's root"), "{missing:?}");
+    let hidden = get("/static/.env", &[]);
+    assert_eq!(hidden.status, 404, "{hidden:?}");
+    assert!(!String::from_utf8_lossy(&hidden.body).contains("SECRET"));
+    let post =
+        send_raw(p.addr, "POST /static/ HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi");
+    let (answers, _) = answers(&post);
+    assert_eq!(answers[0].status, 405, "{answers:?}");
+    assert_eq!(answers[0].header("allow"), Some("GET, HEAD"));
+    assert!(error_of(&answers[0]).contains("POST is not served by a route of static files"), "{answers:?}");
+}
+
+#[test]
+fn no_path_leads_out_of_a_static_root() {
+    let dir = TempDir::new("traversal");
+    let root = dir.path().join("site");
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(root.join("docs")).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(root.join("index.html"), "home\n").unwrap();
+    std::fs::write(outside.join("secret.txt"), "TOP SECRET\n").unwrap();
+    // Symlinks out of the root (to a directory and to a file), and one that stays inside it.
+    std::os::unix::fs::symlink(&outside, root.join("escape")).unwrap();
+    std::os::unix::fs::symlink(outside.join("secret.txt"), root.join("leak.txt")).unwrap();
+    std::os::unix::fs::symlink("/etc", root.join("etc")).unwrap();
+    std::os::unix::fs::symlink("index.html", root.join("home.html")).unwrap();
+    let toml = format!(
+        "[[listeners]]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[routes]]\n[routes.files]\nroot = \"{}\"\nhidden = true\n\n[access_log]\nenabled = false\n",
+        root.display()
+    );
+    let p = serve(&dir, &toml);
+    assert_eq!(one("127.0.0.1", p.addr, "/home.html", &[]).body, b"home\n", "a symlink inside the root is served");
+
+    let attacks = [
+        "/../outside/secret.txt",
+        "/docs/../../outside/secret.txt",
+        "/./../outside/secret.txt",
+        "//../outside/secret.txt",
+        "/%2e%2e/outside/secret.txt",
+        "/%2E%2E/outside/secret.txt",
+        "/.%2e/outside/secret.txt",
+        "/%2e%2e%2foutside%2fsecret.txt",
+        "/..%2Foutside%2Fsecret.txt",
+        "/docs/..%2f..%2foutside/secret.txt",
+        "/..%5coutside%5csecret.txt",
+        "/docs/%2e%2e%5c%2e%2e%5coutside%5csecret.txt",
+        "/%252e%252e/outside/secret.txt",
+        "/%c0%ae%c0%ae/outside/secret.txt",
+        "/index.html%00/../../outside/secret.txt",
+        "/../../../../../../../../etc/passwd",
+        "/%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+        "/escape/secret.txt",
+        "/escape/",
+        "/leak.txt",
+        "/etc/passwd",
+        "/etc/hostname",
+    ];
+    for path in attacks {
+        let a = one("127.0.0.1", p.addr, path, &[]);
+        let body = String::from_utf8_lossy(&a.body).to_string();
+        assert!(matches!(a.status, 400 | 403 | 404), "{path}: {} {body}", a.status);
+        assert!(!body.contains("TOP SECRET") && !body.contains("root:"), "{path} leaked: {body}");
+        assert_eq!(a.header("location"), None, "{path}: no redirect either");
+    }
+    // Each refusal says why.
+    assert!(error_of(&one("127.0.0.1", p.addr, "/../outside/secret.txt", &[])).contains("\"..\" segment"));
+    assert!(error_of(&one("127.0.0.1", p.addr, "/..%2Foutside", &[])).contains("decodes to a slash"));
+    let out = one("127.0.0.1", p.addr, "/leak.txt", &[]);
+    assert_eq!(out.status, 403);
+    assert!(error_of(&out).contains("leads out of the route's root"), "{out:?}");
+    // The proxy is still serving.
+    assert_eq!(one("127.0.0.1", p.addr, "/", &[]).body, b"home\n");
+}
+
+#[test]
+fn bad_static_file_settings_are_all_reported_with_their_lines() {
+    let dir = TempDir::new("filescheck");
+    let file = dir.path().join("plain.txt");
+    std::fs::write(&file, "x").unwrap();
+    let toml = format!(
+        "[[listeners]]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[routes]]\n[routes.files]\nroot = \"/nonexistent/nonstop-site\"\nindex = [\"a/b.html\"]\n\n\
+         [[routes]]\npath_prefix = \"/b\"\nservice = \"b\"\n[routes.files]\nroot = \"{}\"\n\n\
+         [[routes]]\npath_prefix = \"/c\"\nqueue = \"q\"\n[routes.files]\nroot = \"{}\"\nlisting = true\n\n\
+         [services.b]\nservers = [{{ addr = \"127.0.0.1:9\" }}]\n",
+        file.display(),
+        dir.path().display()
+    );
+    check_reports(
+        "filescheck",
+        &toml,
+        &[
+            "line 6: routes[0].files.root: cannot use /nonexistent/nonstop-site as the root of static files",
+            "line 7: routes[0].files.index: \"a/b.html\" must be a file name, without a slash",
+            "routes[1].files: a route sends to a service or serves files, not both",
+            "is not a directory",
+            "routes[2].queue: a route of static files has no service to deliver queued requests to",
+            "line 20: routes[2].files.listing: unknown key",
         ],
     );
 }

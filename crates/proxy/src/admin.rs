@@ -862,6 +862,7 @@ fn metrics(shared: &Shared) -> Resp {
         }
     }
     shared.unrouted.render_requests(&mut out, "service=\"none\",server=\"none\"");
+    shared.files.render_requests(&mut out, "service=\"none\",server=\"files\"");
     out.push_str("# HELP nonstop_request_duration_seconds Time from request to response head.\n");
     out.push_str("# TYPE nonstop_request_duration_seconds histogram\n");
     for (labels, server, svc) in &all {

@@ -63,6 +63,9 @@ pub enum ProxyError {
     UpstreamIo { addr: std::net::SocketAddr, sent: bool, stale: bool, dropped: bool, source: std::io::Error },
     #[error("HTTP handshake with {addr} failed: {source}")]
     Handshake { addr: std::net::SocketAddr, source: hyper::Error },
+    /// A route of static files has no file for the request (or could not read it).
+    #[error("{0}")]
+    Files(nonstop_files::Error),
 }
 
 impl ProxyError {
@@ -82,7 +85,9 @@ impl ProxyError {
             | ProxyError::QueueTimeout { .. }
             | ProxyError::NoServerLeft { .. }
             | ProxyError::QueueRefused { .. }
-            | ProxyError::Deadline { .. } => Side::Internal,
+            | ProxyError::Deadline { .. }
+            | ProxyError::Files(nonstop_files::Error::Io { .. }) => Side::Internal,
+            ProxyError::Files(_) => Side::Downstream,
             _ => Side::Upstream,
         }
     }
@@ -125,6 +130,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::Files(e) => e.status(),
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,

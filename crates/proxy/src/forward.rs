@@ -26,12 +26,13 @@ use crate::balance::hash_key;
 use crate::error::ProxyError;
 use crate::h1down::ClientBody;
 use crate::pool::Acquired;
-use crate::state::{RouteEntry, RouteMatch, ServiceState, Snapshot};
+use crate::state::{RouteEntry, RouteMatch, ServiceState, Snapshot, Target};
 use crate::upstream::{InFlight, Outgoing, ReqBody, Server, UpBody};
 use crate::Shared;
 use nonstop_limit::Outcome as LimitOutcome;
 
-pub type RespBody = Either<UpstreamBody, Full<Bytes>>;
+/// A response body: a server's, a static file's, or one the proxy wrote.
+pub type RespBody = Either<Either<UpstreamBody, StaticBody>, Full<Bytes>>;
 
 /// Per client connection.
 pub struct ConnCtx {
@@ -223,6 +224,9 @@ pub(crate) fn error_response(e: &ProxyError) -> Response<RespBody> {
     } else if e.status() == StatusCode::SERVICE_UNAVAILABLE {
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
+    if let ProxyError::Files(nonstop_files::Error::Method(_)) = e {
+        h.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+    }
     if let ProxyError::MethodNotAllowed(_) | ProxyError::BadRequest(_) | ProxyError::HeadTooLarge(_) = e {
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
@@ -236,6 +240,8 @@ struct Outcome<'s> {
     /// The request's variables, when a header rule or request id needs them.
     vars: Option<Box<ReqVars>>,
     service: Option<Arc<ServiceState>>,
+    /// Whether a route of static files answered.
+    files: bool,
     server: Option<Arc<Server>>,
     /// Tries sent to servers (connects that failed included).
     attempts: u32,
@@ -265,6 +271,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<ClientBody>) -> Result<Respo
         route: None,
         vars: None,
         service: None,
+        files: false,
         server: None,
         attempts: 0,
         queue_wait: Duration::ZERO,
@@ -288,6 +295,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<ClientBody>) -> Result<Respo
     match (&out.server, &out.service) {
         (Some(s), _) => s.stats.record(status, elapsed),
         (None, Some(svc)) => svc.unserved.record(status, elapsed),
+        (None, None) if out.files => ctx.shared.files.record(status, elapsed),
         (None, None) => ctx.shared.unrouted.record(status, elapsed),
     }
     if let Some(log) = &ctx.shared.access_log {
@@ -554,14 +562,29 @@ async fn forward<'s>(
             });
         }
     };
-    let service = route.service.clone();
-    out.service = Some(service.clone());
+    // The path as the client sent it, before the route's rewrites, for a static directory's redirect.
+    let public_path = match &route.target {
+        Target::Service(s) => {
+            out.service = Some(s.clone());
+            None
+        }
+        Target::Files(_) => {
+            out.files = true;
+            Some(req.uri().path().to_string())
+        }
+    };
     let listener = snap.config.listeners.get(ctx.listener_index);
     if route.dressed() || listener.is_some_and(|l| l.request_id_header.is_some()) {
         if let Some(redirect) = dress(ctx, listener, route, &mut req, host, out)? {
             return Ok(redirect);
         }
     }
+    let service = match &route.target {
+        Target::Service(s) => s.clone(),
+        Target::Files(files) => {
+            return Box::pin(serve_files(route, files, &req, public_path.as_deref().unwrap_or("/"))).await;
+        }
+    };
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > route.body_bytes_max) {
         return Err(ProxyError::BodyTooLarge(route.body_bytes_max));
@@ -873,7 +896,67 @@ async fn forward<'s>(
         let length = body.size_hint().exact();
         let encoder = compress.and_then(|(c, coding)| compressing(c, coding, parts.status, length, &mut parts.headers));
         let body = UpstreamBody { inner: body, cutoff, encoder, _in_flight: lease };
-        return Ok(Response::from_parts(parts, Either::Left(body)));
+        return Ok(Response::from_parts(parts, Either::Left(Either::Left(body))));
+    }
+}
+
+/// Answers a request on a route of static files, compressing the file when the route says so and no
+/// precompressed sibling was sent.
+async fn serve_files(
+    route: &RouteEntry,
+    files: &nonstop_files::Files,
+    req: &Request<ClientBody>,
+    public_path: &str,
+) -> Result<Response<RespBody>, ProxyError> {
+    let r = nonstop_files::Request {
+        method: req.method(),
+        path: req.uri().path(),
+        public_path,
+        query: req.uri().query(),
+        headers: req.headers(),
+    };
+    let (mut parts, body) = files.serve(&r).await.map_err(ProxyError::Files)?.into_parts();
+    let encoder = match route.compress.as_ref().filter(|_| req.method() == Method::GET) {
+        Some(c) => {
+            let accept = req.headers().get_all(header::ACCEPT_ENCODING).into_iter().filter_map(|v| v.to_str().ok());
+            let coding = nonstop_compress::negotiate(accept, &c.settings.codings);
+            compressing(c, coding, parts.status, body.size_hint().exact(), &mut parts.headers)
+        }
+        None => None,
+    };
+    Ok(Response::from_parts(parts, Either::Left(Either::Right(StaticBody { inner: body, encoder }))))
+}
+
+/// A static file's body on its way to the client, compressed or not.
+pub struct StaticBody {
+    inner: nonstop_files::FileBody,
+    encoder: Option<Box<Compressing>>,
+}
+
+impl Body for StaticBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match this.encoder.as_mut() {
+            Some(c) => c.poll_frame(&mut this.inner, cx),
+            None => Pin::new(&mut this.inner).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.encoder {
+            Some(c) => c.encoder.is_none(),
+            None => self.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.encoder {
+            Some(_) => SizeHint::default(),
+            None => self.inner.size_hint(),
+        }
     }
 }
 
@@ -1149,11 +1232,11 @@ type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Compressing {
     /// The next frame of the compressed body, from the server's.
-    fn poll_frame(
-        &mut self,
-        inner: &mut UpBody,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    fn poll_frame<B>(&mut self, inner: &mut B, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BodyError>,
+    {
         let some = |b: Vec<u8>| Poll::Ready(Some(Ok(Frame::data(Bytes::from(b)))));
         loop {
             let Some(enc) = self.encoder.as_mut() else { return Poll::Ready(None) };
@@ -1173,7 +1256,7 @@ impl Compressing {
                         Err(e) => Poll::Ready(Some(Err(e.into()))),
                     };
                 }
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => match enc.write(&data) {
                         Ok(b) if !b.is_empty() => return some(b),

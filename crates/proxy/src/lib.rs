@@ -119,7 +119,7 @@ pub enum StartError {
     #[error("cannot start: {0}")]
     Io(std::io::Error),
     #[error("{0}")]
-    Tls(#[from] tls::TlsError),
+    Build(#[from] state::BuildError),
     #[error("reload cannot change listeners or the admin address (restart instead): {0}")]
     ListenersChanged(String),
     #[error("reload cannot change [queues] (restart instead)")]
@@ -144,6 +144,8 @@ pub struct Shared {
     access_log: Option<AccessLog>,
     /// Requests that matched no route.
     unrouted: Stats,
+    /// Requests answered by routes of static files.
+    files: Stats,
     source: ConfigSource,
     reload_lock: Mutex<()>,
     /// Durable queues by name, opened at start.
@@ -360,6 +362,7 @@ impl Proxy {
             snapshot: ArcSwap::from_pointee(snapshot),
             access_log,
             unrouted: Stats::default(),
+            files: Stats::default(),
             source,
             reload_lock: Mutex::new(()),
             queues,

@@ -69,7 +69,7 @@ impl nonstop_pipeline::Platform for ProxyPlatform {
     fn service_url(&self, service: &str) -> Option<String> {
         let shared = self.shared.get()?.upgrade()?;
         let snap = shared.snapshot.load_full();
-        let route = snap.config.routes.iter().find(|r| r.service == service)?;
+        let route = snap.config.routes.iter().find(|r| r.service.as_deref() == Some(service))?;
         let (addr, tls) = self.listeners.iter().find(|(_, tls)| !tls).or(self.listeners.first())?;
         let scheme = if *tls { "https" } else { "http" };
         let host = match addr.ip() {

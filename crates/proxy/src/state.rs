@@ -27,7 +27,8 @@ pub struct RouteEntry {
     pub path_prefix: String,
     pub methods: Option<Vec<Method>>,
     pub body_bytes_max: u64,
-    pub service: Arc<ServiceState>,
+    /// Where its requests go: a service, or static files.
+    pub target: Target,
     /// The durable queue its requests go through.
     pub queue: Option<String>,
     pub access: Option<nonstop_guard::AccessList>,
@@ -39,6 +40,12 @@ pub struct RouteEntry {
     /// Whether any header template reads `{request_id}` or `{client}`.
     pub wants_request_id: bool,
     pub wants_client: bool,
+}
+
+/// What serves a route.
+pub enum Target {
+    Service(Arc<ServiceState>),
+    Files(Arc<nonstop_files::Files>),
 }
 
 impl RouteEntry {
@@ -196,10 +203,21 @@ impl ServiceState {
     }
 }
 
+/// Why a config cannot be put to work.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("cannot serve files from {}: {source}", root.display())]
+    Files { root: std::path::PathBuf, source: std::io::Error },
+    #[error("the route for {0:?} has neither a service nor files")]
+    NoTarget(String),
+}
+
 impl Snapshot {
     /// Builds the snapshot for `config`, keeping the live servers of `old` where addresses stay. Fails only when a
-    /// listener's certificate or key cannot be loaded.
-    pub fn build(config: Config, old: Option<&Snapshot>) -> Result<Snapshot, crate::tls::TlsError> {
+    /// listener's certificate or key cannot be loaded, or a root of static files cannot be opened.
+    pub fn build(config: Config, old: Option<&Snapshot>) -> Result<Snapshot, BuildError> {
         let tls = config
             .listeners
             .iter()
@@ -213,15 +231,22 @@ impl Snapshot {
                 (s.name.clone(), Arc::new(ServiceState::new(s.clone(), prev)))
             })
             .collect();
-        let mut routes: Vec<RouteEntry> = config
-            .routes
-            .iter()
-            .map(|r| RouteEntry {
+        let mut routes: Vec<RouteEntry> = Vec::with_capacity(config.routes.len());
+        for r in &config.routes {
+            let target = match (&r.files, &r.service) {
+                (Some(f), _) => Target::Files(Arc::new(
+                    nonstop_files::Files::new(&f.root, f.index.clone(), f.precompressed, f.hidden)
+                        .map_err(|source| BuildError::Files { root: f.root.clone(), source })?,
+                )),
+                (None, Some(name)) => Target::Service(services[name].clone()),
+                (None, None) => return Err(BuildError::NoTarget(r.path_prefix.clone())),
+            };
+            routes.push(RouteEntry {
                 host: r.host.clone(),
                 path_prefix: r.path_prefix.clone(),
                 methods: r.methods.as_ref().map(|ms| ms.iter().filter_map(|m| m.parse().ok()).collect()),
                 body_bytes_max: r.body_bytes_max,
-                service: services[&r.service].clone(),
+                target,
                 queue: r.queue.clone(),
                 access: r.access.clone(),
                 rate_limit: r.rate_limit.as_ref().map(|l| RouteLimit {
@@ -240,8 +265,8 @@ impl Snapshot {
                     || r.response_headers.uses(nonstop_rewrite::Var::RequestId),
                 wants_client: r.request_headers.uses(nonstop_rewrite::Var::Client)
                     || r.response_headers.uses(nonstop_rewrite::Var::Client),
-            })
-            .collect();
+            });
+        }
         // Host-specific routes first, then the longest prefix; the sort is stable, so file order breaks ties.
         routes.sort_by_key(|r| (r.host.is_none(), std::cmp::Reverse(r.path_prefix.len())));
         if let Some(old) = old {
@@ -289,7 +314,10 @@ mod tests {
 
     fn service_of(s: &Snapshot, host: Option<&str>, path: &str, m: Method) -> Option<String> {
         match s.route(host, path, &m) {
-            RouteMatch::Found(r) => Some(r.service.name.clone()),
+            RouteMatch::Found(r) => match &r.target {
+                Target::Service(s) => Some(s.name.clone()),
+                Target::Files(_) => None,
+            },
             _ => None,
         }
     }
