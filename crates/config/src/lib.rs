@@ -134,6 +134,20 @@ pub struct Route {
     pub compress: Option<Compress>,
     /// Static files it serves instead of a service.
     pub files: Option<Files>,
+    /// Who may use it, by user name and password.
+    pub basic_auth: Option<BasicAuth>,
+}
+
+/// A route's HTTP Basic authentication (`[routes.basic_auth]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BasicAuth {
+    pub realm: String,
+    /// From `users` and `users_file` (a name in both: `users` wins).
+    pub users: nonstop_guard::basic::Users,
+    /// Credentials remembered after they pass, at most.
+    pub verified_max: usize,
+    /// Hashes verified at once, at most.
+    pub verifying_max: usize,
 }
 
 /// A route's static files (`[routes.files]`).
@@ -1211,6 +1225,7 @@ fn parse_route(t: Table<'_, '_>, services: Option<&BTreeSet<String>>, queues: &B
     let request_headers = parse_header_rules(header_table("request_headers", "routes[].request_headers"));
     let response_headers = parse_header_rules(header_table("response_headers", "routes[].response_headers"));
     let compress = header_table("compress", "routes[].compress").map(parse_compress);
+    let basic_auth = header_table("basic_auth", "routes[].basic_auth").map(parse_basic_auth);
     t.finish();
     let files = match files {
         Some(f) => Some(f?),
@@ -1219,9 +1234,14 @@ fn parse_route(t: Table<'_, '_>, services: Option<&BTreeSet<String>>, queues: &B
     if files.is_none() {
         service.as_ref()?;
     }
+    let basic_auth = match basic_auth {
+        Some(b) => Some(b?),
+        None => None,
+    };
     Some(Route {
         service,
         files,
+        basic_auth,
         host,
         path_prefix: path_prefix?,
         methods,
@@ -1242,6 +1262,76 @@ fn parse_route(t: Table<'_, '_>, services: Option<&BTreeSet<String>>, queues: &B
             Some(c) => Some(c?),
             None => None,
         },
+    })
+}
+
+fn parse_basic_auth(t: Table<'_, '_>) -> Option<BasicAuth> {
+    use nonstop_guard::basic::{is_user_name, parse_htpasswd, Hash, Users, USER_RULE};
+    let realm = t.string("realm").and_then(|r| {
+        if r.is_empty() || r.chars().any(|c| c == '"' || c == '\\' || c.is_control()) {
+            t.invalid(
+                "realm",
+                format!("{r:?}: a realm is a non-empty text without quotes, backslashes or control characters"),
+            );
+            return None;
+        }
+        Some(r)
+    });
+    let mut users = Users::default();
+    let mut ok = true;
+    if t.has("users_file") {
+        match t.string("users_file") {
+            Some(path) => match std::fs::read_to_string(&path) {
+                Ok(text) => match parse_htpasswd(&text) {
+                    Ok(list) => list.into_iter().for_each(|(u, h)| {
+                        users.insert(u, h);
+                    }),
+                    Err(errors) => {
+                        ok = false;
+                        for (line, e) in errors {
+                            t.invalid("users_file", format!("{path} line {line}: {e}"));
+                        }
+                    }
+                },
+                Err(e) => {
+                    ok = false;
+                    t.invalid("users_file", format!("cannot read {path}: {e}"));
+                }
+            },
+            None => ok = false,
+        }
+    }
+    for (user, hash) in t.string_map("users").unwrap_or_default() {
+        if !is_user_name(&user) {
+            ok = false;
+            t.invalid("users", format!("{user:?} is not a user name ({USER_RULE})"));
+            continue;
+        }
+        match Hash::parse(&hash) {
+            Ok(h) => {
+                users.insert(user, h);
+            }
+            Err(e) => {
+                ok = false;
+                t.invalid("users", format!("{user}: {e}"));
+            }
+        }
+    }
+    if ok && users.is_empty() {
+        t.invalid_table("no users: set users = { NAME = \"HASH\" } or users_file = \"PATH\" (an htpasswd file)");
+        ok = false;
+    }
+    let verified_max = t.int_in("verified_max", 1, 10_000_000);
+    let verifying_max = t.int_in("verifying_max", 1, 1024);
+    t.finish();
+    if !ok {
+        return None;
+    }
+    Some(BasicAuth {
+        realm: realm?,
+        users,
+        verified_max: verified_max? as usize,
+        verifying_max: verifying_max? as usize,
     })
 }
 

@@ -1,11 +1,13 @@
 //! Who may use a route and how often, decided without I/O: [`client`] finds the client's address (the peer, or
 //! what trusted proxies in front of it say in `X-Forwarded-For`), [`access`] holds allow and deny lists by CIDR,
-//! and [`rate`] is a rate limit per client or key (GCRA, bounded in memory), with `now` passed in.
+//! [`rate`] is a rate limit per client or key (GCRA, bounded in memory), with `now` passed in, and [`basic`] is
+//! HTTP Basic authentication against argon2 and bcrypt hashes.
 //!
 //! The proxy calls these on a route that has `access` or `rate_limit` set, and answers 403 or 429 itself; nothing
 //! here reads a clock, a socket or a header map.
 
 pub mod access;
+pub mod basic;
 pub mod client;
 pub mod rate;
 

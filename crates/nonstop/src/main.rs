@@ -90,6 +90,9 @@ enum Command {
     /// SSH hosts ([hosts.NAME]): pin their keys (trust), and check that nonstop can log in and deploy there
     /// (check). Host keys are always checked against state_dir/ssh/known_hosts; nothing is trusted on first use.
     Hosts(hosts_cli::HostsArgs),
+    /// Hash a password for routes[].basic_auth (argon2id, as a PHC string): reads the password from standard input
+    /// (one line; from a terminal, without echo) and prints the hash to put in users or in a users_file.
+    HashPassword,
     /// Print the config reference (docs/config.md) generated from the key schema.
     #[command(hide = true)]
     ConfigReference,
@@ -327,6 +330,7 @@ fn main() -> ExitCode {
         }
         Command::Keys(args) => hosts_cli::keys(args),
         Command::Hosts(args) => return hosts_cli::hosts(args),
+        Command::HashPassword => hash_password(),
         Command::ConfigReference => {
             print!("{}", nonstop_config::schema::reference_markdown());
             Ok(())
@@ -339,6 +343,42 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `nonstop hash-password`: one line of standard input (not echoed when it is a terminal) to an argon2id hash.
+fn hash_password() -> anyhow::Result<()> {
+    use std::io::{BufRead, IsTerminal, Write};
+    let stdin = std::io::stdin();
+    let terminal = stdin.is_terminal();
+    let mut saved = None;
+    if terminal {
+        eprint!("password: ");
+        std::io::stderr().flush()?;
+        // Echo off while the password is typed, back on after, whatever happens.
+        let mut t = std::mem::MaybeUninit::<libc::termios>::uninit();
+        // SAFETY: tcgetattr fills `t` for fd 0 or fails; it is read only on success.
+        if unsafe { libc::tcgetattr(0, t.as_mut_ptr()) } == 0 {
+            let t = unsafe { t.assume_init() };
+            let mut quiet = t;
+            quiet.c_lflag &= !libc::ECHO;
+            // SAFETY: `quiet` is a valid termios taken from this terminal.
+            unsafe { libc::tcsetattr(0, libc::TCSANOW, &quiet) };
+            saved = Some(t);
+        }
+    }
+    let mut line = String::new();
+    let read = stdin.lock().read_line(&mut line);
+    if let Some(t) = saved {
+        // SAFETY: restores the settings read above.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &t) };
+        eprintln!();
+    }
+    read?;
+    let password = line.strip_suffix('\n').map(|l| l.strip_suffix('\r').unwrap_or(l)).unwrap_or(&line);
+    anyhow::ensure!(!password.is_empty(), "no password on standard input (one line is read)");
+    let hash = nonstop_guard::basic::hash_password(password.as_bytes()).map_err(anyhow::Error::msg)?;
+    println!("{hash}");
+    Ok(())
 }
 
 fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {

@@ -711,3 +711,126 @@ fn bad_static_file_settings_are_all_reported_with_their_lines() {
         ],
     );
 }
+
+fn basic(user_password: &str) -> String {
+    use std::fmt::Write as _;
+    // Base64 by hand, so that the test does not share the proxy's decoder.
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let b = user_password.as_bytes();
+    let mut out = String::from("Basic ");
+    for c in b.chunks(3) {
+        let n =
+            (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.write_char(A[((n >> (18 - 6 * i)) & 63) as usize] as char).unwrap();
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// `nonstop hash-password` of `password`, as a user would make the hash.
+fn hash_password(password: &str) -> String {
+    let mut child = Command::new(bin())
+        .arg("hash-password")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(format!("{password}\n").as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let hash = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    hash
+}
+
+#[test]
+fn basic_auth_lets_in_only_users_whose_password_matches_its_hash() {
+    let dir = TempDir::new("basicauth");
+    let backend = RawBackend::start(|_| ok());
+    let alice = hash_password("wonder land");
+    // bob's is bcrypt, in an htpasswd file as `htpasswd -B` writes it ($2y$).
+    let bob = bcrypt::hash_with_result("builder", 5).unwrap().format_for_version(bcrypt::Version::TwoY);
+    let htpasswd = dir.path().join("htpasswd");
+    std::fs::write(&htpasswd, format!("# staff\nbob:{bob}\n")).unwrap();
+    let toml = format!(
+        "[[listeners]]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[routes]]\nservice = \"b\"\npath_prefix = \"/admin\"\n\
+         [routes.basic_auth]\nrealm = \"staff only\"\nusers = {{ alice = \"{alice}\" }}\nusers_file = \"{}\"\n\n\
+         [[routes]]\nservice = \"b\"\n\n\
+         [services.b]\nservers = [{{ addr = \"{}\" }}]\n\n[access_log]\nenabled = false\n",
+        htpasswd.display(),
+        backend.addr
+    );
+    let p = serve(&dir, &toml);
+    let get = |path: &str, auth: Option<&str>| {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("Authorization", a)).into_iter().collect();
+        one("127.0.0.1", p.addr, path, &headers)
+    };
+
+    let none = get("/admin/", None);
+    assert_eq!(none.status, 401, "{none:?}");
+    assert_eq!(none.header("www-authenticate"), Some("Basic realm=\"staff only\", charset=\"UTF-8\""));
+    assert!(error_of(&none).contains("credentials are required"), "{none:?}");
+    for (auth, why) in [
+        (basic("alice:wonderland"), "wrong user name or password"),
+        (basic("alice:"), "wrong user name or password"),
+        (basic("mallory:wonder land"), "wrong user name or password"),
+        (basic("bob:wonder land"), "wrong user name or password"),
+        ("Bearer abc".to_string(), "not of the Basic scheme"),
+        ("Basic %%%".to_string(), "not base64"),
+    ] {
+        let a = get("/admin/x", Some(&auth));
+        assert_eq!(a.status, 401, "{auth}: {a:?}");
+        assert!(error_of(&a).contains(why), "{auth}: {}", error_of(&a));
+        assert!(a.header("www-authenticate").is_some());
+    }
+    assert!(backend.seen().is_empty(), "nothing refused reached the server");
+
+    // The right passwords, argon2 and bcrypt; then many requests of a user who passed (remembered, not rehashed).
+    let a = basic("alice:wonder land");
+    assert_eq!(get("/admin/a", Some(&a)).status, 200);
+    assert_eq!(get("/admin/b", Some(&basic("bob:builder"))).status, 200);
+    let paths: Vec<String> = (0..50).map(|i| format!("/admin/n{i}")).collect();
+    let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+    let many = get_from("127.0.0.1", p.addr, &refs, &[("Authorization", &a)]);
+    assert!(many.iter().all(|r| r.status == 200), "{:?}", many.iter().map(|r| r.status).collect::<Vec<_>>());
+    // The server gets the Authorization header as sent; routes without basic_auth are open.
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 52);
+    assert_eq!(seen[0].headers("authorization"), [a]);
+    assert_eq!(get("/public", None).status, 200);
+}
+
+#[test]
+fn bad_basic_auth_settings_are_all_reported_with_their_lines() {
+    let dir = TempDir::new("basiccheck");
+    let htpasswd = dir.path().join("htpasswd");
+    std::fs::write(&htpasswd, "carol:$apr1$salt$hash\ndave\n").unwrap();
+    let toml = format!(
+        "[[listeners]]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[routes]]\nservice = \"b\"\n[routes.basic_auth]\nrealm = \"say \\\"hi\\\"\"\nusers = {{ alice = \"secret\" }}\nusers_file = \"{}\"\n\n\
+         [[routes]]\nservice = \"b\"\npath_prefix = \"/x\"\n[routes.basic_auth]\nverifying_max = 0\n\n\
+         [[routes]]\nservice = \"b\"\npath_prefix = \"/y\"\n[routes.basic_auth]\nusers_file = \"/nonexistent/htpasswd\"\n\n\
+         [services.b]\nservers = [{{ addr = \"127.0.0.1:9\" }}]\n",
+        htpasswd.display()
+    );
+    check_reports(
+        "basiccheck",
+        &toml,
+        &[
+            "line 7: routes[0].basic_auth.realm: \"say \\\"hi\\\"\": a realm is a non-empty text without quotes",
+            "line 8: routes[0].basic_auth.users: alice: not a password hash (a password must never be written in the clear)",
+            "line 9: routes[0].basic_auth.users_file:",
+            "htpasswd line 1: user \"carol\": Apache's MD5 ($apr1$) is too weak to accept",
+            "htpasswd line 2: not of the form USER:HASH",
+            "routes[1].basic_auth: no users",
+            "line 15: routes[1].basic_auth.verifying_max: 0 is out of range 1..=1024",
+            "routes[2].basic_auth.users_file: cannot read /nonexistent/htpasswd",
+        ],
+    );
+}

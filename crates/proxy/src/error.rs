@@ -63,6 +63,8 @@ pub enum ProxyError {
     UpstreamIo { addr: std::net::SocketAddr, sent: bool, stale: bool, dropped: bool, source: std::io::Error },
     #[error("HTTP handshake with {addr} failed: {source}")]
     Handshake { addr: std::net::SocketAddr, source: hyper::Error },
+    #[error("{why}")]
+    Unauthorized { why: nonstop_guard::basic::Refusal, challenge: http::HeaderValue },
     /// A route of static files has no file for the request (or could not read it).
     #[error("{0}")]
     Files(nonstop_files::Error),
@@ -76,6 +78,7 @@ impl ProxyError {
             | ProxyError::MethodNotAllowed(_)
             | ProxyError::Forbidden { .. }
             | ProxyError::RateLimited { .. }
+            | ProxyError::Unauthorized { .. }
             | ProxyError::BodyTooLarge(_)
             | ProxyError::ClientBody(_)
             | ProxyError::ClientBodyTimeout { .. } => Side::Downstream,
@@ -131,6 +134,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::Files(e) => e.status(),
+            ProxyError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,

@@ -224,6 +224,9 @@ pub(crate) fn error_response(e: &ProxyError) -> Response<RespBody> {
     } else if e.status() == StatusCode::SERVICE_UNAVAILABLE {
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
+    if let ProxyError::Unauthorized { challenge, .. } = e {
+        h.insert(header::WWW_AUTHENTICATE, challenge.clone());
+    }
     if let ProxyError::Files(nonstop_files::Error::Method(_)) = e {
         h.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
     }
@@ -579,6 +582,9 @@ async fn forward<'s>(
             return Ok(redirect);
         }
     }
+    if let Some(auth) = &route.basic_auth {
+        Box::pin(authenticate(auth, &req)).await?;
+    }
     let service = match &route.target {
         Target::Service(s) => s.clone(),
         Target::Files(files) => {
@@ -898,6 +904,31 @@ async fn forward<'s>(
         let body = UpstreamBody { inner: body, cutoff, encoder, _in_flight: lease };
         return Ok(Response::from_parts(parts, Either::Left(Either::Left(body))));
     }
+}
+
+/// Lets a request through a route's Basic authentication: credentials that passed lately at once, others once
+/// their hash is verified off the event loop (at most `verifying_max` at a time on the route).
+async fn authenticate(auth: &crate::state::RouteAuth, req: &Request<ClientBody>) -> Result<(), ProxyError> {
+    use nonstop_guard::basic::Refusal;
+    let refuse = |why| ProxyError::Unauthorized { why, challenge: auth.challenge.clone() };
+    let value = req.headers().get(header::AUTHORIZATION).ok_or_else(|| refuse(Refusal::Missing))?;
+    let (user, password) = nonstop_guard::basic::credentials(value.as_bytes()).map_err(refuse)?;
+    if auth.verified.contains(&user, &password) {
+        return Ok(());
+    }
+    let _permit = auth.verifying.acquire().await.map_err(|_| refuse(Refusal::Wrong))?;
+    // Another request may have verified the same credentials while this one waited.
+    if auth.verified.contains(&user, &password) {
+        return Ok(());
+    }
+    let users = auth.users.clone();
+    let (u, p) = (user.clone(), password.clone());
+    let passed = tokio::task::spawn_blocking(move || users.verify(&u, &p)).await.unwrap_or(false);
+    if !passed {
+        return Err(refuse(Refusal::Wrong));
+    }
+    auth.verified.insert(&user, &password);
+    Ok(())
 }
 
 /// Answers a request on a route of static files, compressing the file when the route says so and no

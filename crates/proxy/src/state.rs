@@ -37,6 +37,7 @@ pub struct RouteEntry {
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
     pub compress: Option<RouteCompress>,
+    pub basic_auth: Option<RouteAuth>,
     /// Whether any header template reads `{request_id}` or `{client}`.
     pub wants_request_id: bool,
     pub wants_client: bool,
@@ -57,6 +58,15 @@ impl RouteEntry {
             || !self.request_headers.is_empty()
             || !self.response_headers.is_empty()
     }
+}
+
+/// A route's Basic authentication: its users, what passed lately, and how many hashes are being verified.
+pub struct RouteAuth {
+    pub users: Arc<nonstop_guard::basic::Users>,
+    /// `Basic realm="...", charset="UTF-8"`.
+    pub challenge: http::HeaderValue,
+    pub verified: nonstop_guard::basic::Verified,
+    pub verifying: tokio::sync::Semaphore,
 }
 
 /// A route's compression and how many of its responses are being compressed now.
@@ -258,6 +268,13 @@ impl Snapshot {
                     settings: c.settings.clone(),
                     streams_max: c.streams_max,
                     streams: Arc::default(),
+                }),
+                basic_auth: r.basic_auth.as_ref().map(|b| RouteAuth {
+                    users: Arc::new(b.users.clone()),
+                    challenge: http::HeaderValue::from_str(&format!("Basic realm=\"{}\", charset=\"UTF-8\"", b.realm))
+                        .unwrap_or_else(|_| http::HeaderValue::from_static("Basic realm=\"nonstop\"")),
+                    verified: nonstop_guard::basic::Verified::new(b.verified_max),
+                    verifying: tokio::sync::Semaphore::new(b.verifying_max),
                 }),
                 request_headers: HeaderOps::new(&r.request_headers),
                 response_headers: HeaderOps::new(&r.response_headers),
