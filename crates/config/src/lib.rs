@@ -136,6 +136,18 @@ pub struct Route {
     pub files: Option<Files>,
     /// Who may use it, by user name and password.
     pub basic_auth: Option<BasicAuth>,
+    /// Who may use it, as another service decides.
+    pub forward_auth: Option<ForwardAuth>,
+}
+
+/// A route's forward authentication (`[routes.forward_auth]`): each request is first asked of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardAuth {
+    pub service: String,
+    /// The path (and query) asked, `/` by default.
+    pub path: String,
+    /// Headers of the service's 2xx answer set on the request the route's server gets (lower-case).
+    pub copy_headers: Vec<String>,
 }
 
 /// A route's HTTP Basic authentication (`[routes.basic_auth]`).
@@ -1226,6 +1238,7 @@ fn parse_route(t: Table<'_, '_>, services: Option<&BTreeSet<String>>, queues: &B
     let response_headers = parse_header_rules(header_table("response_headers", "routes[].response_headers"));
     let compress = header_table("compress", "routes[].compress").map(parse_compress);
     let basic_auth = header_table("basic_auth", "routes[].basic_auth").map(parse_basic_auth);
+    let forward_auth = header_table("forward_auth", "routes[].forward_auth").map(|f| parse_forward_auth(f, services));
     t.finish();
     let files = match files {
         Some(f) => Some(f?),
@@ -1238,10 +1251,15 @@ fn parse_route(t: Table<'_, '_>, services: Option<&BTreeSet<String>>, queues: &B
         Some(b) => Some(b?),
         None => None,
     };
+    let forward_auth = match forward_auth {
+        Some(f) => Some(f?),
+        None => None,
+    };
     Some(Route {
         service,
         files,
         basic_auth,
+        forward_auth,
         host,
         path_prefix: path_prefix?,
         methods,
@@ -1263,6 +1281,41 @@ fn parse_route(t: Table<'_, '_>, services: Option<&BTreeSet<String>>, queues: &B
             None => None,
         },
     })
+}
+
+fn parse_forward_auth(t: Table<'_, '_>, services: Option<&BTreeSet<String>>) -> Option<ForwardAuth> {
+    let service = t.string("service");
+    if service.is_none() && !t.has("service") {
+        t.required("service");
+    }
+    if let (Some(name), Some(known)) = (&service, services) {
+        if !known.contains(name) {
+            let defined: Vec<&str> = known.iter().map(String::as_str).collect();
+            t.invalid("service", format!("no service named {name:?} (defined: {})", defined.join(", ")));
+        }
+    }
+    let path = t.string("path").and_then(|p| {
+        if p.starts_with('/') && p.bytes().all(|b| b.is_ascii_graphic() && b != b'#') {
+            Some(p)
+        } else {
+            t.invalid("path", format!("{p:?} is not a path that starts with /"));
+            None
+        }
+    });
+    let copy_headers = t.strings("copy_headers").and_then(|names| {
+        let mut out = Vec::new();
+        for n in names {
+            let lower = n.to_ascii_lowercase();
+            if !nonstop_rewrite::is_token(&n) || nonstop_rewrite::RESERVED_HEADERS.contains(&lower.as_str()) {
+                t.invalid("copy_headers", format!("{n:?} is not a header name a rule may set"));
+                return None;
+            }
+            out.push(lower);
+        }
+        Some(out)
+    });
+    t.finish();
+    Some(ForwardAuth { service: service?, path: path?, copy_headers: copy_headers? })
 }
 
 fn parse_basic_auth(t: Table<'_, '_>) -> Option<BasicAuth> {

@@ -834,3 +834,95 @@ fn bad_basic_auth_settings_are_all_reported_with_their_lines() {
         ],
     );
 }
+
+#[test]
+fn forward_auth_asks_a_service_first_and_relays_its_refusals() {
+    let dir = TempDir::new("forwardauth");
+    let reply = |head: &str, body: &str| {
+        nonstop_testkit::raw::Reply::Bytes(
+            format!("HTTP/1.1 {head}\r\ncontent-length: {}\r\n\r\n{body}", body.len()).into_bytes(),
+        )
+    };
+    let auth = RawBackend::start(move |seen| match seen.headers("authorization").first().map(String::as_str) {
+        Some("Bearer good") => reply("200 OK\r\nx-user: alice\r\nx-role: admin", "yes"),
+        Some("Bearer banned") => reply("403 Forbidden\r\ncontent-type: text/plain", "you are banned"),
+        _ => reply("302 Found\r\nlocation: /login", ""),
+    });
+    let app = RawBackend::start(|_| ok());
+    let toml = format!(
+        "[[listeners]]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[routes]]\nservice = \"app\"\npath_prefix = \"/app\"\n\
+         [routes.forward_auth]\nservice = \"auth\"\npath = \"/verify?site=1\"\ncopy_headers = [\"X-User\", \"X-Role\"]\n\n\
+         [[routes]]\nservice = \"app\"\npath_prefix = \"/broken\"\n[routes.forward_auth]\nservice = \"gone\"\n\n\
+         [[routes]]\nservice = \"app\"\n\n\
+         [services.app]\nservers = [{{ addr = \"{}\" }}]\n\
+         [services.auth]\nservers = [{{ addr = \"{}\" }}]\n\
+         [services.gone]\nservers = [{{ addr = \"127.0.0.1:9\" }}]\nconnect_timeout_ms = 200\nrequest_timeout_ms = 1000\nadmission = {{ queue_wait_ms_max = 500 }}\n\n\
+         [access_log]\nenabled = false\n",
+        app.addr, auth.addr
+    );
+    let p = serve(&dir, &toml);
+
+    // No token: the auth service's redirect to its login goes to the client; the app never hears of it.
+    let login = one("127.0.0.1", p.addr, "/app/page?q=1", &[]);
+    assert_eq!((login.status, login.header("location")), (302, Some("/login")), "{login:?}");
+    let asked = auth.seen();
+    assert_eq!(asked.len(), 1);
+    assert!(asked[0].line().starts_with("GET /verify?site=1 "), "{}", asked[0].line());
+    assert_eq!(asked[0].headers("x-forwarded-method"), ["GET"]);
+    assert_eq!(asked[0].headers("x-forwarded-uri"), ["/app/page?q=1"]);
+    assert_eq!(asked[0].headers("x-forwarded-host"), ["site.test"]);
+    assert_eq!(asked[0].headers("x-forwarded-for"), ["127.0.0.1"]);
+    let banned = one("127.0.0.1", p.addr, "/app/page", &[("Authorization", "Bearer banned")]);
+    assert_eq!((banned.status, banned.body.as_slice()), (403, &b"you are banned"[..]));
+    assert!(app.seen().is_empty(), "nothing refused reached the app");
+
+    // A good token: through, with who the service says it is, whatever the client claims.
+    let good = [("Authorization", "Bearer good"), ("X-User", "root")];
+    assert_eq!(one("127.0.0.1", p.addr, "/app/page", &good).status, 200);
+    let body = "order=1";
+    let post = format!(
+        "POST /app/orders HTTP/1.1\r\nHost: site.test\r\nAuthorization: Bearer good\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let (answers, _) = answers(&send_raw(p.addr, &post));
+    assert_eq!(answers[0].status, 200, "{answers:?}");
+    let seen = app.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].headers("x-user"), ["alice"], "the client's own X-User is dropped");
+    assert_eq!(seen[0].headers("x-role"), ["admin"]);
+    assert_eq!(seen[1].body, body.as_bytes(), "the body goes to the app");
+    let last = auth.seen().pop().unwrap();
+    assert!(last.line().starts_with("GET "), "the auth service is asked with a GET: {}", last.line());
+    assert_eq!(last.headers("x-forwarded-method"), ["POST"]);
+    assert!(last.body.is_empty() && last.headers("content-length").is_empty(), "and without the body");
+
+    // An auth service that cannot be reached lets nothing through, and says which service failed.
+    let broken = one("127.0.0.1", p.addr, "/broken/x", &[("Authorization", "Bearer good")]);
+    assert!(broken.status >= 500, "{broken:?}");
+    assert!(error_of(&broken).contains("gone") || error_of(&broken).contains("127.0.0.1:9"), "{}", error_of(&broken));
+    assert_eq!(app.seen().len(), 2, "the app never heard of it");
+    // Routes without forward_auth are not asked about.
+    let before = auth.seen().len();
+    assert_eq!(one("127.0.0.1", p.addr, "/open", &[]).status, 200);
+    assert_eq!(auth.seen().len(), before);
+}
+
+#[test]
+fn bad_forward_auth_settings_are_reported_with_their_lines() {
+    let toml = "[[listeners]]\nlisten = \"127.0.0.1:0\"\n\n\
+                [[routes]]\nservice = \"b\"\n[routes.forward_auth]\nservice = \"nope\"\npath = \"verify\"\ncopy_headers = [\"Content-Length\"]\n\n\
+                [[routes]]\nservice = \"b\"\npath_prefix = \"/x\"\n[routes.forward_auth]\npath = \"/v\"\n\n\
+                [services.b]\nservers = [{ addr = \"127.0.0.1:9\" }]\n";
+    check_reports(
+        "forwardcheck",
+        toml,
+        &[
+            "line 7: routes[0].forward_auth.service: no service named \"nope\" (defined: b)",
+            "line 8: routes[0].forward_auth.path: \"verify\" is not a path that starts with /",
+            "line 9: routes[0].forward_auth.copy_headers: \"Content-Length\" is not a header name a rule may set",
+            "routes[1].forward_auth.service: is required",
+        ],
+    );
+}

@@ -585,12 +585,30 @@ async fn forward<'s>(
     if let Some(auth) = &route.basic_auth {
         Box::pin(authenticate(auth, &req)).await?;
     }
+    if let Some(fa) = &route.forward_auth {
+        if let Some(answer) = Box::pin(forward_auth(ctx, fa, &mut req, host)).await? {
+            return Ok(answer);
+        }
+    }
     let service = match &route.target {
         Target::Service(s) => s.clone(),
         Target::Files(files) => {
             return Box::pin(serve_files(route, files, &req, public_path.as_deref().unwrap_or("/"))).await;
         }
     };
+    to_service(ctx, route, service, req, host, start, out).await
+}
+
+/// Sends a request to a route's service, with its retries (or into the route's queue).
+async fn to_service<'s>(
+    ctx: &ConnCtx,
+    route: &'s RouteEntry,
+    service: Arc<ServiceState>,
+    mut req: Request<ClientBody>,
+    host: Option<&str>,
+    start: Instant,
+    out: &mut Outcome<'s>,
+) -> Result<Response<RespBody>, ProxyError> {
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > route.body_bytes_max) {
         return Err(ProxyError::BodyTooLarge(route.body_bytes_max));
@@ -904,6 +922,70 @@ async fn forward<'s>(
         let body = UpstreamBody { inner: body, cutoff, encoder, _in_flight: lease };
         return Ok(Response::from_parts(parts, Either::Left(Either::Left(body))));
     }
+}
+
+/// The most bytes of a forward-auth service's 2xx body read (to give its connection back); past it, it is dropped.
+const AUTH_BODY_BYTES_MAX: usize = 64 * 1024;
+
+/// Asks a route's forward-auth service about a request: `None` lets it through (with the answer's copy_headers
+/// set on it); `Some` is the service's refusal, to give the client as it is.
+async fn forward_auth(
+    ctx: &ConnCtx,
+    fa: &crate::state::RouteForwardAuth,
+    req: &mut Request<ClientBody>,
+    host: Option<&str>,
+) -> Result<Option<Response<RespBody>>, ProxyError> {
+    let mut ask = Request::new(ClientBody::Empty);
+    *ask.uri_mut() = fa.uri.clone();
+    let headers = ask.headers_mut();
+    for (name, value) in req.headers() {
+        if !matches!(*name, header::CONTENT_LENGTH | header::TRANSFER_ENCODING | header::EXPECT) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    headers.insert(
+        HeaderName::from_static("x-forwarded-method"),
+        HeaderValue::from_str(req.method().as_str()).unwrap_or(HeaderValue::from_static("GET")),
+    );
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    if let Ok(v) = HeaderValue::from_str(target) {
+        headers.insert(HeaderName::from_static("x-forwarded-uri"), v);
+    }
+    let mut out = Outcome {
+        route: None,
+        vars: None,
+        service: None,
+        files: false,
+        server: None,
+        attempts: 0,
+        queue_wait: Duration::ZERO,
+        answered: None,
+    };
+    let start = Instant::now();
+    let result = Box::pin(to_service(ctx, &fa.route, fa.service.clone(), ask, host, start, &mut out)).await;
+    let elapsed = out.answered.unwrap_or_else(Instant::now).saturating_duration_since(start);
+    let status = match &result {
+        Ok(r) => r.status().as_u16(),
+        Err(e) => e.status().as_u16(),
+    };
+    match &out.server {
+        Some(s) => s.stats.record(status, elapsed),
+        None => fa.service.unserved.record(status, elapsed),
+    }
+    let answer = result?;
+    if !answer.status().is_success() {
+        return Ok(Some(answer));
+    }
+    // No client may claim these itself: they come from the service, or not at all.
+    for name in &fa.copy_headers {
+        req.headers_mut().remove(name);
+        for v in answer.headers().get_all(name) {
+            req.headers_mut().append(name.clone(), v.clone());
+        }
+    }
+    let drain = Limited::new(answer.into_body(), AUTH_BODY_BYTES_MAX).collect();
+    let _ = tokio::time::timeout(ctx.body_timeout, drain).await;
+    Ok(None)
 }
 
 /// Lets a request through a route's Basic authentication: credentials that passed lately at once, others once

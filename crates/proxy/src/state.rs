@@ -38,6 +38,7 @@ pub struct RouteEntry {
     pub response_headers: HeaderOps,
     pub compress: Option<RouteCompress>,
     pub basic_auth: Option<RouteAuth>,
+    pub forward_auth: Option<Box<RouteForwardAuth>>,
     /// Whether any header template reads `{request_id}` or `{client}`.
     pub wants_request_id: bool,
     pub wants_client: bool,
@@ -67,6 +68,39 @@ pub struct RouteAuth {
     pub challenge: http::HeaderValue,
     pub verified: nonstop_guard::basic::Verified,
     pub verifying: tokio::sync::Semaphore,
+}
+
+/// A route's forward authentication: the service asked, as a bare route to it, and what is asked.
+pub struct RouteForwardAuth {
+    pub service: Arc<ServiceState>,
+    /// A route that only forwards (no rules of its own), for the question's trip through the service.
+    pub route: RouteEntry,
+    pub uri: http::Uri,
+    pub copy_headers: Vec<http::HeaderName>,
+}
+
+impl RouteEntry {
+    /// A route that forwards to `service` and does nothing else.
+    fn bare(service: Arc<ServiceState>) -> RouteEntry {
+        RouteEntry {
+            host: None,
+            path_prefix: "/".to_string(),
+            methods: None,
+            body_bytes_max: 0,
+            target: Target::Service(service),
+            queue: None,
+            access: None,
+            rate_limit: None,
+            rewrite: nonstop_rewrite::PathRewrite::default(),
+            request_headers: HeaderOps::new(&nonstop_rewrite::HeaderRules::default()),
+            response_headers: HeaderOps::new(&nonstop_rewrite::HeaderRules::default()),
+            compress: None,
+            basic_auth: None,
+            forward_auth: None,
+            wants_request_id: false,
+            wants_client: false,
+        }
+    }
 }
 
 /// A route's compression and how many of its responses are being compressed now.
@@ -275,6 +309,19 @@ impl Snapshot {
                         .unwrap_or_else(|_| http::HeaderValue::from_static("Basic realm=\"nonstop\"")),
                     verified: nonstop_guard::basic::Verified::new(b.verified_max),
                     verifying: tokio::sync::Semaphore::new(b.verifying_max),
+                }),
+                forward_auth: r.forward_auth.as_ref().map(|f| {
+                    let service = services[&f.service].clone();
+                    Box::new(RouteForwardAuth {
+                        route: RouteEntry::bare(service.clone()),
+                        service,
+                        uri: f.path.parse().unwrap_or_else(|_| http::Uri::from_static("/")),
+                        copy_headers: f
+                            .copy_headers
+                            .iter()
+                            .filter_map(|n| http::HeaderName::from_bytes(n.as_bytes()).ok())
+                            .collect(),
+                    })
                 }),
                 request_headers: HeaderOps::new(&r.request_headers),
                 response_headers: HeaderOps::new(&r.response_headers),
