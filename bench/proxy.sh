@@ -12,8 +12,12 @@
 # to its stdout, a file; nonstop: its default JSON lines to a file, LOG_FORMAT=combined for nginx's), then a rate
 # limit per client address on, with logs off, set high enough (10^6 requests/s) that every request is checked and
 # counted but none refused: nginx limit_req in a 10 MB zone, HAProxy a stick table tracking http_req_rate, nonstop
-# [routes.rate_limit]. wrk's connections all come from one address, so all three count on one key. LOGS=off, on or
-# ratelimit picks some ("off ratelimit").
+# [routes.rate_limit]. wrk's connections all come from one address, so all three count on one key. Then gzip on,
+# with logs off: wrk asks for /page.json (a 9 KiB JSON file the backend serves as it is) with Accept-Encoding: gzip,
+# and each proxy compresses it at level 4 (nginx gzip_comp_level 4, gzip_proxied any; HAProxy `compression algo
+# gzip`, its own libslz, which has no levels; nonstop [routes.compress] codings = ["gzip"], level 4). The script
+# checks that each answers with Content-Encoding: gzip before measuring. LOGS=off, on, ratelimit or gzip picks
+# some ("off gzip").
 #
 # PLACEMENT=alone|client|backend pins the processes (taskset), one thread each, to see one placement at a time:
 # the proxy on CPU 1 alone (wrk and the backend on CPU 0), sharing CPU 1 with wrk, or sharing it with the
@@ -59,21 +63,28 @@ events { worker_connections 4096; }
 http {
   access_log off;
   keepalive_requests 1000000;
-  server { listen 127.0.0.1:$B1 reuseport; location / { return 200 "ok\n"; } }
-  server { listen 127.0.0.1:$B2 reuseport; location / { return 200 "ok\n"; } }
+  server { listen 127.0.0.1:$B1 reuseport; location / { return 200 "ok\n"; } location = /page.json { root $WORK/backend; default_type application/json; } }
+  server { listen 127.0.0.1:$B2 reuseport; location / { return 200 "ok\n"; } location = /page.json { root $WORK/backend; default_type application/json; } }
 }
 CONF
+# A JSON page of 9 KiB or so, of varied text (as an API's answer), for the gzip setting.
+awk 'BEGIN { printf "["; for (i = 0; i < 120; i++) printf "%s{\"id\":%d,\"name\":\"item %d\",\"price\":%d.%02d,\"tags\":[\"t%d\",\"c%d\"]}", (i ? "," : ""), i, i * 7919 % 10007, i * 37 % 500, i % 100, i % 13, i % 7; print "]" }' > "$WORK/backend/page.json"
 "$NGINX" -c "$WORK/backend/nginx.conf" -g 'daemon off;' & BACKEND_PID=$!; PIDS+=($BACKEND_PID)
 
 start_proxies() { # threads logs(off|on)
   local t=$1 logs=$2
   local nginx_log="access_log off;" haproxy_log="" nonstop_log="enabled = false" haproxy_out=/dev/null
-  local nginx_zone="" nginx_limit="" haproxy_limit="" nonstop_limit=""
+  local nginx_zone="" nginx_limit="" haproxy_limit="" nonstop_limit="" nginx_gzip="" haproxy_gzip=""
   if [ "$logs" = ratelimit ]; then
     nginx_zone="limit_req_zone \$binary_remote_addr zone=perip:10m rate=1000000r/s; limit_req_status 429;"
     nginx_limit="limit_req zone=perip burst=1000000 nodelay;"
     haproxy_limit=$'  stick-table type ip size 100k expire 30s store http_req_rate(1s)\n  http-request track-sc0 src\n  http-request deny deny_status 429 if { sc_http_req_rate(0) gt 1000000 }'
     nonstop_limit=$'[routes.rate_limit]\nrequests_per_s = 1000000\nburst = 1000000'
+  fi
+  if [ "$logs" = gzip ]; then
+    nginx_gzip="gzip on; gzip_types application/json; gzip_comp_level 4; gzip_proxied any; gzip_min_length 1024; gzip_vary on;"
+    haproxy_gzip=$'  compression algo gzip\n  compression type application/json'
+    nonstop_limit=$'[routes.compress]\ncodings = ["gzip"]'
   fi
   rm -rf "$WORK/logs"; mkdir -p "$WORK/logs"
   if [ "$logs" = on ]; then
@@ -94,6 +105,7 @@ events { worker_connections 4096; }
 http {
   $nginx_log
   $nginx_zone
+  $nginx_gzip
   keepalive_requests 1000000;
   upstream app { server 127.0.0.1:$B1; server 127.0.0.1:$B2; keepalive 64; }
   server {
@@ -119,6 +131,7 @@ frontend f
 $haproxy_limit
   default_backend b
 backend b
+$haproxy_gzip
   balance roundrobin
   server s1 127.0.0.1:$B1
   server s2 127.0.0.1:$B2
@@ -152,9 +165,12 @@ stop_proxies() {
   wait "$NGINX_PID" "$HAPROXY_PID" "$NONSTOP_PID" 2>/dev/null || true
 }
 
+# What wrk asks for: / with no extra header, or (the gzip setting) /page.json accepting gzip.
+BENCH_PATH=/; WRK_HEADERS=()
+
 # Prints "RPS P99_MS" for one wrk run.
 measure() { # threads port
-  local out; out=$("${WRK[@]}" -t"$1" -c64 -d"$DURATION" --latency "http://127.0.0.1:$2/" 2>&1)
+  local out; out=$("${WRK[@]}" -t"$1" -c64 -d"$DURATION" --latency "${WRK_HEADERS[@]}" "http://127.0.0.1:$2$BENCH_PATH" 2>&1)
   local rps p99
   rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}' <<<"$out")
@@ -165,14 +181,24 @@ measure() { # threads port
 median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 
 echo "bench/proxy.sh: $ROUNDS rounds of wrk -c64 -d$DURATION per target, targets alternated within each round${PLACEMENT:+, placement $PLACEMENT}"
-for logs in ${LOGS:-off on ratelimit}; do
+for logs in ${LOGS:-off on ratelimit gzip}; do
 for t in $THREADS; do
   start_proxies "$t" "$logs"
+  BENCH_PATH=/; WRK_HEADERS=()
+  if [ "$logs" = gzip ]; then
+    BENCH_PATH=/page.json; WRK_HEADERS=(-H "Accept-Encoding: gzip")
+    for port in $P_NONSTOP $P_NGINX $P_HAPROXY; do
+      enc=$(curl -s -o /dev/null -D - -H 'Accept-Encoding: gzip' "http://127.0.0.1:$port/page.json" | tr -d '\r' | awk -F': ' 'tolower($1)=="content-encoding" {print $2}')
+      [ "$enc" = gzip ] || { echo "the proxy on port $port did not gzip /page.json (Content-Encoding: '$enc')" >&2; exit 1; }
+    done
+    echo "page.json: $(stat -c %s "$WORK/backend/page.json") bytes, gzipped by nonstop to $(curl -s -H 'Accept-Encoding: gzip' "http://127.0.0.1:$P_NONSTOP/page.json" | wc -c), by nginx to $(curl -s -H 'Accept-Encoding: gzip' "http://127.0.0.1:$P_NGINX/page.json" | wc -c), by HAProxy to $(curl -s -H 'Accept-Encoding: gzip' "http://127.0.0.1:$P_HAPROXY/page.json" | wc -c)"
+  fi
   declare -A RPS=() ratio_row_rps=()
   RATIO_NGINX=""; RATIO_HAPROXY=""
   echo
   case $logs in
     ratelimit) echo "== a rate limit per client address on (not reached), access logs off; $t thread(s)/worker(s) each; wrk -t$t" ;;
+    gzip) echo "== gzip on (level 4; HAProxy: libslz), /page.json, access logs off; $t thread(s)/worker(s) each; wrk -t$t" ;;
     *) echo "== access logs $logs; $t thread(s)/worker(s) each; wrk -t$t" ;;
   esac
   printf '%-6s %-9s %12s %10s  %s\n' round target 'requests/s' 'p99 ms' notes

@@ -34,6 +34,34 @@ pub struct Config {
     pub hosts: BTreeMap<String, Host>,
     /// Pipelines and jobs by name (`[pipelines.NAME]`, `[jobs.NAME]`: one namespace).
     pub pipelines: BTreeMap<String, Pipeline>,
+    /// How servers given by name are resolved (`[resolver]`).
+    pub resolver: Resolver,
+}
+
+/// How servers given by name are resolved, and how often again (`[resolver]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolver {
+    /// DNS servers to ask; empty: those of /etc/resolv.conf.
+    pub nameservers: Vec<SocketAddr>,
+    pub interval: Duration,
+    pub ttl_min: Duration,
+    pub timeout: Duration,
+}
+
+/// Whether `s` is a DNS host name (RFC 1123 labels of letters, digits and hyphens), and not an IPv4 address.
+pub fn is_dns_name(s: &str) -> bool {
+    let s = s.strip_suffix('.').unwrap_or(s);
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+        // An all-digit last label is an IPv4 address mistyped, not a name.
+        && !s.rsplit('.').next().is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// One SSH host (`[hosts.NAME]`).
@@ -250,6 +278,8 @@ pub fn valid_queue_name(name: &str) -> bool {
 pub struct Service {
     pub name: String,
     pub servers: Vec<ServerSpec>,
+    /// Servers given by host name: each address the name resolves to is a server, with these settings.
+    pub named: Vec<NamedServer>,
     pub balance: Balance,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
@@ -421,6 +451,17 @@ pub struct ServerSpec {
     pub weight: u32,
     pub backup: bool,
     /// Overrides the service's `admission.server_in_flight_max`.
+    pub in_flight_max: Option<u32>,
+}
+
+/// A server given by host name (`addr = "app.internal:8080"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedServer {
+    /// Lower-case.
+    pub host: String,
+    pub port: u16,
+    pub weight: u32,
+    pub backup: bool,
     pub in_flight_max: Option<u32>,
 }
 
@@ -655,6 +696,7 @@ fn parse_root(cx: &Cx, t: Table<'_, '_>) -> Option<Config> {
     let listeners: Vec<Listener> =
         t.array_of_tables("listeners", "listeners[]").into_iter().filter_map(parse_listener).collect();
     let state_dir = t.string("state_dir").map(PathBuf::from);
+    let resolver = t.table_or_empty("resolver", "resolver").and_then(parse_resolver);
     let mut hosts = BTreeMap::new();
     let mut host_names = BTreeSet::new();
     for (name, table) in t.table_of_tables("hosts", "hosts.NAME") {
@@ -832,7 +874,30 @@ fn parse_root(cx: &Cx, t: Table<'_, '_>) -> Option<Config> {
         state_dir: state_dir?,
         hosts,
         pipelines,
+        resolver: resolver?,
     })
+}
+
+fn parse_resolver(t: Table<'_, '_>) -> Option<Resolver> {
+    let nameservers = t.strings("nameservers").and_then(|list| {
+        let mut out = Vec::new();
+        for n in list {
+            let parsed = n.parse::<SocketAddr>().ok().or_else(|| n.parse::<std::net::IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53)));
+            match parsed {
+                Some(a) => out.push(a),
+                None => {
+                    t.invalid("nameservers", format!("{n:?} is not an IP address (with an optional port), such as \"10.0.0.2\" or \"127.0.0.1:5353\""));
+                    return None;
+                }
+            }
+        }
+        Some(out)
+    });
+    let interval = t.ms_in("interval_ms", 1000, 86_400_000);
+    let ttl_min = t.ms_in("ttl_min_ms", 100, 3_600_000);
+    let timeout = t.ms_in("timeout_ms", 100, 60_000);
+    t.finish();
+    Some(Resolver { nameservers: nameservers?, interval: interval?, ttl_min: ttl_min?, timeout: timeout? })
 }
 
 /// Whether `name` may name a host: 1 to 64 ASCII letters, digits, `_`, `-` and `.` (it is printed and typed on
@@ -1439,8 +1504,26 @@ fn parse_service(cx: &Cx, name: String, t: Table<'_, '_>, hosts: &BTreeSet<Strin
     if tables.is_empty() && !t.has("servers") && app.is_none() {
         t.required("servers");
     }
+    let mut named: Vec<NamedServer> = Vec::new();
     for s in tables {
-        let addr = s.addr("addr");
+        let mut host_port = None;
+        let addr = s.string("addr").and_then(|raw| match raw.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                let port = raw.rsplit_once(':').and_then(|(h, p)| Some((h, p.parse::<u16>().ok().filter(|&p| p > 0)?)));
+                match port {
+                    Some((h, p)) if is_dns_name(h) => host_port = Some((h.to_ascii_lowercase(), p)),
+                    _ => s.invalid(
+                        "addr",
+                        format!(
+                            "{raw:?} is not an IP address with a port, such as \"127.0.0.1:8080\", nor a host name \
+                             with a port, such as \"app.internal:8080\""
+                        ),
+                    ),
+                }
+                None
+            }
+        });
         if addr.is_none() && !s.has("addr") {
             s.required("addr");
         }
@@ -1456,11 +1539,20 @@ fn parse_service(cx: &Cx, name: String, t: Table<'_, '_>, hosts: &BTreeSet<Strin
             let in_flight_max = in_flight_max.flatten().map(|n| n as u32);
             servers.push(ServerSpec { addr, weight: weight as u32, backup, in_flight_max });
         }
+        if let (Some((host, port)), Some(weight), Some(backup), None | Some(Some(_))) =
+            (host_port, weight, backup, in_flight_max)
+        {
+            if named.iter().any(|n| n.host == host && n.port == port) {
+                cx.error(line, &format!("services.{name}.servers"), format!("server {host}:{port} is listed twice"));
+            }
+            let in_flight_max = in_flight_max.flatten().map(|n| n as u32);
+            named.push(NamedServer { host, port, weight: weight as u32, backup, in_flight_max });
+        }
     }
-    if t.has("servers") && servers.is_empty() && cx.ok() {
+    if t.has("servers") && servers.is_empty() && named.is_empty() && cx.ok() {
         t.invalid("servers", "at least one server is required".to_string());
     }
-    if !servers.is_empty() && servers.iter().all(|s| s.backup) {
+    if !(servers.is_empty() && named.is_empty()) && servers.iter().all(|s| s.backup) && named.iter().all(|s| s.backup) {
         t.invalid("servers", "every server is a backup: at least one must be a primary".to_string());
     }
     let hash_on = t.string("hash_on").and_then(|raw| HashOn::parse(&raw).map_err(|e| t.invalid("hash_on", e)).ok());
@@ -1524,6 +1616,7 @@ fn parse_service(cx: &Cx, name: String, t: Table<'_, '_>, hosts: &BTreeSet<Strin
     Some(Service {
         name,
         servers,
+        named,
         balance: balance?,
         connect_timeout: connect_timeout?,
         response_timeout: response_timeout?,

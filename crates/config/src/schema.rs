@@ -26,12 +26,17 @@ keys! {
     "" "services": "table of tables" = "", "Services by name: a pool of servers and how to reach them.";
     "" "queues": "table of tables" = "", "Durable request queues by name (see routes[].queue).";
     "" "admin": "table" = "", "The admin API. Absent: no admin API.";
+    "" "resolver": "table" = "", "How servers given by host name (services.NAME.servers[].addr = \"app.internal:8080\") are resolved, and how often again. Defaults apply when absent.";
     "" "state_dir": "path" = "\"./nonstop-state\"", "Where the proxy keeps what must outlive it: the deploy history (deploys.jsonl), each app service's current version, and the app instances' logs.";
     "" "access_log": "table" = "", "The access log: JSON lines or nginx's combined format, buffered per thread and written in large writes off the request path. Nothing answered before a clean shutdown (SIGTERM, SIGINT) is lost; a crash loses at most the last flush_ms. SIGUSR1 reopens the file (for logrotate).";
     "" "hosts": "table of tables" = "", "SSH hosts by name, the machines the deployers reach over SSH (see docs/hosts.md). Their keys are pinned in state_dir/ssh/known_hosts by nonstop hosts trust; nonstop hosts check checks them all.";
     "" "pipelines": "table of tables" = "", "Pipelines by name: build, test, deploy and verify runs of a git repository, started by hand, by a signed push webhook, on a schedule or after another pipeline (see docs/pipelines.md).";
     "" "jobs": "table of tables" = "", "Scheduled jobs by name: a command on a schedule, with history and logs, that never overlaps itself (see docs/pipelines.md).";
 
+    "resolver" "nameservers": "array of strings" = "[]", "DNS servers to ask (\"10.0.0.2\", \"127.0.0.1:5353\"), in order. Empty: those of /etc/resolv.conf (and /etc/hosts is read).";
+    "resolver" "interval_ms": "integer" = "30000", "Each name is resolved again at least this often, whatever its TTL (and at its TTL when sooner). A new address becomes a server (slow start); a vanished one stops taking requests (those in flight finish).";
+    "resolver" "ttl_min_ms": "integer" = "1000", "...and at most this often, however short its TTL. A failed connect to a named server brings its name's next lookup forward, but not sooner than this after the last.";
+    "resolver" "timeout_ms": "integer" = "2000", "One DNS query waits at most this long (tried twice per server). A name that cannot be resolved keeps its last good addresses; the failure is logged once, and again only when it changes or ends.";
     "listeners[]" "name" : "string" = "", "A name for logs and metrics [default: the address].";
     "listeners[]" "listen": "address" = "", "Address to accept clients on, such as \"127.0.0.1:8080\". Required.";
     "listeners[]" "tls": "table" = "", "Serve TLS (HTTP/1.1 and HTTP/2 by ALPN). Absent: plain HTTP/1.1 and h2c with prior knowledge.";
@@ -121,7 +126,7 @@ keys! {
     "services.NAME" "protocol": "string" = "\"http1\"", "How to talk to servers: \"http1\" (keep-alive pool) or \"h2\" (HTTP/2 with prior knowledge, multiplexed).";
     "services.NAME" "hide_identity": "boolean" = "false", "Remove Server, X-Powered-By and X-Nonstop-Instance from responses, hiding which server answered.";
 
-    "services.NAME.servers[]" "addr": "address" = "", "The server's address, such as \"127.0.0.1:9101\". Required.";
+    "services.NAME.servers[]" "addr": "address" = "", "The server's address, such as \"127.0.0.1:9101\", or a host name with a port, such as \"app.internal:8080\": each address the name resolves to (A and AAAA records) is then a server with this entry's settings, and the name is resolved again as [resolver] says. Required.";
     "services.NAME.servers[]" "weight": "integer" = "1", "Relative share of requests (0 to 10000) for weighted balancing; 0 takes no new requests.";
     "services.NAME.servers[]" "in_flight_max": "integer" = "", "Requests this server is sent at once. Absent: the service's admission.server_in_flight_max.";
     "services.NAME.servers[]" "backup": "boolean" = "false", "A backup server takes requests only while no primary server can (all are down, ejected, draining or full, or a request has tried them all). Traffic fails back to the primaries, with slow start, when they recover.";

@@ -651,3 +651,14 @@ fn the_rewrite_example_is_accepted_and_rewrites_as_its_comments_say() {
     // Without request_id_header, no ids.
     assert_eq!(Config::parse(EXAMPLE).unwrap().listeners[0].request_id_header, None);
 }
+
+#[test]
+fn dns_names_are_labels_of_letters_digits_and_hyphens_and_never_an_ipv4_address() {
+    for ok in ["app", "app.internal", "a-b.example.com", "x1.y2.", "localhost"] {
+        assert!(crate::is_dns_name(ok), "{ok}");
+    }
+    let long = "a".repeat(64);
+    for bad in ["", "-a.b", "a-.b", "a..b", "a_b.c", "10.0.0.300", "1.2.3.4", "app:80", long.as_str()] {
+        assert!(!crate::is_dns_name(bad), "{bad}");
+    }
+}

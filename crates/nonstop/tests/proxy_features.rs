@@ -926,3 +926,190 @@ fn bad_forward_auth_settings_are_reported_with_their_lines() {
         ],
     );
 }
+
+/// dnsmasq on 127.0.0.1, answering for the names in its hosts file (TTL 1 s) and nothing else.
+struct Dns {
+    child: std::process::Child,
+    port: u16,
+    hosts: std::path::PathBuf,
+}
+
+impl Dns {
+    fn start(dir: &TempDir, records: &str) -> Dns {
+        let bin = "/usr/sbin/dnsmasq";
+        assert!(Path::new(bin).exists(), "{bin} is missing: install Debian's dnsmasq-base (.ci/run does)");
+        let hosts = dir.path().join("dns-hosts");
+        std::fs::write(&hosts, records).unwrap();
+        for _ in 0..5 {
+            let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let mut child = Command::new(bin)
+                .args([
+                    "--keep-in-foreground",
+                    "--conf-file=/dev/null",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--bind-interfaces",
+                ])
+                .args(["--listen-address=127.0.0.1", "--local-ttl=1", "--user=root", "--pid-file="])
+                .arg(format!("--port={port}"))
+                .arg(format!("--addn-hosts={}", hosts.display()))
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            if child.try_wait().unwrap().is_none() {
+                return Dns { child, port, hosts };
+            }
+        }
+        panic!("dnsmasq did not start on a free port");
+    }
+
+    /// New records, read at once (SIGHUP).
+    fn set(&self, records: &str) {
+        std::fs::write(&self.hosts, records).unwrap();
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGHUP) };
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// GETs `/` from `to` on `threads` threads until `stop` is set (or `count_max` requests, or 60 s), one connection
+/// per request; returns (answered 200, failed, the failures' statuses).
+fn load_until(
+    to: SocketAddr,
+    threads: usize,
+    count_max: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(usize, usize, Vec<String>)> {
+    use std::sync::atomic::Ordering;
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let per = count_max / threads;
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let (mut ok, mut failed, mut why) = (0, 0, Vec::new());
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && ok + failed < per {
+                        let bytes = nonstop_testkit::raw::exchange(
+                            to,
+                            b"GET / HTTP/1.1\r\nHost: site.test\r\nConnection: close\r\n\r\n",
+                            Duration::from_secs(10),
+                        );
+                        match answers(&bytes).0.first() {
+                            Some(a) if a.status == 200 => ok += 1,
+                            other => {
+                                failed += 1;
+                                why.push(format!(
+                                    "{:?}",
+                                    other.map(|a| (a.status, String::from_utf8_lossy(&a.body).to_string()))
+                                ));
+                            }
+                        }
+                    }
+                    (ok, failed, why)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).fold((0, 0, Vec::new()), |(a, b, mut w), (x, y, z)| {
+            w.extend(z);
+            (a + x, b + y, w)
+        })
+    })
+}
+
+#[test]
+fn a_server_by_name_follows_its_dns_records_under_load_with_no_failed_request() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = TempDir::new("dns");
+    // Two servers on one port at two loopback addresses: the name says which.
+    let (a, b) = loop {
+        let port = std::net::TcpListener::bind("127.0.0.2:0").unwrap().local_addr().unwrap().port();
+        let a =
+            std::panic::catch_unwind(|| RawBackend::start_on(format!("127.0.0.2:{port}").parse().unwrap(), |_| ok()));
+        let b =
+            std::panic::catch_unwind(|| RawBackend::start_on(format!("127.0.0.3:{port}").parse().unwrap(), |_| ok()));
+        if let (Ok(a), Ok(b)) = (a, b) {
+            break (a, b);
+        }
+    };
+    let mut dns = Dns::start(&dir, "127.0.0.2 app.test\n");
+    let toml = format!(
+        "[[listeners]]\nlisten = \"127.0.0.1:0\"\n\n[[routes]]\nservice = \"app\"\n\n\
+         [services.app]\nservers = [{{ addr = \"app.test:{}\" }}]\n\n\
+         [resolver]\nnameservers = [\"127.0.0.1:{}\"]\ninterval_ms = 1000\nttl_min_ms = 200\n\n\
+         [access_log]\nenabled = false\n",
+        a.addr.port(),
+        dns.port
+    );
+    let p = serve(&dir, &toml);
+    // Resolved before the first request.
+    assert_eq!(one("127.0.0.1", p.addr, "/", &[]).status, 200);
+    assert_eq!((a.seen().len(), b.seen().len()), (1, 0));
+
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let load = load_until(p.addr, 4, 40_000, stop.clone());
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!a.seen().is_empty() && b.seen().is_empty(), "before the change, all to 127.0.0.2");
+    dns.set("127.0.0.3 app.test\n");
+    // Within the TTL and the interval (1 s each), the new address takes over; the old one takes no new request.
+    std::thread::sleep(Duration::from_secs(3));
+    let a_after_move = a.seen().len();
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    let (answered, failed, why) = load.join().unwrap();
+    assert_eq!(failed, 0, "no request fails while the name moves: {:?}", &why[..why.len().min(5)]);
+    assert!(answered > 100, "{answered} requests answered");
+    assert!(b.seen().len() > 50, "the new address serves: {}", b.seen().len());
+    assert_eq!(a.seen().len(), a_after_move, "the old address took no request once the name moved");
+
+    // A name of two addresses is two servers.
+    dns.set("127.0.0.2 app.test\n127.0.0.3 app.test\n");
+    std::thread::sleep(Duration::from_secs(3));
+    let (a0, b0) = (a.seen().len(), b.seen().len());
+    let paths: Vec<String> = (0..40).map(|i| format!("/two/{i}")).collect();
+    let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+    for chunk in refs.chunks(4) {
+        assert!(get_from("127.0.0.1", p.addr, chunk, &[]).iter().all(|r| r.status == 200));
+    }
+    assert!(
+        a.seen().len() > a0 && b.seen().len() > b0,
+        "both addresses serve: {} {}",
+        a.seen().len() - a0,
+        b.seen().len() - b0
+    );
+
+    // The DNS server gone: the last good addresses stay, and requests still succeed.
+    dns.stop();
+    std::thread::sleep(Duration::from_secs(3));
+    for chunk in refs.chunks(4) {
+        assert!(get_from("127.0.0.1", p.addr, chunk, &[]).iter().all(|r| r.status == 200));
+    }
+}
+
+#[test]
+fn bad_server_names_and_resolver_settings_are_reported_with_their_lines() {
+    let toml = "[[listeners]]\nlisten = \"127.0.0.1:0\"\n\n[[routes]]\nservice = \"b\"\n\n\
+                [services.b]\nservers = [\n  { addr = \"app_1.internal:80\" },\n  { addr = \"app.internal\" },\n  { addr = \"app.internal:80\" },\n  { addr = \"APP.internal:80\" },\n]\n\n\
+                [resolver]\nnameservers = [\"dns.internal\"]\ninterval_ms = 10\n";
+    check_reports(
+        "dnscheck",
+        toml,
+        &[
+            "line 9: services.b.servers[0].addr: \"app_1.internal:80\" is not an IP address with a port",
+            "line 10: services.b.servers[1].addr: \"app.internal\" is not an IP address with a port",
+            "server app.internal:80 is listed twice",
+            "line 16: resolver.nameservers: \"dns.internal\" is not an IP address",
+            "line 17: resolver.interval_ms: 10",
+        ],
+    );
+}

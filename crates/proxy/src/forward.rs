@@ -792,6 +792,9 @@ async fn to_service<'s>(
                 if !e.server_failed() {
                     return Err(e);
                 }
+                if e.never_reached_server() && !service.config.named.is_empty() {
+                    ctx.shared.resolve_hint.notify_one();
+                }
                 if judged {
                     server.tries.record(e.status().as_u16(), now - try_start);
                 }

@@ -24,6 +24,7 @@ pub mod metrics;
 mod pipelines;
 pub mod pool;
 pub mod queued;
+mod resolve;
 pub mod state;
 mod tls;
 mod upstream;
@@ -146,6 +147,8 @@ pub struct Shared {
     unrouted: Stats,
     /// Requests answered by routes of static files.
     files: Stats,
+    /// A connect to a server given by name failed: its name may have moved (see [`resolve`]).
+    resolve_hint: tokio::sync::Notify,
     source: ConfigSource,
     reload_lock: Mutex<()>,
     /// Durable queues by name, opened at start.
@@ -363,6 +366,7 @@ impl Proxy {
             access_log,
             unrouted: Stats::default(),
             files: Stats::default(),
+            resolve_hint: tokio::sync::Notify::new(),
             source,
             reload_lock: Mutex::new(()),
             queues,
@@ -373,6 +377,8 @@ impl Proxy {
             p.attach(&shared);
         }
         shared.apps.boot();
+        // Before any listener takes a request: a service of named servers has them from the first request on.
+        let names = resolve::initial(&shared);
         let (shutdown, rx) = watch::channel(false);
         let mut handles = Vec::new();
         for (i, bound) in per_thread.into_iter().enumerate() {
@@ -395,6 +401,17 @@ impl Proxy {
                 .spawn(move || {
                     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
                     rt.block_on(checker::run(shared, rx));
+                })
+                .map_err(StartError::Io)?;
+            handles.push(h);
+        }
+        {
+            let (shared, rx) = (shared.clone(), rx.clone());
+            let h = std::thread::Builder::new()
+                .name("resolve".into())
+                .spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                    rt.block_on(resolve::run(shared, names, rx));
                 })
                 .map_err(StartError::Io)?;
             handles.push(h);

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use nonstop_config::{Balance, Service};
+use nonstop_config::{Balance, ServerSpec, Service};
 use tokio::sync::oneshot;
 
 use crate::admission::{self, Admit, QueueView, RetryBudget, ShedReason, Tried};
@@ -117,6 +117,10 @@ struct Inner {
     /// The warning "ejection share used up", rate-limited: with every server failing it would come on every
     /// request.
     fail_open_log: crate::health::Repeats,
+    /// The servers the config lists by address.
+    literal: Vec<ServerSpec>,
+    /// The servers its host names resolve to now (see [`Pool::set_resolved`]).
+    resolved: Vec<ServerSpec>,
 }
 
 pub struct Pool {
@@ -183,6 +187,8 @@ impl Pool {
                 drain_deadline: svc.drain_deadline,
                 split: None,
                 managed: svc.app.is_some(),
+                literal: svc.servers.clone(),
+                resolved: Vec::new(),
             }),
             queued: AtomicUsize::new(0),
             counters: PoolCounters::default(),
@@ -215,8 +221,52 @@ impl Pool {
             g.dispatch(now, &self.queued);
             return;
         }
+        g.literal = svc.servers.clone();
+        if svc.named.is_empty() {
+            g.resolved.clear();
+        }
+        self.sync_members(&mut g, now, false);
+        if g.balancer.algorithm() != algorithm(&svc.balance) {
+            g.balancer = Balancer::new(algorithm(&svc.balance), fastrand::u64(..));
+        }
+        g.balancer.servers_changed();
+        g.set_ceilings();
+        g.dispatch(now, &self.queued);
+    }
+
+    /// Sets the servers the service's host names resolve to now: new addresses join (slow-starting, unless the
+    /// pool had no server at all), vanished ones leave (requests in flight on them finish), kept ones keep their
+    /// live state. An address the config also lists by itself keeps the config's settings.
+    pub fn set_resolved(&self, resolved: Vec<ServerSpec>) {
+        let now = Instant::now();
+        let mut g = self.lock();
+        if g.managed || g.resolved == resolved {
+            return;
+        }
+        let warm = g.members.is_empty();
+        g.resolved = resolved;
+        self.sync_members(&mut g, now, warm);
+        g.balancer.servers_changed();
+        g.set_ceilings();
+        g.dispatch(now, &self.queued);
+    }
+
+    /// The servers set by [`Pool::set_resolved`].
+    pub fn resolved(&self) -> Vec<ServerSpec> {
+        self.lock().resolved.clone()
+    }
+
+    /// Makes the members the literal servers and then the resolved ones not among them.
+    fn sync_members(&self, g: &mut Inner, now: Instant, warm: bool) {
+        let policy = g.policy;
+        let mut specs = g.literal.clone();
+        for r in &g.resolved {
+            if !specs.iter().any(|s| s.addr == r.addr) {
+                specs.push(*r);
+            }
+        }
         let mut old: Vec<Member> = std::mem::take(&mut g.members);
-        for spec in &svc.servers {
+        for spec in &specs {
             let member = match old.iter().position(|m| m.server.addr == spec.addr) {
                 Some(i) => {
                     let mut m = old.swap_remove(i);
@@ -227,7 +277,7 @@ impl Pool {
                 }
                 None => Member {
                     server: Server::new(spec.addr, spec.weight, self.me.clone()),
-                    health: Health::new(now, false, &policy),
+                    health: Health::new(now, warm, &policy),
                     backup: spec.backup,
                     in_flight_max: spec.in_flight_max,
                 },
@@ -237,12 +287,6 @@ impl Pool {
         for gone in old {
             gone.server.close_idle();
         }
-        if g.balancer.algorithm() != algorithm(&svc.balance) {
-            g.balancer = Balancer::new(algorithm(&svc.balance), fastrand::u64(..));
-        }
-        g.balancer.servers_changed();
-        g.set_ceilings();
-        g.dispatch(now, &self.queued);
     }
 
     pub fn servers(&self) -> Vec<Arc<Server>> {
@@ -751,6 +795,39 @@ mod tests {
             Acquired::Shed(r) => panic!("shed: {r:?}"),
             Acquired::Exhausted => panic!("exhausted"),
         }
+    }
+
+    #[test]
+    fn resolved_servers_join_and_leave_beside_the_listed_ones_and_survive_a_reload() {
+        let p = pool("");
+        let spec = |port: u16| ServerSpec {
+            addr: SocketAddr::from(([127, 0, 0, 9], port)),
+            weight: 1,
+            backup: false,
+            in_flight_max: None,
+        };
+        let ports = |p: &Pool| {
+            let mut v: Vec<String> = p.servers().iter().map(|s| s.addr.to_string()).collect();
+            v.sort();
+            v
+        };
+        p.set_resolved(vec![spec(10), spec(11)]);
+        assert_eq!(ports(&p), ["127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:4", "127.0.0.9:10", "127.0.0.9:11"]);
+        let kept = p.find("127.0.0.9:10".parse().unwrap()).unwrap();
+        p.set_resolved(vec![spec(10)]);
+        assert_eq!(ports(&p), ["127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:4", "127.0.0.9:10"]);
+        assert!(Arc::ptr_eq(&kept, &p.find("127.0.0.9:10".parse().unwrap()).unwrap()), "a kept server keeps its state");
+        // A reload keeps what the names resolve to until the resolver says otherwise.
+        let text = "[[listeners]]\nlisten = \"127.0.0.1:1\"\n[[routes]]\nservice = \"a\"\n[services.a]\n\
+                    servers = [{ addr = \"127.0.0.1:2\" }, { addr = \"app.test:10\" }]\n";
+        p.reconfigure(&Config::parse(text).unwrap().services["a"]);
+        assert_eq!(ports(&p), ["127.0.0.1:2", "127.0.0.9:10"]);
+        assert_eq!(p.resolved(), vec![spec(10)]);
+        // Without names, nothing resolved stays.
+        let text = "[[listeners]]\nlisten = \"127.0.0.1:1\"\n[[routes]]\nservice = \"a\"\n[services.a]\n\
+                    servers = [{ addr = \"127.0.0.1:2\" }]\n";
+        p.reconfigure(&Config::parse(text).unwrap().services["a"]);
+        assert_eq!(ports(&p), ["127.0.0.1:2"]);
     }
 
     #[test]

@@ -55,7 +55,7 @@ pub fn ok() -> Reply {
 
 type Script = dyn Fn(&Seen) -> Reply + Send + Sync;
 
-/// A running raw backend on 127.0.0.1; its threads end with the test process.
+/// A running raw backend (on 127.0.0.1, unless started on another address); its threads end with the test process.
 pub struct RawBackend {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
@@ -64,7 +64,12 @@ pub struct RawBackend {
 impl RawBackend {
     /// Starts a backend that answers every request by `script`.
     pub fn start(script: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> RawBackend {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind raw backend");
+        RawBackend::start_on("127.0.0.1:0".parse().expect("an address"), script)
+    }
+
+    /// Starts one on `addr` (another loopback address, a chosen port).
+    pub fn start_on(addr: SocketAddr, script: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> RawBackend {
+        let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind raw backend on {addr}: {e}"));
         let addr = listener.local_addr().expect("local addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let script: Arc<Script> = Arc::new(script);
