@@ -13,7 +13,7 @@
 # limit per client address on, with logs off, set high enough (10^6 requests/s) that every request is checked and
 # counted but none refused: nginx limit_req in a 10 MB zone, HAProxy a stick table tracking http_req_rate, nonstop
 # [routes.rate_limit]. wrk's connections all come from one address, so all three count on one key. Then gzip on,
-# with logs off: wrk asks for /page.json (a 9 KiB JSON file the backend serves as it is) with Accept-Encoding: gzip,
+# with logs off: wrk asks for /page.json (a 7.5 KiB JSON file the backend serves as it is) with Accept-Encoding: gzip,
 # and each proxy compresses it at level 4 (nginx gzip_comp_level 4, gzip_proxied any; HAProxy `compression algo
 # gzip`, its own libslz, which has no levels; nonstop [routes.compress] codings = ["gzip"], level 4). The script
 # checks that each answers with Content-Encoding: gzip before measuring. LOGS=off, on, ratelimit or gzip picks
@@ -67,7 +67,9 @@ http {
   server { listen 127.0.0.1:$B2 reuseport; location / { return 200 "ok\n"; } location = /page.json { root $WORK/backend; default_type application/json; } }
 }
 CONF
-# A JSON page of 9 KiB or so, of varied text (as an API's answer), for the gzip setting.
+# A JSON page of 7.5 KiB, of varied text (as an API's answer), for the gzip setting; nginx's workers run as
+# nobody, so they must be able to read it (mktemp -d makes a private directory).
+chmod 755 "$WORK" "$WORK/backend"
 awk 'BEGIN { printf "["; for (i = 0; i < 120; i++) printf "%s{\"id\":%d,\"name\":\"item %d\",\"price\":%d.%02d,\"tags\":[\"t%d\",\"c%d\"]}", (i ? "," : ""), i, i * 7919 % 10007, i * 37 % 500, i % 100, i % 13, i % 7; print "]" }' > "$WORK/backend/page.json"
 "$NGINX" -c "$WORK/backend/nginx.conf" -g 'daemon off;' & BACKEND_PID=$!; PIDS+=($BACKEND_PID)
 
@@ -189,7 +191,7 @@ for t in $THREADS; do
     BENCH_PATH=/page.json; WRK_HEADERS=(-H "Accept-Encoding: gzip")
     for port in $P_NONSTOP $P_NGINX $P_HAPROXY; do
       enc=$(curl -s -o /dev/null -D - -H 'Accept-Encoding: gzip' "http://127.0.0.1:$port/page.json" | tr -d '\r' | awk -F': ' 'tolower($1)=="content-encoding" {print $2}')
-      [ "$enc" = gzip ] || { echo "the proxy on port $port did not gzip /page.json (Content-Encoding: '$enc')" >&2; exit 1; }
+      [ "$enc" = gzip ] || { echo "the proxy on port $port did not gzip /page.json (Content-Encoding: '$enc'):" >&2; curl -s -D - -o /dev/null -H 'Accept-Encoding: gzip' "http://127.0.0.1:$port/page.json" >&2; exit 1; }
     done
     echo "page.json: $(stat -c %s "$WORK/backend/page.json") bytes, gzipped by nonstop to $(curl -s -H 'Accept-Encoding: gzip' "http://127.0.0.1:$P_NONSTOP/page.json" | wc -c), by nginx to $(curl -s -H 'Accept-Encoding: gzip' "http://127.0.0.1:$P_NGINX/page.json" | wc -c), by HAProxy to $(curl -s -H 'Accept-Encoding: gzip' "http://127.0.0.1:$P_HAPROXY/page.json" | wc -c)"
   fi
