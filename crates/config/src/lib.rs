@@ -132,12 +132,71 @@ pub struct Listener {
     /// The header that carries each request's id (lower-case), kept when the client sent a sound one, made
     /// otherwise; `None`: no request ids.
     pub request_id_header: Option<String>,
+    /// `Strict-Transport-Security` on every answer (TLS listeners only).
+    pub hsts: Option<Hsts>,
+    /// Answer every request with 308 to the same URL on https (plain listeners only).
+    pub redirect_https: bool,
+}
+
+/// HSTS (RFC 6797) as a listener sends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hsts {
+    pub max_age_s: u64,
+    pub subdomains: bool,
+    pub preload: bool,
+}
+
+impl Hsts {
+    /// The header's value.
+    pub fn value(&self) -> String {
+        let mut v = format!("max-age={}", self.max_age_s);
+        if self.subdomains {
+            v.push_str("; includeSubDomains");
+        }
+        if self.preload {
+            v.push_str("; preload");
+        }
+        v
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tls {
+    /// The default certificate chain (for clients that send no name, or a name no other certificate has).
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// More certificates, each chosen for the names it is valid for (SNI).
+    pub sni: Vec<CertFiles>,
+    /// The oldest TLS version offered.
+    pub min_version: TlsVersion,
+    /// How often the certificate and key files are checked for a change (then loaded, for new connections);
+    /// zero: only on reload (SIGHUP).
+    pub watch_interval: Duration,
+}
+
+/// A certificate chain and its key, as PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    V1_2,
+    V1_3,
+}
+
+impl Tls {
+    /// Every certificate and key file, the default's first.
+    pub fn files(&self) -> Vec<&std::path::Path> {
+        let mut out = vec![self.cert.as_path(), self.key.as_path()];
+        for c in &self.sni {
+            out.push(&c.cert);
+            out.push(&c.key);
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -970,9 +1029,46 @@ fn parse_listener(t: Table<'_, '_>) -> Option<Listener> {
                 tls.required(name);
             }
         }
+        let mut sni = Vec::new();
+        let mut sni_ok = true;
+        for c in tls.array_of_tables("sni", "listeners[].tls.sni[]") {
+            let (cert, key) = (c.string("cert").map(PathBuf::from), c.string("key").map(PathBuf::from));
+            for (name, v) in [("cert", &cert), ("key", &key)] {
+                if v.is_none() && !c.has(name) {
+                    c.required(name);
+                }
+            }
+            c.finish();
+            match (cert, key) {
+                (Some(cert), Some(key)) => sni.push(CertFiles { cert, key }),
+                _ => sni_ok = false,
+            }
+        }
+        let min_version = tls.string("min_version").and_then(|v| match v.as_str() {
+            "1.2" => Some(TlsVersion::V1_2),
+            "1.3" => Some(TlsVersion::V1_3),
+            _ => {
+                tls.invalid("min_version", format!("{v:?}: the oldest TLS version is \"1.2\" or \"1.3\""));
+                None
+            }
+        });
+        let watch_interval = tls.ms_in("watch_interval_ms", 0, 3_600_000);
         tls.finish();
-        Some(Tls { cert: cert?, key: key? })
+        if !sni_ok {
+            return None;
+        }
+        Some(Tls { cert: cert?, key: key?, sni, min_version: min_version?, watch_interval: watch_interval? })
     });
+    let hsts_max_age_s = t.int_in("hsts_max_age_s", 0, 10 * 365 * 86_400);
+    let hsts_subdomains = t.bool("hsts_subdomains");
+    let hsts_preload = t.bool("hsts_preload");
+    let redirect_https = t.bool("redirect_https");
+    if t.has("tls") && redirect_https == Some(true) {
+        t.invalid("redirect_https", "a TLS listener cannot redirect to itself: set it on the plain HTTP listener");
+    }
+    if !t.has("tls") && hsts_max_age_s.is_some_and(|n| n > 0) {
+        t.invalid("hsts_max_age_s", "HSTS is only for a TLS listener (browsers ignore it over plain HTTP)");
+    }
     let name = t.string("name");
     let max_connections = t.int_in("max_connections", 1, 1_000_000);
     let header_read_timeout = t.ms_in("header_read_timeout_ms", 1, 3_600_000);
@@ -1005,6 +1101,11 @@ fn parse_listener(t: Table<'_, '_>) -> Option<Listener> {
         header_count_max: header_count_max? as usize,
         trusted_proxies: trusted_proxies?,
         request_id_header: request_id_header?,
+        hsts: match hsts_max_age_s? {
+            0 => None,
+            max_age_s => Some(Hsts { max_age_s, subdomains: hsts_subdomains?, preload: hsts_preload? }),
+        },
+        redirect_https: redirect_https?,
     })
 }
 

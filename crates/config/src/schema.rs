@@ -39,6 +39,10 @@ keys! {
     "resolver" "timeout_ms": "integer" = "2000", "One DNS query waits at most this long (tried twice per server). A name that cannot be resolved keeps its last good addresses; the failure is logged once, and again only when it changes or ends.";
     "listeners[]" "name" : "string" = "", "A name for logs and metrics [default: the address].";
     "listeners[]" "listen": "address" = "", "Address to accept clients on, such as \"127.0.0.1:8080\". Required.";
+    "listeners[]" "redirect_https": "boolean" = "false", "Answer every request with 308 to the same host, path and query on https (at the port of the first TLS listener, left out when 443). For the plain HTTP listener beside a TLS one.";
+    "listeners[]" "hsts_max_age_s": "integer" = "0", "Send Strict-Transport-Security: max-age=N on every answer of this TLS listener (63072000 is two years), so that browsers use https only. 0: not sent.";
+    "listeners[]" "hsts_subdomains": "boolean" = "false", "Add includeSubDomains to the HSTS header.";
+    "listeners[]" "hsts_preload": "boolean" = "false", "Add preload to the HSTS header (for browsers' preload lists).";
     "listeners[]" "tls": "table" = "", "Serve TLS (HTTP/1.1 and HTTP/2 by ALPN). Absent: plain HTTP/1.1 and h2c with prior knowledge.";
     "listeners[]" "max_connections": "integer" = "10000", "Open client connections at most, split evenly among worker threads (each serves at most max_connections / threads, rounded up); past it, new connections wait in the kernel's backlog.";
     "listeners[]" "header_read_timeout_ms": "integer" = "10000", "A client must send its whole request head within this time, or get 408 (slowloris). Also how long a connection may sit with no request in progress: an HTTP/1.1 keep-alive connection between requests, an HTTP/2 connection (then GOAWAY), a TLS connection after its handshake (which must itself finish within this time); and how long a request body the proxy keeps for replay, or a queued body, may take to arrive (408).";
@@ -49,8 +53,13 @@ keys! {
 
     "listeners[]" "request_id_header": "string" = "\"\"", "The header that carries each request's id, such as \"X-Request-Id\": a request that brings one (1 to 128 visible characters) keeps it, any other gets 32 random hex digits. The server gets it, the client gets it back on the response, and the access log has it (request_id). Empty: no request ids ({request_id} in a header template then makes a fresh one).";
 
-    "listeners[].tls" "cert": "path" = "", "PEM certificate chain. Required.";
+    "listeners[].tls" "cert": "path" = "", "PEM certificate chain: the default one, for clients that send no name (SNI) or a name no sni certificate is valid for. Required.";
     "listeners[].tls" "key": "path" = "", "PEM private key. Required.";
+    "listeners[].tls" "sni": "array of tables" = "", "More certificates ({ cert = \"PATH\", key = \"PATH\" }): a client that asks for a name (SNI) gets the first of them valid for it (its subject alternative names, wildcards included), else the default.";
+    "listeners[].tls" "min_version": "string" = "\"1.2\"", "The oldest TLS version offered: \"1.2\" (with only forward-secret AEAD suites, rustls' defaults) or \"1.3\". Older versions are never offered.";
+    "listeners[].tls" "watch_interval_ms": "integer" = "2000", "How often the certificate and key files are checked for a change; a changed set is loaded for new connections (connections already open keep theirs, so a renewal drops none). A set that does not load is logged and the old one kept. 0: only on reload (SIGHUP), which always loads them.";
+    "listeners[].tls.sni[]" "cert": "path" = "", "PEM certificate chain. Required.";
+    "listeners[].tls.sni[]" "key": "path" = "", "PEM private key. Required.";
 
     "routes[]" "service": "string" = "", "The service that serves matching requests. Required, unless the route serves files.";
     "routes[]" "files": "table" = "", "Serve static files from a directory instead of sending to a service (not with service or queue). The path the route would send (after strip_prefix, replace_prefix and rewrites) names the file under root; access, rate_limit, header rules and compress apply as on any route.";

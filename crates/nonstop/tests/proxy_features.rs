@@ -1113,3 +1113,126 @@ fn bad_server_names_and_resolver_settings_are_reported_with_their_lines() {
         ],
     );
 }
+
+/// GET / over TLS asking for `name`, trusting `roots`: the certificate the proxy presented and its answer.
+async fn get_tls(
+    addr: SocketAddr,
+    name: &str,
+    roots: &[nonstop_testkit::tls::CertificateDer<'static>],
+    versions: &[&'static nonstop_testkit::tls::rustls::SupportedProtocolVersion],
+) -> std::io::Result<(nonstop_testkit::tls::CertificateDer<'static>, Answer)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut s, peer) = nonstop_testkit::tls::try_connect(addr, name, roots, versions).await?;
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    let (mut got, _) = answers(&out);
+    assert_eq!(got.len(), 1, "one answer: {}", String::from_utf8_lossy(&out));
+    Ok((peer, got.remove(0)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_picks_certificates_by_name_reloads_them_on_change_and_plain_http_redirects_to_https() {
+    use nonstop_testkit::tls::{make_named_cert, rustls::version};
+    let both: &[&'static nonstop_testkit::tls::rustls::SupportedProtocolVersion] = &[&version::TLS13, &version::TLS12];
+    let dir = TempDir::new("tlsnames");
+    let a = make_named_cert(dir.path(), "a", &["a.test", "127.0.0.1"]);
+    let b = make_named_cert(dir.path(), "b", &["b.test", "*.b.test"]);
+    let c = make_named_cert(dir.path(), "c", &["c.test"]);
+    let backend = RawBackend::start(|_| ok());
+    let f = |n: &str| dir.path().join(n).display().to_string();
+    let toml = format!(
+        "[[listeners]]\nlisten = \"127.0.0.1:0\"\nredirect_https = true\n\n\
+         [[listeners]]\nlisten = \"127.0.0.1:0\"\nhsts_max_age_s = 31536000\nhsts_subdomains = true\n\
+         tls = {{ cert = \"{}\", key = \"{}\", sni = [{{ cert = \"{}\", key = \"{}\" }}], watch_interval_ms = 300 }}\n\n\
+         [[listeners]]\nlisten = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\", min_version = \"1.3\" }}\n\n\
+         [[routes]]\nservice = \"b\"\n\n[services.b]\nservers = [{{ addr = \"{}\" }}]\n\n[access_log]\nenabled = false\n",
+        f("a.pem"),
+        f("a.key"),
+        f("b.pem"),
+        f("b.key"),
+        f("c.pem"),
+        f("c.key"),
+        backend.addr
+    );
+    let p = serve(&dir, &toml);
+    let addrs = p.addrs();
+    let (plain, tls, tls13) = (addrs[0], addrs[1], addrs[2]);
+    let roots = [a.clone(), b.clone()];
+
+    // By name: each name gets the certificate valid for it; no name (an IP address) or another name, the default.
+    let (peer, answer) = get_tls(tls, "b.test", &roots, both).await.unwrap();
+    assert_eq!((peer == b, answer.status), (true, 200));
+    assert_eq!(answer.header("strict-transport-security"), Some("max-age=31536000; includeSubDomains"));
+    assert!(get_tls(tls, "api.b.test", &roots, both).await.unwrap().0 == b, "a wildcard name");
+    assert!(get_tls(tls, "a.test", &roots, both).await.unwrap().0 == a);
+    assert!(get_tls(tls, "127.0.0.1", &roots, both).await.unwrap().0 == a, "no SNI: the default");
+    assert!(
+        get_tls(tls, "zzz.test", &roots, both).await.is_err(),
+        "an unknown name gets the default, which is not valid for it"
+    );
+    // TLS 1.2 is offered by default, and refused where min_version is 1.3.
+    assert_eq!(get_tls(tls, "a.test", &roots, &[&version::TLS12]).await.unwrap().1.status, 200);
+    assert!(get_tls(tls13, "c.test", std::slice::from_ref(&c), &[&version::TLS12]).await.is_err(), "no TLS 1.2 there");
+    let (_, a13) = get_tls(tls13, "c.test", std::slice::from_ref(&c), &[&version::TLS13]).await.unwrap();
+    assert_eq!((a13.status, a13.header("strict-transport-security")), (200, None), "no HSTS unless set");
+
+    // A renewed certificate is served to new connections; one opened before keeps working.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut open, _) = nonstop_testkit::tls::try_connect(tls, "b.test", &roots, both).await.unwrap();
+    let b2 = make_named_cert(dir.path(), "b", &["b.test", "*.b.test"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok((peer, _)) = get_tls(tls, "b.test", std::slice::from_ref(&b2), both).await {
+            assert!(peer == b2);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the renewed certificate was not loaded within 10 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        get_tls(tls, "b.test", std::slice::from_ref(&b), both).await.is_err(),
+        "the old certificate is no longer served"
+    );
+    open.write_all(b"GET /still HTTP/1.1\r\nHost: b.test\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), open.read_to_end(&mut out)).await;
+    assert!(
+        out.starts_with(b"HTTP/1.1 200"),
+        "a connection from before the renewal: {}",
+        String::from_utf8_lossy(&out)
+    );
+    // A broken renewal (a key that is not the certificate's) keeps the certificate in use.
+    std::fs::copy(dir.path().join("c.key"), dir.path().join("b.key")).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(get_tls(tls, "b.test", std::slice::from_ref(&b2), both).await.unwrap().0 == b2, "still the last good one");
+
+    // Plain HTTP: 308 to the same URL on https, at the TLS listener's port; the server never hears of it.
+    let before = backend.seen().len();
+    let r = one("127.0.0.1", plain, "/shop/cart?id=7", &[]);
+    assert_eq!(r.status, 308, "{r:?}");
+    assert_eq!(r.header("location"), Some(format!("https://site.test:{}/shop/cart?id=7", tls.port()).as_str()));
+    assert_eq!(backend.seen().len(), before);
+}
+
+#[test]
+fn bad_tls_and_https_settings_are_reported_with_their_lines() {
+    let dir = TempDir::new("tlscheck");
+    let toml = format!(
+        "[[listeners]]\nlisten = \"127.0.0.1:0\"\nhsts_max_age_s = 600\n\n\
+         [[listeners]]\nlisten = \"127.0.0.1:0\"\nredirect_https = true\n\
+         tls = {{ cert = \"{0}/none.pem\", key = \"{0}/none.key\", min_version = \"1.1\", sni = [{{ cert = \"x.pem\" }}] }}\n\n\
+         [[routes]]\nservice = \"b\"\n\n[services.b]\nservers = [{{ addr = \"127.0.0.1:9\" }}]\n",
+        dir.path().display()
+    );
+    check_reports(
+        "tlscheck",
+        &toml,
+        &[
+            "line 3: listeners[0].hsts_max_age_s: HSTS is only for a TLS listener",
+            "line 7: listeners[1].redirect_https: a TLS listener cannot redirect to itself",
+            "listeners[1].tls.min_version: \"1.1\": the oldest TLS version is \"1.2\" or \"1.3\"",
+            "listeners[1].tls.sni[0].key: is required",
+        ],
+    );
+}

@@ -293,6 +293,11 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<ClientBody>) -> Result<Respo
             resp.headers_mut().insert(name.clone(), v);
         }
     }
+    if let Some(Some(hsts)) = snap.hsts.get(ctx.listener_index) {
+        if !resp.headers().contains_key(header::STRICT_TRANSPORT_SECURITY) {
+            resp.headers_mut().insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+        }
+    }
     let status = resp.status().as_u16();
     let elapsed = out.answered.unwrap_or_else(Instant::now).saturating_duration_since(start);
     match (&out.server, &out.service) {
@@ -554,6 +559,10 @@ async fn forward<'s>(
     if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
         return Err(ProxyError::BadRequest("more than one Host header"));
     }
+    let listener = snap.config.listeners.get(ctx.listener_index);
+    if listener.is_some_and(|l| l.redirect_https) {
+        return https_redirect(ctx, &req, host);
+    }
     let route = match snap.route(host, req.uri().path(), req.method()) {
         RouteMatch::Found(r) => r,
         RouteMatch::MethodNotAllowed => return Err(ProxyError::MethodNotAllowed(req.method().to_string())),
@@ -576,7 +585,6 @@ async fn forward<'s>(
             Some(req.uri().path().to_string())
         }
     };
-    let listener = snap.config.listeners.get(ctx.listener_index);
     if route.dressed() || listener.is_some_and(|l| l.request_id_header.is_some()) {
         if let Some(redirect) = dress(ctx, listener, route, &mut req, host, out)? {
             return Ok(redirect);
@@ -925,6 +933,31 @@ async fn to_service<'s>(
         let body = UpstreamBody { inner: body, cutoff, encoder, _in_flight: lease };
         return Ok(Response::from_parts(parts, Either::Left(Either::Left(body))));
     }
+}
+
+/// `308` to the same host, path and query on https, at the first TLS listener's port (left out when 443).
+fn https_redirect(
+    ctx: &ConnCtx,
+    req: &Request<ClientBody>,
+    host: Option<&str>,
+) -> Result<Response<RespBody>, ProxyError> {
+    let Some(host) = host.filter(|h| !h.is_empty()) else {
+        return Err(ProxyError::BadRequest("a request to a listener that redirects to https must name its Host"));
+    };
+    let port = match ctx.shared.https_port {
+        Some(443) | None => String::new(),
+        Some(p) => format!(":{p}"),
+    };
+    let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_string() };
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = format!("https://{host}{port}{target}");
+    let location =
+        HeaderValue::from_str(&location).map_err(|_| ProxyError::BadRequest("the request makes no valid https URL"))?;
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(b"redirecting to https\n"))));
+    *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    resp.headers_mut().insert(header::LOCATION, location);
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    Ok(resp)
 }
 
 /// The most bytes of a forward-auth service's 2xx body read (to give its connection back); past it, it is dropped.

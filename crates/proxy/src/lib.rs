@@ -147,6 +147,8 @@ pub struct Shared {
     unrouted: Stats,
     /// Requests answered by routes of static files.
     files: Stats,
+    /// The port of the first TLS listener, where `redirect_https` sends clients.
+    https_port: Option<u16>,
     /// A connect to a server given by name failed: its name may have moved (see [`resolve`]).
     resolve_hint: tokio::sync::Notify,
     source: ConfigSource,
@@ -187,6 +189,15 @@ impl Shared {
         }
         self.snapshot.store(Arc::new(Snapshot::build(config, Some(&old))?));
         tracing::info!("config reloaded");
+        Ok(())
+    }
+
+    /// Loads the listeners' certificates and keys again, with the running config; on any error the ones in use
+    /// stay. Connections already open keep theirs.
+    pub fn reload_certificates(&self) -> Result<(), StartError> {
+        let _one_at_a_time = self.reload_lock.lock().expect("reload lock");
+        let old = self.snapshot.load_full();
+        self.snapshot.store(Arc::new(Snapshot::build(old.config.clone(), Some(&old))?));
         Ok(())
     }
 }
@@ -366,6 +377,12 @@ impl Proxy {
             access_log,
             unrouted: Stats::default(),
             files: Stats::default(),
+            https_port: config
+                .listeners
+                .iter()
+                .zip(&listen_addrs)
+                .find(|(l, _)| l.tls.is_some())
+                .map(|(_, a)| a.port()),
             resolve_hint: tokio::sync::Notify::new(),
             source,
             reload_lock: Mutex::new(()),
@@ -400,7 +417,9 @@ impl Proxy {
                 .name("health".into())
                 .spawn(move || {
                     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-                    rt.block_on(checker::run(shared, rx));
+                    rt.block_on(async {
+                        tokio::join!(checker::run(shared.clone(), rx.clone()), tls::watch(shared, rx));
+                    });
                 })
                 .map_err(StartError::Io)?;
             handles.push(h);

@@ -20,6 +20,8 @@ pub struct Snapshot {
     pub services: HashMap<String, Arc<ServiceState>>,
     /// The TLS acceptor of each listener (by index), if it serves TLS.
     pub tls: Vec<Option<tokio_rustls::TlsAcceptor>>,
+    /// The Strict-Transport-Security value of each listener (by index), if it sends one.
+    pub hsts: Vec<Option<http::HeaderValue>>,
 }
 
 pub struct RouteEntry {
@@ -340,7 +342,12 @@ impl Snapshot {
                 }
             }
         }
-        Ok(Snapshot { config, routes, services, tls })
+        let hsts = config
+            .listeners
+            .iter()
+            .map(|l| l.hsts.and_then(|h| http::HeaderValue::from_str(&h.value()).ok()))
+            .collect();
+        Ok(Snapshot { config, routes, services, tls, hsts })
     }
 
     /// Finds the route for a request. `host` is lower-case and without port.

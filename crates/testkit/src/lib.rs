@@ -71,6 +71,13 @@ impl Proc {
         Proc { child, addr, banner }
     }
 
+    /// Every listening address in the banner (`listening on http://A http://B (...)`), in order.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        let list =
+            self.banner.split_once("listening on ").map_or("", |(_, rest)| rest.split(" (").next().unwrap_or(""));
+        list.split_whitespace().filter_map(|u| u.strip_prefix("http://")?.parse().ok()).collect()
+    }
+
     /// The address printed after `label http://` in the banner, such as the admin API's.
     pub fn addr_after(&self, label: &str) -> Option<SocketAddr> {
         self.banner.split(&format!("{label} http://")).nth(1)?.split([',', ')', ' ']).next()?.parse().ok()

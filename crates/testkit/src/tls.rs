@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
+pub use rustls;
 pub use rustls::pki_types::CertificateDer;
 
 use crate::TempDir;
@@ -47,4 +48,41 @@ pub async fn connect(
     let tcp = TcpStream::connect(addr).await.expect("connect");
     let name = rustls::pki_types::ServerName::try_from("localhost").expect("server name");
     connector.connect(name, tcp).await.expect("TLS handshake")
+}
+
+/// Writes a self-signed certificate valid for `names` (DNS names, wildcards or IP addresses) to `dir/STEM.pem` and
+/// its key to `dir/STEM.key`; returns it for a client to trust.
+pub fn make_named_cert(dir: &std::path::Path, stem: &str, names: &[&str]) -> CertificateDer<'static> {
+    let ck = rcgen::generate_simple_self_signed(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+        .expect("generate a certificate");
+    std::fs::write(dir.join(format!("{stem}.pem")), ck.cert.pem()).expect("write the certificate");
+    std::fs::write(dir.join(format!("{stem}.key")), ck.signing_key.serialize_pem()).expect("write the key");
+    ck.cert.der().clone()
+}
+
+/// Connects to `addr` over TLS asking for `name` (as SNI, unless it is an IP address), trusting only `roots`, with
+/// these TLS versions; gives the stream and the certificate the server presented, or why the handshake failed.
+pub async fn try_connect(
+    addr: SocketAddr,
+    name: &str,
+    roots: &[CertificateDer<'static>],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> std::io::Result<(tokio_rustls::client::TlsStream<TcpStream>, CertificateDer<'static>)> {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone()).expect("trust the certificate");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .expect("TLS versions")
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(addr).await?;
+    let server_name = rustls::pki_types::ServerName::try_from(name.to_string())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let stream = connector.connect(server_name, tcp).await?;
+    let peer = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).cloned().expect("a server certificate");
+    Ok((stream, peer))
 }
