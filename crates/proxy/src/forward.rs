@@ -930,7 +930,7 @@ async fn to_service<'s>(
         let cutoff = body.size_hint().exact().is_none().then(|| Box::pin(server.cutoff().cancelled_owned()));
         let length = body.size_hint().exact();
         let encoder = compress.and_then(|(c, coding)| compressing(c, coding, parts.status, length, &mut parts.headers));
-        let body = UpstreamBody { inner: body, cutoff, encoder, _in_flight: lease };
+        let body = UpstreamBody { body: Encoded { inner: body, encoder }, cutoff, _in_flight: lease };
         return Ok(Response::from_parts(parts, Either::Left(Either::Left(body))));
     }
 }
@@ -1073,16 +1073,23 @@ async fn serve_files(
         }
         None => None,
     };
-    Ok(Response::from_parts(parts, Either::Left(Either::Right(StaticBody { inner: body, encoder }))))
+    Ok(Response::from_parts(parts, Either::Left(Either::Right(Encoded { inner: body, encoder }))))
 }
 
-/// A static file's body on its way to the client, compressed or not.
-pub struct StaticBody {
-    inner: nonstop_files::FileBody,
+/// A body on its way to the client, compressed when the route says so.
+pub struct Encoded<B> {
+    inner: B,
     encoder: Option<Box<Compressing>>,
 }
 
-impl Body for StaticBody {
+/// A static file's body on its way to the client.
+pub type StaticBody = Encoded<nonstop_files::FileBody>;
+
+impl<B> Body for Encoded<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BodyError>,
+{
     type Data = Bytes;
     type Error = BodyError;
 
@@ -1421,9 +1428,8 @@ impl Compressing {
 
 /// A server's response body on its way to the client; the server's in-flight count lasts as long as it does.
 pub struct UpstreamBody {
-    inner: UpBody,
-    /// Compressing it for the client, when the route says so.
-    encoder: Option<Box<Compressing>>,
+    /// Compressed for the client, when the route says so.
+    body: Encoded<UpBody>,
     /// Ends the body cleanly when the server's drain deadline passes (long-lived responses only).
     cutoff: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     _in_flight: InFlight,
@@ -1431,7 +1437,7 @@ pub struct UpstreamBody {
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Error = BodyError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         if let Some(cutoff) = self.cutoff.as_mut() {
@@ -1439,24 +1445,14 @@ impl Body for UpstreamBody {
                 return Poll::Ready(None);
             }
         }
-        let this = &mut *self;
-        match this.encoder.as_mut() {
-            Some(c) => c.poll_frame(&mut this.inner, cx),
-            None => Pin::new(&mut this.inner).poll_frame(cx),
-        }
+        Pin::new(&mut self.body).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.encoder {
-            Some(c) => c.encoder.is_none(),
-            None => self.inner.is_end_stream(),
-        }
+        self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.encoder {
-            Some(_) => SizeHint::default(),
-            None => self.inner.size_hint(),
-        }
+        self.body.size_hint()
     }
 }
