@@ -136,6 +136,8 @@ pub struct Listener {
     pub hsts: Option<Hsts>,
     /// Answer every request with 308 to the same URL on https (plain listeners only).
     pub redirect_https: bool,
+    /// Every connection starts with a PROXY protocol header naming the client (from a load balancer in front).
+    pub proxy_protocol: bool,
 }
 
 /// HSTS (RFC 6797) as a listener sends it.
@@ -1063,6 +1065,7 @@ fn parse_listener(t: Table<'_, '_>) -> Option<Listener> {
     let hsts_subdomains = t.bool("hsts_subdomains");
     let hsts_preload = t.bool("hsts_preload");
     let redirect_https = t.bool("redirect_https");
+    let proxy_protocol = t.bool("proxy_protocol");
     if t.has("tls") && redirect_https == Some(true) {
         t.invalid("redirect_https", "a TLS listener cannot redirect to itself: set it on the plain HTTP listener");
     }
@@ -1106,6 +1109,7 @@ fn parse_listener(t: Table<'_, '_>) -> Option<Listener> {
             max_age_s => Some(Hsts { max_age_s, subdomains: hsts_subdomains?, preload: hsts_preload? }),
         },
         redirect_https: redirect_https?,
+        proxy_protocol: proxy_protocol?,
     })
 }
 

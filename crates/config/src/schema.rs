@@ -39,6 +39,7 @@ keys! {
     "resolver" "timeout_ms": "integer" = "2000", "One DNS query waits at most this long (tried twice per server). A name that cannot be resolved keeps its last good addresses; the failure is logged once, and again only when it changes or ends.";
     "listeners[]" "name" : "string" = "", "A name for logs and metrics [default: the address].";
     "listeners[]" "listen": "address" = "", "Address to accept clients on, such as \"127.0.0.1:8080\". Required.";
+    "listeners[]" "proxy_protocol": "boolean" = "false", "Every connection starts with a PROXY protocol header (HAProxy's v1 text or v2 binary, as AWS NLB, HAProxy and nginx send), whose source address is then the client's: for access lists, rate limits, X-Forwarded-For and the access log. A connection without a valid header within header_read_timeout_ms is closed; with trusted_proxies set, so is one whose peer is not among them. A LOCAL (v2) or UNKNOWN (v1) header keeps the peer as the client.";
     "listeners[]" "redirect_https": "boolean" = "false", "Answer every request with 308 to the same host, path and query on https (at the port of the first TLS listener, left out when 443). For the plain HTTP listener beside a TLS one.";
     "listeners[]" "hsts_max_age_s": "integer" = "0", "Send Strict-Transport-Security: max-age=N on every answer of this TLS listener (63072000 is two years), so that browsers use https only. 0: not sent.";
     "listeners[]" "hsts_subdomains": "boolean" = "false", "Add includeSubDomains to the HSTS header.";

@@ -1,7 +1,8 @@
 //! Who may use a route and how often, decided without I/O: [`client`] finds the client's address (the peer, or
 //! what trusted proxies in front of it say in `X-Forwarded-For`), [`access`] holds allow and deny lists by CIDR,
 //! [`rate`] is a rate limit per client or key (GCRA, bounded in memory), with `now` passed in, and [`basic`] is
-//! HTTP Basic authentication against argon2 and bcrypt hashes.
+//! HTTP Basic authentication against argon2 and bcrypt hashes, and [`proxy_protocol`] reads the client's address
+//! from the PROXY protocol header a load balancer sends.
 //!
 //! The proxy calls these on a route that has `access` or `rate_limit` set, and answers 403 or 429 itself; nothing
 //! here reads a clock, a socket or a header map.
@@ -9,6 +10,7 @@
 pub mod access;
 pub mod basic;
 pub mod client;
+pub mod proxy_protocol;
 pub mod rate;
 
 pub use access::AccessList;

@@ -22,15 +22,34 @@ fn serve(dir: &TempDir, toml: &str) -> Proc {
     Proc::start(bin(), &["serve", "--config", path.to_str().unwrap(), "--threads", "2"])
 }
 
-/// Sends `requests` (GETs of these paths, each with `headers`) on one connection from source address `from`,
-/// pipelined, the last with `Connection: close`, and parses every answer.
-fn get_from(from: &str, to: SocketAddr, paths: &[&str], headers: &[(&str, &str)]) -> Vec<Answer> {
+/// A connection to `to` from source address `from` (a loopback address other than 127.0.0.1, say).
+fn connect_from(from: &str, to: SocketAddr) -> std::net::TcpStream {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     let src: SocketAddr = format!("{from}:0").parse().unwrap();
     socket.bind(&src.into()).unwrap_or_else(|e| panic!("bind {src}: {e}"));
     socket.connect_timeout(&to.into(), Duration::from_secs(5)).unwrap();
-    let mut s: std::net::TcpStream = socket.into();
+    socket.into()
+}
+
+/// Writes `bytes` on `s` and reads until the other side closes (or 10 s pass).
+fn exchange_on(mut s: std::net::TcpStream, bytes: &[u8]) -> Vec<u8> {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut chunk = [0u8; 16 * 1024];
+    while Instant::now() < deadline {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+        }
+    }
+    out
+}
+
+/// Sends `requests` (GETs of these paths, each with `headers`) on one connection from source address `from`,
+/// pipelined, the last with `Connection: close`, and parses every answer.
+fn get_from(from: &str, to: SocketAddr, paths: &[&str], headers: &[(&str, &str)]) -> Vec<Answer> {
     let mut bytes = String::new();
     for (i, path) in paths.iter().enumerate() {
         bytes.push_str(&format!("GET {path} HTTP/1.1\r\nHost: site.test\r\n"));
@@ -42,16 +61,7 @@ fn get_from(from: &str, to: SocketAddr, paths: &[&str], headers: &[(&str, &str)]
         }
         bytes.push_str("\r\n");
     }
-    s.write_all(bytes.as_bytes()).unwrap();
-    let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut chunk = [0u8; 16 * 1024];
-    while Instant::now() < deadline {
-        match s.read(&mut chunk) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => out.extend_from_slice(&chunk[..n]),
-        }
-    }
+    let out = exchange_on(connect_from(from, to), bytes.as_bytes());
     let (got, rest) = answers(&out);
     assert!(rest.is_empty(), "a truncated answer: {}", String::from_utf8_lossy(&rest));
     assert_eq!(got.len(), paths.len(), "one answer per request: {}", String::from_utf8_lossy(&out));
@@ -475,19 +485,7 @@ fn bad_compression_settings_are_reported_with_their_lines() {
 
 /// Sends `text` as is on a fresh connection and reads until the proxy closes it (or 10 s pass).
 fn send_raw(to: SocketAddr, text: &str) -> Vec<u8> {
-    let mut s = std::net::TcpStream::connect(to).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(text.as_bytes()).unwrap();
-    let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut chunk = [0u8; 16 * 1024];
-    while Instant::now() < deadline {
-        match s.read(&mut chunk) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => out.extend_from_slice(&chunk[..n]),
-        }
-    }
-    out
+    exchange_on(std::net::TcpStream::connect(to).unwrap(), text.as_bytes())
 }
 
 fn gzipped(data: &[u8]) -> Vec<u8> {
@@ -1235,4 +1233,58 @@ fn bad_tls_and_https_settings_are_reported_with_their_lines() {
             "listeners[1].tls.sni[0].key: is required",
         ],
     );
+}
+
+#[test]
+fn a_proxy_protocol_listener_takes_the_client_address_from_the_header_v1_and_v2() {
+    let dir = TempDir::new("proxyproto");
+    let backend = RawBackend::start(|_| ok());
+    let toml = format!(
+        "[[listeners]]\nlisten = \"127.0.0.1:0\"\nproxy_protocol = true\nheader_read_timeout_ms = 1000\n\n\
+         [[listeners]]\nlisten = \"127.0.0.1:0\"\nproxy_protocol = true\ntrusted_proxies = [\"127.0.0.9\"]\n\n\
+         [[routes]]\nservice = \"b\"\n[routes.access]\ndeny = [\"192.0.2.0/24\"]\n\n\
+         [services.b]\nservers = [{{ addr = \"{}\" }}]\n\n[access_log]\nenabled = false\n",
+        backend.addr
+    );
+    let p = serve(&dir, &toml);
+    let (open, trusting) = (p.addrs()[0], p.addrs()[1]);
+    let get = "GET /pp HTTP/1.1\r\nHost: site.test\r\nConnection: close\r\n\r\n";
+    let answer = |bytes: Vec<u8>| answers(&bytes).0.into_iter().next();
+
+    // v1: the client is the header's source; the server gets it in X-Forwarded-For.
+    let a = answer(send_raw(open, &format!("PROXY TCP4 10.1.2.3 127.0.0.1 5555 80\r\n{get}"))).expect("an answer");
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(backend.seen().last().unwrap().headers("x-forwarded-for"), ["10.1.2.3"]);
+    // v2 (binary), from a client the route denies: 403 naming it.
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    v2.extend_from_slice(&[192, 0, 2, 7, 127, 0, 0, 1]);
+    v2.extend_from_slice(&4000u16.to_be_bytes());
+    v2.extend_from_slice(&80u16.to_be_bytes());
+    v2.extend_from_slice(get.as_bytes());
+    let denied = answer(exchange_on(std::net::TcpStream::connect(open).unwrap(), &v2)).expect("an answer");
+    assert_eq!(denied.status, 403);
+    assert!(error_of(&denied).contains("192.0.2.7"), "{}", error_of(&denied));
+    // A header split across writes is waited for; UNKNOWN keeps the peer as the client.
+    let mut s = std::net::TcpStream::connect(open).unwrap();
+    s.write_all(b"PROXY TCP4 10.9.8.7 127.0.0.1 12").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(answer(exchange_on(s, format!("34 80\r\n{get}").as_bytes())).map(|a| a.status), Some(200));
+    assert_eq!(backend.seen().last().unwrap().headers("x-forwarded-for"), ["10.9.8.7"]);
+    assert_eq!(answer(send_raw(open, &format!("PROXY UNKNOWN\r\n{get}"))).map(|a| a.status), Some(200));
+    assert_eq!(backend.seen().last().unwrap().headers("x-forwarded-for"), ["127.0.0.1"]);
+
+    // No header, or a bad one: closed without an answer, and the server hears nothing.
+    let before = backend.seen().len();
+    assert!(send_raw(open, get).is_empty(), "a plain request on a PROXY protocol listener");
+    assert!(send_raw(open, &format!("PROXY TCP4 nonsense\r\n{get}")).is_empty());
+    // With trusted_proxies, only they may send a header: 127.0.0.1 is not one.
+    assert!(send_raw(trusting, &format!("PROXY TCP4 10.1.2.3 127.0.0.1 5555 80\r\n{get}")).is_empty());
+    assert_eq!(backend.seen().len(), before);
+    // From a trusted proxy it is taken.
+    let header = format!("PROXY TCP4 10.1.2.3 127.0.0.9 5555 80\r\n{get}");
+    assert_eq!(
+        answer(exchange_on(connect_from("127.0.0.9", trusting), header.as_bytes())).map(|a| a.status),
+        Some(200)
+    );
+    assert_eq!(backend.seen().last().unwrap().headers("x-forwarded-for"), ["10.1.2.3"]);
 }

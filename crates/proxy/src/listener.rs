@@ -167,12 +167,34 @@ async fn accept_loop(shared: Arc<Shared>, b: Bound, mut shutdown: watch::Receive
         };
         let listener_name = cfg.name.clone();
         let tls = snap.tls.get(b.index).cloned().flatten();
+        // Only the load balancers in front may say who the client is.
+        let proxy_protocol = cfg.proxy_protocol;
+        if proxy_protocol
+            && !cfg.trusted_proxies.is_empty()
+            && !cfg.trusted_proxies.iter().any(|n| n.contains(&nonstop_guard::canonical(peer.ip())))
+        {
+            tracing::debug!(%peer, "a PROXY protocol listener refused a peer that is not a trusted proxy");
+            continue;
+        }
         drop(snap);
         let shared = shared.clone();
         let shutdown = shutdown.clone();
         let stop = shutdown.clone();
         tracker.spawn(async move {
             let _permit = permit;
+            let mut stream = stream;
+            let mut peer = peer;
+            if proxy_protocol {
+                match tokio::time::timeout(limits.header_read_timeout, proxy_header(&mut stream)).await {
+                    Ok(Ok(Some(client))) => peer = client,
+                    Ok(Ok(None)) => {}
+                    Ok(Err(why)) => {
+                        tracing::debug!(%peer, error = %why, "connection closed: no PROXY protocol header");
+                        return;
+                    }
+                    Err(_) => return,
+                }
+            }
             let ctx = Arc::new(ConnCtx::new(
                 shared,
                 (listener_name, b.index),
@@ -201,6 +223,36 @@ async fn accept_loop(shared: Arc<Shared>, b: Bound, mut shutdown: watch::Receive
     let drained = tracker.wait();
     if tokio::time::timeout(drain, drained).await.is_err() {
         tracing::warn!("drain timeout: closing the remaining client connections");
+    }
+}
+
+/// Reads exactly the PROXY protocol header at the start of `stream` (what follows is HTTP or TLS, left unread):
+/// the client it names, `None` for the load balancer's own connection, or why there is no valid header.
+async fn proxy_header(stream: &mut tokio::net::TcpStream) -> Result<Option<SocketAddr>, String> {
+    use nonstop_guard::proxy_protocol::{parse, Parsed, HEADER_BYTES_MAX};
+    use tokio::io::AsyncReadExt;
+    let mut got: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; HEADER_BYTES_MAX];
+    loop {
+        let room = HEADER_BYTES_MAX - got.len();
+        let n = stream.peek(&mut buf[..room]).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("closed before a PROXY protocol header".to_string());
+        }
+        let mut candidate = got.clone();
+        candidate.extend_from_slice(&buf[..n]);
+        match parse(&candidate)? {
+            Parsed::Header { len, source } => {
+                let rest = len - got.len();
+                stream.read_exact(&mut buf[..rest]).await.map_err(|e| e.to_string())?;
+                return Ok(source);
+            }
+            // What is here is all header: take it, and wait for more.
+            Parsed::Incomplete => {
+                stream.read_exact(&mut buf[..n]).await.map_err(|e| e.to_string())?;
+                got.extend_from_slice(&buf[..n]);
+            }
+        }
     }
 }
 
