@@ -237,6 +237,7 @@ pub(crate) fn error_response(e: &ProxyError) -> Response<RespBody> {
 }
 
 /// What became of one request, for stats and the access log.
+#[derive(Default)]
 struct Outcome<'s> {
     /// The route, when it sets response headers.
     route: Option<&'s RouteEntry>,
@@ -270,16 +271,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<ClientBody>) -> Result<Respo
         _ => (None, None),
     };
     let host = request_host(&req);
-    let mut out = Outcome {
-        route: None,
-        vars: None,
-        service: None,
-        files: false,
-        server: None,
-        attempts: 0,
-        queue_wait: Duration::ZERO,
-        answered: None,
-    };
+    let mut out = Outcome::default();
     let result = forward(&ctx, &snap, req, host.as_deref(), start, &mut out).await;
     let (mut resp, error) = match result {
         Ok(resp) => (resp, None),
@@ -987,16 +979,7 @@ async fn forward_auth(
     if let Ok(v) = HeaderValue::from_str(target) {
         headers.insert(HeaderName::from_static("x-forwarded-uri"), v);
     }
-    let mut out = Outcome {
-        route: None,
-        vars: None,
-        service: None,
-        files: false,
-        server: None,
-        attempts: 0,
-        queue_wait: Duration::ZERO,
-        answered: None,
-    };
+    let mut out = Outcome::default();
     let start = Instant::now();
     let result = Box::pin(to_service(ctx, &fa.route, fa.service.clone(), ask, host, start, &mut out)).await;
     let elapsed = out.answered.unwrap_or_else(Instant::now).saturating_duration_since(start);
