@@ -316,6 +316,44 @@ async fn dead_letter(store: Store) {
         let shown: Value = serde_json::from_str(&shown).unwrap();
         assert_eq!((&shown["id"], &shown["key"]), (&Value::from(&*number), &Value::from(&*id)), "{shown}");
     }
+    // The tables a person reads, from the same records: the queue, its dead letter by both ids, the record.
+    let table = |args: &[&str]| {
+        let out = Command::new(bin()).args(["queue", "--admin", &admin.to_string()]).args(args).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (code, queues) = table(&["list"]);
+    assert_eq!(code, Some(0), "{queues}");
+    let row: Vec<&str> = queues
+        .lines()
+        .find(|l| l.starts_with(&queue))
+        .unwrap_or_else(|| panic!("{queues}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(row[6], "1", "one dead letter in the list's dead column: {queues}");
+    let (code, dead) = table(&["dead", &queue]);
+    assert_eq!(code, Some(0), "{dead}");
+    assert!(dead.starts_with(&format!("queue {queue}: 1 dead letters\n")), "{dead}");
+    let row: Vec<&str> = dead.lines().nth(2).unwrap_or_else(|| panic!("{dead}")).split_whitespace().collect();
+    assert_eq!((row[0], row[1], row[2], row[4]), (number.as_str(), id.as_str(), "3", "500"), "{dead}");
+    let (code, record) = table(&["show", &id]);
+    assert_eq!(code, Some(0), "{record}");
+    for want in [
+        format!("id            {number}"),
+        format!("client's id   {id}"),
+        "status        dead".into(),
+        "answer        500".into(),
+    ] {
+        assert!(record.contains(&want), "missing {want:?} in:\n{record}");
+    }
+    // A second dead letter, to be purged rather than replayed.
+    let second = post_json(p.addr, "/orders", &[], ORDER).await;
+    assert_eq!(second.status, 202, "{:?}", second.body);
+    let second_location = second.header("location").unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while get(p.addr, &second_location).await.json()["status"] != "dead" {
+        assert!(Instant::now() < deadline, "the second never became dead");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // The backend is fixed; the dead letter is replayed, by the client's id, and delivered.
     drop(failing);
     let fixed = app(&dir, &backend.to_string(), &[]);
@@ -337,6 +375,11 @@ async fn dead_letter(store: Store) {
     assert!(shown.contains("\"done\""), "{shown}");
     assert_eq!(cli(&["replay", &number]).0, Some(1), "only a dead letter can be replayed");
     assert_eq!(cli(&["show", "nonsense"]).0, Some(2));
+    let (code, purged) = table(&["purge", &queue]);
+    assert_eq!((code, purged), (Some(0), format!("purged 1 dead letters of queue {queue}\n")));
+    assert_eq!(order_count(fixed.addr).await, 1, "a purged request is never delivered");
+    let (code, none) = table(&["dead", &queue]);
+    assert_eq!((code, none.as_str()), (Some(0), format!("queue {queue}: no dead letters\n").as_str()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
