@@ -462,10 +462,20 @@ fn backend_failing_once(first: u16) -> SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_failed_requests_are_listed_and_replayed_and_finished_ones_kept_within_the_retention() {
+    failed_requests(Store::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_failed_requests_are_listed_and_replayed_and_finished_ones_kept_within_the_retention() {
+    failed_requests(Store::Rabbit).await;
+}
+
+async fn failed_requests(store: Store) {
+    let _one = exclusive(store);
     let dir = TempDir::new("queue-failed");
     let queue = queue_name("failed");
     let backend = backend_failing_once(409);
-    let (p, admin) = serve(&config(&dir, backend, Store::Embedded, &queue, "finished_keep_max = 2\n"));
+    let (p, admin) = serve(&config(&dir, backend, store, &queue, "finished_keep_max = 2\n"));
     let settled = |location: String, want: &'static str| async move {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -512,7 +522,7 @@ async fn embedded_failed_requests_are_listed_and_replayed_and_finished_ones_kept
     let row: Vec<&str> = row.split_whitespace().collect();
     assert_eq!(
         (row[2], row[3], row[header.iter().position(|h| *h == "failed").unwrap()]),
-        ("embedded", "0", "1"),
+        (if store == Store::Rabbit { "rabbitmq" } else { "embedded" }, "0", "1"),
         "{list}"
     );
     let shown = table(&["show", &number]);
