@@ -450,3 +450,56 @@ fn gitignore_covers_the_demo_and_state_directories() {
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2, "{}", text(&out));
 }
+
+/// `--json` means one thing in every command: stdout is JSON and nothing else (one document, or one document a
+/// line for the commands that follow a deploy), so that `| jq` works; the words for people go to stderr or away.
+#[test]
+fn json_on_every_command_is_json_alone_on_stdout() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("first-hour-json");
+    let db = dir.path().join("orders.db");
+    let app = format!(
+        "count = 1\ncommand = \"{{nonstop}} app --listen {{addr}} --version {{version}} --instance {{instance}} --db sqlite://{}\"",
+        db.display()
+    );
+    let path = config(dir.path(), 6, &app);
+    let serve = Serve::start(&path, dir.path());
+    serve.wait_serving(1, "v1");
+    let document = |args: &[&str]| -> Value {
+        let out = serve.nonstop(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: stdout is not one JSON document ({e}):\n{}", text(&out)))
+    };
+    let lines = |args: &[&str]| -> Vec<Value> {
+        let out = serve.nonstop(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let docs: Vec<Value> = stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{args:?}: a line that is not JSON ({e}): {l}")))
+            .collect();
+        assert!(!docs.is_empty(), "{args:?}: no JSON lines:\n{}", text(&out));
+        docs
+    };
+    let status = document(&["status", "--json"]);
+    assert_eq!(status["services"].as_array().map(Vec::len), Some(1), "{status}");
+    let deployed = lines(&["deploy", "--version", "v2", "--json"]);
+    assert!(deployed.iter().any(|d| d.to_string().contains("v2")), "{deployed:?}");
+    serve.wait_serving(1, "v2");
+    let history = document(&["history", "--json"]);
+    assert!(history.to_string().contains("v2"), "{history}");
+    let rolled = lines(&["rollback", "--json"]);
+    assert!(!rolled.is_empty());
+    serve.wait_serving(1, "v1");
+    assert!(document(&["queue", "list", "--json"])["queues"].is_array());
+    // `load --json -`: the document is stdout, the report goes to stderr.
+    let out = Command::new(bin())
+        .args(["load", &format!("http://{}/", serve.proxy), "--rate", "20", "--duration", "1s", "--json", "-"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let load: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("load --json -: {e}\n{}", text(&out)));
+    assert!(load.is_object(), "{load}");
+}
