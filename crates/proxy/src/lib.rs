@@ -417,20 +417,14 @@ impl Proxy {
                 .name("health".into())
                 .spawn(move || {
                     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                    // Health checks, the certificate watch and servers by name: light loops that share a thread.
                     rt.block_on(async {
-                        tokio::join!(checker::run(shared.clone(), rx.clone()), tls::watch(shared, rx));
+                        tokio::join!(
+                            checker::run(shared.clone(), rx.clone()),
+                            tls::watch(shared.clone(), rx.clone()),
+                            resolve::run(shared, names, rx)
+                        );
                     });
-                })
-                .map_err(StartError::Io)?;
-            handles.push(h);
-        }
-        {
-            let (shared, rx) = (shared.clone(), rx.clone());
-            let h = std::thread::Builder::new()
-                .name("resolve".into())
-                .spawn(move || {
-                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-                    rt.block_on(resolve::run(shared, names, rx));
                 })
                 .map_err(StartError::Io)?;
             handles.push(h);

@@ -1,4 +1,4 @@
-//! The I/O shell of servers by name: on its own thread, resolves the host names of every service's servers when
+//! The I/O shell of servers by name: on the health thread, resolves the host names of every service's servers when
 //! their [`nonstop_dns::Tracker`] says so (TTL, interval, failed connects), and hands each service's pool the
 //! servers its names resolve to now ([`crate::pool::Pool::set_resolved`]). Failures keep the last good addresses
 //! and are logged once per change.
